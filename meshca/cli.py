@@ -1,0 +1,256 @@
+"""The `meshca` command line: init, serve, token, bundle, status, certs.
+
+Errors print one line naming what is wrong to stderr and exit 1 (2 for usage);
+nothing a command refuses leaves anything changed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from meshca import pki, store
+from meshca.authority import Authority, init_ca, load_ec_key
+from meshca.config import ConfigError, build_serve_config
+from meshca.credentials import JoinTokens
+from meshca.errors import MeshcaError
+from meshca.spiffe import DEFAULT_TRUST_DOMAIN, InvalidSpiffeId, SpiffeId
+
+
+class CLIError(Exception):
+    """A user-facing command failure (exit 1)."""
+
+
+def _home(args: argparse.Namespace) -> Path:
+    return Path(args.home).expanduser()
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    """meshca init: create a root, an intermediate and a ledger in --home."""
+    home = _home(args)
+    init_ca(home, args.trust_domain)
+    authority = Authority.load(home)
+    root, inter = authority.roots[0], authority.intermediate
+    print(f"created CA for trust domain {authority.trust_domain} in {home}")
+    print(f"  root:         serial {pki.serial_hex(root)}  not after "
+          f"{pki.rfc3339(root.not_valid_after_utc)}  sha256 {pki.fingerprint(root)}")
+    print(f"  intermediate: serial {pki.serial_hex(inter)}  not after "
+          f"{pki.rfc3339(inter.not_valid_after_utc)}  sha256 {pki.fingerprint(inter)}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """meshca serve: run the HTTPS API until SIGTERM."""
+    from meshca.server import serve
+
+    try:
+        config = build_serve_config(
+            home=str(_home(args)),
+            listen=args.listen,
+            cert_ttl=args.cert_ttl,
+            rate=args.rate,
+            burst=args.burst,
+            max_body=args.max_body,
+            server_names=tuple(args.server_name or ()),
+            k8s_issuer=args.k8s_issuer,
+            k8s_audiences=tuple(args.k8s_audience or ("meshca",)),
+            k8s_jwks=args.k8s_jwks,
+            k8s_ca_file=args.k8s_ca_file,
+            k8s_token_file=args.k8s_token_file,
+        )
+    except ConfigError as e:
+        raise CLIError(str(e)) from None
+    Authority.load(config.home)  # fail before binding when the state is bad
+
+    def ready(url: str) -> None:
+        print(f"meshca: serving on {url}", flush=True)
+
+    try:
+        import uvloop  # optional, faster event loop (pip install meshca[fast])
+    except ImportError:
+        asyncio.run(serve(config, ready))
+    else:
+        uvloop.run(serve(config, ready))
+    return 0
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    """meshca token: print a one-time join token for --spiffe-id."""
+    home = _home(args)
+    authority = Authority.load(home)
+    try:
+        sid = SpiffeId.parse(args.spiffe_id)
+    except InvalidSpiffeId as e:
+        raise CLIError(f"--spiffe-id: {e}") from None
+    if sid.trust_domain != authority.trust_domain or not sid.is_workload:
+        raise CLIError(
+            f"--spiffe-id: {sid} is not a workload ID in trust domain {authority.trust_domain}"
+        )
+    tokens = JoinTokens(load_ec_key(home / store.TOKEN_KEY_FILE), authority.trust_domain)
+    now = store.utcnow()
+    minted = tokens.mint(sid, now, dt.timedelta(seconds=args.ttl), tuple(args.dns or ()))
+    ledger = store.Ledger(home / store.LEDGER_FILE)
+    try:
+        ledger.add_join_token(minted.jti, str(sid), minted.expires_at)
+    finally:
+        ledger.close()
+    print(minted.token)
+    return 0
+
+
+def cmd_bundle(args: argparse.Namespace) -> int:
+    """meshca bundle: print the trust bundle (root certificates, PEM)."""
+    sys.stdout.write(Authority.load(_home(args)).bundle_pem())
+    return 0
+
+
+def status_doc(home: Path) -> dict[str, Any]:
+    """What `meshca status --json` prints."""
+    authority = Authority.load(home)
+    ledger = store.Ledger(home / store.LEDGER_FILE)
+    try:
+        counts = ledger.counts()
+    finally:
+        ledger.close()
+    return {
+        "home": str(home),
+        "trust_domain": authority.trust_domain,
+        "bundle_sequence": authority.state.sequence,
+        "roots": [pki.describe(r) for r in authority.roots],
+        "intermediate": pki.describe(authority.intermediate),
+        "ledger": counts,
+    }
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """meshca status: trust domain, CA certificates, ledger counts."""
+    doc = status_doc(_home(args))
+    if args.json:
+        print(json.dumps(doc, indent=2))
+        return 0
+    print(f"trust domain:  {doc['trust_domain']}")
+    print(f"home:          {doc['home']}")
+    for label, cert in [("root", r) for r in doc["roots"]] + [("intermediate", doc["intermediate"])]:
+        print(f"{label}:")
+        for key in ("subject", "serial", "not_after", "sha256"):
+            print(f"  {key + ':':11} {cert[key]}")
+    c = doc["ledger"]
+    print(f"ledger:        {c['issued']} issued ({c['active']} still valid), {c['refused']} refused, "
+          f"{c['join_tokens_used']}/{c['join_tokens_minted']} join tokens used")
+    return 0
+
+
+def cmd_certs(args: argparse.Namespace) -> int:
+    """meshca certs: list issued certificates from the ledger."""
+    home = _home(args)
+    store.read_state(home)
+    ledger = store.Ledger(home / store.LEDGER_FILE)
+    try:
+        rows = ledger.certificates(args.spiffe_id, args.active, args.limit)
+    finally:
+        ledger.close()
+    if args.json:
+        print(json.dumps([r.to_json() for r in rows], indent=2))
+        return 0
+    print(f"{'SERIAL':40}  {'NOT AFTER':20}  {'CREDENTIAL':10}  SPIFFE ID")
+    for r in rows:
+        print(f"{r.serial:40}  {r.not_after[:19] + 'Z':20}  {r.credential:10}  {r.spiffe_id}")
+    return 0
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError("must be greater than 0")
+    return value
+
+
+def parser() -> argparse.ArgumentParser:
+    """The argument parser (also documents every flag in --help)."""
+    p = argparse.ArgumentParser(prog="meshca", description="A small SPIFFE certificate authority.")
+    p.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def cmd(name: str, help_text: str) -> argparse.ArgumentParser:
+        s = sub.add_parser(name, help=help_text, description=help_text)
+        s.add_argument("--home", required=True, help="the CA's state directory")
+        return s
+
+    s = cmd("init", "create a new CA (root + issuing intermediate) in --home")
+    s.add_argument("--trust-domain", default=DEFAULT_TRUST_DOMAIN,
+                   help=f"SPIFFE trust domain (default {DEFAULT_TRUST_DOMAIN})")
+    s.set_defaults(func=cmd_init)
+
+    s = cmd("serve", "serve the enrollment API over HTTPS")
+    s.add_argument("--listen", default="127.0.0.1:8443", help="HOST:PORT (default 127.0.0.1:8443; port 0 picks a free one)")
+    s.add_argument("--cert-ttl", type=_positive_float, default=86400.0,
+                   help="workload certificate lifetime in seconds (default 86400)")
+    s.add_argument("--rate", type=_positive_float, default=10.0,
+                   help="enrollments per second allowed per identity (default 10)")
+    s.add_argument("--burst", type=int, default=20, help="burst per identity (default 20)")
+    s.add_argument("--max-body", type=int, default=64 * 1024,
+                   help="largest request body in bytes (default 65536)")
+    s.add_argument("--server-name", action="append", metavar="NAME",
+                   help="extra DNS name or IP for the CA's serving certificate (repeatable)")
+    s.add_argument("--k8s-issuer", help="accept Kubernetes SA tokens with this 'iss'")
+    s.add_argument("--k8s-audience", action="append", metavar="AUD",
+                   help="accepted SA token audience (repeatable; default 'meshca')")
+    s.add_argument("--k8s-jwks", metavar="FILE|URL",
+                   help="the cluster's JWKS: a file, or an https:// URL (cached, refreshed)")
+    s.add_argument("--k8s-ca-file", help="CA bundle to verify an https:// --k8s-jwks")
+    s.add_argument("--k8s-token-file", help="bearer token file for fetching --k8s-jwks")
+    s.set_defaults(func=cmd_serve)
+
+    s = cmd("token", "print a one-time join token for a SPIFFE ID")
+    s.add_argument("--spiffe-id", required=True, help="the identity the token enrolls")
+    s.add_argument("--ttl", type=int, default=600, help="token lifetime in seconds (default 600)")
+    s.add_argument("--dns", action="append", metavar="NAME",
+                   help="a DNS SAN the certificate will carry (repeatable)")
+    s.set_defaults(func=cmd_token)
+
+    s = cmd("bundle", "print the trust bundle (root certificates, PEM)")
+    s.set_defaults(func=cmd_bundle)
+
+    s = cmd("status", "show the CA's certificates and ledger counts")
+    s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.set_defaults(func=cmd_status)
+
+    s = cmd("certs", "list issued certificates from the ledger")
+    s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.add_argument("--spiffe-id", help="only this identity")
+    s.add_argument("--active", action="store_true", help="only certificates not yet expired")
+    s.add_argument("--limit", type=int, help="at most this many (newest first)")
+    s.set_defaults(func=cmd_certs)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `meshca` console script."""
+    args = parser().parse_args(argv)
+    logging.basicConfig(
+        stream=sys.stderr,
+        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return args.func(args)
+    except (CLIError, MeshcaError) as e:
+        detail = e.detail if isinstance(e, MeshcaError) else str(e)
+        print(f"meshca {args.command}: error: {detail}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

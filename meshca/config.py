@@ -1,0 +1,146 @@
+"""Settings of `meshca serve`: a frozen dataclass built from the command line, every problem reported.
+
+Each field is documented in docs/ca.md ("Serving"). Checking collects all
+problems and raises one ConfigError listing each, named by its flag.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class ConfigError(ValueError):
+    """One or more settings are invalid; the message names each flag."""
+
+
+@dataclass(frozen=True)
+class Listen:
+    """A host and port to bind (port 0: any free port)."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def parse_listen(text: str) -> Listen:
+    """Parse `HOST:PORT` or `[V6]:PORT`; ValueError with what is wrong."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"{text!r} is not HOST:PORT")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    try:
+        num = int(port)
+    except ValueError:
+        raise ValueError(f"port {port!r} is not a number") from None
+    if not 0 <= num <= 65535:
+        raise ValueError(f"port {num} is out of range")
+    return Listen(host, num)
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """Everything `meshca serve` needs to run."""
+
+    home: Path
+    listen: Listen = Listen("127.0.0.1", 8443)
+    cert_ttl: dt.timedelta = dt.timedelta(hours=24)
+    rate: float = 10.0
+    burst: int = 20
+    max_body: int = 64 * 1024
+    server_names: tuple[str, ...] = ()
+    k8s_issuer: str | None = None
+    k8s_audiences: tuple[str, ...] = ("meshca",)
+    k8s_jwks: str | None = None  # a file path, or an https:// URL
+    k8s_ca_file: Path | None = None
+    k8s_token_file: Path | None = None
+
+    @property
+    def server_dns_names(self) -> tuple[str, ...]:
+        """DNS SANs of the CA's own serving certificate."""
+        base = ["localhost", "meshca", "meshca.mesh-system", "meshca.mesh-system.svc"]
+        extra = [n for n in self.server_names if not _is_ip(n)]
+        return tuple(dict.fromkeys(base + extra))
+
+    @property
+    def server_ips(self) -> tuple[str, ...]:
+        """IP SANs of the CA's own serving certificate."""
+        extra = [n for n in self.server_names if _is_ip(n)]
+        return tuple(dict.fromkeys(["127.0.0.1", "::1", *extra]))
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def build_serve_config(
+    home: str,
+    listen: str = "127.0.0.1:8443",
+    cert_ttl: float = 86400,
+    rate: float = 10.0,
+    burst: int = 20,
+    max_body: int = 64 * 1024,
+    server_names: tuple[str, ...] = (),
+    k8s_issuer: str | None = None,
+    k8s_audiences: tuple[str, ...] = ("meshca",),
+    k8s_jwks: str | None = None,
+    k8s_ca_file: str | None = None,
+    k8s_token_file: str | None = None,
+) -> ServeConfig:
+    """Validate every setting; ConfigError listing each problem by flag."""
+    problems: list[str] = []
+    try:
+        where = parse_listen(listen)
+    except ValueError as e:
+        problems.append(f"--listen: {e}")
+        where = Listen("127.0.0.1", 8443)
+    if not 1 <= cert_ttl <= 365 * 86400:
+        problems.append("--cert-ttl: must be between 1 and 31536000 seconds")
+    if rate <= 0:
+        problems.append("--rate: must be greater than 0")
+    if burst < 1:
+        problems.append("--burst: must be at least 1")
+    if not 1024 <= max_body <= 16 * 1024 * 1024:
+        problems.append("--max-body: must be between 1024 and 16777216 bytes")
+    for name in server_names:
+        if not name or any(c.isspace() for c in name):
+            problems.append(f"--server-name: {name!r} is not a host name or IP address")
+    if k8s_jwks and not k8s_issuer:
+        problems.append("--k8s-issuer: required with --k8s-jwks (the token 'iss' to accept)")
+    if k8s_issuer and not k8s_jwks:
+        problems.append("--k8s-jwks: required with --k8s-issuer (a JWKS file or https:// URL)")
+    if k8s_jwks and not k8s_jwks.startswith("https://"):
+        if k8s_jwks.startswith("http://"):
+            problems.append("--k8s-jwks: must be a file or an https:// URL")
+        elif not Path(k8s_jwks).is_file():
+            problems.append(f"--k8s-jwks: no such file {k8s_jwks!r}")
+    if not k8s_audiences or any(not a for a in k8s_audiences):
+        problems.append("--k8s-audience: must not be empty")
+    for flag, value in (("--k8s-ca-file", k8s_ca_file), ("--k8s-token-file", k8s_token_file)):
+        if value and not Path(value).is_file():
+            problems.append(f"{flag}: no such file {value!r}")
+    if problems:
+        raise ConfigError("; ".join(problems))
+    return ServeConfig(
+        home=Path(home),
+        listen=where,
+        cert_ttl=dt.timedelta(seconds=cert_ttl),
+        rate=rate,
+        burst=burst,
+        max_body=max_body,
+        server_names=tuple(server_names),
+        k8s_issuer=k8s_issuer,
+        k8s_audiences=tuple(k8s_audiences),
+        k8s_jwks=k8s_jwks,
+        k8s_ca_file=Path(k8s_ca_file) if k8s_ca_file else None,
+        k8s_token_file=Path(k8s_token_file) if k8s_token_file else None,
+    )

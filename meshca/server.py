@@ -1,0 +1,324 @@
+"""The CA's HTTPS API (the only HTTP code of meshca): enrollment, bundle, health.
+
+One middleware turns every exception into the JSON error `{"error", "detail"}`
+with its status and writes one JSON access-log line per request. The server's
+own TLS certificate is issued from the CA's intermediate at start and renewed
+in the background at half its lifetime; new handshakes pick it up at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import hashlib
+import json
+import logging
+import os
+import signal
+import ssl
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from aiohttp import web
+from cryptography import x509
+
+from meshca import pki, store
+from meshca.authority import Authority, load_ec_key
+from meshca.config import ServeConfig
+from meshca.credentials import FileJwks, JoinTokens, JwksSource, K8sTokens, UrlJwks
+from meshca.enroll import NONE, Enroller
+from meshca.errors import MeshcaError, RateLimited, TooLarge
+from meshca.ratelimit import RateLimiter
+from meshca.spiffe import SpiffeId
+
+log = logging.getLogger("meshca.server")
+access_log = logging.getLogger("meshca.access")
+
+SERVER_CERT_TTL = dt.timedelta(hours=24)
+DRAIN_LIMIT = 1 << 20  # read and drop up to this much of an oversized body, so the client sees 413
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+_HTTP_CODES = {
+    400: "bad_request",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "too_large",
+    431: "headers_too_large",
+}
+
+
+def json_response(doc: object, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    """A JSON answer with a trailing newline (friendly to curl)."""
+    return web.Response(
+        text=json.dumps(doc) + "\n", status=status, content_type="application/json", headers=headers
+    )
+
+
+def error_response(err: MeshcaError) -> web.Response:
+    """The one place an exception becomes what the peer sees."""
+    headers = {}
+    if isinstance(err, RateLimited):
+        headers["Retry-After"] = str(max(1, int(err.retry_after + 0.999)))
+    if err.status == 401:
+        headers["WWW-Authenticate"] = 'Bearer realm="meshca"'
+    return json_response(err.to_json(), err.status, headers)
+
+
+@web.middleware
+async def errors_and_access_log(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Map exceptions to JSON errors; log one JSON line per request (never headers or bodies)."""
+    start = time.perf_counter()
+    try:
+        resp = await handler(request)
+    except MeshcaError as err:
+        resp = error_response(err)
+    except web.HTTPException as exc:
+        code = _HTTP_CODES.get(exc.status, "http_error")
+        resp = json_response({"error": code, "detail": exc.reason}, exc.status)
+    except Exception:
+        log.exception("internal error on %s %s", request.method, request.path)
+        resp = json_response({"error": "internal", "detail": "internal error"}, 500)
+    access_log.info(
+        json.dumps(
+            {
+                "ts": pki.rfc3339(dt.datetime.now(dt.UTC)),
+                "method": request.method,
+                "path": request.path,
+                "status": resp.status,
+                "ms": round((time.perf_counter() - start) * 1000, 2),
+                "peer": request.remote,
+                "id": request.get("spiffe_id"),
+            }
+        )
+    )
+    return resp
+
+
+def peer_certificate(request: web.Request) -> x509.Certificate | None:
+    """The client's certificate, already verified against the bundle by the TLS layer."""
+    ssl_object = request.transport.get_extra_info("ssl_object") if request.transport else None
+    if ssl_object is None:
+        return None
+    der = ssl_object.getpeercert(binary_form=True)
+    return x509.load_der_x509_certificate(der) if der else None
+
+
+def bearer_token(request: web.Request) -> str | None:
+    """The token of `Authorization: Bearer <token>`, None if absent; 401 if malformed."""
+    value = request.headers.get("Authorization")
+    if value is None:
+        return None
+    scheme, _, token = value.strip().partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
+        from meshca.errors import Unauthenticated
+
+        raise Unauthenticated("Authorization must be 'Bearer <token>'", code="invalid_token")
+    return token
+
+
+async def read_limited(request: web.Request, limit: int) -> bytes:
+    """The whole body, or TooLarge once it passes `limit` (Content-Length checked first)."""
+    if request.content_length is not None and request.content_length > limit:
+        await _drain(request)
+        raise TooLarge(f"body of {request.content_length} bytes is over the {limit}-byte limit")
+    chunks, size = [], 0
+    async for chunk in request.content.iter_any():
+        size += len(chunk)
+        if size > limit:
+            await _drain(request)
+            raise TooLarge(f"body is over the {limit}-byte limit")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _drain(request: web.Request) -> None:
+    drained = 0
+    with contextlib.suppress(Exception):
+        async for chunk in request.content.iter_any():
+            drained += len(chunk)
+            if drained > DRAIN_LIMIT:
+                break
+
+
+class CAServer:
+    """The running CA: its Authority, ledger, enroller and TLS context."""
+
+    def __init__(self, config: ServeConfig, clock: store.Clock = store.utcnow) -> None:
+        self.config = config
+        self.clock = clock
+        self.authority = Authority.load(config.home)
+        self.ledger = store.Ledger(config.home / store.LEDGER_FILE, clock)
+        token_key = load_ec_key(config.home / store.TOKEN_KEY_FILE)
+        join = JoinTokens(token_key, self.authority.trust_domain)
+        self.jwks: JwksSource | None = None
+        k8s = None
+        if config.k8s_issuer and config.k8s_jwks:
+            if config.k8s_jwks.startswith("https://"):
+                self.jwks = UrlJwks(config.k8s_jwks, config.k8s_ca_file, config.k8s_token_file)
+            else:
+                self.jwks = FileJwks(Path(config.k8s_jwks))
+            k8s = K8sTokens(
+                config.k8s_issuer, config.k8s_audiences, self.jwks, self.authority.trust_domain
+            )
+        self.enroller = Enroller(
+            self.authority,
+            self.ledger,
+            join,
+            k8s,
+            RateLimiter(config.rate, config.burst),
+            config.cert_ttl,
+            clock,
+        )
+        self.ssl_context = self._new_ssl_context()
+        self.server_cert_expires = self._refresh_server_cert()
+
+    @property
+    def server_id(self) -> SpiffeId:
+        """The CA's own identity in its serving certificate."""
+        return SpiffeId.for_service_account(self.authority.trust_domain, "mesh-system", "meshca")
+
+    def _new_ssl_context(self) -> ssl.SSLContext:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        # Optional client certificates: renewals present theirs, enrollments use a token.
+        ctx.verify_mode = ssl.CERT_OPTIONAL
+        ctx.load_verify_locations(cadata=self.authority.bundle_pem())
+        return ctx
+
+    def _refresh_server_cert(self) -> dt.datetime:
+        """Issue a fresh serving certificate and load it for new handshakes."""
+        key = pki.new_key()
+        now = self.clock()
+        cert = self.authority.issue(
+            key.public_key(),
+            self.server_id,
+            now,
+            SERVER_CERT_TTL,
+            self.config.server_dns_names,
+            self.config.server_ips,
+        )
+        # ssl only loads keys from files: write them to a private temp dir and remove at once.
+        with tempfile.TemporaryDirectory(prefix="meshca-tls-") as tmp:
+            cert_path, key_path = Path(tmp, "tls.crt"), Path(tmp, "tls.key")
+            fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(pki.key_pem(key))
+            cert_path.write_text(self.authority.chain_pem(cert))
+            self.ssl_context.load_cert_chain(cert_path, key_path)
+        self.ledger.record_issued(
+            store.IssuedRecord(
+                serial=pki.serial_hex(cert),
+                spiffe_id=str(self.server_id),
+                not_before=store.iso(cert.not_valid_before_utc),
+                not_after=store.iso(cert.not_valid_after_utc),
+                issued_at=store.iso(now),
+                credential="ca_server",
+                issuer=pki.serial_hex(self.authority.intermediate),
+                sha256=pki.fingerprint(cert),
+                peer=None,
+            )
+        )
+        log.info("serving certificate serial=%s not_after=%s",
+                 pki.serial_hex(cert), pki.rfc3339(cert.not_valid_after_utc))
+        return cert.not_valid_after_utc
+
+    async def renew_server_cert_forever(self) -> None:
+        """Re-issue the serving certificate at half its lifetime; never dies."""
+        while True:
+            left = (self.server_cert_expires - self.clock()).total_seconds()
+            await asyncio.sleep(max(1.0, left / 2))
+            try:
+                self.server_cert_expires = self._refresh_server_cert()
+            except Exception:
+                log.exception("renewing the serving certificate failed; retrying in 60 s")
+                await asyncio.sleep(60)
+
+    # -- handlers ---------------------------------------------------------
+
+    async def post_certificates(self, request: web.Request) -> web.Response:
+        """POST /v1/certificates: enroll with a token, or renew over mTLS."""
+        peer = request.remote
+        try:
+            body = await read_limited(request, self.config.max_body)
+            bearer = bearer_token(request)
+        except MeshcaError as err:
+            self.enroller.record_refusal(err, NONE, None, peer)
+            raise
+        issued = await self.enroller.enroll(body, bearer, peer_certificate(request), peer)
+        request["spiffe_id"] = str(issued.spiffe_id)
+        return json_response(issued.to_json())
+
+    async def get_bundle(self, request: web.Request) -> web.Response:
+        """GET /v1/bundle: the trust bundle, with an ETag for cheap polling."""
+        authority = self.authority
+        doc = {
+            "trust_domain": authority.trust_domain,
+            "roots": authority.bundle_pem(),
+            "sequence": authority.state.sequence,
+        }
+        body = json.dumps(doc, sort_keys=True).encode()
+        etag = '"' + hashlib.sha256(body).hexdigest()[:32] + '"'
+        inm = request.headers.get("If-None-Match", "")
+        if etag in (t.strip() for t in inm.split(",")):
+            return web.Response(status=304, headers={"ETag": etag})
+        return web.Response(
+            body=body + b"\n",
+            content_type="application/json",
+            headers={"ETag": etag, "Cache-Control": "no-cache"},
+        )
+
+    async def get_healthz(self, request: web.Request) -> web.Response:
+        """GET /healthz: liveness and readiness of the CA."""
+        return json_response({"status": "ok", "trust_domain": self.authority.trust_domain})
+
+    def app(self) -> web.Application:
+        """The aiohttp application with every route."""
+        app = web.Application(middlewares=[errors_and_access_log], client_max_size=self.config.max_body)
+        app.router.add_post("/v1/certificates", self.post_certificates)
+        app.router.add_get("/v1/bundle", self.get_bundle)
+        app.router.add_get("/healthz", self.get_healthz)
+        return app
+
+    async def close(self) -> None:
+        """Release the ledger and any JWKS session."""
+        if self.jwks is not None:
+            await self.jwks.close()
+        self.ledger.close()
+
+
+async def serve(config: ServeConfig, ready: Callable[[str], None] | None = None) -> None:
+    """Run the CA until SIGTERM or SIGINT; `ready` gets the bound URL once listening."""
+    ca = CAServer(config)
+    runner = web.AppRunner(ca.app(), access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(
+        runner, config.listen.host, config.listen.port, ssl_context=ca.ssl_context, backlog=1024
+    )
+    await site.start()
+    server = site._server  # the asyncio Server, to learn the port when 0 was asked for
+    sock = server.sockets[0] if server and server.sockets else None
+    port = sock.getsockname()[1] if sock else config.listen.port
+    host = config.listen.host
+    url = f"https://[{host}]:{port}" if ":" in host else f"https://{host}:{port}"
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    renewer = asyncio.create_task(ca.renew_server_cert_forever())
+    log.info("serving trust domain %s on %s", ca.authority.trust_domain, url)
+    if ready:
+        ready(url)
+    try:
+        await stop.wait()
+    finally:
+        renewer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await renewer
+        await runner.cleanup()
+        await ca.close()
+        log.info("stopped")
