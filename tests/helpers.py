@@ -1,0 +1,197 @@
+"""Shared test helpers: run the real CLI, start the real CA server, call it with real clients."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import ssl
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import http.client
+
+PEM_RE = re.compile(r"-----BEGIN CERTIFICATE-----.*?-----END CERTIFICATE-----\n?", re.S)
+
+
+def run_meshca(*args: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
+    """Run `python -m meshca ARGS` as a user would; return the completed process."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "meshca", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"meshca {' '.join(args)} failed ({proc.returncode}): {proc.stderr}")
+    return proc
+
+
+def mint_token(home: Path, spiffe_id: str, ttl: int | None = None) -> str:
+    args = ["token", "--home", str(home), "--spiffe-id", spiffe_id]
+    if ttl is not None:
+        args += ["--ttl", str(ttl)]
+    out = run_meshca(*args).stdout
+    assert out.count("\n") == 1, "token must be alone on one line"
+    return out.strip()
+
+
+def ledger_certs(home: Path) -> list[dict]:
+    return json.loads(run_meshca("certs", "--home", str(home), "--json").stdout)
+
+
+def workload_certs(home: Path) -> list[dict]:
+    """Ledger rows of workload certificates (not the CA's own serving certificate)."""
+    return [c for c in ledger_certs(home) if c["credential"] != "ca_server"]
+
+
+def refusals(home: Path) -> list[dict]:
+    import sqlite3
+
+    db = sqlite3.connect(home / "ledger.db")
+    try:
+        rows = db.execute(
+            "SELECT spiffe_id, credential, code, reason FROM refusals ORDER BY id"
+        ).fetchall()
+    finally:
+        db.close()
+    return [dict(zip(("spiffe_id", "credential", "code", "reason"), r, strict=True)) for r in rows]
+
+
+@dataclass
+class CAProcess:
+    """A running `meshca serve` child process on a free loopback port."""
+
+    home: Path
+    proc: subprocess.Popen
+    url: str
+    bundle: Path
+    stderr_lines: list[str] = field(default_factory=list)
+
+    @property
+    def host_port(self) -> tuple[str, int]:
+        hostport = self.url.removeprefix("https://")
+        host, _, port = hostport.rpartition(":")
+        return host, int(port)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+
+    @property
+    def log(self) -> str:
+        return "".join(self.stderr_lines)
+
+
+def start_ca(home: Path, *extra: str, timeout: float = 20) -> CAProcess:
+    """Start `meshca serve --listen 127.0.0.1:0` and wait for it to say where it listens."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "meshca", "serve", "--home", str(home), "--listen", "127.0.0.1:0",
+         *extra],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(iter(proc.stderr.readline, "")), daemon=True).start()
+    deadline = time.monotonic() + timeout
+    url = None
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        m = re.search(r"serving on (https://\S+)", line)
+        if m:
+            url = m.group(1)
+            break
+    if url is None:
+        proc.kill()
+        proc.wait()
+        raise AssertionError(f"meshca serve did not start: {''.join(lines)}")
+    bundle = home.parent / f"{home.name}-bundle.pem"
+    bundle.write_text(run_meshca("bundle", "--home", str(home)).stdout)
+    return CAProcess(home, proc, url, bundle, lines)
+
+
+def openssl_csr(tmp: Path, name: str, *key_args: str, extra: tuple[str, ...] = ()) -> tuple[Path, Path]:
+    """Make a key and CSR with `openssl req`; return (key path, csr path)."""
+    key, csr = tmp / f"{name}.key", tmp / f"{name}.csr"
+    if not key_args:
+        key_args = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256")
+    subprocess.run(
+        ["openssl", "req", "-new", *key_args, "-nodes", "-keyout", str(key), "-subj", "/CN=test",
+         "-out", str(csr), *extra],
+        check=True,
+        capture_output=True,
+    )
+    return key, csr
+
+
+def request_json(csr_pem: str) -> str:
+    return json.dumps({"csr": csr_pem})
+
+
+def curl(ca: CAProcess, path: str, *args: str) -> tuple[int, str, dict[str, str]]:
+    """Call the CA with curl; return (status, body, headers). Fails the test on a curl error."""
+    proc = subprocess.run(
+        ["curl", "-sS", "--max-time", "20", "--cacert", str(ca.bundle), "-D", "-",
+         *args, ca.url + path],
+        capture_output=True,
+        timeout=30,
+    )
+    if proc.returncode != 0:
+        raise AssertionError(f"curl failed ({proc.returncode}): {proc.stderr.decode()}")
+    head, _, body = proc.stdout.decode().partition("\r\n\r\n")
+    while head.split(" ", 2)[1:2] == ["100"]:  # curl's Expect: 100-continue interim answer
+        head, _, body = body.partition("\r\n\r\n")
+    lines = head.split("\r\n")
+    status = int(lines[0].split()[1])
+    headers = {}
+    for line in lines[1:]:
+        k, _, v = line.partition(":")
+        headers[k.strip().lower()] = v.strip()
+    return status, body, headers
+
+
+def curl_enroll(ca: CAProcess, csr: Path, token: str | None, *args: str) -> tuple[int, dict]:
+    body = csr.parent / (csr.name + ".json")
+    body.write_text(request_json(csr.read_text()))
+    auth = ["-H", f"Authorization: Bearer {token}"] if token else []
+    status, text, _ = curl(
+        ca, "/v1/certificates", "-H", "Content-Type: application/json", *auth,
+        "--data-binary", f"@{body}", *args,
+    )
+    return status, json.loads(text)
+
+
+def py_post(ca: CAProcess, path: str, body: bytes, headers: dict[str, str] | None = None,
+            cert: tuple[Path, Path] | None = None) -> tuple[int, dict, dict[str, str]]:
+    """POST with Python's http.client (a second, independent client)."""
+    ctx = ssl.create_default_context(cafile=str(ca.bundle))
+    if cert:
+        ctx.load_cert_chain(str(cert[0]), str(cert[1]))
+    host, port = ca.host_port
+    conn = http.client.HTTPSConnection(host, port, context=ctx, timeout=20)
+    try:
+        conn.request("POST", path, body=body, headers={"Content-Type": "application/json",
+                                                         **(headers or {})})
+        resp = conn.getresponse()
+        data = resp.read()
+        return resp.status, json.loads(data), {k.lower(): v for k, v in resp.getheaders()}
+    finally:
+        conn.close()
+
+
+def split_chain(chain_pem: str) -> list[str]:
+    return PEM_RE.findall(chain_pem)
