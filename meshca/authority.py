@@ -129,6 +129,8 @@ def init_ca(
         raise StateError(f"--trust-domain: {e}") from None
     if home.exists() and not home.is_dir():
         raise StateError(f"{home} exists and is not a directory")
+    if home.exists():
+        store.check_empty_for_init(home)  # refuse before creating even the lock file
     home.mkdir(mode=0o700, parents=True, exist_ok=True)
     with store.locked(home):
         for leftover in store.check_empty_for_init(home):

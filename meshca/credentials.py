@@ -93,7 +93,7 @@ def _decode(
         raise _invalid("token algorithm is not accepted") from None
     except jwt.MissingRequiredClaimError as e:
         raise _invalid(f"token lacks the {e.claim!r} claim") from None
-    except jwt.PyJWTError:
+    except (jwt.PyJWTError, TypeError, ValueError):
         raise _invalid("bearer token is not a valid JWT") from None
 
 
@@ -203,23 +203,23 @@ class JoinTokens:
 class JwksSource:
     """Where the Kubernetes issuer's public keys come from."""
 
-    async def key(self, kid: str | None) -> Any:
-        """The verification key for `kid` (None: the only key), or raise Unauthenticated."""
+    async def key(self, kid: str | None) -> jwt.PyJWK | None:
+        """The verification key for `kid` (None: the only key), or None if unknown."""
         raise NotImplementedError
 
     async def close(self) -> None:
         """Release resources."""
 
 
-def _pick(keyset: jwt.PyJWKSet | None, kid: str | None) -> Any:
+def _pick(keyset: jwt.PyJWKSet | None, kid: str | None) -> jwt.PyJWK | None:
     if keyset is None:
         return None
     keys = keyset.keys
     if kid is None:
-        return keys[0].key if len(keys) == 1 else None
+        return keys[0] if len(keys) == 1 else None
     for k in keys:
         if k.key_id == kid:
-            return k.key
+            return k
     return None
 
 
@@ -247,7 +247,7 @@ class FileJwks(JwksSource):
             self._set = parse_jwks(self.path.read_bytes(), str(self.path))
             self._mtime = st.st_mtime_ns
 
-    async def key(self, kid: str | None) -> Any:
+    async def key(self, kid: str | None) -> jwt.PyJWK | None:
         """The key for `kid`; a bad new file keeps the last good keys."""
         try:
             self._load()
@@ -297,7 +297,7 @@ class UrlJwks(JwksSource):
         self._set = parse_jwks(data, self.url)
         self._fetched_at = time.monotonic()
 
-    async def key(self, kid: str | None) -> Any:
+    async def key(self, kid: str | None) -> jwt.PyJWK | None:
         """The key for `kid`, refetching when stale or unknown (at most every min_interval)."""
         now = time.monotonic()
         stale = now - self._fetched_at > self._refresh
@@ -316,6 +316,9 @@ class UrlJwks(JwksSource):
         """Close the HTTP session."""
         if self._session is not None:
             await self._session.close()
+
+
+_KEY_TYPE_OF_ALG = {"RS": "RSA", "PS": "RSA", "ES": "EC", "Ed": "OKP"}
 
 
 class K8sTokens:
@@ -344,10 +347,13 @@ class K8sTokens:
         if header.get("alg") not in self.algorithms:
             raise _invalid("token algorithm is not accepted")
         kid = header.get("kid")
-        key = await self.jwks.key(kid if isinstance(kid, str) else None)
-        if key is None:
+        jwk = await self.jwks.key(kid if isinstance(kid, str) else None)
+        if jwk is None:
             raise _invalid("token signing key is not in the cluster's JWKS")
-        claims = _decode(token, key, self.algorithms, self.audiences, self.issuer)
+        alg = header["alg"]
+        if _KEY_TYPE_OF_ALG.get(alg[:2]) != jwk.key_type:
+            raise _invalid("token algorithm does not match its signing key")
+        claims = _decode(token, jwk.key, [alg], self.audiences, self.issuer)
         _check_times(claims, now, CLOCK_LEEWAY)
         k8s = claims.get("kubernetes.io")
         try:
