@@ -74,6 +74,9 @@ class SpiffeId:
     @classmethod
     def for_service_account(cls, trust_domain: str, namespace: str, account: str) -> SpiffeId:
         """The Istio-style workload ID `spiffe://<td>/ns/<namespace>/sa/<account>`."""
+        for what, seg in (("namespace", namespace), ("service account", account)):
+            if not isinstance(seg, str) or not _SEGMENT_RE.match(seg) or seg in (".", ".."):
+                raise InvalidSpiffeId(f"{what} {seg!r} is not a single valid path segment")
         return cls.parse(f"spiffe://{trust_domain}/ns/{namespace}/sa/{account}")
 
     def __str__(self) -> str:
