@@ -79,7 +79,8 @@ class Authority:
             intermediate.verify_directly_issued_by(issuing_root)
         except (InvalidSignature, ValueError, TypeError) as e:
             raise StateError(
-                f"{state.intermediate}.crt is not signed by {state.issuing_root}.crt ({type(e).__name__})"
+                f"{state.intermediate}.crt is not signed by {state.issuing_root}.crt "
+                f"({type(e).__name__})"
             ) from None
         return cls(home, state, roots, intermediate, key)
 

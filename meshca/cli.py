@@ -39,10 +39,14 @@ def cmd_init(args: argparse.Namespace) -> int:
     authority = Authority.load(home)
     root, inter = authority.roots[0], authority.intermediate
     print(f"created CA for trust domain {authority.trust_domain} in {home}")
-    print(f"  root:         serial {pki.serial_hex(root)}  not after "
-          f"{pki.rfc3339(root.not_valid_after_utc)}  sha256 {pki.fingerprint(root)}")
-    print(f"  intermediate: serial {pki.serial_hex(inter)}  not after "
-          f"{pki.rfc3339(inter.not_valid_after_utc)}  sha256 {pki.fingerprint(inter)}")
+    print(
+        f"  root:         serial {pki.serial_hex(root)}  not after "
+        f"{pki.rfc3339(root.not_valid_after_utc)}  sha256 {pki.fingerprint(root)}"
+    )
+    print(
+        f"  intermediate: serial {pki.serial_hex(inter)}  not after "
+        f"{pki.rfc3339(inter.not_valid_after_utc)}  sha256 {pki.fingerprint(inter)}"
+    )
     return 0
 
 
@@ -137,13 +141,17 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 0
     print(f"trust domain:  {doc['trust_domain']}")
     print(f"home:          {doc['home']}")
-    for label, cert in [("root", r) for r in doc["roots"]] + [("intermediate", doc["intermediate"])]:
+    for label, cert in [("root", r) for r in doc["roots"]] + [
+        ("intermediate", doc["intermediate"])
+    ]:
         print(f"{label}:")
         for key in ("subject", "serial", "not_after", "sha256"):
             print(f"  {key + ':':11} {cert[key]}")
     c = doc["ledger"]
-    print(f"ledger:        {c['issued']} issued ({c['active']} still valid), {c['refused']} refused, "
-          f"{c['join_tokens_used']}/{c['join_tokens_minted']} join tokens used")
+    print(
+        f"ledger:        {c['issued']} issued ({c['active']} still valid), {c['refused']} refused, "
+        f"{c['join_tokens_used']}/{c['join_tokens_minted']} join tokens used"
+    )
     return 0
 
 
@@ -187,26 +195,56 @@ def parser() -> argparse.ArgumentParser:
         return s
 
     s = cmd("init", "create a new CA (root + issuing intermediate) in --home")
-    s.add_argument("--trust-domain", default=DEFAULT_TRUST_DOMAIN,
-                   help=f"SPIFFE trust domain (default {DEFAULT_TRUST_DOMAIN})")
+    s.add_argument(
+        "--trust-domain",
+        default=DEFAULT_TRUST_DOMAIN,
+        help=f"SPIFFE trust domain (default {DEFAULT_TRUST_DOMAIN})",
+    )
     s.set_defaults(func=cmd_init)
 
     s = cmd("serve", "serve the enrollment API over HTTPS")
-    s.add_argument("--listen", default="127.0.0.1:8443", help="HOST:PORT (default 127.0.0.1:8443; port 0 picks a free one)")
-    s.add_argument("--cert-ttl", type=_positive_float, default=86400.0,
-                   help="workload certificate lifetime in seconds (default 86400)")
-    s.add_argument("--rate", type=_positive_float, default=10.0,
-                   help="enrollments per second allowed per identity (default 10)")
+    s.add_argument(
+        "--listen",
+        default="127.0.0.1:8443",
+        help="HOST:PORT (default 127.0.0.1:8443; port 0 picks a free one)",
+    )
+    s.add_argument(
+        "--cert-ttl",
+        type=_positive_float,
+        default=86400.0,
+        help="workload certificate lifetime in seconds (default 86400)",
+    )
+    s.add_argument(
+        "--rate",
+        type=_positive_float,
+        default=10.0,
+        help="enrollments per second allowed per identity (default 10)",
+    )
     s.add_argument("--burst", type=int, default=20, help="burst per identity (default 20)")
-    s.add_argument("--max-body", type=int, default=64 * 1024,
-                   help="largest request body in bytes (default 65536)")
-    s.add_argument("--server-name", action="append", metavar="NAME",
-                   help="extra DNS name or IP for the CA's serving certificate (repeatable)")
+    s.add_argument(
+        "--max-body",
+        type=int,
+        default=64 * 1024,
+        help="largest request body in bytes (default 65536)",
+    )
+    s.add_argument(
+        "--server-name",
+        action="append",
+        metavar="NAME",
+        help="extra DNS name or IP for the CA's serving certificate (repeatable)",
+    )
     s.add_argument("--k8s-issuer", help="accept Kubernetes SA tokens with this 'iss'")
-    s.add_argument("--k8s-audience", action="append", metavar="AUD",
-                   help="accepted SA token audience (repeatable; default 'meshca')")
-    s.add_argument("--k8s-jwks", metavar="FILE|URL",
-                   help="the cluster's JWKS: a file, or an https:// URL (cached, refreshed)")
+    s.add_argument(
+        "--k8s-audience",
+        action="append",
+        metavar="AUD",
+        help="accepted SA token audience (repeatable; default 'meshca')",
+    )
+    s.add_argument(
+        "--k8s-jwks",
+        metavar="FILE|URL",
+        help="the cluster's JWKS: a file, or an https:// URL (cached, refreshed)",
+    )
     s.add_argument("--k8s-ca-file", help="CA bundle to verify an https:// --k8s-jwks")
     s.add_argument("--k8s-token-file", help="bearer token file for fetching --k8s-jwks")
     s.set_defaults(func=cmd_serve)
@@ -214,8 +252,12 @@ def parser() -> argparse.ArgumentParser:
     s = cmd("token", "print a one-time join token for a SPIFFE ID")
     s.add_argument("--spiffe-id", required=True, help="the identity the token enrolls")
     s.add_argument("--ttl", type=int, default=600, help="token lifetime in seconds (default 600)")
-    s.add_argument("--dns", action="append", metavar="NAME",
-                   help="a DNS SAN the certificate will carry (repeatable)")
+    s.add_argument(
+        "--dns",
+        action="append",
+        metavar="NAME",
+        help="a DNS SAN the certificate will carry (repeatable)",
+    )
     s.set_defaults(func=cmd_token)
 
     s = cmd("bundle", "print the trust bundle (root certificates, PEM)")

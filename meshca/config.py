@@ -1,4 +1,4 @@
-"""Settings of `meshca serve`: a frozen dataclass built from the command line, every problem reported.
+"""Settings of `meshca serve`: a frozen dataclass from the command line, all problems reported.
 
 Each field is documented in docs/ca.md ("Serving"). Checking collects all
 problems and raises one ConfigError listing each, named by its flag.

@@ -162,9 +162,13 @@ class JoinTokens:
     ) -> MintedToken:
         """A new token for `spiffe_id`; the caller records its jti in the ledger."""
         if spiffe_id.trust_domain != self.trust_domain or not spiffe_id.is_workload:
-            raise BadRequest(f"{spiffe_id} is not a workload ID in trust domain {self.trust_domain}")
+            raise BadRequest(
+                f"{spiffe_id} is not a workload ID in trust domain {self.trust_domain}"
+            )
         if not dt.timedelta(seconds=1) <= ttl <= MAX_JOIN_TTL:
-            raise BadRequest(f"token TTL must be between 1 s and {int(MAX_JOIN_TTL.total_seconds())} s")
+            raise BadRequest(
+                f"token TTL must be between 1 s and {int(MAX_JOIN_TTL.total_seconds())} s"
+            )
         jti = secrets.token_hex(16)
         expires_at = now + ttl
         claims: dict[str, Any] = {
@@ -360,7 +364,9 @@ class K8sTokens:
             namespace = k8s["namespace"]
             account = k8s["serviceaccount"]["name"]
         except (TypeError, KeyError):
-            raise _invalid("token lacks kubernetes.io namespace and serviceaccount claims") from None
+            raise _invalid(
+                "token lacks kubernetes.io namespace and serviceaccount claims"
+            ) from None
         if not isinstance(namespace, str) or not isinstance(account, str):
             raise _invalid("token kubernetes.io claims must be strings")
         if claims["sub"] != f"system:serviceaccount:{namespace}:{account}":

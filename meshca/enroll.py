@@ -126,8 +126,14 @@ class Enroller:
     ) -> None:
         """Write a refusal to the ledger and the log (the detail is safe to show)."""
         sid = str(spiffe_id) if spiffe_id else None
-        log.info("refused enrollment: %s (%s) id=%s credential=%s peer=%s",
-                 err.code, err.detail, sid, credential, peer)
+        log.info(
+            "refused enrollment: %s (%s) id=%s credential=%s peer=%s",
+            err.code,
+            err.detail,
+            sid,
+            credential,
+            peer,
+        )
         self.ledger.record_refusal(sid, credential, err.code, err.detail, peer)
 
     async def _authenticate(
@@ -145,7 +151,9 @@ class Enroller:
                 if status == "used":
                     raise Unauthenticated("join token has already been used", code="invalid_token")
                 if status == "unknown":
-                    raise Unauthenticated("join token is not known to this CA", code="invalid_token")
+                    raise Unauthenticated(
+                        "join token is not known to this CA", code="invalid_token"
+                    )
                 return
             if self.k8s is not None and issuer == self.k8s.issuer:
                 caller.credential = K8S
@@ -169,7 +177,9 @@ class Enroller:
         try:
             sid = pki.spiffe_id_of(cert)
         except ValueError:
-            raise Unauthenticated("client certificate is not an X.509-SVID", code="bad_certificate") from None
+            raise Unauthenticated(
+                "client certificate is not an X.509-SVID", code="bad_certificate"
+            ) from None
         if pki.is_ca(cert) or sid.trust_domain != self.authority.trust_domain:
             raise Forbidden("client certificate is not a workload SVID of this trust domain")
         if not cert.not_valid_before_utc <= now < cert.not_valid_after_utc:
@@ -203,11 +213,20 @@ class Enroller:
             self.ledger.record_issued(rec, caller.jti)
         except store.TokenAlreadyUsed:
             # Lost a race with a concurrent request on the same token: refuse, hand out nothing.
-            raise Unauthenticated("join token has already been used", code="invalid_token") from None
+            raise Unauthenticated(
+                "join token has already been used", code="invalid_token"
+            ) from None
         except store.UnknownToken:
-            raise Unauthenticated("join token is not known to this CA", code="invalid_token") from None
-        log.info("issued serial=%s id=%s credential=%s not_after=%s",
-                 rec.serial, rec.spiffe_id, rec.credential, rec.not_after)
+            raise Unauthenticated(
+                "join token is not known to this CA", code="invalid_token"
+            ) from None
+        log.info(
+            "issued serial=%s id=%s credential=%s not_after=%s",
+            rec.serial,
+            rec.spiffe_id,
+            rec.credential,
+            rec.not_after,
+        )
         return Issued(
             spiffe_id=caller.spiffe_id,
             certificate=cert,

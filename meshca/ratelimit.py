@@ -44,9 +44,7 @@ class RateLimiter:
 
     def _prune(self, now: float) -> None:
         full_after = self.burst / self.rate
-        self._buckets = {
-            k: v for k, v in self._buckets.items() if now - v[1] < full_after
-        }
+        self._buckets = {k: v for k, v in self._buckets.items() if now - v[1] < full_after}
 
     def __len__(self) -> int:
         return len(self._buckets)

@@ -30,7 +30,7 @@ from meshca.authority import Authority, load_ec_key
 from meshca.config import ServeConfig
 from meshca.credentials import FileJwks, JoinTokens, JwksSource, K8sTokens, UrlJwks
 from meshca.enroll import NONE, Enroller
-from meshca.errors import MeshcaError, RateLimited, TooLarge
+from meshca.errors import MeshcaError, RateLimited, TooLarge, Unauthenticated
 from meshca.ratelimit import RateLimiter
 from meshca.spiffe import SpiffeId
 
@@ -51,7 +51,9 @@ _HTTP_CODES = {
 }
 
 
-def json_response(doc: object, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+def json_response(
+    doc: object, status: int = 200, headers: dict[str, str] | None = None
+) -> web.Response:
     """A JSON answer with a trailing newline (friendly to curl)."""
     return web.Response(
         text=json.dumps(doc) + "\n", status=status, content_type="application/json", headers=headers
@@ -115,8 +117,6 @@ def bearer_token(request: web.Request) -> str | None:
     scheme, _, token = value.strip().partition(" ")
     token = token.strip()
     if scheme.lower() != "bearer" or not token:
-        from meshca.errors import Unauthenticated
-
         raise Unauthenticated("Authorization must be 'Bearer <token>'", code="invalid_token")
     return token
 
@@ -223,8 +223,11 @@ class CAServer:
                 peer=None,
             )
         )
-        log.info("serving certificate serial=%s not_after=%s",
-                 pki.serial_hex(cert), pki.rfc3339(cert.not_valid_after_utc))
+        log.info(
+            "serving certificate serial=%s not_after=%s",
+            pki.serial_hex(cert),
+            pki.rfc3339(cert.not_valid_after_utc),
+        )
         return cert.not_valid_after_utc
 
     async def renew_server_cert_forever(self) -> None:
@@ -278,7 +281,9 @@ class CAServer:
 
     def app(self) -> web.Application:
         """The aiohttp application with every route."""
-        app = web.Application(middlewares=[errors_and_access_log], client_max_size=self.config.max_body)
+        app = web.Application(
+            middlewares=[errors_and_access_log], client_max_size=self.config.max_body
+        )
         app.router.add_post("/v1/certificates", self.post_certificates)
         app.router.add_get("/v1/bundle", self.get_bundle)
         app.router.add_get("/healthz", self.get_healthz)

@@ -33,7 +33,7 @@ from meshca.errors import StateError
 STATE_FILE = "state.json"
 LEDGER_FILE = "ledger.db"
 LOCK_FILE = ".lock"
-TOKEN_KEY_FILE = "token-signing.key"
+TOKEN_KEY_FILE = "token-signing.key"  # noqa: S105 (a file name, not a secret)
 STATE_VERSION = 1
 # Files only `meshca init` creates; leftovers of an interrupted init may be cleaned up.
 _OWN_FILE_RE = re.compile(
@@ -163,7 +163,9 @@ def read_state(home: Path) -> State:
     try:
         data = path.read_bytes()
     except FileNotFoundError:
-        raise StateError(f"no CA in {home} (no {STATE_FILE}); run 'meshca init --home {home}'") from None
+        raise StateError(
+            f"no CA in {home} (no {STATE_FILE}); run 'meshca init --home {home}'"
+        ) from None
     except PermissionError:
         raise StateError(f"cannot read {path}: permission denied") from None
     return State.from_json(data, str(path))
@@ -345,7 +347,8 @@ class Ledger:
         """Record a newly minted join token (never the token itself, only its id)."""
         with self._tx() as db:
             db.execute(
-                "INSERT INTO join_tokens (jti, spiffe_id, minted_at, expires_at) VALUES (?, ?, ?, ?)",
+                "INSERT INTO join_tokens (jti, spiffe_id, minted_at, expires_at) "
+                "VALUES (?, ?, ?, ?)",
                 (jti, spiffe_id, iso(self.clock()), iso(expires_at)),
             )
 
@@ -394,7 +397,9 @@ class Ledger:
         one = self._db.execute
         return {
             "issued": one("SELECT COUNT(*) FROM certificates").fetchone()[0],
-            "active": one("SELECT COUNT(*) FROM certificates WHERE not_after > ?", (now,)).fetchone()[0],
+            "active": one(
+                "SELECT COUNT(*) FROM certificates WHERE not_after > ?", (now,)
+            ).fetchone()[0],
             "refused": one("SELECT COUNT(*) FROM refusals").fetchone()[0],
             "join_tokens_minted": one("SELECT COUNT(*) FROM join_tokens").fetchone()[0],
             "join_tokens_used": one(

@@ -1,4 +1,4 @@
-"""The `sidecar` command line. The proxy itself arrives with issue #3; today it reports its version."""
+"""The `sidecar` command line. The proxy itself arrives with issue #3; today: its version."""
 
 from __future__ import annotations
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import re
@@ -13,8 +14,6 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import http.client
 
 PEM_RE = re.compile(r"-----BEGIN CERTIFICATE-----.*?-----END CERTIFICATE-----\n?", re.S)
 
@@ -96,15 +95,26 @@ class CAProcess:
 def start_ca(home: Path, *extra: str, timeout: float = 20) -> CAProcess:
     """Start `meshca serve --listen 127.0.0.1:0` and wait for it to say where it listens."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "meshca", "serve", "--home", str(home), "--listen", "127.0.0.1:0",
-         *extra],
+        [
+            sys.executable,
+            "-m",
+            "meshca",
+            "serve",
+            "--home",
+            str(home),
+            "--listen",
+            "127.0.0.1:0",
+            *extra,
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     lines: list[str] = []
-    threading.Thread(target=lambda: lines.extend(iter(proc.stderr.readline, "")), daemon=True).start()
+    threading.Thread(
+        target=lambda: lines.extend(iter(proc.stderr.readline, "")), daemon=True
+    ).start()
     deadline = time.monotonic() + timeout
     url = None
     while time.monotonic() < deadline:
@@ -124,14 +134,28 @@ def start_ca(home: Path, *extra: str, timeout: float = 20) -> CAProcess:
     return CAProcess(home, proc, url, bundle, lines)
 
 
-def openssl_csr(tmp: Path, name: str, *key_args: str, extra: tuple[str, ...] = ()) -> tuple[Path, Path]:
+def openssl_csr(
+    tmp: Path, name: str, *key_args: str, extra: tuple[str, ...] = ()
+) -> tuple[Path, Path]:
     """Make a key and CSR with `openssl req`; return (key path, csr path)."""
     key, csr = tmp / f"{name}.key", tmp / f"{name}.csr"
     if not key_args:
         key_args = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256")
     subprocess.run(
-        ["openssl", "req", "-new", *key_args, "-nodes", "-keyout", str(key), "-subj", "/CN=test",
-         "-out", str(csr), *extra],
+        [
+            "openssl",
+            "req",
+            "-new",
+            *key_args,
+            "-nodes",
+            "-keyout",
+            str(key),
+            "-subj",
+            "/CN=test",
+            "-out",
+            str(csr),
+            *extra,
+        ],
         check=True,
         capture_output=True,
     )
@@ -145,8 +169,18 @@ def request_json(csr_pem: str) -> str:
 def curl(ca: CAProcess, path: str, *args: str) -> tuple[int, str, dict[str, str]]:
     """Call the CA with curl; return (status, body, headers). Fails the test on a curl error."""
     proc = subprocess.run(
-        ["curl", "-sS", "--max-time", "20", "--cacert", str(ca.bundle), "-D", "-",
-         *args, ca.url + path],
+        [
+            "curl",
+            "-sS",
+            "--max-time",
+            "20",
+            "--cacert",
+            str(ca.bundle),
+            "-D",
+            "-",
+            *args,
+            ca.url + path,
+        ],
         capture_output=True,
         timeout=30,
     )
@@ -169,14 +203,25 @@ def curl_enroll(ca: CAProcess, csr: Path, token: str | None, *args: str) -> tupl
     body.write_text(request_json(csr.read_text()))
     auth = ["-H", f"Authorization: Bearer {token}"] if token else []
     status, text, _ = curl(
-        ca, "/v1/certificates", "-H", "Content-Type: application/json", *auth,
-        "--data-binary", f"@{body}", *args,
+        ca,
+        "/v1/certificates",
+        "-H",
+        "Content-Type: application/json",
+        *auth,
+        "--data-binary",
+        f"@{body}",
+        *args,
     )
     return status, json.loads(text)
 
 
-def py_post(ca: CAProcess, path: str, body: bytes, headers: dict[str, str] | None = None,
-            cert: tuple[Path, Path] | None = None) -> tuple[int, dict, dict[str, str]]:
+def py_post(
+    ca: CAProcess,
+    path: str,
+    body: bytes,
+    headers: dict[str, str] | None = None,
+    cert: tuple[Path, Path] | None = None,
+) -> tuple[int, dict, dict[str, str]]:
     """POST with Python's http.client (a second, independent client)."""
     ctx = ssl.create_default_context(cafile=str(ca.bundle))
     if cert:
@@ -184,8 +229,9 @@ def py_post(ca: CAProcess, path: str, body: bytes, headers: dict[str, str] | Non
     host, port = ca.host_port
     conn = http.client.HTTPSConnection(host, port, context=ctx, timeout=20)
     try:
-        conn.request("POST", path, body=body, headers={"Content-Type": "application/json",
-                                                         **(headers or {})})
+        conn.request(
+            "POST", path, body=body, headers={"Content-Type": "application/json", **(headers or {})}
+        )
         resp = conn.getresponse()
         data = resp.read()
         return resp.status, json.loads(data), {k.lower(): v for k, v in resp.getheaders()}

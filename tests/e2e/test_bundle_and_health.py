@@ -38,8 +38,8 @@ def test_unknown_path_and_method_are_json_errors(ca):
 
 def test_server_certificate_names(ca):
     """The CA's serving certificate chains to the bundle and names localhost, meshca, 127.0.0.1."""
-    import ssl
     import socket
+    import ssl
 
     ctx = ssl.create_default_context(cafile=str(ca.bundle))
     host, port = ca.host_port
@@ -51,4 +51,5 @@ def test_server_certificate_names(ca):
     san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert "127.0.0.1" in [str(a) for a in san.get_values_for_type(x509.IPAddress)]
     assert san.get_values_for_type(x509.UniformResourceIdentifier) == [
-        "spiffe://cluster.local/ns/mesh-system/sa/meshca"]
+        "spiffe://cluster.local/ns/mesh-system/sa/meshca"
+    ]

@@ -12,8 +12,11 @@ from helpers import curl_enroll, mint_token, openssl_csr, run_meshca
 
 
 def snapshot(home):
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(home.iterdir()) if p.is_file()}
+    return {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(home.iterdir())
+        if p.is_file()
+    }
 
 
 def test_init_creates_private_state(ca_home):
@@ -47,8 +50,9 @@ def test_init_refuses_a_directory_with_other_files(tmp_path):
 
 
 def test_init_with_bad_trust_domain(tmp_path):
-    proc = run_meshca("init", "--home", str(tmp_path / "x"), "--trust-domain", "Bad Domain",
-                      check=False)
+    proc = run_meshca(
+        "init", "--home", str(tmp_path / "x"), "--trust-domain", "Bad Domain", check=False
+    )
     assert proc.returncode == 1 and "--trust-domain" in proc.stderr
     assert not (tmp_path / "x").exists()
 
@@ -58,18 +62,32 @@ def test_init_custom_trust_domain(tmp_path):
     run_meshca("init", "--home", str(home), "--trust-domain", "prod.example.org")
     doc = json.loads(run_meshca("status", "--home", str(home), "--json").stdout)
     assert doc["trust_domain"] == "prod.example.org"
-    proc = run_meshca("token", "--home", str(home), "--spiffe-id",
-                      "spiffe://cluster.local/ns/a/sa/b", check=False)
-    assert proc.returncode == 1 and "not a workload ID in trust domain prod.example.org" in proc.stderr
+    proc = run_meshca(
+        "token", "--home", str(home), "--spiffe-id", "spiffe://cluster.local/ns/a/sa/b", check=False
+    )
+    assert (
+        proc.returncode == 1 and "not a workload ID in trust domain prod.example.org" in proc.stderr
+    )
 
 
 def test_token_errors(ca_home):
-    for bad, msg in [("not-an-id", "spiffe://"), ("spiffe://cluster.local", "not a workload ID"),
-                     ("spiffe://cluster.local/ns//sa/x", "empty segments")]:
+    for bad, msg in [
+        ("not-an-id", "spiffe://"),
+        ("spiffe://cluster.local", "not a workload ID"),
+        ("spiffe://cluster.local/ns//sa/x", "empty segments"),
+    ]:
         proc = run_meshca("token", "--home", str(ca_home), "--spiffe-id", bad, check=False)
         assert proc.returncode == 1 and msg in proc.stderr and proc.stdout == ""
-    proc = run_meshca("token", "--home", str(ca_home), "--spiffe-id",
-                      "spiffe://cluster.local/ns/a/sa/b", "--ttl", "999999", check=False)
+    proc = run_meshca(
+        "token",
+        "--home",
+        str(ca_home),
+        "--spiffe-id",
+        "spiffe://cluster.local/ns/a/sa/b",
+        "--ttl",
+        "999999",
+        check=False,
+    )
     assert proc.returncode == 1 and "TTL" in proc.stderr
 
 
@@ -88,8 +106,9 @@ def test_certs_lists_issuances(tmp_path, ca):
     _, csr = openssl_csr(tmp_path, "w")
     status, doc = curl_enroll(ca, csr, mint_token(ca.home, web))
     assert status == 200
-    rows = json.loads(run_meshca("certs", "--home", str(ca.home), "--json",
-                                 "--spiffe-id", web).stdout)
+    rows = json.loads(
+        run_meshca("certs", "--home", str(ca.home), "--json", "--spiffe-id", web).stdout
+    )
     assert [(r["serial"], r["credential"]) for r in rows] == [(doc["serial"], "join_token")]
     table = run_meshca("certs", "--home", str(ca.home)).stdout
     assert doc["serial"] in table and web in table

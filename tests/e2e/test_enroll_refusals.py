@@ -26,7 +26,9 @@ WEB = "spiffe://cluster.local/ns/default/sa/web"
 
 def garbage_csr(tmp_path, ca):
     csr = tmp_path / "garbage.csr"
-    csr.write_text("-----BEGIN CERTIFICATE REQUEST-----\nbm90IGEgY3Ny\n-----END CERTIFICATE REQUEST-----\n")
+    csr.write_text(
+        "-----BEGIN CERTIFICATE REQUEST-----\nbm90IGEgY3Ny\n-----END CERTIFICATE REQUEST-----\n"
+    )
     return csr, mint_token(ca.home, WEB)
 
 
@@ -50,8 +52,21 @@ def wrong_signature(tmp_path, ca):
 
 def dsa_key(tmp_path, ca):
     params = tmp_path / "dsa.param"
-    subprocess.run(["openssl", "genpkey", "-genparam", "-algorithm", "DSA", "-pkeyopt",
-                    "dsa_paramgen_bits:1024", "-out", str(params)], check=True, capture_output=True)
+    subprocess.run(
+        [
+            "openssl",
+            "genpkey",
+            "-genparam",
+            "-algorithm",
+            "DSA",
+            "-pkeyopt",
+            "dsa_paramgen_bits:1024",
+            "-out",
+            str(params),
+        ],
+        check=True,
+        capture_output=True,
+    )
     _, csr = openssl_csr(tmp_path, "dsa", "-newkey", f"dsa:{params}")
     return csr, mint_token(ca.home, WEB)
 
@@ -92,11 +107,15 @@ def other_ca_token(tmp_path, ca):
 
 def forged_alg_none(tmp_path, ca):
     """A token that claims a valid identity with `alg: none` and no signature."""
+
     def b64(d: bytes) -> str:
         return base64.urlsafe_b64encode(d).rstrip(b"=").decode()
+
     now = int(time.time())
-    claims = (f'{{"iss":"meshca-join/cluster.local","aud":"meshca","sub":"{WEB}",'
-              f'"iat":{now},"exp":{now + 600},"jti":"x"}}')
+    claims = (
+        f'{{"iss":"meshca-join/cluster.local","aud":"meshca","sub":"{WEB}",'
+        f'"iat":{now},"exp":{now + 600},"jti":"x"}}'
+    )
     _, csr = openssl_csr(tmp_path, "none")
     return csr, b64(b'{"alg":"none","typ":"JWT"}') + "." + b64(claims.encode()) + "."
 
@@ -120,7 +139,12 @@ CASES = {
     "EC P-521": (p521, 400, "bad_key_type", "secp521r1"),
     "replayed join token": (replayed_token, 401, "invalid_token", "already been used"),
     "expired join token": (expired_token, 401, "invalid_token", "expired"),
-    "token signed by another key": (other_ca_token, 401, "invalid_token", "signature does not verify"),
+    "token signed by another key": (
+        other_ca_token,
+        401,
+        "invalid_token",
+        "signature does not verify",
+    ),
     "alg none": (forged_alg_none, 401, "invalid_token", "algorithm is not accepted"),
     "missing credential": (missing_credential, 401, "missing_credential", "missing credential"),
     "not a JWT": (not_a_jwt, 401, "invalid_token", "not a valid JWT"),
@@ -145,8 +169,9 @@ def test_body_over_limit_is_413(tmp_path, ca):
     big = tmp_path / "big.json"
     big.write_text('{"csr": "' + "A" * (65 * 1024) + '"}')
     token = mint_token(ca.home, WEB)
-    status, body, _ = curl(ca, "/v1/certificates", "-H", f"Authorization: Bearer {token}",
-                           "--data-binary", f"@{big}")
+    status, body, _ = curl(
+        ca, "/v1/certificates", "-H", f"Authorization: Bearer {token}", "--data-binary", f"@{big}"
+    )
     assert status == 413
     assert '"error": "too_large"' in body and "65536-byte limit" in body
     assert workload_certs(ca.home) == []
@@ -158,8 +183,9 @@ def test_body_over_limit_is_413(tmp_path, ca):
 
 def test_body_that_is_not_json(ca):
     token = mint_token(ca.home, WEB)
-    status, body, _ = curl(ca, "/v1/certificates", "-H", f"Authorization: Bearer {token}",
-                           "--data-binary", "csr=abc")
+    status, body, _ = curl(
+        ca, "/v1/certificates", "-H", f"Authorization: Bearer {token}", "--data-binary", "csr=abc"
+    )
     assert status == 400 and '"error": "bad_json"' in body
     assert workload_certs(ca.home) == []
 

@@ -1,4 +1,4 @@
-"""A pod enrolls with a Kubernetes projected ServiceAccount token verified against the cluster's JWKS.
+"""A pod enrolls with a Kubernetes projected ServiceAccount token checked against the JWKS.
 
 The CA is started with `--k8s-issuer` and a JWKS file (what a cluster's
 /openid/v1/jwks serves); tokens are signed as the API server signs them.
@@ -22,8 +22,19 @@ def api_server_key():
     return rsa.generate_private_key(public_exponent=65537, key_size=2048)
 
 
-def sa_token(key, *, namespace="shop", account="orders", aud="meshca", iss=ISSUER,
-             exp_in=600, kid="k1", sub=None, k8s_claims=True, alg="RS256"):
+def sa_token(
+    key,
+    *,
+    namespace="shop",
+    account="orders",
+    aud="meshca",
+    iss=ISSUER,
+    exp_in=600,
+    kid="k1",
+    sub=None,
+    k8s_claims=True,
+    alg="RS256",
+):
     now = int(time.time())
     claims = {
         "iss": iss,
@@ -82,12 +93,17 @@ BAD = {
     "unknown kid": (lambda k: sa_token(k, kid="nope"), "not in the cluster's JWKS"),
     "no kubernetes.io claims": (lambda k: sa_token(k, k8s_claims=False), "kubernetes.io"),
     "sub disagrees with claims": (
-        lambda k: sa_token(k, sub="system:serviceaccount:kube-system:admin"), "does not match"),
+        lambda k: sa_token(k, sub="system:serviceaccount:kube-system:admin"),
+        "does not match",
+    ),
     "HS256 with public key": (
-        lambda k: sa_token(b"x" * 32, alg="HS256"), "algorithm is not accepted"),
+        lambda k: sa_token(b"x" * 32, alg="HS256"),
+        "algorithm is not accepted",
+    ),
     "ES256 under an RSA kid": (
         lambda k: sa_token(ec.generate_private_key(ec.SECP256R1()), alg="ES256"),
-        "does not match its signing key"),
+        "does not match its signing key",
+    ),
 }
 
 

@@ -23,9 +23,20 @@ def openssl_verify(tmp_path, bundle, chain: list[str], purpose: str) -> subproce
     leaf.write_text(chain[0])
     inter.write_text(chain[1])
     return subprocess.run(
-        ["openssl", "verify", "-x509_strict", "-purpose", purpose, "-CAfile", str(bundle),
-         "-untrusted", str(inter), str(leaf)],
-        capture_output=True, text=True,
+        [
+            "openssl",
+            "verify",
+            "-x509_strict",
+            "-purpose",
+            purpose,
+            "-CAfile",
+            str(bundle),
+            "-untrusted",
+            str(inter),
+            str(leaf),
+        ],
+        capture_output=True,
+        text=True,
     )
 
 
@@ -77,10 +88,16 @@ def test_enroll_issues_strict_svid(tmp_path, ca, key_type):
     assert doc["expires_at"] == leaf.not_valid_after_utc.strftime("%Y-%m-%dT%H:%M:%SZ")
 
     # The private key made by openssl matches the certificate: only the CSR's key was used.
-    pub = subprocess.run(["openssl", "pkey", "-in", str(key), "-pubout"], capture_output=True,
-                         text=True, check=True).stdout
-    leaf_pub = subprocess.run(["openssl", "x509", "-noout", "-pubkey"], input=chain[0],
-                              capture_output=True, text=True, check=True).stdout
+    pub = subprocess.run(
+        ["openssl", "pkey", "-in", str(key), "-pubout"], capture_output=True, text=True, check=True
+    ).stdout
+    leaf_pub = subprocess.run(
+        ["openssl", "x509", "-noout", "-pubkey"],
+        input=chain[0],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert pub == leaf_pub
 
     rows = [r for r in ledger_certs(ca.home) if r["serial"] == doc["serial"]]
@@ -92,12 +109,16 @@ def test_csr_requests_are_ignored(tmp_path, ca):
     from helpers import openssl_csr
 
     _, csr = openssl_csr(
-        tmp_path, "greedy",
+        tmp_path,
+        "greedy",
         extra=(
-            "-addext", "subjectAltName=URI:spiffe://cluster.local/ns/kube-system/sa/admin,"
-                       "DNS:evil.example,IP:10.0.0.1",
-            "-addext", "basicConstraints=critical,CA:TRUE",
-            "-addext", "keyUsage=critical,keyCertSign,cRLSign",
+            "-addext",
+            "subjectAltName=URI:spiffe://cluster.local/ns/kube-system/sa/admin,"
+            "DNS:evil.example,IP:10.0.0.1",
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
         ),
     )
     status, doc = curl_enroll(ca, csr, mint_token(ca.home, WEB))

@@ -1,4 +1,4 @@
-"""Per-identity rate limiting: past the burst an identity gets 429 with Retry-After; others don't."""
+"""Per-identity rate limiting: past the burst: 429 with Retry-After; others unaffected."""
 
 from __future__ import annotations
 
@@ -37,9 +37,14 @@ def test_429_carries_retry_after(tmp_path, ca_home):
             _, csr = openssl_csr(tmp_path, f"r{i}")
             body = tmp_path / f"r{i}.json"
             body.write_text(request_json(csr.read_text()))
-            status, _, headers = curl(ca, "/v1/certificates", "-H",
-                                      f"Authorization: Bearer {mint_token(ca_home, WEB)}",
-                                      "--data-binary", f"@{body}")
+            status, _, headers = curl(
+                ca,
+                "/v1/certificates",
+                "-H",
+                f"Authorization: Bearer {mint_token(ca_home, WEB)}",
+                "--data-binary",
+                f"@{body}",
+            )
         assert status == 429
         assert 1 <= int(headers["retry-after"]) <= 2
     finally:

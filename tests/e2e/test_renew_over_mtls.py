@@ -10,8 +10,8 @@ import datetime as dt
 import subprocess
 import time
 
-from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
 from helpers import (
     curl_enroll,
     mint_token,
@@ -56,8 +56,9 @@ def test_renew_with_curl_client_certificate(tmp_path, ca):
 def test_renew_with_python_client(tmp_path, ca):
     key, chain, first = enroll(tmp_path, ca)
     _, csr = openssl_csr(tmp_path, "py")
-    status, doc, _ = py_post(ca, "/v1/certificates", request_json(csr.read_text()).encode(),
-                             cert=(chain, key))
+    status, doc, _ = py_post(
+        ca, "/v1/certificates", request_json(csr.read_text()).encode(), cert=(chain, key)
+    )
     assert status == 200 and doc["spiffe_id"] == WEB
 
 
@@ -65,8 +66,20 @@ def curl_rc(ca, csr, *args):
     body = csr.parent / "renew.json"
     body.write_text(request_json(csr.read_text()))
     return subprocess.run(
-        ["curl", "-sS", "--cacert", str(ca.bundle), "--data-binary", f"@{body}", *args,
-         ca.url + "/v1/certificates"], capture_output=True, text=True, timeout=30)
+        [
+            "curl",
+            "-sS",
+            "--cacert",
+            str(ca.bundle),
+            "--data-binary",
+            f"@{body}",
+            *args,
+            ca.url + "/v1/certificates",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
 
 
 def test_certificate_from_another_ca_fails_the_handshake(tmp_path, ca):
@@ -100,8 +113,9 @@ def test_certificate_missing_from_ledger_is_forbidden(tmp_path, ca):
     """Signed by the CA's key but never recorded (a forged or lost issuance): 403."""
     authority = Authority.load(ca.home)
     key = ec.generate_private_key(ec.SECP256R1())
-    leaf = authority.issue(key.public_key(), SpiffeId.parse(WEB), dt.datetime.now(dt.UTC),
-                           dt.timedelta(hours=1))
+    leaf = authority.issue(
+        key.public_key(), SpiffeId.parse(WEB), dt.datetime.now(dt.UTC), dt.timedelta(hours=1)
+    )
     chain, key_path = tmp_path / "forged.pem", tmp_path / "forged.key"
     chain.write_text(authority.chain_pem(leaf))
     key_path.write_bytes(pki.key_pem(key))

@@ -72,9 +72,14 @@ def k8s(tmp_path_factory):
 
 
 def sa(key, **over):
-    claims = {"iss": "https://k8s", "aud": ["meshca"], "sub": "system:serviceaccount:shop:orders",
-              "iat": int(NOW.timestamp()), "exp": int(NOW.timestamp()) + 600,
-              "kubernetes.io": {"namespace": "shop", "serviceaccount": {"name": "orders"}}}
+    claims = {
+        "iss": "https://k8s",
+        "aud": ["meshca"],
+        "sub": "system:serviceaccount:shop:orders",
+        "iat": int(NOW.timestamp()),
+        "exp": int(NOW.timestamp()) + 600,
+        "kubernetes.io": {"namespace": "shop", "serviceaccount": {"name": "orders"}},
+    }
     claims.update(over)
     return jwt.encode(claims, key, algorithm="RS256", headers={"kid": "k1"})
 
@@ -95,9 +100,11 @@ def test_sa_token_clock_leeway(k8s):
 
 def test_sa_namespace_cannot_inject_path(k8s):
     key, verifier, _ = k8s
-    token = sa(key, sub="system:serviceaccount:a/sa/admin/ns/x:orders",
-               **{"kubernetes.io": {"namespace": "a/sa/admin/ns/x",
-                                    "serviceaccount": {"name": "orders"}}})
+    token = sa(
+        key,
+        sub="system:serviceaccount:a/sa/admin/ns/x:orders",
+        **{"kubernetes.io": {"namespace": "a/sa/admin/ns/x", "serviceaccount": {"name": "orders"}}},
+    )
     with pytest.raises(Unauthenticated, match="not a valid name"):
         asyncio.run(verifier.verify(token, NOW))
 

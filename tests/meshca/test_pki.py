@@ -25,9 +25,11 @@ def chain():
     return root, inter, int_key
 
 
-def csr_for(key, sign_hash=hashes.SHA256()):
+def csr_for(key, sign_hash=None):
+    sign_hash = sign_hash or hashes.SHA256()
     builder = x509.CertificateSigningRequestBuilder().subject_name(
-        x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "x")]))
+        x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "x")])
+    )
     algo = None if isinstance(key, ed25519.Ed25519PrivateKey | ed448.Ed448PrivateKey) else sign_hash
     return builder.sign(key, algo).public_bytes(serialization.Encoding.PEM)
 
@@ -55,7 +57,9 @@ def test_leaf_profile(chain):
     ku = ext.get_extension_for_class(x509.KeyUsage)
     assert ku.critical and ku.value.digital_signature and not ku.value.key_cert_sign
     assert list(ext.get_extension_for_class(x509.ExtendedKeyUsage).value) == [
-        ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+        ExtendedKeyUsageOID.SERVER_AUTH,
+        ExtendedKeyUsageOID.CLIENT_AUTH,
+    ]
     assert pki.uri_sans(leaf) == [str(WEB)]
     assert pki.spiffe_id_of(leaf) == WEB
     ext.get_extension_for_class(x509.SubjectKeyIdentifier)
@@ -72,15 +76,25 @@ def test_leaf_never_outlives_its_issuer(chain):
     leaf = pki.build_leaf(pki.new_key().public_key(), WEB, inter, int_key, late)
     assert leaf.not_valid_after_utc == inter.not_valid_after_utc
     with pytest.raises(ValueError, match="expired"):
-        pki.build_leaf(pki.new_key().public_key(), WEB, inter, int_key,
-                       inter.not_valid_after_utc + dt.timedelta(seconds=1))
+        pki.build_leaf(
+            pki.new_key().public_key(),
+            WEB,
+            inter,
+            int_key,
+            inter.not_valid_after_utc + dt.timedelta(seconds=1),
+        )
 
 
 def test_leaf_needs_workload_id(chain):
     _, inter, int_key = chain
     with pytest.raises(ValueError):
-        pki.build_leaf(pki.new_key().public_key(), SpiffeId.parse("spiffe://cluster.local"),
-                       inter, int_key, NOW)
+        pki.build_leaf(
+            pki.new_key().public_key(),
+            SpiffeId.parse("spiffe://cluster.local"),
+            inter,
+            int_key,
+            NOW,
+        )
 
 
 def test_serial_hex_is_whole_bytes(chain):
@@ -99,8 +113,10 @@ ACCEPTED = {
 REFUSED = {
     "P-521": (lambda: ec.generate_private_key(ec.SECP521R1()), "secp521r1"),
     "secp256k1": (lambda: ec.generate_private_key(ec.SECP256K1()), "secp256k1"),
-    "RSA-1024": (lambda: rsa.generate_private_key(public_exponent=65537, key_size=1024),
-                 "too small"),
+    "RSA-1024": (
+        lambda: rsa.generate_private_key(public_exponent=65537, key_size=1024),
+        "too small",
+    ),
     "DSA-2048": (lambda: dsa.generate_private_key(2048), "DSA"),
     "Ed448": (ed448.Ed448PrivateKey.generate, "Ed448"),
 }
@@ -110,10 +126,11 @@ REFUSED = {
 def test_accepted_key_types(name):
     key = ACCEPTED[name]()
     got = pki.check_csr(csr_for(key))
-    assert got.public_bytes(serialization.Encoding.DER,
-                            serialization.PublicFormat.SubjectPublicKeyInfo) == \
-        key.public_key().public_bytes(serialization.Encoding.DER,
-                                      serialization.PublicFormat.SubjectPublicKeyInfo)
+    assert got.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    ) == key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
 
 
 @pytest.mark.parametrize("name", REFUSED)
@@ -124,11 +141,17 @@ def test_refused_key_types(name):
     assert e.value.code == "bad_key_type" and why in e.value.detail
 
 
-@pytest.mark.parametrize("pem,code", [
-    (b"", "bad_csr"),
-    (b"-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n", "bad_csr"),
-    (b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n", "bad_csr"),
-])
+@pytest.mark.parametrize(
+    "pem,code",
+    [
+        (b"", "bad_csr"),
+        (
+            b"-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n",
+            "bad_csr",
+        ),
+        (b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n", "bad_csr"),
+    ],
+)
 def test_garbage_csr(pem, code):
     with pytest.raises(BadRequest) as e:
         pki.check_csr(pem)
@@ -142,8 +165,12 @@ def test_csr_with_bad_signature():
     i = der.find(b"\x0c\x01x")  # the CN "x" inside the signed part
     der[i + 2] = ord("y")
     import base64
-    tampered = (b"-----BEGIN CERTIFICATE REQUEST-----\n" + base64.encodebytes(bytes(der))
-                + b"-----END CERTIFICATE REQUEST-----\n")
+
+    tampered = (
+        b"-----BEGIN CERTIFICATE REQUEST-----\n"
+        + base64.encodebytes(bytes(der))
+        + b"-----END CERTIFICATE REQUEST-----\n"
+    )
     with pytest.raises(BadRequest) as e:
         pki.check_csr(tampered)
     assert e.value.code == "bad_csr_signature"

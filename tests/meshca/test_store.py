@@ -51,12 +51,15 @@ def test_lost_and_found_is_ignored(tmp_path):
     Authority.load(home)
 
 
-@pytest.mark.parametrize("content,why", [
-    (b"{", "not valid JSON"),
-    (b"[]", "JSON object"),
-    (b'{"version": 99}', "unsupported version"),
-    (b'{"version": 1}', "missing field"),
-])
+@pytest.mark.parametrize(
+    "content,why",
+    [
+        (b"{", "not valid JSON"),
+        (b"[]", "JSON object"),
+        (b'{"version": 99}', "unsupported version"),
+        (b'{"version": 1}', "missing field"),
+    ],
+)
 def test_bad_state_file(tmp_path, content, why):
     (tmp_path / "state.json").write_bytes(content)
     with pytest.raises(StateError, match=why):
@@ -97,9 +100,17 @@ def test_lock_is_exclusive(tmp_path):
 
 
 def rec(serial="0a", spiffe_id="spiffe://td/ns/a/sa/b"):
-    return store.IssuedRecord(serial, spiffe_id, "2026-01-01T00:00:00.000000Z",
-                              "2099-01-01T00:00:00.000000Z", store.iso(NOW), "join_token",
-                              "01", "ff", None)
+    return store.IssuedRecord(
+        serial,
+        spiffe_id,
+        "2026-01-01T00:00:00.000000Z",
+        "2099-01-01T00:00:00.000000Z",
+        store.iso(NOW),
+        "join_token",
+        "01",
+        "ff",
+        None,
+    )
 
 
 def test_join_token_is_consumed_once(tmp_path):

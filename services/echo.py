@@ -1,0 +1,72 @@
+"""An echo app: answers every request with JSON describing what it received.
+
+Used behind a sidecar to show (and test) exactly what reaches an app: method,
+path, query, headers (including X-Forwarded-Client-Cert) and the body's size
+and SHA-256. Run: `python -m services.echo --listen 127.0.0.1:5000`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import sys
+from collections.abc import Sequence
+
+from aiohttp import web
+
+
+async def echo(request: web.Request) -> web.Response:
+    """Describe the request; the body is streamed and hashed, never held whole."""
+    digest, size = hashlib.sha256(), 0
+    async for chunk in request.content.iter_any():
+        digest.update(chunk)
+        size += len(chunk)
+    return web.json_response(
+        {
+            "method": request.method,
+            "path": request.path,
+            "query": request.query_string,
+            "headers": {k: v for k, v in request.headers.items()},
+            "body_bytes": size,
+            "body_sha256": digest.hexdigest(),
+        }
+    )
+
+
+def app() -> web.Application:
+    """The aiohttp application: every method, every path."""
+    application = web.Application()
+    application.router.add_route("*", "/{tail:.*}", echo)
+    return application
+
+
+async def serve(host: str, port: int) -> None:
+    """Serve until cancelled; print the bound address once listening."""
+    runner = web.AppRunner(app(), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    bound = site._server.sockets[0].getsockname() if site._server else (host, port)
+    print(f"echo: listening on http://{bound[0]}:{bound[1]}", flush=True)
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await runner.cleanup()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point: `python -m services.echo --listen 127.0.0.1:5000`."""
+    p = argparse.ArgumentParser(prog="echo", description="echo what the app receives")
+    p.add_argument("--listen", default="127.0.0.1:5000", help="HOST:PORT (default 127.0.0.1:5000)")
+    args = p.parse_args(argv)
+    host, _, port = args.listen.rpartition(":")
+    try:
+        asyncio.run(serve(host, int(port)))
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
