@@ -68,6 +68,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             k8s_jwks=args.k8s_jwks,
             k8s_ca_file=args.k8s_ca_file,
             k8s_token_file=args.k8s_token_file,
+            k8s_jwks_refresh=args.k8s_jwks_refresh,
+            k8s_jwks_min_interval=args.k8s_jwks_min_interval,
         )
     except ConfigError as e:
         raise CLIError(str(e)) from None
@@ -243,10 +245,23 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--k8s-jwks",
         metavar="FILE|URL",
-        help="the cluster's JWKS: a file, or an https:// URL (cached, refreshed)",
+        help="the cluster's JWKS: a file or an https:// URL (default: OIDC discovery from an "
+        "https:// --k8s-issuer)",
     )
     s.add_argument("--k8s-ca-file", help="CA bundle to verify an https:// --k8s-jwks")
     s.add_argument("--k8s-token-file", help="bearer token file for fetching --k8s-jwks")
+    s.add_argument(
+        "--k8s-jwks-refresh",
+        type=float,
+        default=300.0,
+        help="seconds between JWKS refreshes from a URL (default 300)",
+    )
+    s.add_argument(
+        "--k8s-jwks-min-interval",
+        type=float,
+        default=10.0,
+        help="least seconds between two JWKS fetches, also on unknown kid (default 10)",
+    )
     s.set_defaults(func=cmd_serve)
 
     s = cmd("token", "print a one-time join token for a SPIFFE ID")

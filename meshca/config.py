@@ -59,6 +59,8 @@ class ServeConfig:
     k8s_jwks: str | None = None  # a file path, or an https:// URL
     k8s_ca_file: Path | None = None
     k8s_token_file: Path | None = None
+    k8s_jwks_refresh: float = 300.0
+    k8s_jwks_min_interval: float = 10.0
 
     @property
     def server_dns_names(self) -> tuple[str, ...]:
@@ -95,6 +97,8 @@ def build_serve_config(
     k8s_jwks: str | None = None,
     k8s_ca_file: str | None = None,
     k8s_token_file: str | None = None,
+    k8s_jwks_refresh: float = 300.0,
+    k8s_jwks_min_interval: float = 10.0,
 ) -> ServeConfig:
     """Validate every setting; ConfigError listing each problem by flag."""
     problems: list[str] = []
@@ -116,13 +120,19 @@ def build_serve_config(
             problems.append(f"--server-name: {name!r} is not a host name or IP address")
     if k8s_jwks and not k8s_issuer:
         problems.append("--k8s-issuer: required with --k8s-jwks (the token 'iss' to accept)")
-    if k8s_issuer and not k8s_jwks:
-        problems.append("--k8s-jwks: required with --k8s-issuer (a JWKS file or https:// URL)")
+    if k8s_issuer and not k8s_jwks and not k8s_issuer.startswith("https://"):
+        problems.append(
+            "--k8s-jwks: required unless --k8s-issuer is an https:// URL to discover keys from"
+        )
     if k8s_jwks and not k8s_jwks.startswith("https://"):
         if k8s_jwks.startswith("http://"):
             problems.append("--k8s-jwks: must be a file or an https:// URL")
         elif not Path(k8s_jwks).is_file():
             problems.append(f"--k8s-jwks: no such file {k8s_jwks!r}")
+    if not 1 <= k8s_jwks_refresh <= 86400:
+        problems.append("--k8s-jwks-refresh: must be between 1 and 86400 seconds")
+    if not 0 <= k8s_jwks_min_interval <= 3600:
+        problems.append("--k8s-jwks-min-interval: must be between 0 and 3600 seconds")
     if not k8s_audiences or any(not a for a in k8s_audiences):
         problems.append("--k8s-audience: must not be empty")
     for flag, value in (("--k8s-ca-file", k8s_ca_file), ("--k8s-token-file", k8s_token_file)):
@@ -143,4 +153,6 @@ def build_serve_config(
         k8s_jwks=k8s_jwks,
         k8s_ca_file=Path(k8s_ca_file) if k8s_ca_file else None,
         k8s_token_file=Path(k8s_token_file) if k8s_token_file else None,
+        k8s_jwks_refresh=k8s_jwks_refresh,
+        k8s_jwks_min_interval=k8s_jwks_min_interval,
     )

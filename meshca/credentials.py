@@ -260,9 +260,24 @@ class FileJwks(JwksSource):
         return _pick(self._set, kid)
 
 
+MAX_JWKS_BYTES = 1 << 20
+
+
+async def _read_capped(resp: aiohttp.ClientResponse, cap: int) -> bytes:
+    chunks, size = [], 0
+    async for chunk in resp.content.iter_any():
+        size += len(chunk)
+        if size > cap:
+            raise ValueError(f"{resp.url} answered more than {cap} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 class UrlJwks(JwksSource):
     """A JWKS fetched over HTTPS, cached, refreshed periodically and on an unknown `kid`.
 
+    With `discover`, `url` is the issuer and the JWKS address is read from its
+    `/.well-known/openid-configuration` (OIDC discovery, as the API server serves).
     Refetches are rate-limited; when the endpoint is down the cached keys keep working.
     """
 
@@ -273,32 +288,47 @@ class UrlJwks(JwksSource):
         bearer_file: Path | None = None,
         refresh: float = 300.0,
         min_interval: float = 10.0,
+        discover: bool = False,
     ) -> None:
         if not url.startswith("https://"):
             raise ValueError("JWKS URL must be https://")
         self.url = url
+        self._discover = discover
+        self._jwks_uri: str | None = None if discover else url
         self._ssl = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
         self._bearer_file = bearer_file
         self._refresh = refresh
         self._min_interval = min_interval
         self._set: jwt.PyJWKSet | None = None
-        self._fetched_at = 0.0
+        self._fetched_at = -1e9
         self._tried_at = -1e9
         self._lock = asyncio.Lock()
         self._session: aiohttp.ClientSession | None = None
 
-    async def _fetch(self) -> None:
-        self._tried_at = time.monotonic()
+    async def _get(self, url: str) -> bytes:
         headers = {"Accept": "application/json"}
         if self._bearer_file is not None:
             headers["Authorization"] = "Bearer " + self._bearer_file.read_text().strip()
         if self._session is None:
             self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5))
-        async with self._session.get(self.url, headers=headers, ssl=self._ssl) as resp:
+        async with self._session.get(url, headers=headers, ssl=self._ssl) as resp:
             if resp.status != 200:
-                raise ValueError(f"JWKS endpoint answered {resp.status}")
-            data = await resp.content.read(1 << 20)
-        self._set = parse_jwks(data, self.url)
+                raise ValueError(f"{url} answered {resp.status}")
+            return await _read_capped(resp, MAX_JWKS_BYTES)
+
+    async def _fetch(self) -> None:
+        self._tried_at = time.monotonic()
+        if self._jwks_uri is None:
+            where = self.url.rstrip("/") + "/.well-known/openid-configuration"
+            try:
+                doc = json.loads(await self._get(where))
+                jwks_uri = doc["jwks_uri"]
+            except (ValueError, KeyError, TypeError) as e:
+                raise ValueError(f"{where} has no usable jwks_uri ({e})") from None
+            if not isinstance(jwks_uri, str) or not jwks_uri.startswith("https://"):
+                raise ValueError(f"{where}: jwks_uri must be an https:// URL")
+            self._jwks_uri = jwks_uri
+        self._set = parse_jwks(await self._get(self._jwks_uri), self._jwks_uri)
         self._fetched_at = time.monotonic()
 
     async def key(self, kid: str | None) -> jwt.PyJWK | None:

@@ -157,11 +157,18 @@ class CAServer:
         join = JoinTokens(token_key, self.authority.trust_domain)
         self.jwks: JwksSource | None = None
         k8s = None
-        if config.k8s_issuer and config.k8s_jwks:
-            if config.k8s_jwks.startswith("https://"):
-                self.jwks = UrlJwks(config.k8s_jwks, config.k8s_ca_file, config.k8s_token_file)
-            else:
+        if config.k8s_issuer:
+            if config.k8s_jwks and not config.k8s_jwks.startswith("https://"):
                 self.jwks = FileJwks(Path(config.k8s_jwks))
+            else:  # a JWKS URL, or discovery from the issuer URL
+                self.jwks = UrlJwks(
+                    config.k8s_jwks or config.k8s_issuer,
+                    config.k8s_ca_file,
+                    config.k8s_token_file,
+                    refresh=config.k8s_jwks_refresh,
+                    min_interval=config.k8s_jwks_min_interval,
+                    discover=config.k8s_jwks is None,
+                )
             k8s = K8sTokens(
                 config.k8s_issuer, config.k8s_audiences, self.jwks, self.authority.trust_domain
             )

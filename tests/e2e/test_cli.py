@@ -125,3 +125,29 @@ def test_python_m_and_console_script_agree(ca_home):
     b = run_meshca("bundle", "--home", str(ca_home))
     assert a.returncode == 0 and a.stdout == b.stdout
     assert a.stdout.startswith("-----BEGIN CERTIFICATE-----")
+
+
+def test_serve_reports_every_bad_flag_and_binds_nothing(ca_home):
+    proc = run_meshca(
+        "serve",
+        "--home",
+        str(ca_home),
+        "--listen",
+        "nope",
+        "--cert-ttl",
+        "999999999",
+        "--burst",
+        "0",
+        check=False,
+    )
+    assert proc.returncode == 1
+    for flag in ("--listen", "--cert-ttl", "--burst"):
+        assert flag in proc.stderr, proc.stderr
+    assert "serving on" not in proc.stdout
+
+
+def test_serve_on_a_missing_ca(tmp_path):
+    proc = run_meshca(
+        "serve", "--home", str(tmp_path / "none"), "--listen", "127.0.0.1:0", check=False
+    )
+    assert proc.returncode == 1 and "no CA in" in proc.stderr
