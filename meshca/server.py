@@ -14,10 +14,8 @@ import datetime as dt
 import hashlib
 import json
 import logging
-import os
 import signal
 import ssl
-import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -25,7 +23,7 @@ from pathlib import Path
 from aiohttp import web
 from cryptography import x509
 
-from meshca import pki, store
+from meshca import pki, store, tlsutil
 from meshca.authority import Authority, load_ec_key
 from meshca.config import ServeConfig
 from meshca.credentials import FileJwks, JoinTokens, JwksSource, K8sTokens, UrlJwks
@@ -209,14 +207,7 @@ class CAServer:
             self.config.server_dns_names,
             self.config.server_ips,
         )
-        # ssl only loads keys from files: write them to a private temp dir and remove at once.
-        with tempfile.TemporaryDirectory(prefix="meshca-tls-") as tmp:
-            cert_path, key_path = Path(tmp, "tls.crt"), Path(tmp, "tls.key")
-            fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "wb") as f:
-                f.write(pki.key_pem(key))
-            cert_path.write_text(self.authority.chain_pem(cert))
-            self.ssl_context.load_cert_chain(cert_path, key_path)
+        tlsutil.load_chain(self.ssl_context, self.authority.chain_pem(cert), pki.key_pem(key))
         self.ledger.record_issued(
             store.IssuedRecord(
                 serial=pki.serial_hex(cert),
