@@ -1,21 +1,191 @@
-"""The `sidecar` command line. The proxy itself arrives with issue #3; today: its version."""
+"""The `sidecar` command line: `run` the sidecar; `identity`, `rotate` and `check` for kubectl exec.
+
+`identity`, `rotate` and `check` talk to the running sidecar's loopback admin
+endpoint (the running process alone holds the private key).
+"""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import signal
 import sys
+import urllib.error
+import urllib.request
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 from sidecar import __version__
+from sidecar.config import ConfigError, SidecarConfig, load_config
+
+log = logging.getLogger("sidecar")
+DEFAULT_ADMIN = "127.0.0.1:15000"
+
+
+async def _start_site(app: Any, host: str, port: int) -> tuple[Any, str]:
+    from aiohttp import web
+
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    server = site._server
+    sock = server.sockets[0] if server and server.sockets else None
+    bound = sock.getsockname()[1] if sock else port
+    return runner, f"http://{host}:{bound}"
+
+
+async def run(config: SidecarConfig) -> None:
+    """Run the certificate manager, admin and health listeners until SIGTERM."""
+    from sidecar.admin import Admin
+    from sidecar.certmanager import CertManager
+    from sidecar.creds import CredentialStore
+
+    store = CredentialStore(config.trust_domain)
+    manager = CertManager(config.ca, store)
+    admin = Admin(store, manager)
+    runners = []
+    admin_runner, admin_url = await _start_site(
+        admin.admin_app(), config.admin.host, config.admin.port
+    )
+    runners.append(admin_runner)
+    health_runner, health_url = await _start_site(
+        admin.health_app(), config.health.host, config.health.port
+    )
+    runners.append(health_runner)
+    print(f"sidecar: admin listening on {admin_url}", flush=True)
+    print(f"sidecar: health listening on {health_url}", flush=True)
+    if config.inbound or config.outbound:
+        log.warning(
+            "inbound/outbound proxying is not in this version yet (issue #3); "
+            "running the certificate manager and admin only"
+        )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    task = asyncio.create_task(manager.run())
+    try:
+        await stop.wait()
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        for r in runners:
+            await r.cleanup()
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """sidecar run --config FILE."""
+    try:
+        config = load_config(Path(args.config))
+    except ConfigError as e:
+        for p in e.problems:
+            print(f"sidecar run: config error: {p}", file=sys.stderr)
+        return 1
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(run(config))
+    else:
+        uvloop.run(run(config))
+    return 0
+
+
+def _admin_call(admin: str, method: str, path: str, timeout: float = 30) -> tuple[int, dict]:
+    req = urllib.request.Request(
+        f"http://{admin}{path}", method=method, data=b"" if method == "POST" else None
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310 (http to loopback admin)
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as e:
+        try:
+            return e.code, json.loads(e.read())
+        except ValueError:
+            return e.code, {"error": "http_error", "detail": str(e)}
+    except (urllib.error.URLError, OSError) as e:
+        raise SystemExit(f"sidecar: cannot reach the admin endpoint at {admin}: {e}") from None
+
+
+def cmd_identity(args: argparse.Namespace) -> int:
+    """sidecar identity: the pod's current certificate."""
+    status, doc = _admin_call(args.admin, "GET", "/identity")
+    if status != 200:
+        print(f"sidecar identity: {doc.get('detail', doc)}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(doc, indent=2))
+    else:
+        left = int(doc["seconds_remaining"])
+        print(f"SPIFFE ID:   {doc['spiffe_id']}")
+        print(f"serial:      {doc['serial']}")
+        print(f"issuer:      {doc['issuer']}")
+        print(f"valid:       {doc['not_before']} .. {doc['not_after']}")
+        print(
+            f"remaining:   {left // 3600}h{left % 3600 // 60:02d}m{left % 60:02d}s"
+            + ("  (EXPIRED)" if doc["expired"] else "")
+        )
+        print(f"sha256:      {doc['sha256']}")
+        chain = (
+            "valid against the current bundle"
+            if doc["chain_valid"]
+            else ("DOES NOT CHAIN to the current bundle")
+        )
+        print(f"chain:       {chain}")
+        mgr = doc.get("manager") or {}
+        print(
+            f"renewal:     {mgr.get('state')}, next {mgr.get('next_renewal')}"
+            + (f", last error: {mgr['last_error']}" if mgr.get("last_error") else "")
+        )
+    return 0 if doc["chain_valid"] and not doc["expired"] else 1
+
+
+def cmd_rotate(args: argparse.Namespace) -> int:
+    """sidecar rotate: renew now, print the new serial."""
+    status, doc = _admin_call(args.admin, "POST", "/rotate")
+    if status != 200:
+        print(f"sidecar rotate: {doc.get('detail', doc)}", file=sys.stderr)
+        return 1
+    print(doc["serial"])
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `sidecar` console script."""
     p = argparse.ArgumentParser(prog="sidecar", description="The meshca mTLS sidecar.")
     p.add_argument("--version", action="version", version=f"sidecar {__version__}")
-    p.parse_args(argv)
-    p.print_help()
-    return 0
+    p.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("run", help="run the sidecar")
+    s.add_argument("--config", required=True, help="the YAML configuration file")
+    s.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("identity", help="show the pod's current certificate")
+    s.add_argument(
+        "--admin", default=DEFAULT_ADMIN, help=f"admin HOST:PORT (default {DEFAULT_ADMIN})"
+    )
+    s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.set_defaults(func=cmd_identity)
+
+    s = sub.add_parser("rotate", help="renew the certificate now and print the new serial")
+    s.add_argument(
+        "--admin", default=DEFAULT_ADMIN, help=f"admin HOST:PORT (default {DEFAULT_ADMIN})"
+    )
+    s.set_defaults(func=cmd_rotate)
+
+    args = p.parse_args(argv)
+    logging.basicConfig(
+        stream=sys.stderr,
+        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    return args.func(args)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,310 @@
+"""The sidecar's YAML configuration: parse every key, collect every problem, return a frozen value.
+
+Unknown keys, missing required keys and bad values all stop start-up with one
+ConfigError listing each problem by its dotted key (`inbound.app: ...`).
+Relative paths are relative to the config file's folder. Every key is
+documented in docs/sidecar.md.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from meshca.config import Listen, parse_listen
+from meshca.spiffe import InvalidSpiffeId, SpiffeId, validate_trust_domain
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; `problems` names each key that is wrong."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("; ".join(problems))
+        self.problems = problems
+
+
+@dataclass(frozen=True)
+class CAConfig:
+    """Where the CA is and how to authenticate to it the first time."""
+
+    url: str
+    bundle: Path
+    token_file: Path
+    renew_fraction: float = 0.5
+    retry_max: float = 60.0
+
+
+@dataclass(frozen=True)
+class InboundConfig:
+    """The mTLS listener in front of the app."""
+
+    listen: Listen
+    app: Listen
+    app_timeout: float = 30.0
+    connect_timeout: float = 5.0
+    header_timeout: float = 10.0
+    idle_timeout: float = 300.0
+    max_header_bytes: int = 64 * 1024
+    max_body_bytes: int | None = None
+
+
+@dataclass(frozen=True)
+class Service:
+    """An outbound destination: where it runs and who it must be."""
+
+    name: str
+    endpoints: tuple[Listen, ...]
+    identity: SpiffeId
+
+
+@dataclass(frozen=True)
+class OutboundConfig:
+    """The plain-HTTP proxy the app calls."""
+
+    listen: Listen
+    services: Mapping[str, Service] = field(default_factory=dict)
+    upstream_timeout: float = 30.0
+    connect_timeout: float = 5.0
+
+
+@dataclass(frozen=True)
+class SidecarConfig:
+    """The whole configuration."""
+
+    trust_domain: str
+    ca: CAConfig
+    inbound: InboundConfig | None
+    outbound: OutboundConfig | None
+    admin: Listen
+    health: Listen
+    source: Path
+
+
+class _Reader:
+    """Walks the YAML document, recording problems instead of stopping at the first."""
+
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self.problems: list[str] = []
+
+    def section(self, doc: Any, key: str, allowed: set[str], required: bool) -> dict | None:
+        value = doc.get(key) if isinstance(doc, dict) else None
+        if value is None:
+            if required:
+                self.problems.append(f"{key}: required")
+            return None
+        if not isinstance(value, dict):
+            self.problems.append(f"{key}: must be a mapping")
+            return None
+        self.unknown(value, allowed, key + ".")
+        return value
+
+    def unknown(self, doc: dict, allowed: set[str], prefix: str = "") -> None:
+        for k in doc:
+            if k not in allowed:
+                self.problems.append(f"{prefix}{k}: unknown key")
+
+    def string(self, doc: dict, key: str, where: str, default: str | None = None) -> str | None:
+        value = doc.get(key, default)
+        if value is None:
+            self.problems.append(f"{where}: required")
+            return None
+        if not isinstance(value, str) or not value.strip():
+            self.problems.append(f"{where}: must be a non-empty string")
+            return None
+        return value.strip()
+
+    def path(self, doc: dict, key: str, where: str, must_exist: bool = True) -> Path | None:
+        text = self.string(doc, key, where)
+        if text is None:
+            return None
+        p = Path(text)
+        p = p if p.is_absolute() else self.base / p
+        if must_exist and not p.is_file():
+            self.problems.append(f"{where}: no such file {str(p)!r}")
+        return p
+
+    def listen(self, doc: dict, key: str, where: str, default: str | None = None) -> Listen | None:
+        text = self.string(doc, key, where, default)
+        if text is None:
+            return None
+        try:
+            return parse_listen(text)
+        except ValueError as e:
+            self.problems.append(f"{where}: {e}")
+            return None
+
+    def number(
+        self, doc: dict, key: str, where: str, default: float, lo: float, hi: float
+    ) -> float:
+        value = doc.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int | float) or not lo <= value <= hi:
+            self.problems.append(f"{where}: must be a number between {lo} and {hi}")
+            return default
+        return float(value)
+
+
+def _loopback(listen: Listen) -> bool:
+    if listen.host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(listen.host).is_loopback
+    except ValueError:
+        return False
+
+
+def parse_config(doc: Any, source: Path) -> SidecarConfig:
+    """Validate a parsed YAML document; ConfigError listing every problem."""
+    r = _Reader(source.parent)
+    if not isinstance(doc, dict):
+        raise ConfigError(["(top level): must be a mapping"])
+    r.unknown(doc, {"trust_domain", "ca", "inbound", "outbound", "admin", "health"})
+
+    trust_domain = r.string(doc, "trust_domain", "trust_domain", "cluster.local") or ""
+    try:
+        validate_trust_domain(trust_domain)
+    except InvalidSpiffeId as e:
+        if trust_domain:
+            r.problems.append(f"trust_domain: {e}")
+
+    ca = None
+    c = r.section(doc, "ca", {"url", "bundle", "token_file", "renew_fraction", "retry_max"}, True)
+    if c is not None:
+        url = r.string(c, "url", "ca.url")
+        if url and not url.startswith("https://"):
+            r.problems.append("ca.url: must be an https:// URL")
+        bundle = r.path(c, "bundle", "ca.bundle")
+        token = r.path(c, "token_file", "ca.token_file", must_exist=False)
+        frac = r.number(c, "renew_fraction", "ca.renew_fraction", 0.5, 0.1, 0.9)
+        retry_max = r.number(c, "retry_max", "ca.retry_max", 60.0, 1, 3600)
+        if url and bundle and token:
+            ca = CAConfig(url, bundle, token, frac, retry_max)
+
+    inbound = None
+    i = r.section(
+        doc,
+        "inbound",
+        {
+            "listen",
+            "app",
+            "app_timeout",
+            "connect_timeout",
+            "header_timeout",
+            "idle_timeout",
+            "max_header_bytes",
+            "max_body_bytes",
+        },
+        False,
+    )
+    if i is not None:
+        listen = r.listen(i, "listen", "inbound.listen", "0.0.0.0:15006")
+        app = r.listen(i, "app", "inbound.app")
+        if app is not None and not _loopback(app):
+            r.problems.append("inbound.app: the app must listen on loopback (127.0.0.1)")
+        max_body = i.get("max_body_bytes")
+        if max_body is not None and (
+            isinstance(max_body, bool) or not isinstance(max_body, int) or max_body < 0
+        ):
+            r.problems.append("inbound.max_body_bytes: must be a whole number of bytes or null")
+            max_body = None
+        hdr = r.number(i, "max_header_bytes", "inbound.max_header_bytes", 65536, 1024, 1 << 20)
+        if listen and app:
+            inbound = InboundConfig(
+                listen=listen,
+                app=app,
+                app_timeout=r.number(i, "app_timeout", "inbound.app_timeout", 30, 0.1, 3600),
+                connect_timeout=r.number(
+                    i, "connect_timeout", "inbound.connect_timeout", 5, 0.1, 60
+                ),
+                header_timeout=r.number(
+                    i, "header_timeout", "inbound.header_timeout", 10, 0.1, 300
+                ),
+                idle_timeout=r.number(i, "idle_timeout", "inbound.idle_timeout", 300, 1, 86400),
+                max_header_bytes=int(hdr),
+                max_body_bytes=max_body,
+            )
+
+    outbound = None
+    o = r.section(
+        doc, "outbound", {"listen", "services", "upstream_timeout", "connect_timeout"}, False
+    )
+    if o is not None:
+        listen = r.listen(o, "listen", "outbound.listen", "127.0.0.1:15001")
+        if listen is not None and not _loopback(listen):
+            r.problems.append("outbound.listen: must be a loopback address (only the app calls it)")
+        services: dict[str, Service] = {}
+        raw = o.get("services", {})
+        if not isinstance(raw, dict):
+            r.problems.append("outbound.services: must be a mapping of service name to settings")
+            raw = {}
+        for name, svc in raw.items():
+            where = f"outbound.services.{name}"
+            if not isinstance(name, str) or not name or any(c in name for c in " /:"):
+                r.problems.append(f"{where}: service name must be a host name")
+                continue
+            if not isinstance(svc, dict):
+                r.problems.append(f"{where}: must be a mapping")
+                continue
+            r.unknown(svc, {"endpoints", "identity"}, where + ".")
+            eps = svc.get("endpoints")
+            endpoints: list[Listen] = []
+            if not isinstance(eps, list) or not eps:
+                r.problems.append(f"{where}.endpoints: must be a non-empty list of HOST:PORT")
+            else:
+                for n, ep in enumerate(eps):
+                    try:
+                        endpoints.append(parse_listen(str(ep)))
+                    except ValueError as e:
+                        r.problems.append(f"{where}.endpoints[{n}]: {e}")
+            ident = None
+            text = r.string(svc, "identity", f"{where}.identity")
+            if text:
+                try:
+                    ident = SpiffeId.parse(text)
+                except InvalidSpiffeId as e:
+                    r.problems.append(f"{where}.identity: {e}")
+            if endpoints and ident:
+                services[name.lower()] = Service(name.lower(), tuple(endpoints), ident)
+        if listen:
+            outbound = OutboundConfig(
+                listen=listen,
+                services=services,
+                upstream_timeout=r.number(
+                    o, "upstream_timeout", "outbound.upstream_timeout", 30, 0.1, 3600
+                ),
+                connect_timeout=r.number(
+                    o, "connect_timeout", "outbound.connect_timeout", 5, 0.1, 60
+                ),
+            )
+
+    a = r.section(doc, "admin", {"listen"}, False) or {}
+    admin = r.listen(a, "listen", "admin.listen", "127.0.0.1:15000")
+    if admin is not None and not _loopback(admin):
+        r.problems.append("admin.listen: must be a loopback address")
+    h = r.section(doc, "health", {"listen"}, False) or {}
+    health = r.listen(h, "listen", "health.listen", "0.0.0.0:15021")
+
+    if r.problems:
+        raise ConfigError(r.problems)
+    assert ca is not None and admin is not None and health is not None
+    return SidecarConfig(trust_domain, ca, inbound, outbound, admin, health, source)
+
+
+def load_config(path: Path) -> SidecarConfig:
+    """Read and validate a YAML file; ConfigError naming every problem."""
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError([f"{path}: cannot read ({e.strerror})"]) from None
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError([f"{path}: not valid YAML{where}"]) from None
+    return parse_config(doc, path.resolve())
