@@ -39,44 +39,86 @@ async def _start_site(app: Any, host: str, port: int) -> tuple[Any, str]:
     return runner, f"http://{host}:{bound}"
 
 
+def _bound(server: asyncio.Server, scheme: str) -> str:
+    host, port = server.sockets[0].getsockname()[:2]
+    return f"{scheme}://{host}:{port}"
+
+
 async def run(config: SidecarConfig) -> None:
-    """Run the certificate manager, admin and health listeners until SIGTERM."""
+    """Run the certificate manager, the listeners and the admin endpoint until SIGTERM."""
     from sidecar.admin import Admin
     from sidecar.certmanager import CertManager
     from sidecar.creds import CredentialStore
+    from sidecar.inbound import InboundRouter
+    from sidecar.outbound import OutboundRouter
+    from sidecar.proxy import AccessLog, DownstreamConn, Limits
 
+    loop = asyncio.get_running_loop()
     store = CredentialStore(config.trust_domain)
     manager = CertManager(config.ca, store)
     admin = Admin(store, manager)
-    runners = []
-    admin_runner, admin_url = await _start_site(
-        admin.admin_app(), config.admin.host, config.admin.port
-    )
-    runners.append(admin_runner)
-    health_runner, health_url = await _start_site(
-        admin.health_app(), config.health.host, config.health.port
-    )
-    runners.append(health_runner)
-    print(f"sidecar: admin listening on {admin_url}", flush=True)
-    print(f"sidecar: health listening on {health_url}", flush=True)
-    if config.inbound or config.outbound:
-        log.warning(
-            "inbound/outbound proxying is not in this version yet (issue #3); "
-            "running the certificate manager and admin only"
-        )
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    task = asyncio.create_task(manager.run())
+    runners, servers = [], []
+    access_log = AccessLog(sys.stdout)
     try:
-        await stop.wait()
+        if config.inbound is not None:
+            ib = config.inbound
+            in_limits = Limits(
+                header_timeout=ib.header_timeout,
+                idle_timeout=ib.idle_timeout,
+                upstream_timeout=ib.app_timeout,
+                max_header_bytes=ib.max_header_bytes,
+                max_body_bytes=ib.max_body_bytes,
+            )
+            in_router = InboundRouter(ib, store)
+            server = await loop.create_server(
+                lambda: DownstreamConn(in_router, in_limits, access_log),
+                ib.listen.host,
+                ib.listen.port,
+                ssl=store.listener_context(),
+                ssl_handshake_timeout=ib.header_timeout,
+                backlog=1024,
+            )
+            servers.append(server)
+            print(f"sidecar: inbound listening on {_bound(server, 'https')}", flush=True)
+        if config.outbound is not None:
+            ob = config.outbound
+            out_limits = Limits(upstream_timeout=ob.upstream_timeout)
+            out_router = OutboundRouter(ob, store)
+            server = await loop.create_server(
+                lambda: DownstreamConn(out_router, out_limits, access_log),
+                ob.listen.host,
+                ob.listen.port,
+                backlog=1024,
+            )
+            servers.append(server)
+            print(f"sidecar: outbound listening on {_bound(server, 'http')}", flush=True)
+        admin_runner, admin_url = await _start_site(
+            admin.admin_app(), config.admin.host, config.admin.port
+        )
+        runners.append(admin_runner)
+        health_runner, health_url = await _start_site(
+            admin.health_app(), config.health.host, config.health.port
+        )
+        runners.append(health_runner)
+        print(f"sidecar: admin listening on {admin_url}", flush=True)
+        print(f"sidecar: health listening on {health_url}", flush=True)
+
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        task = asyncio.create_task(manager.run())
+        try:
+            await stop.wait()
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
     finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        for s in servers:
+            s.close()
         for r in runners:
             await r.cleanup()
+        sys.stdout.flush()
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -90,9 +132,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         import uvloop
     except ImportError:
-        asyncio.run(run(config))
+        runner = asyncio.run
     else:
-        uvloop.run(run(config))
+        runner = uvloop.run
+    try:
+        runner(run(config))
+    except OSError as e:
+        print(f"sidecar run: cannot listen: {e.strerror or e}", file=sys.stderr)
+        return 1
     return 0
 
 

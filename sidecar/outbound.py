@@ -1,0 +1,162 @@
+"""The outbound listener: the app's plain-HTTP proxy that originates mTLS to other sidecars.
+
+The app calls `http://<service>/...` through `HTTP_PROXY=http://127.0.0.1:15001`
+(absolute-form target) or sends a `Host` header. The service must be
+configured; its endpoints are dialled with the pod's certificate, the server's
+chain is verified against the bundle, and its SPIFFE ID must be the configured
+one, or the call fails with 502 and nothing is sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+
+import httptools
+from cryptography import x509
+
+from sidecar.config import OutboundConfig, Service
+from sidecar.creds import CredentialError, CredentialStore, spiffe_id_of
+from sidecar.proxy import (
+    DownstreamConn,
+    Exchange,
+    ProxyError,
+    Router,
+    UpstreamConn,
+    UpstreamPool,
+    strip_hop_by_hop,
+)
+
+log = logging.getLogger("sidecar.outbound")
+
+_SUFFIXES = (".svc.cluster.local", ".svc")
+
+
+def service_name(authority: bytes) -> str:
+    """`backend.default:80` or `backend.default.svc.cluster.local` -> `backend.default`."""
+    host = authority.decode("latin-1").strip().lower()
+    if host.startswith("["):
+        host = host.split("]", 1)[0] + "]"
+    elif ":" in host:
+        host = host.rsplit(":", 1)[0]
+    host = host.rstrip(".")
+    for suffix in _SUFFIXES:
+        if host.endswith(suffix):
+            return host[: -len(suffix)]
+    return host
+
+
+class OutboundRouter(Router):
+    """Maps a service name to its pool of mTLS connections."""
+
+    direction = "outbound"
+
+    def __init__(self, cfg: OutboundConfig, store: CredentialStore) -> None:
+        self.cfg = cfg
+        self.store = store
+        self.pools: dict[str, UpstreamPool] = {}
+        for name, svc in cfg.services.items():
+            self.pools[name] = UpstreamPool(
+                name,
+                [(ep.host, ep.port) for ep in svc.endpoints],
+                self._connector(svc),
+                cfg.connect_timeout,
+                unavailable=(503, "service_unavailable"),
+            )
+
+    def _connector(self, svc: Service):  # noqa: ANN202 (a closure for UpstreamPool)
+        async def connect(pool: UpstreamPool, host: str, port: int) -> UpstreamConn:
+            creds = self.store.current
+            if creds is None:
+                raise ProxyError(503, "not_ready", "the sidecar has no certificate yet")
+            loop = asyncio.get_running_loop()
+            try:
+                transport, conn = await loop.create_connection(
+                    lambda: UpstreamConn(pool),
+                    host,
+                    port,
+                    ssl=creds.client_context,
+                    server_hostname=svc.name,
+                )
+            except ssl.SSLCertVerificationError as e:
+                raise ProxyError(
+                    502,
+                    "peer_verification_failed",
+                    f"{svc.name} at {host}:{port}: certificate does not verify "
+                    f"({e.verify_message})",
+                ) from None
+            der = transport.get_extra_info("ssl_object").getpeercert(binary_form=True)
+            try:
+                peer = spiffe_id_of(x509.load_der_x509_certificate(der))
+            except (CredentialError, ValueError) as e:
+                transport.abort()
+                raise ProxyError(502, "peer_identity_mismatch", f"{svc.name}: {e}") from None
+            if peer != svc.identity:
+                transport.abort()
+                log.warning(
+                    "%s at %s:%d presented %s, expected %s",
+                    svc.name,
+                    host,
+                    port,
+                    peer,
+                    svc.identity,
+                )
+                raise ProxyError(
+                    502,
+                    "peer_identity_mismatch",
+                    f"{svc.name} presented {peer}, expected {svc.identity}",
+                )
+            conn.peer_info["spiffe_id"] = str(peer)
+            return conn
+
+        return connect
+
+    def accept(self, conn: DownstreamConn) -> None:
+        """The app is the only client (the listener is on loopback)."""
+        conn.peer = {"spiffe_id": None}
+
+    def route(self, conn: DownstreamConn, ex: Exchange) -> tuple[UpstreamPool, bytes]:
+        """Find the service from the absolute URL or the Host header."""
+        if ex.method == b"CONNECT":
+            raise ProxyError(
+                405,
+                "method_not_allowed",
+                "CONNECT tunnels are not supported: call http://<service>/ (the sidecar adds mTLS)",
+            )
+        target = ex.target
+        authority = None
+        if target[:7].lower() == b"http://":
+            try:
+                url = httptools.parse_url(target)
+            except httptools.HttpParserInvalidURLError:
+                raise ProxyError(400, "bad_request_target", "request target is not a URL") from None
+            authority = target[7:].split(b"/", 1)[0].split(b"?", 1)[0]
+            path = url.path or b"/"
+            target = path + (b"?" + url.query if url.query else b"")
+        elif target[:8].lower() == b"https://":
+            raise ProxyError(
+                400, "use_plain_http", "call http://<service>/: the sidecar adds mutual TLS itself"
+            )
+        elif not target.startswith(b"/"):
+            raise ProxyError(400, "bad_request_target", "request target must be a URL or a path")
+        if authority is None:
+            for k, v in ex.headers:
+                if k.lower() == b"host":
+                    authority = v
+                    break
+        if not authority:
+            raise ProxyError(
+                400, "no_host", "no service named: send a Host header or an absolute URL"
+            )
+        name = service_name(authority)
+        pool = self.pools.get(name)
+        if pool is None:
+            raise ProxyError(404, "unknown_service", f"no outbound service named {name!r}")
+        ex.info["service"] = name
+        ex.info["path"] = target.split(b"?", 1)[0].decode("latin-1")
+        ex.info["peer"] = str(self.cfg.services[name].identity)
+        headers = strip_hop_by_hop(ex.headers, frozenset({b"host"}))
+        lines = [b"%s %s HTTP/1.1\r\n" % (ex.method, target), b"host: %s\r\n" % authority]
+        lines += [b"%s: %s\r\n" % (k, v) for k, v in headers]
+        return pool, b"".join(lines)

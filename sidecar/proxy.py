@@ -1,0 +1,844 @@
+"""The HTTP/1.1 forwarding engine shared by the inbound and outbound listeners.
+
+Protocol-level and streaming: httptools (llhttp) parses each message head in
+one C call, header rewrites work on bytes, bodies are forwarded chunk by chunk
+with flow control in both directions (a 1 GiB upload is never held in memory),
+and upstream connections are kept alive in a pool. What differs between inbound
+and outbound (who may connect, where a request goes, which headers change)
+lives in a `Router`; this module only moves bytes and frames messages.
+
+Framing rules: a request body keeps its Content-Length or is re-chunked; both
+or conflicting lengths are refused by llhttp (400). `Expect: 100-continue` is
+answered here, as Envoy does, and not forwarded. Hop-by-hop headers (RFC 9110
+section 7.6.1, and any named in Connection) are removed in both directions.
+Trailers are dropped. Upgrades (WebSocket, h2c) are not offered: the request is
+forwarded as plain HTTP/1.1 without its upgrade headers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import httptools
+
+log = logging.getLogger("sidecar.proxy")
+
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"proxy-connection",
+        b"keep-alive",
+        b"te",
+        b"transfer-encoding",
+        b"upgrade",
+        b"trailer",
+        b"proxy-authorization",
+        b"proxy-authenticate",
+    }
+)
+FRAMING = frozenset({b"content-length", b"transfer-encoding"})
+BODYLESS_STATUS = frozenset({204, 304})
+HIGH_WATER = 256 * 1024  # pause the other side when this much is buffered for a transport
+PENDING_LIMIT = 1 << 20  # body bytes buffered before an upstream connection is ready
+
+Headers = list[tuple[bytes, bytes]]
+
+
+class ProxyError(Exception):
+    """A request the proxy answers itself: status, JSON error code, detail for the peer."""
+
+    def __init__(self, status: int, code: str, detail: str, close: bool = False) -> None:
+        super().__init__(detail)
+        self.status, self.code, self.detail, self.close = status, code, detail, close
+
+
+_REASONS = {
+    100: "Continue",
+    400: "Bad Request",
+    403: "Forbidden",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    408: "Request Timeout",
+    413: "Content Too Large",
+    431: "Request Header Fields Too Large",
+    500: "Internal Server Error",
+    502: "Bad Gateway",
+    503: "Service Unavailable",
+    504: "Gateway Timeout",
+}
+
+
+def error_bytes(status: int, code: str, detail: str, close: bool, extra: Headers = ()) -> bytes:
+    """A complete JSON error response."""
+    body = json.dumps({"error": code, "detail": detail}).encode() + b"\n"
+    lines = [
+        b"HTTP/1.1 %d %s\r\n" % (status, _REASONS.get(status, "Error").encode()),
+        b"content-type: application/json\r\n",
+        b"content-length: %d\r\n" % len(body),
+    ]
+    lines += [b"%s: %s\r\n" % (k, v) for k, v in extra]
+    if close:
+        lines.append(b"connection: close\r\n")
+    lines.append(b"\r\n")
+    return b"".join(lines) + body
+
+
+def connection_tokens(headers: Headers) -> set[bytes]:
+    """Header names listed in Connection (they are hop-by-hop too)."""
+    names: set[bytes] = set()
+    for k, v in headers:
+        if k.lower() == b"connection":
+            names.update(t.strip().lower() for t in v.split(b","))
+    return names
+
+
+def strip_hop_by_hop(headers: Headers, also: frozenset[bytes] = frozenset()) -> Headers:
+    """Headers minus hop-by-hop ones, framing ones and `also` (all names lowercase)."""
+    drop = connection_tokens(headers)
+    return [
+        (k, v)
+        for k, v in headers
+        if (lk := k.lower()) not in HOP_BY_HOP
+        and lk not in FRAMING
+        and lk not in drop
+        and lk not in also
+    ]
+
+
+@dataclass
+class Exchange:
+    """One request and its response on a downstream connection."""
+
+    method: bytes
+    target: bytes
+    headers: Headers
+    version: str
+    keep_alive: bool
+    start: float = field(default_factory=time.perf_counter)
+    chunked: bool = False
+    content_length: int | None = None
+    body: list[bytes] = field(default_factory=list)  # buffered until an upstream is attached
+    buffered: int = 0
+    body_done: bool = False
+    bytes_in: int = 0
+    bytes_out: int = 0
+    upstream: UpstreamConn | None = None
+    status: int = 0
+    response_started: bool = False
+    response_chunked: bool = False
+    response_close_delimited: bool = False
+    finished: bool = False
+    info: dict[str, Any] = field(default_factory=dict)  # for the access log
+
+    @property
+    def has_body(self) -> bool:
+        """Whether the request carries a body (so it cannot be replayed)."""
+        return self.chunked or bool(self.content_length)
+
+
+class Router:
+    """What a listener decides: who may connect, where a request goes, how its head looks."""
+
+    direction = "?"
+
+    def accept(self, conn: DownstreamConn) -> None:
+        """Called once the connection (and TLS handshake) is up; raise ProxyError to refuse."""
+
+    def route(self, conn: DownstreamConn, ex: Exchange) -> tuple[UpstreamPool, bytes]:
+        """The pool to use and the request head (without framing or final CRLF)."""
+        raise NotImplementedError
+
+    def response_headers(self, conn: DownstreamConn, ex: Exchange, headers: Headers) -> Headers:
+        """Headers sent back downstream (after hop-by-hop removal)."""
+        return headers
+
+
+class AccessLog:
+    """One JSON line per request on a stream (stdout by default), flushed at least every second."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+        self._dirty = False
+
+    def write(self, doc: dict[str, Any]) -> None:
+        """Write one record (never bodies, tokens or keys: callers pass only safe fields)."""
+        self.stream.write(json.dumps(doc, separators=(",", ":")) + "\n")
+        if not self._dirty:
+            self._dirty = True
+            asyncio.get_running_loop().call_later(1.0, self._flush)
+
+    def _flush(self) -> None:
+        self._dirty = False
+        try:
+            self.stream.flush()
+        except (OSError, ValueError):
+            pass
+
+
+@dataclass
+class Limits:
+    """Per-listener limits and timeouts (seconds)."""
+
+    header_timeout: float = 10.0
+    idle_timeout: float = 300.0
+    upstream_timeout: float = 30.0
+    max_header_bytes: int = 64 * 1024
+    max_body_bytes: int | None = None
+
+
+class DownstreamConn(asyncio.Protocol):
+    """A client connection: parses requests, drives exchanges one at a time, in order."""
+
+    def __init__(self, router: Router, limits: Limits, access_log: AccessLog | None) -> None:
+        self.router = router
+        self.limits = limits
+        self.access_log = access_log
+        self.transport: asyncio.Transport | None = None
+        self.loop = asyncio.get_event_loop()
+        self.parser = httptools.HttpRequestParser(self)
+        self.peer: dict[str, Any] = {}  # filled by the router (peer identity, XFCC, ...)
+        self.parsing: Exchange | None = None
+        self.active: Exchange | None = None
+        self.queue: collections.deque[Exchange] = collections.deque()
+        self.closed = False
+        self._url = bytearray()
+        self._headers: Headers = []
+        self._head_bytes = 0
+        self._timer: asyncio.TimerHandle | None = None
+        self._reading_paused = False
+        self._writing_paused = False
+        self._paused_upstream: UpstreamConn | None = None
+
+    # -- connection ----------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """Check the peer (router), then wait for the first request head."""
+        self.transport = transport  # type: ignore[assignment]
+        try:
+            self.router.accept(self)
+        except ProxyError as e:
+            log.info("%s connection refused: %s", self.router.direction, e.detail)
+            transport.close()
+            self.closed = True
+            return
+        self._arm(self.limits.header_timeout, self._header_timeout)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        """Abandon whatever was in flight; the upstream connection is not reused."""
+        self.closed = True
+        self._disarm()
+        ex = self.active
+        if ex is not None and not ex.finished and ex.upstream is not None:
+            ex.upstream.abort()
+        self.active = None
+        self.queue.clear()
+
+    def pause_writing(self) -> None:
+        """The client reads slower than the app writes: stop reading from the app."""
+        self._writing_paused = True
+        ex = self.active
+        if ex is not None and ex.upstream is not None and ex.upstream.transport is not None:
+            ex.upstream.transport.pause_reading()
+            self._paused_upstream = ex.upstream
+
+    def resume_writing(self) -> None:
+        """The client caught up."""
+        self._writing_paused = False
+        up, self._paused_upstream = self._paused_upstream, None
+        if up is not None and up.transport is not None and not up.transport.is_closing():
+            up.transport.resume_reading()
+
+    def pause_reading(self) -> None:
+        """Stop reading requests from the client (upstream is slower, or a request is queued)."""
+        if not self._reading_paused and self.transport is not None:
+            self._reading_paused = True
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        """Read from the client again."""
+        if self._reading_paused and self.transport is not None and not self.closed:
+            self._reading_paused = False
+            self.transport.resume_reading()
+
+    def data_received(self, data: bytes) -> None:
+        """Feed the parser; a parse error answers 400 (431 for a head over the limit)."""
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as e:
+            # Upgrades are not offered: the request was forwarded as plain HTTP;
+            # whatever follows its head is parsed as the next request.
+            offset = e.args[0]
+            if offset < len(data):
+                self.data_received(data[offset:])
+        except ProxyError as e:
+            self._reply_error(e.status, e.code, e.detail, close=True)
+        except httptools.HttpParserCallbackError as e:
+            cause = e.__context__
+            if isinstance(cause, ProxyError):
+                self._reply_error(cause.status, cause.code, cause.detail, close=True)
+            else:
+                log.exception("parser callback failed")
+                self._reply_error(500, "internal", "internal error", close=True)
+        except httptools.HttpParserError as e:
+            detail = str(e) or "malformed HTTP request"
+            self._reply_error(400, "bad_request", f"malformed HTTP request: {detail}", close=True)
+
+    # -- parser callbacks ----------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._url.clear()
+        self._headers = []
+        self._head_bytes = 0
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        self._head_bytes += len(url)
+        if self._head_bytes > self.limits.max_header_bytes:
+            raise ProxyError(431, "headers_too_large", "request head is over the limit", True)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._head_bytes += len(name) + len(value) + 4
+        if self._head_bytes > self.limits.max_header_bytes:
+            raise ProxyError(431, "headers_too_large", "request head is over the limit", True)
+        self._headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        self._disarm()
+        p = self.parser
+        ex = Exchange(
+            method=p.get_method(),
+            target=bytes(self._url),
+            headers=self._headers,
+            version=p.get_http_version(),
+            keep_alive=p.should_keep_alive(),
+        )
+        expect_continue = False
+        for k, v in ex.headers:
+            lk = k.lower()
+            if lk == b"transfer-encoding":
+                ex.chunked = True
+            elif lk == b"content-length":
+                try:
+                    ex.content_length = int(v)
+                except ValueError:
+                    raise ProxyError(400, "bad_request", "bad Content-Length", True) from None
+            elif lk == b"expect" and v.lower() == b"100-continue":
+                expect_continue = True
+        ex.headers = [(k, v) for k, v in ex.headers if k.lower() != b"expect"]
+        limit = self.limits.max_body_bytes
+        if limit is not None and ex.content_length is not None and ex.content_length > limit:
+            raise ProxyError(413, "too_large", f"request body is over the {limit}-byte limit", True)
+        if not ex.chunked and not ex.content_length:
+            ex.body_done = True
+        self.parsing = ex
+        if expect_continue and self.transport is not None:
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        if self.active is None:
+            self._activate(ex)
+        else:
+            self.queue.append(ex)
+            self.pause_reading()  # one request in flight at a time; bound what is buffered
+
+    def on_body(self, chunk: bytes) -> None:
+        ex = self.parsing
+        if ex is None:
+            return
+        ex.bytes_in += len(chunk)
+        limit = self.limits.max_body_bytes
+        if limit is not None and ex.bytes_in > limit:
+            raise ProxyError(413, "too_large", f"request body is over the {limit}-byte limit", True)
+        up = ex.upstream
+        if up is not None and up.transport is not None and ex is self.active:
+            up.send_body(ex, chunk)
+        else:
+            ex.body.append(chunk)
+            ex.buffered += len(chunk)
+            if ex.buffered > PENDING_LIMIT:
+                self.pause_reading()
+
+    def on_message_complete(self) -> None:
+        ex = self.parsing
+        if ex is None:
+            return
+        ex.body_done = True
+        self.parsing = None
+        up = ex.upstream
+        if up is not None and up.transport is not None and ex is self.active and ex.chunked:
+            up.transport.write(b"0\r\n\r\n")
+        if ex is self.active and ex.upstream is not None:
+            ex.upstream.request_sent()
+
+    # -- exchanges -----------------------------------------------------
+
+    def _activate(self, ex: Exchange) -> None:
+        self.active = ex
+        try:
+            pool, head = self.router.route(self, ex)
+        except ProxyError as e:
+            self._finish_with_error(ex, e)
+            return
+        self.loop.create_task(self._send_upstream(ex, pool, head))
+
+    async def _send_upstream(self, ex: Exchange, pool: UpstreamPool, head: bytes) -> None:
+        retried = False
+        while True:
+            try:
+                up = await pool.acquire()
+            except ProxyError as e:
+                self._finish_with_error(ex, e)
+                return
+            if self.closed or ex is not self.active:
+                pool.release(up)
+                return
+            reused = up.requests > 0
+            up.attach(ex, self)
+            framing = (
+                b"transfer-encoding: chunked\r\n"
+                if ex.chunked
+                else (b"content-length: %d\r\n" % ex.content_length if ex.content_length else b"")
+            )
+            up.transport.write(head + framing + b"\r\n")
+            for chunk in ex.body:
+                up.send_body(ex, chunk)
+            ex.body.clear()
+            ex.buffered = 0
+            if ex.body_done:
+                if ex.chunked:
+                    up.transport.write(b"0\r\n\r\n")
+                up.request_sent()
+            self.resume_reading()
+            if not reused or retried or ex.has_body:
+                return
+            if await up.wait_first_byte():
+                return
+            # A kept-alive connection the app had closed meanwhile: retry once, fresh.
+            retried = True
+            log.debug("reused upstream connection was closed; retrying on a new one")
+
+    def response_head(
+        self, ex: Exchange, status: int, reason: bytes, headers: Headers, has_body_framing: str
+    ) -> None:
+        """Called by the upstream when the response head is complete."""
+        if self.closed or self.transport is None:
+            return
+        ex.status = status
+        ex.response_started = True
+        headers = strip_hop_by_hop(headers)
+        headers = self.router.response_headers(self, ex, headers)
+        close = not ex.keep_alive or not ex.body_done
+        lines = [b"HTTP/1.1 %d %s\r\n" % (status, reason or _REASONS.get(status, "").encode())]
+        lines += [b"%s: %s\r\n" % (k, v) for k, v in headers]
+        if has_body_framing == "none":
+            pass
+        elif has_body_framing.startswith("length:"):
+            lines.append(b"content-length: " + has_body_framing[7:].encode() + b"\r\n")
+        elif ex.version == "1.0":
+            ex.response_close_delimited = True
+            close = True
+        else:
+            ex.response_chunked = True
+            lines.append(b"transfer-encoding: chunked\r\n")
+        if close:
+            ex.keep_alive = False
+            lines.append(b"connection: close\r\n")
+        lines.append(b"\r\n")
+        self.transport.write(b"".join(lines))
+
+    def response_body(self, ex: Exchange, chunk: bytes) -> None:
+        """A piece of the response body from upstream."""
+        if self.closed or self.transport is None:
+            return
+        ex.bytes_out += len(chunk)
+        if ex.response_chunked:
+            self.transport.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+        else:
+            self.transport.write(chunk)
+
+    def response_done(self, ex: Exchange) -> None:
+        """The upstream response is complete."""
+        if ex.response_chunked and self.transport is not None and not self.closed:
+            self.transport.write(b"0\r\n\r\n")
+        self._complete(ex)
+
+    def upstream_failed(self, ex: Exchange, status: int, code: str, detail: str) -> None:
+        """The upstream died or timed out; answer if we still can, else cut the client off."""
+        if ex.finished:
+            return
+        if ex.response_started:
+            ex.finished = True
+            self._log(ex)
+            if self.transport is not None:
+                self.transport.close()
+            return
+        self._finish_with_error(ex, ProxyError(status, code, detail))
+
+    def _finish_with_error(self, ex: Exchange, err: ProxyError) -> None:
+        if self.transport is None or self.closed:
+            return
+        close = err.close or not ex.body_done or not ex.keep_alive
+        ex.status = err.status
+        ex.info.setdefault("error", err.code)
+        ex.keep_alive = ex.keep_alive and not close
+        self.transport.write(error_bytes(err.status, err.code, err.detail, close))
+        if not ex.body_done:
+            # The rest of the request body will not be read: stop parsing this connection.
+            self.parsing = None
+        self._complete(ex)
+
+    def _complete(self, ex: Exchange) -> None:
+        if ex.finished:
+            return
+        ex.finished = True
+        self._log(ex)
+        if ex.upstream is not None:
+            ex.upstream.detach(ex)
+        if self.closed or self.transport is None:
+            return
+        if not ex.keep_alive:
+            self.transport.close()
+            self.closed = True
+            return
+        self.active = None
+        if self.queue:
+            nxt = self.queue.popleft()
+            self._activate(nxt)
+        else:
+            self.resume_reading()
+            self._arm(self.limits.idle_timeout, self._idle_timeout)
+
+    def _log(self, ex: Exchange) -> None:
+        if self.access_log is None:
+            return
+        doc = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "direction": self.router.direction,
+            "method": ex.method.decode("latin-1"),
+            "path": ex.info.get("path", ex.target.split(b"?", 1)[0].decode("latin-1")),
+            "status": ex.status,
+            "peer": self.peer.get("spiffe_id"),
+            "ms": round((time.perf_counter() - ex.start) * 1000, 2),
+            "bytes_in": ex.bytes_in,
+            "bytes_out": ex.bytes_out,
+        }
+        doc.update(ex.info)
+        self.access_log.write(doc)
+
+    def _reply_error(self, status: int, code: str, detail: str, close: bool) -> None:
+        ex = self.active or self.parsing
+        if ex is not None and not ex.finished:
+            if ex.response_started:
+                ex.finished = True
+                if self.transport is not None:
+                    self.transport.close()
+                return
+            if ex.upstream is not None:
+                ex.upstream.abort()
+            self._finish_with_error(ex, ProxyError(status, code, detail, close=True))
+            return
+        if self.transport is not None and not self.closed:
+            self.transport.write(error_bytes(status, code, detail, close=True))
+            self.transport.close()
+            self.closed = True
+
+    # -- timers --------------------------------------------------------
+
+    def _arm(self, seconds: float, fn: Callable[[], None]) -> None:
+        self._disarm()
+        self._timer = self.loop.call_later(seconds, fn)
+
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _header_timeout(self) -> None:
+        if self.parsing is None and not self._url and not self._headers:
+            if self.transport is not None:
+                self.transport.close()  # nothing was sent: just close
+            return
+        self._reply_error(408, "request_timeout", "request head not received in time", True)
+
+    def _idle_timeout(self) -> None:
+        if self.active is None and self.transport is not None:
+            self.transport.close()
+
+
+class UpstreamConn(asyncio.Protocol):
+    """A connection to the app (inbound) or to another sidecar (outbound)."""
+
+    def __init__(self, pool: UpstreamPool) -> None:
+        self.pool = pool
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.ex: Exchange | None = None
+        self.down: DownstreamConn | None = None
+        self.requests = 0
+        self.keep_alive = True
+        self.request_complete = False
+        self.response_complete = False
+        self._headers: Headers = []
+        self._reason = b""
+        self._head_done = False
+        self._framing = "close"
+        self._timer: asyncio.TimerHandle | None = None
+        self._first_byte: asyncio.Future[bool] | None = None
+        self._paused_down: DownstreamConn | None = None
+        self.peer_info: dict[str, Any] = {}
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """Connected (and for TLS, handshaken)."""
+        self.transport = transport  # type: ignore[assignment]
+
+    def attach(self, ex: Exchange, down: DownstreamConn) -> None:
+        """Bind to an exchange: a fresh parser per response (HEAD needs no body)."""
+        self.ex, self.down = ex, down
+        ex.upstream = self
+        self.requests += 1
+        self.parser = httptools.HttpResponseParser(self)
+        self._headers, self._reason, self._head_done = [], b"", False
+        self.request_complete = self.response_complete = False
+        self._first_byte = asyncio.get_event_loop().create_future()
+
+    def detach(self, ex: Exchange) -> None:
+        """The exchange is over: back to the pool if reusable."""
+        self._disarm()
+        if self.ex is not ex:
+            return
+        self.ex, self.down = None, None
+        if self._paused_down is not None:
+            self._paused_down.resume_reading()
+            self._paused_down = None
+        reusable = (
+            self.keep_alive
+            and self.request_complete
+            and self.response_complete
+            and self.transport is not None
+            and not self.transport.is_closing()
+        )
+        if reusable:
+            self.pool.release(self)
+        else:
+            self.abort()
+
+    def send_body(self, ex: Exchange, chunk: bytes) -> None:
+        """Forward a request body piece, framed as the request is."""
+        assert self.transport is not None
+        if ex.chunked:
+            self.transport.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+        else:
+            self.transport.write(chunk)
+
+    def request_sent(self) -> None:
+        """The whole request went upstream: now the response must come in time (else 504)."""
+        self.request_complete = True
+        if self.down is not None and not self._head_done:
+            self.arm_response_timeout(self.down.limits.upstream_timeout)
+
+    def abort(self) -> None:
+        """Drop the connection (never reused)."""
+        self._disarm()
+        self.keep_alive = False
+        if self.transport is not None:
+            self.transport.abort()
+
+    def arm_response_timeout(self, seconds: float) -> None:
+        """504 if the response head does not arrive in time."""
+        self._disarm()
+        self._timer = asyncio.get_event_loop().call_later(seconds, self._timeout)
+
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _timeout(self) -> None:
+        ex, down = self.ex, self.down
+        self.abort()
+        if ex is not None and down is not None:
+            down.upstream_failed(
+                ex, 504, "upstream_timeout", f"{self.pool.label} did not answer in time"
+            )
+
+    async def wait_first_byte(self) -> bool:
+        """True once response bytes arrived; False if the connection died before any."""
+        assert self._first_byte is not None
+        return await self._first_byte
+
+    # flow control: the upstream reads slower than the client sends
+    def pause_writing(self) -> None:
+        if self.down is not None:
+            self.down.pause_reading()
+            self._paused_down = self.down
+
+    def resume_writing(self) -> None:
+        down, self._paused_down = self._paused_down, None
+        if down is not None:
+            down.resume_reading()
+
+    def data_received(self, data: bytes) -> None:
+        if self._first_byte is not None and not self._first_byte.done():
+            self._first_byte.set_result(True)
+        if self.ex is None:
+            self.abort()  # unsolicited bytes: never reuse this connection
+            return
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError:
+            ex, down = self.ex, self.down
+            self.abort()
+            if ex is not None and down is not None:
+                down.upstream_failed(
+                    ex, 502, "bad_upstream_response", f"{self.pool.label} sent a malformed response"
+                )
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        self.pool.discard(self)
+        ex, down = self.ex, self.down
+        first = self._first_byte
+        if first is not None and not first.done():
+            first.set_result(False)
+            if ex is not None and self.requests > 1 and not ex.response_started and not ex.has_body:
+                self.ex = self.down = None
+                ex.upstream = None
+                return  # the sender retries on a fresh connection
+        if ex is None or down is None:
+            return
+        if self._head_done and self._framing == "close":
+            self.response_complete = True
+            self.keep_alive = False
+            down.response_done(ex)
+            return
+        down.upstream_failed(ex, 502, "upstream_reset", f"{self.pool.label} closed the connection")
+
+    # parser callbacks
+    def on_status(self, reason: bytes) -> None:
+        self._reason += reason
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        self._disarm()
+        ex, down = self.ex, self.down
+        status = self.parser.get_status_code()
+        if ex is None or down is None:
+            return
+        if status < 200:  # interim (100, 103): not forwarded; wait for the final answer
+            self._headers, self._reason = [], b""
+            return
+        self._head_done = True
+        self.keep_alive = self.parser.should_keep_alive()
+        length = None
+        chunked = False
+        for k, v in self._headers:
+            lk = k.lower()
+            if lk == b"content-length":
+                length = v.strip()
+            elif lk == b"transfer-encoding":
+                chunked = True
+        if ex.method == b"HEAD":
+            framing = "none" if length is None else "length:" + length.decode("latin-1")
+            headers = [(k, v) for k, v in self._headers if k.lower() != b"content-length"]
+            down.response_head(ex, status, self._reason, strip_hop_by_hop(headers), framing)
+            # No body follows a HEAD answer, whatever it says: the exchange is over.
+            self._framing = "length"
+            self.response_complete = True
+            down.response_done(ex)
+            return
+        if status in BODYLESS_STATUS:
+            self._framing = "none"
+            down.response_head(ex, status, self._reason, self._headers, "none")
+            return
+        if chunked:
+            self._framing = "chunked"
+            down.response_head(ex, status, self._reason, self._headers, "chunked")
+        elif length is not None:
+            self._framing = "length"
+            down.response_head(
+                ex, status, self._reason, self._headers, "length:" + length.decode("latin-1")
+            )
+        else:
+            self._framing = "close"
+            self.keep_alive = False
+            down.response_head(ex, status, self._reason, self._headers, "chunked")
+
+    def on_body(self, chunk: bytes) -> None:
+        if self.ex is not None and self.down is not None:
+            self.down.response_body(self.ex, chunk)
+
+    def on_message_complete(self) -> None:
+        ex, down = self.ex, self.down
+        if ex is None or down is None or not self._head_done or ex.finished:
+            return
+        self.response_complete = True
+        down.response_done(ex)
+
+
+class UpstreamPool:
+    """Kept-alive connections to one destination, opened on demand, round robin over endpoints."""
+
+    def __init__(
+        self,
+        label: str,
+        endpoints: list[tuple[str, int]],
+        connect: Callable[[UpstreamPool, str, int], Any],
+        connect_timeout: float = 5.0,
+        max_idle: int = 128,
+        unavailable: tuple[int, str] = (503, "upstream_unavailable"),
+    ) -> None:
+        self.label = label
+        self.endpoints = endpoints
+        self._connect = connect
+        self.connect_timeout = connect_timeout
+        self.max_idle = max_idle
+        self.unavailable = unavailable
+        self.idle: list[UpstreamConn] = []
+        self._next = 0
+
+    async def acquire(self) -> UpstreamConn:
+        """An idle connection, or a new one; ProxyError (503 or the router's) if none."""
+        while self.idle:
+            conn = self.idle.pop()
+            if conn.transport is not None and not conn.transport.is_closing():
+                return conn
+        last = "no endpoints"
+        for _ in range(len(self.endpoints)):
+            host, port = self.endpoints[self._next % len(self.endpoints)]
+            self._next += 1
+            try:
+                return await asyncio.wait_for(self._connect(self, host, port), self.connect_timeout)
+            except ProxyError:
+                raise
+            except (OSError, TimeoutError) as e:
+                last = f"{type(e).__name__}"
+                log.warning("cannot connect to %s at %s:%d: %s", self.label, host, port, e)
+        status, code = self.unavailable
+        raise ProxyError(status, code, f"{self.label} is unavailable ({last})")
+
+    def release(self, conn: UpstreamConn) -> None:
+        """Return a healthy, idle connection."""
+        if len(self.idle) < self.max_idle and conn.transport is not None:
+            self.idle.append(conn)
+        else:
+            conn.abort()
+
+    def discard(self, conn: UpstreamConn) -> None:
+        """Forget a connection that closed."""
+        try:
+            self.idle.remove(conn)
+        except ValueError:
+            pass
+
+    def close(self) -> None:
+        """Close every idle connection."""
+        for conn in self.idle:
+            conn.abort()
+        self.idle.clear()
