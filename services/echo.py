@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
+import json
 import sys
 from collections.abc import Sequence
 
@@ -22,6 +23,13 @@ async def echo(request: web.Request) -> web.Response:
     async for chunk in request.content.iter_any():
         digest.update(chunk)
         size += len(chunk)
+    delay = float(request.query.get("delay", "0") or 0)
+    if delay > 0:  # lets tests play a slow app
+        await asyncio.sleep(min(delay, 60))
+    log_to = request.app.get("log")
+    if log_to is not None:
+        with open(log_to, "a") as f:
+            f.write(json.dumps({"method": request.method, "path": request.path}) + "\n")
     return web.json_response(
         {
             "method": request.method,
@@ -34,16 +42,17 @@ async def echo(request: web.Request) -> web.Response:
     )
 
 
-def app() -> web.Application:
-    """The aiohttp application: every method, every path."""
+def app(log: str | None = None) -> web.Application:
+    """The aiohttp application: every method, every path; `log` records each request."""
     application = web.Application()
+    application["log"] = log
     application.router.add_route("*", "/{tail:.*}", echo)
     return application
 
 
-async def serve(host: str, port: int) -> None:
+async def serve(host: str, port: int, log: str | None = None) -> None:
     """Serve until cancelled; print the bound address once listening."""
-    runner = web.AppRunner(app(), access_log=None)
+    runner = web.AppRunner(app(log), access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()
@@ -59,10 +68,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: `python -m services.echo --listen 127.0.0.1:5000`."""
     p = argparse.ArgumentParser(prog="echo", description="echo what the app receives")
     p.add_argument("--listen", default="127.0.0.1:5000", help="HOST:PORT (default 127.0.0.1:5000)")
+    p.add_argument("--log", help="append one JSON line per request received to this file")
     args = p.parse_args(argv)
     host, _, port = args.listen.rpartition(":")
     try:
-        asyncio.run(serve(host, int(port)))
+        asyncio.run(serve(host, int(port), args.log))
     except KeyboardInterrupt:
         pass
     return 0

@@ -29,3 +29,70 @@ def ca(ca_home: Path) -> Iterator[CAProcess]:
         yield proc
     finally:
         proc.stop()
+
+
+BACKEND = "spiffe://cluster.local/ns/default/sa/backend"
+FRONTEND = "spiffe://cluster.local/ns/default/sa/frontend"
+
+
+class Mesh:
+    """CA, backend echo app behind its sidecar, frontend sidecar with backend as a service."""
+
+    def __init__(
+        self, root: Path, ca_args: tuple[str, ...] = (), inbound_extra=None, ca_extra=None
+    ):
+        from mesh import hostport, sidecar_config, start_echo, start_sidecar
+
+        self.root = root
+        self.procs = []
+        home = root / "ca"
+        run_meshca("init", "--home", str(home))
+        self.ca = start_ca(home, *ca_args)
+        self.procs.append(self.ca)
+        self.app_log = root / "app.log"
+        self.app = start_echo(self.app_log)
+        self.procs.append(self.app)
+        self.backend = start_sidecar(
+            sidecar_config(
+                root,
+                "backend",
+                self.ca,
+                BACKEND,
+                app=hostport(self.app.urls["echo"]),
+                inbound_extra=inbound_extra,
+                ca_extra=ca_extra,
+            )
+        )
+        self.procs.append(self.backend)
+        self.inbound = hostport(self.backend.urls["inbound"])
+        self.frontend = start_sidecar(
+            sidecar_config(
+                root,
+                "frontend",
+                self.ca,
+                FRONTEND,
+                ca_extra=ca_extra,
+                services={
+                    "backend.default": {"endpoints": [self.inbound], "identity": BACKEND},
+                    "impostor.default": {
+                        "endpoints": [self.inbound],
+                        "identity": "spiffe://cluster.local/ns/default/sa/db",
+                    },
+                },
+            )
+        )
+        self.procs.append(self.frontend)
+
+    def stop(self):
+        for p in reversed(self.procs):
+            p.stop()
+
+
+@pytest.fixture(scope="module")
+def mesh(tmp_path_factory) -> Iterator[Mesh]:
+    """A running two-sidecar mesh shared by the tests of one module."""
+    m = Mesh(tmp_path_factory.mktemp("mesh"))
+    try:
+        yield m
+    finally:
+        m.stop()
