@@ -1,0 +1,84 @@
+"""`sidecar identity` and `sidecar rotate` as run with kubectl exec; the CA going away.
+
+While the CA is down the sidecar keeps serving on its current certificate and
+says so in its log and admin endpoint; it recovers when the CA returns.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from conftest import BACKEND, Mesh
+from mesh import admin_get, hostport, proxy_get
+
+
+def sidecar_cmd(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "sidecar", *args], capture_output=True, text=True, timeout=60
+    )
+
+
+def test_identity_rotate_and_ca_outage(tmp_path):
+    mesh = Mesh(tmp_path, ca_extra={"retry_max": 1})
+    try:
+        admin = hostport(mesh.backend.urls["admin"])
+        res = sidecar_cmd("identity", "--admin", admin, "--json")
+        assert res.returncode == 0, res.stderr
+        doc = json.loads(res.stdout)
+        assert doc["spiffe_id"] == BACKEND and doc["chain_valid"] is True
+        assert 86000 < doc["seconds_remaining"] <= 86400
+        assert len(doc["sha256"]) == 64 and doc["issuer"].startswith("CN=meshca issuing")
+        human = sidecar_cmd("identity", "--admin", admin).stdout
+        assert f"SPIFFE ID:   {BACKEND}" in human and "valid against the current bundle" in human
+
+        res = sidecar_cmd("rotate", "--admin", admin)
+        assert res.returncode == 0, res.stderr
+        new_serial = res.stdout.strip()
+        assert new_serial != doc["serial"]
+        assert (
+            json.loads(sidecar_cmd("identity", "--admin", admin, "--json").stdout)["serial"]
+            == new_serial
+        )
+        ledger = json.loads(
+            subprocess.run(
+                [sys.executable, "-m", "meshca", "certs", "--home", str(mesh.ca.home), "--json"],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
+        )
+        assert any(r["serial"] == new_serial and r["credential"] == "renewal" for r in ledger)
+
+        # The CA goes away: rotation fails clearly, traffic keeps flowing.
+        mesh.ca.stop()
+        res = sidecar_cmd("rotate", "--admin", admin)
+        assert res.returncode == 1 and "cannot reach the CA" in res.stderr
+        assert proxy_get(mesh.frontend, "http://backend.default/during-outage")[0] == 200
+        status, st = admin_get(mesh.backend, "/status")
+        assert st["state"] == "renewal_failing" and "cannot reach the CA" in st["last_error"]
+        assert "renewal failed, serving on the current certificate" in mesh.backend.stderr
+        ready, _ = admin_get(mesh.backend, "/ready")
+        assert ready == 200
+
+        res = sidecar_cmd("identity", "--admin", "127.0.0.1:1")
+        assert res.returncode != 0 and "cannot reach the admin endpoint" in res.stderr
+    finally:
+        mesh.stop()
+
+
+def test_health_port_serves_only_readiness(mesh):
+    import urllib.error
+    import urllib.request
+
+    with urllib.request.urlopen(mesh.backend.urls["health"] + "/healthz/ready") as r:
+        assert r.status == 200 and json.loads(r.read())["ready"] is True
+    for path in ("/identity", "/rotate", "/healthz"):
+        try:
+            urllib.request.urlopen(mesh.backend.urls["health"] + path)
+        except urllib.error.HTTPError as e:
+            assert e.code in (404, 405) and json.loads(e.read())["error"]
+        else:
+            raise AssertionError(f"{path} must not be served on the health port")
+    assert mesh.backend.urls["admin"].startswith("http://127.0.0.1:")
