@@ -1,0 +1,58 @@
+"""Header handling on bytes: hop-by-hop removal, service names, XFCC, error bodies."""
+
+import json
+
+import pytest
+
+from sidecar.inbound import xfcc
+from sidecar.outbound import service_name
+from sidecar.proxy import error_bytes, strip_hop_by_hop
+
+
+def test_strip_hop_by_hop_and_connection_tokens():
+    headers = [
+        (b"Host", b"a"),
+        (b"Connection", b"keep-alive, X-Private"),
+        (b"Keep-Alive", b"timeout=5"),
+        (b"X-Private", b"1"),
+        (b"Transfer-Encoding", b"chunked"),
+        (b"Content-Length", b"3"),
+        (b"TE", b"trailers"),
+        (b"Upgrade", b"h2c"),
+        (b"Proxy-Authorization", b"Basic x"),
+        (b"X-Forwarded-Client-Cert", b"spoof"),
+        (b"Accept", b"*/*"),
+    ]
+    out = strip_hop_by_hop(headers, frozenset({b"x-forwarded-client-cert"}))
+    assert out == [(b"Host", b"a"), (b"Accept", b"*/*")]
+
+
+@pytest.mark.parametrize(
+    "authority,name",
+    [
+        (b"backend.default", "backend.default"),
+        (b"Backend.Default:80", "backend.default"),
+        (b"backend.default.svc", "backend.default"),
+        (b"backend.default.svc.cluster.local.", "backend.default"),
+        (b"[::1]:8080", "[::1]"),
+    ],
+)
+def test_service_name(authority, name):
+    assert service_name(authority) == name
+
+
+def test_xfcc_format():
+    v = xfcc("spiffe://td/ns/a/sa/b", b"DER", "spiffe://td/ns/c/sa/d")
+    assert v == (
+        b"By=spiffe://td/ns/a/sa/b;Hash="
+        + __import__("hashlib").sha256(b"DER").hexdigest().encode()
+        + b";URI=spiffe://td/ns/c/sa/d"
+    )
+
+
+def test_error_bytes():
+    raw = error_bytes(503, "app_unavailable", "app is unavailable", close=True)
+    head, body = raw.split(b"\r\n\r\n", 1)
+    assert head.startswith(b"HTTP/1.1 503 Service Unavailable")
+    assert b"connection: close" in head and b"content-length: %d" % len(body) in head
+    assert json.loads(body) == {"error": "app_unavailable", "detail": "app is unavailable"}
