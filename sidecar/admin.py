@@ -1,20 +1,28 @@
 """The admin endpoint (loopback only) and the kubelet's health port.
 
 Admin: `GET /healthz`, `GET /ready`, `GET /identity`, `GET /status`,
-`POST /rotate`. Health port: only `GET /healthz/ready`. Errors are JSON
-`{"error", "detail"}`; nothing here ever returns a key.
+`POST /rotate`, `POST /check?target=HOST:PORT[&expect=ID]`.
+Health port: only `GET /healthz/ready`. Errors are JSON `{"error", "detail"}`;
+nothing here ever returns a key.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import datetime as dt
+import hashlib
 import json
+import ssl
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from meshca.client import CAError
 from sidecar.certmanager import CertManager
-from sidecar.creds import CredentialStore
+from sidecar.creds import CredentialError, Credentials, CredentialStore, spiffe_id_of
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -35,6 +43,61 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
             raise
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status, "http_error")
         return _json({"error": code, "detail": exc.reason}, exc.status)
+
+
+async def _peer_cert(host: str, port: int, ctx: ssl.SSLContext) -> x509.Certificate:
+    _, writer = await asyncio.wait_for(
+        asyncio.open_connection(host, port, ssl=ctx, server_hostname=None), timeout=10
+    )
+    try:
+        der = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
+    finally:
+        writer.close()
+        with contextlib.suppress(Exception):
+            await writer.wait_closed()
+    return x509.load_der_x509_certificate(der)
+
+
+async def check_peer(
+    creds: Credentials, host: str, port: int, expect: str | None, now: dt.datetime
+) -> dict[str, object]:
+    """Handshake with the pod's certificate; report the peer's ID, chain and validity."""
+    doc: dict[str, object] = {"target": f"{host}:{port}", "expected": expect}
+    try:
+        cert = await _peer_cert(host, port, creds.client_context)
+        doc["chain_valid"] = True
+    except ssl.SSLCertVerificationError as e:
+        doc["chain_valid"] = False
+        doc["chain_error"] = e.verify_message
+        # Look again without verifying, only to say what the peer presented.
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        try:
+            cert = await _peer_cert(host, port, ctx)
+        except (OSError, TimeoutError) as e2:
+            doc["error"] = f"cannot connect: {e2}"
+            return doc
+    except (OSError, TimeoutError) as e:
+        doc["chain_valid"] = False
+        doc["error"] = f"cannot connect: {type(e).__name__}: {e}"
+        return doc
+    try:
+        doc["spiffe_id"] = str(spiffe_id_of(cert))
+    except CredentialError as e:
+        doc["spiffe_id"] = None
+        doc["error"] = str(e)
+    nb, na = cert.not_valid_before_utc, cert.not_valid_after_utc
+    doc.update(
+        serial=format(cert.serial_number, "x"),
+        issuer=cert.issuer.rfc4514_string(),
+        not_before=nb.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        not_after=na.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        seconds_remaining=max(0, int((na - now).total_seconds())),
+        sha256=hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest(),
+    )
+    doc["identity_ok"] = expect is None or doc["spiffe_id"] == expect
+    return doc
 
 
 class Admin:
@@ -80,6 +143,19 @@ class Admin:
         assert creds is not None
         return _json({"serial": serial, "spiffe_id": str(creds.spiffe_id)})
 
+    async def check(self, request: web.Request) -> web.Response:
+        """Connect to `target` with the pod's certificate and describe the peer it finds."""
+        target = request.query.get("target", "")
+        expect = request.query.get("expect") or None
+        host, _, port = target.rpartition(":")
+        if not host or not port.isdigit():
+            return _json({"error": "bad_target", "detail": "target must be HOST:PORT"}, 400)
+        creds = self.store.current
+        if creds is None:
+            return _json({"error": "not_ready", "detail": "no certificate yet"}, 503)
+        doc = await check_peer(creds, host.strip("[]"), int(port), expect, self.manager.clock())
+        return _json(doc)
+
     def admin_app(self) -> web.Application:
         """The loopback admin application."""
         app = web.Application(middlewares=[json_errors])
@@ -88,6 +164,7 @@ class Admin:
         app.router.add_get("/identity", self.identity)
         app.router.add_get("/status", self.status)
         app.router.add_post("/rotate", self.rotate)
+        app.router.add_post("/check", self.check)
         return app
 
     def health_app(self) -> web.Application:

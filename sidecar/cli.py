@@ -14,6 +14,7 @@ import logging
 import signal
 import sys
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
@@ -202,6 +203,38 @@ def cmd_rotate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_check(args: argparse.Namespace) -> int:
+    """sidecar check HOST:PORT: the running sidecar handshakes with the peer and reports it."""
+    query = urllib.parse.urlencode(
+        {"target": args.target, **({"expect": args.expect_id} if args.expect_id else {})}
+    )
+    status, doc = _admin_call(args.admin, "POST", "/check?" + query)
+    if status != 200:
+        print(f"sidecar check: {doc.get('detail', doc)}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(doc, indent=2))
+    else:
+        print(f"target:      {doc['target']}")
+        if doc.get("error"):
+            print(f"error:       {doc['error']}")
+        if "spiffe_id" in doc:
+            print(f"SPIFFE ID:   {doc['spiffe_id']}")
+            print(f"issuer:      {doc['issuer']}")
+            print(f"valid:       {doc['not_before']} .. {doc['not_after']}")
+            print(f"sha256:      {doc['sha256']}")
+        chain = (
+            "valid against our bundle"
+            if doc["chain_valid"]
+            else (f"DOES NOT VERIFY ({doc.get('chain_error', 'no handshake')})")
+        )
+        print(f"chain:       {chain}")
+        if doc.get("expected"):
+            verdict = "matches" if doc.get("identity_ok") else "DOES NOT MATCH"
+            print(f"expected:    {doc['expected']} ({verdict})")
+    return 0 if doc["chain_valid"] and doc.get("identity_ok") and not doc.get("error") else 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `sidecar` console script."""
     p = argparse.ArgumentParser(prog="sidecar", description="The meshca mTLS sidecar.")
@@ -225,6 +258,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--admin", default=DEFAULT_ADMIN, help=f"admin HOST:PORT (default {DEFAULT_ADMIN})"
     )
     s.set_defaults(func=cmd_rotate)
+
+    s = sub.add_parser("check", help="handshake with HOST:PORT using the pod's certificate")
+    s.add_argument("target", metavar="HOST:PORT", help="the peer to check")
+    s.add_argument(
+        "--admin", default=DEFAULT_ADMIN, help=f"admin HOST:PORT (default {DEFAULT_ADMIN})"
+    )
+    s.add_argument("--expect-id", help="the SPIFFE ID the peer must present")
+    s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.set_defaults(func=cmd_check)
 
     args = p.parse_args(argv)
     logging.basicConfig(

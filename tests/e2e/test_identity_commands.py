@@ -82,3 +82,44 @@ def test_health_port_serves_only_readiness(mesh):
         else:
             raise AssertionError(f"{path} must not be served on the health port")
     assert mesh.backend.urls["admin"].startswith("http://127.0.0.1:")
+
+
+def test_check_command(mesh):
+    from conftest import FRONTEND
+
+    admin = hostport(mesh.frontend.urls["admin"])
+    res = sidecar_cmd("check", mesh.inbound, "--admin", admin, "--expect-id", BACKEND, "--json")
+    assert res.returncode == 0, res.stdout + res.stderr
+    doc = json.loads(res.stdout)
+    assert doc["spiffe_id"] == BACKEND and doc["chain_valid"] and doc["identity_ok"]
+    res = sidecar_cmd("check", mesh.inbound, "--admin", admin, "--expect-id", FRONTEND)
+    assert res.returncode == 1 and "DOES NOT MATCH" in res.stdout
+    # The CA's own port: chains to the bundle, but it is meshca, not backend.
+    ca = mesh.ca.url.removeprefix("https://")
+    res = sidecar_cmd("check", ca, "--admin", admin, "--json")
+    doc = json.loads(res.stdout)
+    assert doc["spiffe_id"].endswith("/ns/mesh-system/sa/meshca") and doc["chain_valid"]
+    # A server from another CA does not verify.
+    import ssl
+    import threading
+    import socket
+    import trustme
+
+    other = trustme.CA()
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    other.issue_cert("127.0.0.1").configure_cert(ctx)
+    srv = socket.create_server(("127.0.0.1", 0))
+    port = srv.getsockname()[1]
+
+    def serve_once():
+        conn, _ = srv.accept()
+        try:
+            ctx.wrap_socket(conn, server_side=True).close()
+        except (ssl.SSLError, OSError):
+            conn.close()
+
+    for _ in range(2):
+        threading.Thread(target=serve_once, daemon=True).start()
+    res = sidecar_cmd("check", f"127.0.0.1:{port}", "--admin", admin)
+    srv.close()
+    assert res.returncode == 1 and "DOES NOT VERIFY" in res.stdout, res.stdout
