@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # `make demo`: a CA on loopback, a "pod" that enrolls with a join token using only
-# openssl and curl, then renews over mTLS with no token. Cleans up after itself.
+# openssl and curl and renews over mTLS; then two plain-HTTP apps behind sidecars
+# calling each other over mutual TLS. Cleans up after itself.
 set -euo pipefail
 
 work=$(mktemp -d /tmp/meshca-demo.XXXXXX)
@@ -64,6 +65,9 @@ csr_body "$work/web2.csr" >"$work/renew.json"
 curl -sS --cacert "$work/bundle.pem" --cert "$work/web-chain.pem" --key "$work/web.key" \
   --data-binary @"$work/renew.json" "$url/v1/certificates" -o "$work/renew-resp.json" -w 'HTTP %{http_code}\n'
 echo "renewed: $(json_field "$work/renew-resp.json" spiffe_id)   serial: $(json_field "$work/renew-resp.json" serial)"
+
+# shellcheck source=deploy/local/demo-mesh.sh
+. "$(dirname "$0")/demo-mesh.sh"
 
 step "meshca certs and meshca status: what the ledger holds"
 meshca certs --home "$work/ca"

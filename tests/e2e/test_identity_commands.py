@@ -100,9 +100,10 @@ def test_check_command(mesh):
     doc = json.loads(res.stdout)
     assert doc["spiffe_id"].endswith("/ns/mesh-system/sa/meshca") and doc["chain_valid"]
     # A server from another CA does not verify.
+    import socket
     import ssl
     import threading
-    import socket
+
     import trustme
 
     other = trustme.CA()
