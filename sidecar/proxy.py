@@ -448,6 +448,8 @@ class DownstreamConn(asyncio.Protocol):
         if close:
             ex.keep_alive = False
             lines.append(b"connection: close\r\n")
+        elif ex.version == "1.0":  # an HTTP/1.0 client closes unless told otherwise
+            lines.append(b"connection: keep-alive\r\n")
         lines.append(b"\r\n")
         self.transport.write(b"".join(lines))
 

@@ -1,0 +1,186 @@
+"""`make bench`: requests/s and latency for an app called directly, through the inbound
+sidecar (mTLS), and through both sidecars (plain HTTP -> outbound -> mTLS -> inbound -> app).
+
+One tool drives all three paths in the same run: ApacheBench (`ab`, Debian's
+apache2-utils), keep-alive, fixed concurrency, with a client certificate from
+the CA for the inbound path. Rounds interleave the paths; medians are printed
+with ratios to the direct path. Everything shares this machine's two cores, as
+a pod's containers share a node. The sidecars' resident memory is read from
+/proc after the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import yaml
+
+from meshca.authority import init_ca
+from meshca.client import EnrollmentClient, new_key_and_csr, private_key_pem
+
+
+def spawn(args: list[str], log: Path, env: dict | None = None) -> subprocess.Popen:
+    return subprocess.Popen(args, stdout=open(log, "w"), stderr=subprocess.STDOUT,
+                            env={**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"})
+
+
+def wait_for(log: Path, pattern: str, timeout: float = 20) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        m = re.search(pattern, log.read_text() if log.exists() else "")
+        if m:
+            return m.group(1)
+        time.sleep(0.05)
+    raise SystemExit(f"timed out waiting for {pattern!r} in {log}:\n{log.read_text()}")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def run_ab(url: str, n: int, c: int, extra: list[str]) -> dict:
+    out = subprocess.run(["ab", "-q", "-k", "-n", str(n), "-c", str(c), *extra, url],
+                         capture_output=True, text=True, timeout=300)
+    text = out.stdout
+    if out.returncode != 0 or "Requests per second" not in text:
+        raise SystemExit(f"ab failed on {url}: {out.stderr}\n{text}")
+    rps = float(re.search(r"Requests per second:\s+([\d.]+)", text).group(1))
+    failed = int(re.search(r"Failed requests:\s+(\d+)", text).group(1))
+    non2xx = re.search(r"Non-2xx responses:\s+(\d+)", text)
+    p50 = float(re.search(r"^\s+50%\s+(\d+)", text, re.M).group(1))
+    p99 = float(re.search(r"^\s+99%\s+(\d+)", text, re.M).group(1))
+    return {"rps": rps, "p50": p50, "p99": p99,
+            "failed": failed + (int(non2xx.group(1)) if non2xx else 0)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("-n", type=int, default=20000, help="requests per path per round")
+    ap.add_argument("-c", type=int, default=32, help="concurrent connections (default 32)")
+    ap.add_argument("--rounds", type=int, default=3)
+    args = ap.parse_args()
+    if not shutil.which("ab"):
+        raise SystemExit("ab not found: apt-get install apache2-utils (make bench does this)")
+
+    tmp = Path(tempfile.mkdtemp(prefix="meshca-bench-sidecar-"))
+    procs: list[subprocess.Popen] = []
+    py = sys.executable
+    try:
+        home = tmp / "ca"
+        init_ca(home)
+        ca = spawn([py, "-m", "meshca", "--log-level", "WARNING", "serve", "--home", str(home),
+                    "--listen", "127.0.0.1:0"], tmp / "ca.log")
+        procs.append(ca)
+        ca_url = wait_for(tmp / "ca.log", r"serving on (https://\S+)")
+        bundle = subprocess.run([py, "-m", "meshca", "bundle", "--home", str(home)],
+                                capture_output=True, text=True, check=True).stdout
+
+        app_port = free_port()
+        procs.append(spawn([py, "-m", "services.backend", "--listen", f"127.0.0.1:{app_port}"],
+                           tmp / "app.log"))
+        wait_for(tmp / "app.log", r"(listening)")
+
+        def sidecar(name: str, sid: str, extra: dict) -> tuple[subprocess.Popen, dict]:
+            d = tmp / name
+            d.mkdir()
+            (d / "ca-root.pem").write_text(bundle)
+            token = subprocess.run([py, "-m", "meshca", "token", "--home", str(home),
+                                    "--spiffe-id", sid], capture_output=True, text=True,
+                                   check=True).stdout
+            (d / "token").write_text(token)
+            doc = {"ca": {"url": ca_url, "bundle": "ca-root.pem", "token_file": "token"},
+                   "admin": {"listen": "127.0.0.1:0"}, "health": {"listen": "127.0.0.1:0"},
+                   **extra}
+            (d / "sidecar.yaml").write_text(yaml.safe_dump(doc))
+            p = spawn([py, "-m", "sidecar", "--log-level", "WARNING", "run", "--config",
+                       str(d / "sidecar.yaml")], d / "out.log")
+            procs.append(p)
+            urls = {k: wait_for(d / "out.log", rf"{k} listening on \S+://(\S+)")
+                    for k in ("admin", *extra)}
+            for _ in range(200):
+                try:
+                    urllib.request.urlopen(f"http://{urls['admin']}/ready")
+                    break
+                except OSError:
+                    time.sleep(0.05)
+            return p, urls
+
+        backend_id = "spiffe://cluster.local/ns/default/sa/backend"
+        bp, burls = sidecar("backend", backend_id,
+                            {"inbound": {"listen": "127.0.0.1:0", "app": f"127.0.0.1:{app_port}"}})
+        fp, furls = sidecar("frontend", "spiffe://cluster.local/ns/default/sa/frontend",
+                            {"outbound": {"listen": "127.0.0.1:0", "services": {
+                                "backend.default": {"endpoints": [burls["inbound"]],
+                                                    "identity": backend_id}}}})
+
+        # A client certificate for ab on the inbound path (ab wants cert and key in one file).
+        key, csr = new_key_and_csr()
+        tok = subprocess.run([py, "-m", "meshca", "token", "--home", str(home), "--spiffe-id",
+                              "spiffe://cluster.local/ns/bench/sa/ab"], capture_output=True,
+                             text=True, check=True).stdout.strip()
+        got = asyncio.run(EnrollmentClient(ca_url, bundle).enroll(csr, tok))
+        client_pem = tmp / "ab-client.pem"
+        client_pem.write_bytes(got.chain_pem.encode() + private_key_pem(key))
+
+        paths = {
+            "direct (app)": (f"http://127.0.0.1:{app_port}/", []),
+            "inbound sidecar (mTLS)": (f"https://{burls['inbound']}/", ["-E", str(client_pem)]),
+            "both sidecars": (f"http://{furls['outbound']}/", ["-H", "Host: backend.default"]),
+        }
+        for url, extra in paths.values():  # warm-up: pools, JIT-free but caches
+            run_ab(url, 2000, args.c, extra)
+        results: dict[str, list[dict]] = {k: [] for k in paths}
+        for rnd in range(args.rounds):
+            for name, (url, extra) in paths.items():
+                r = run_ab(url, args.n, args.c, extra)
+                results[name].append(r)
+                print(f"round {rnd + 1} {name:24} {r['rps']:8.0f} req/s  p50 {r['p50']:.0f} ms  "
+                      f"p99 {r['p99']:.0f} ms  failed {r['failed']}", flush=True)
+        direct = statistics.median(r["rps"] for r in results["direct (app)"])
+        print(f"\n{args.rounds} rounds x {args.n} requests, {args.c} keep-alive connections, "
+              f"ab; medians:\n")
+        print(f"{'path':26} {'req/s':>8} {'ratio':>6} {'p50 ms':>7} {'p99 ms':>7} {'failed':>7}")
+        for name, rs in results.items():
+            rps = statistics.median(r["rps"] for r in rs)
+            print(f"{name:26} {rps:8.0f} {rps / direct:6.2f} "
+                  f"{statistics.median(r['p50'] for r in rs):7.0f} "
+                  f"{statistics.median(r['p99'] for r in rs):7.0f} "
+                  f"{sum(r['failed'] for r in rs):7d}")
+        print(f"\nresident memory after the run: backend sidecar {rss_mib(bp.pid):.1f} MiB, "
+              f"frontend sidecar {rss_mib(fp.pid):.1f} MiB")
+    finally:
+        for p in reversed(procs):
+            p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
