@@ -81,6 +81,8 @@ def main() -> None:
     ap.add_argument("-n", type=int, default=20000, help="requests per path per round")
     ap.add_argument("-c", type=int, default=32, help="concurrent connections (default 32)")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--profile", metavar="DIR",
+                    help="also record both sidecars with py-spy (if installed) on the two-sidecar path")
     args = ap.parse_args()
     if not shutil.which("ab"):
         raise SystemExit("ab not found: apt-get install apache2-utils (make bench does this)")
@@ -152,6 +154,17 @@ def main() -> None:
         }
         for url, extra in paths.values():  # warm-up: pools, JIT-free but caches
             run_ab(url, 2000, args.c, extra)
+        if args.profile and shutil.which("py-spy"):
+            out = Path(args.profile)
+            out.mkdir(parents=True, exist_ok=True)
+            spies = [subprocess.Popen(["py-spy", "record", "--format", "raw", "-r", "200", "-d", "8",
+                                       "-o", str(out / f"{name}.txt"), "-p", str(p.pid)],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                     for name, p in (("backend", bp), ("frontend", fp))]
+            url, extra = paths["both sidecars"]
+            run_ab(url, args.n * 3, args.c, extra)
+            for spy in spies:
+                spy.wait()
         results: dict[str, list[dict]] = {k: [] for k in paths}
         for rnd in range(args.rounds):
             for name, (url, extra) in paths.items():
