@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: all deps venv test test-unit test-e2e demo lint bench-ca clean
+.PHONY: all deps venv test test-unit test-e2e demo lint bench bench-ca bench-sidecar clean
 
 all: test
 
@@ -30,7 +30,7 @@ test: deps venv
 	$(BIN)/python -m pytest -q
 
 test-unit: venv
-	$(BIN)/python -m pytest -q tests/meshca
+	$(BIN)/python -m pytest -q tests/meshca tests/sidecar
 
 test-e2e: deps venv
 	$(BIN)/python -m pytest -q tests/e2e
@@ -40,6 +40,16 @@ demo: deps venv
 
 lint: venv
 	$(BIN)/ruff check .
+
+# ApacheBench drives the sidecar benchmark (installed only when missing).
+bench-deps:
+	@command -v ab >/dev/null || { apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq apache2-utils; }
+
+bench: bench-sidecar
+
+bench-sidecar: deps bench-deps venv
+	$(BIN)/python bench/bench_sidecar.py
 
 bench-ca: deps venv
 	$(BIN)/python bench/bench_ca.py

@@ -293,6 +293,7 @@ class DownstreamConn(asyncio.Protocol):
         self._head_bytes = 0
         self.deadline = 0.0
         self.on_deadline: Callable[[], None] | None = None
+        self._cork: list[bytes] | None = None
         self._reading_paused = False
         self._writing_paused = False
         self._paused_upstream: UpstreamConn | None = None
@@ -545,7 +546,7 @@ class DownstreamConn(asyncio.Protocol):
         elif ex.version == "1.0":  # an HTTP/1.0 client closes unless told otherwise
             lines.append(b"connection: keep-alive\r\n")
         lines.append(b"\r\n")
-        self.transport.write(b"".join(lines))
+        self._write(b"".join(lines))
 
     def response_body(self, ex: Exchange, chunk: bytes) -> None:
         """A piece of the response body from upstream."""
@@ -553,14 +554,14 @@ class DownstreamConn(asyncio.Protocol):
             return
         ex.bytes_out += len(chunk)
         if ex.response_chunked:
-            self.transport.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+            self._write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
         else:
-            self.transport.write(chunk)
+            self._write(chunk)
 
     def response_done(self, ex: Exchange) -> None:
         """The upstream response is complete."""
         if ex.response_chunked and self.transport is not None and not self.closed:
-            self.transport.write(b"0\r\n\r\n")
+            self._write(b"0\r\n\r\n")
         self._complete(ex)
 
     def upstream_failed(self, ex: Exchange, status: int, code: str, detail: str) -> None:
@@ -571,7 +572,7 @@ class DownstreamConn(asyncio.Protocol):
             ex.finished = True
             self._log(ex)
             if self.transport is not None:
-                self.transport.close()
+                self._close()
             return
         self._finish_with_error(ex, ProxyError(status, code, detail))
 
@@ -582,7 +583,7 @@ class DownstreamConn(asyncio.Protocol):
         ex.status = err.status
         ex.info.setdefault("error", err.code)
         ex.keep_alive = ex.keep_alive and not close
-        self.transport.write(error_bytes(err.status, err.code, err.detail, close))
+        self._write(error_bytes(err.status, err.code, err.detail, close))
         if not ex.body_done:
             # The rest of the request body will not be read: stop parsing this connection.
             self.parsing = None
@@ -598,7 +599,7 @@ class DownstreamConn(asyncio.Protocol):
         if self.closed or self.transport is None:
             return
         if not ex.keep_alive:
-            self.transport.close()
+            self._close()
             self.closed = True
             return
         self.active = None
@@ -634,7 +635,7 @@ class DownstreamConn(asyncio.Protocol):
             if ex.response_started:
                 ex.finished = True
                 if self.transport is not None:
-                    self.transport.close()
+                    self._close()
                 return
             if ex.upstream is not None:
                 ex.upstream.abort()
@@ -642,8 +643,32 @@ class DownstreamConn(asyncio.Protocol):
             return
         if self.transport is not None and not self.closed:
             self.transport.write(error_bytes(status, code, detail, close=True))
-            self.transport.close()
+            self._close()
             self.closed = True
+
+    # -- output: writes made while the upstream's data is parsed go out as one --
+
+    def _write(self, data: bytes) -> None:
+        if self._cork is not None:
+            self._cork.append(data)
+        elif self.transport is not None:
+            self.transport.write(data)
+
+    def cork(self) -> None:
+        """Collect writes (one TLS record and one syscall for head, body and end)."""
+        if self._cork is None:
+            self._cork = []
+
+    def uncork(self) -> None:
+        """Send what was collected."""
+        buf, self._cork = self._cork, None
+        if buf and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(buf[0] if len(buf) == 1 else b"".join(buf))
+
+    def _close(self) -> None:
+        self.uncork()
+        if self.transport is not None:
+            self.transport.close()
 
     # -- timers --------------------------------------------------------
 
@@ -657,13 +682,13 @@ class DownstreamConn(asyncio.Protocol):
     def _header_timeout(self) -> None:
         if self.parsing is None and not self._url and not self._headers:
             if self.transport is not None:
-                self.transport.close()  # nothing was sent: just close
+                self._close()  # nothing was sent: just close
             return
         self._reply_error(408, "request_timeout", "request head not received in time", True)
 
     def _idle_timeout(self) -> None:
         if self.active is None and self.transport is not None:
-            self.transport.close()
+            self._close()
 
 
 class UpstreamConn(asyncio.Protocol):
@@ -778,6 +803,9 @@ class UpstreamConn(asyncio.Protocol):
         if self.ex is None:
             self.abort()  # unsolicited bytes: never reuse this connection
             return
+        corked = self.down
+        if corked is not None:
+            corked.cork()
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError:
@@ -787,6 +815,9 @@ class UpstreamConn(asyncio.Protocol):
                 down.upstream_failed(
                     ex, 502, "bad_upstream_response", f"{self.pool.label} sent a malformed response"
                 )
+        finally:
+            if corked is not None:
+                corked.uncork()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
