@@ -32,8 +32,12 @@ from meshca.client import EnrollmentClient, new_key_and_csr, private_key_pem
 
 
 def spawn(args: list[str], log: Path, env: dict | None = None) -> subprocess.Popen:
-    return subprocess.Popen(args, stdout=open(log, "w"), stderr=subprocess.STDOUT,
-                            env={**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"})
+    return subprocess.Popen(
+        args,
+        stdout=open(log, "w"),
+        stderr=subprocess.STDOUT,
+        env={**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"},
+    )
 
 
 def wait_for(log: Path, pattern: str, timeout: float = 20) -> str:
@@ -62,8 +66,12 @@ def rss_mib(pid: int) -> float:
 
 
 def run_ab(url: str, n: int, c: int, extra: list[str]) -> dict:
-    out = subprocess.run(["ab", "-q", "-k", "-n", str(n), "-c", str(c), *extra, url],
-                         capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        ["ab", "-q", "-k", "-n", str(n), "-c", str(c), *extra, url],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     text = out.stdout
     if out.returncode != 0 or "Requests per second" not in text:
         raise SystemExit(f"ab failed on {url}: {out.stderr}\n{text}")
@@ -72,8 +80,12 @@ def run_ab(url: str, n: int, c: int, extra: list[str]) -> dict:
     non2xx = re.search(r"Non-2xx responses:\s+(\d+)", text)
     p50 = float(re.search(r"^\s+50%\s+(\d+)", text, re.M).group(1))
     p99 = float(re.search(r"^\s+99%\s+(\d+)", text, re.M).group(1))
-    return {"rps": rps, "p50": p50, "p99": p99,
-            "failed": failed + (int(non2xx.group(1)) if non2xx else 0)}
+    return {
+        "rps": rps,
+        "p50": p50,
+        "p99": p99,
+        "failed": failed + (int(non2xx.group(1)) if non2xx else 0),
+    }
 
 
 def main() -> None:
@@ -81,8 +93,11 @@ def main() -> None:
     ap.add_argument("-n", type=int, default=20000, help="requests per path per round")
     ap.add_argument("-c", type=int, default=32, help="concurrent connections (default 32)")
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--profile", metavar="DIR",
-                    help="also record both sidecars with py-spy (if installed) on the two-sidecar path")
+    ap.add_argument(
+        "--profile",
+        metavar="DIR",
+        help="also record both sidecars with py-spy (if installed) on the two-sidecar path",
+    )
     args = ap.parse_args()
     if not shutil.which("ab"):
         raise SystemExit("ab not found: apt-get install apache2-utils (make bench does this)")
@@ -93,35 +108,74 @@ def main() -> None:
     try:
         home = tmp / "ca"
         init_ca(home)
-        ca = spawn([py, "-m", "meshca", "--log-level", "WARNING", "serve", "--home", str(home),
-                    "--listen", "127.0.0.1:0"], tmp / "ca.log")
+        ca = spawn(
+            [
+                py,
+                "-m",
+                "meshca",
+                "--log-level",
+                "WARNING",
+                "serve",
+                "--home",
+                str(home),
+                "--listen",
+                "127.0.0.1:0",
+            ],
+            tmp / "ca.log",
+        )
         procs.append(ca)
         ca_url = wait_for(tmp / "ca.log", r"serving on (https://\S+)")
-        bundle = subprocess.run([py, "-m", "meshca", "bundle", "--home", str(home)],
-                                capture_output=True, text=True, check=True).stdout
+        bundle = subprocess.run(
+            [py, "-m", "meshca", "bundle", "--home", str(home)],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
 
         app_port = free_port()
-        procs.append(spawn([py, "-m", "services.backend", "--listen", f"127.0.0.1:{app_port}"],
-                           tmp / "app.log"))
+        procs.append(
+            spawn(
+                [py, "-m", "services.backend", "--listen", f"127.0.0.1:{app_port}"], tmp / "app.log"
+            )
+        )
         wait_for(tmp / "app.log", r"(listening)")
 
         def sidecar(name: str, sid: str, extra: dict) -> tuple[subprocess.Popen, dict]:
             d = tmp / name
             d.mkdir()
             (d / "ca-root.pem").write_text(bundle)
-            token = subprocess.run([py, "-m", "meshca", "token", "--home", str(home),
-                                    "--spiffe-id", sid], capture_output=True, text=True,
-                                   check=True).stdout
+            token = subprocess.run(
+                [py, "-m", "meshca", "token", "--home", str(home), "--spiffe-id", sid],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
             (d / "token").write_text(token)
-            doc = {"ca": {"url": ca_url, "bundle": "ca-root.pem", "token_file": "token"},
-                   "admin": {"listen": "127.0.0.1:0"}, "health": {"listen": "127.0.0.1:0"},
-                   **extra}
+            doc = {
+                "ca": {"url": ca_url, "bundle": "ca-root.pem", "token_file": "token"},
+                "admin": {"listen": "127.0.0.1:0"},
+                "health": {"listen": "127.0.0.1:0"},
+                **extra,
+            }
             (d / "sidecar.yaml").write_text(yaml.safe_dump(doc))
-            p = spawn([py, "-m", "sidecar", "--log-level", "WARNING", "run", "--config",
-                       str(d / "sidecar.yaml")], d / "out.log")
+            p = spawn(
+                [
+                    py,
+                    "-m",
+                    "sidecar",
+                    "--log-level",
+                    "WARNING",
+                    "run",
+                    "--config",
+                    str(d / "sidecar.yaml"),
+                ],
+                d / "out.log",
+            )
             procs.append(p)
-            urls = {k: wait_for(d / "out.log", rf"{k} listening on \S+://(\S+)")
-                    for k in ("admin", *extra)}
+            urls = {
+                k: wait_for(d / "out.log", rf"{k} listening on \S+://(\S+)")
+                for k in ("admin", *extra)
+            }
             for _ in range(200):
                 try:
                     urllib.request.urlopen(f"http://{urls['admin']}/ready")
@@ -131,18 +185,41 @@ def main() -> None:
             return p, urls
 
         backend_id = "spiffe://cluster.local/ns/default/sa/backend"
-        bp, burls = sidecar("backend", backend_id,
-                            {"inbound": {"listen": "127.0.0.1:0", "app": f"127.0.0.1:{app_port}"}})
-        fp, furls = sidecar("frontend", "spiffe://cluster.local/ns/default/sa/frontend",
-                            {"outbound": {"listen": "127.0.0.1:0", "services": {
-                                "backend.default": {"endpoints": [burls["inbound"]],
-                                                    "identity": backend_id}}}})
+        bp, burls = sidecar(
+            "backend",
+            backend_id,
+            {"inbound": {"listen": "127.0.0.1:0", "app": f"127.0.0.1:{app_port}"}},
+        )
+        fp, furls = sidecar(
+            "frontend",
+            "spiffe://cluster.local/ns/default/sa/frontend",
+            {
+                "outbound": {
+                    "listen": "127.0.0.1:0",
+                    "services": {
+                        "backend.default": {"endpoints": [burls["inbound"]], "identity": backend_id}
+                    },
+                }
+            },
+        )
 
         # A client certificate for ab on the inbound path (ab wants cert and key in one file).
         key, csr = new_key_and_csr()
-        tok = subprocess.run([py, "-m", "meshca", "token", "--home", str(home), "--spiffe-id",
-                              "spiffe://cluster.local/ns/bench/sa/ab"], capture_output=True,
-                             text=True, check=True).stdout.strip()
+        tok = subprocess.run(
+            [
+                py,
+                "-m",
+                "meshca",
+                "token",
+                "--home",
+                str(home),
+                "--spiffe-id",
+                "spiffe://cluster.local/ns/bench/sa/ab",
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
         got = asyncio.run(EnrollmentClient(ca_url, bundle).enroll(csr, tok))
         client_pem = tmp / "ab-client.pem"
         client_pem.write_bytes(got.chain_pem.encode() + private_key_pem(key))
@@ -157,10 +234,27 @@ def main() -> None:
         if args.profile and shutil.which("py-spy"):
             out = Path(args.profile)
             out.mkdir(parents=True, exist_ok=True)
-            spies = [subprocess.Popen(["py-spy", "record", "--format", "raw", "-r", "200", "-d", "8",
-                                       "-o", str(out / f"{name}.txt"), "-p", str(p.pid)],
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-                     for name, p in (("backend", bp), ("frontend", fp))]
+            spies = [
+                subprocess.Popen(
+                    [
+                        "py-spy",
+                        "record",
+                        "--format",
+                        "raw",
+                        "-r",
+                        "200",
+                        "-d",
+                        "8",
+                        "-o",
+                        str(out / f"{name}.txt"),
+                        "-p",
+                        str(p.pid),
+                    ],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+                for name, p in (("backend", bp), ("frontend", fp))
+            ]
             url, extra = paths["both sidecars"]
             run_ab(url, args.n * 3, args.c, extra)
             for spy in spies:
@@ -170,20 +264,29 @@ def main() -> None:
             for name, (url, extra) in paths.items():
                 r = run_ab(url, args.n, args.c, extra)
                 results[name].append(r)
-                print(f"round {rnd + 1} {name:24} {r['rps']:8.0f} req/s  p50 {r['p50']:.0f} ms  "
-                      f"p99 {r['p99']:.0f} ms  failed {r['failed']}", flush=True)
+                print(
+                    f"round {rnd + 1} {name:24} {r['rps']:8.0f} req/s  p50 {r['p50']:.0f} ms  "
+                    f"p99 {r['p99']:.0f} ms  failed {r['failed']}",
+                    flush=True,
+                )
         direct = statistics.median(r["rps"] for r in results["direct (app)"])
-        print(f"\n{args.rounds} rounds x {args.n} requests, {args.c} keep-alive connections, "
-              f"ab; medians:\n")
+        print(
+            f"\n{args.rounds} rounds x {args.n} requests, {args.c} keep-alive connections, "
+            f"ab; medians:\n"
+        )
         print(f"{'path':26} {'req/s':>8} {'ratio':>6} {'p50 ms':>7} {'p99 ms':>7} {'failed':>7}")
         for name, rs in results.items():
             rps = statistics.median(r["rps"] for r in rs)
-            print(f"{name:26} {rps:8.0f} {rps / direct:6.2f} "
-                  f"{statistics.median(r['p50'] for r in rs):7.0f} "
-                  f"{statistics.median(r['p99'] for r in rs):7.0f} "
-                  f"{sum(r['failed'] for r in rs):7d}")
-        print(f"\nresident memory after the run: backend sidecar {rss_mib(bp.pid):.1f} MiB, "
-              f"frontend sidecar {rss_mib(fp.pid):.1f} MiB")
+            print(
+                f"{name:26} {rps:8.0f} {rps / direct:6.2f} "
+                f"{statistics.median(r['p50'] for r in rs):7.0f} "
+                f"{statistics.median(r['p99'] for r in rs):7.0f} "
+                f"{sum(r['failed'] for r in rs):7d}"
+            )
+        print(
+            f"\nresident memory after the run: backend sidecar {rss_mib(bp.pid):.1f} MiB, "
+            f"frontend sidecar {rss_mib(fp.pid):.1f} MiB"
+        )
     finally:
         for p in reversed(procs):
             p.send_signal(signal.SIGTERM)

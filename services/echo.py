@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from aiohttp import web
 
 
-async def echo(request: web.Request) -> web.Response:
+async def echo(request: web.Request) -> web.StreamResponse:
     """Describe the request; the body is streamed and hashed, never held whole."""
     digest, size = hashlib.sha256(), 0
     async for chunk in request.content.iter_any():
@@ -26,6 +26,18 @@ async def echo(request: web.Request) -> web.Response:
     delay = float(request.query.get("delay", "0") or 0)
     if delay > 0:  # lets tests play a slow app
         await asyncio.sleep(min(delay, 60))
+    download = int(request.query.get("download", "0") or 0)
+    if download > 0:  # stream that many bytes back (a large response for tests)
+        resp = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+        resp.content_length = download
+        await resp.prepare(request)
+        block = bytes(range(256)) * 256  # 64 KiB
+        left = download
+        while left > 0:
+            await resp.write(block[: min(left, len(block))])
+            left -= len(block)
+        await resp.write_eof()
+        return resp
     log_to = request.app.get("log")
     if log_to is not None:
         with open(log_to, "a") as f:

@@ -10,7 +10,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from helpers import CAProcess, run_meshca, start_ca  # noqa: E402
+from helpers import CAProcess, mint_token, run_meshca, start_ca  # noqa: E402
 
 
 @pytest.fixture
@@ -61,6 +61,8 @@ class Mesh:
                 app=hostport(self.app.urls["echo"]),
                 inbound_extra=inbound_extra,
                 ca_extra=ca_extra,
+                # A DNS SAN (a Kubernetes Service name) lets curl --cacert check the host name.
+                token=mint_token(home, BACKEND, dns=("backend.default.svc",)),
             )
         )
         self.procs.append(self.backend)

@@ -31,10 +31,14 @@ def run_meshca(*args: str, check: bool = True, timeout: float = 60) -> subproces
     return proc
 
 
-def mint_token(home: Path, spiffe_id: str, ttl: int | None = None) -> str:
+def mint_token(
+    home: Path, spiffe_id: str, ttl: int | None = None, dns: tuple[str, ...] = ()
+) -> str:
     args = ["token", "--home", str(home), "--spiffe-id", spiffe_id]
     if ttl is not None:
         args += ["--ttl", str(ttl)]
+    for name in dns:
+        args += ["--dns", name]
     out = run_meshca(*args).stdout
     assert out.count("\n") == 1, "token must be alone on one line"
     return out.strip()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 
 from conftest import BACKEND, Mesh
 from mesh import admin_get, hostport, proxy_get
@@ -124,3 +125,25 @@ def test_check_command(mesh):
     res = sidecar_cmd("check", f"127.0.0.1:{port}", "--admin", admin)
     srv.close()
     assert res.returncode == 1 and "DOES NOT VERIFY" in res.stdout, res.stdout
+
+
+def test_expired_certificate_is_reported(tmp_path):
+    """CA gone and the certificate runs out: identity exits 1, readiness fails, state 'expired'."""
+    mesh = Mesh(tmp_path, ca_args=("--cert-ttl", "3"), ca_extra={"retry_max": 1})
+    try:
+        mesh.ca.stop()
+        admin = hostport(mesh.backend.urls["admin"])
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            res = sidecar_cmd("identity", "--admin", admin, "--json")
+            if json.loads(res.stdout)["expired"]:
+                break
+            time.sleep(0.5)
+        assert res.returncode == 1
+        assert "(EXPIRED)" in sidecar_cmd("identity", "--admin", admin).stdout
+        assert admin_get(mesh.backend, "/ready")[0] == 503
+        time.sleep(1.5)  # let one more renewal attempt fail after expiry
+        assert admin_get(mesh.backend, "/status")[1]["state"] == "expired"
+        assert "certificate EXPIRED" in mesh.backend.stderr
+    finally:
+        mesh.stop()

@@ -60,8 +60,29 @@ def curl_inbound(mesh, path, *args):
 
 
 def test_curl_with_client_certificate(mesh, tmp_path):
+    """curl --cert/--key/--cacert, checking the sidecar by the DNS SAN its join token granted."""
     chain, key = enroll(mesh.ca, tmp_path)
-    res = curl_inbound(mesh, "/direct", "--cert", str(chain), "--key", str(key))
+    port = mesh.inbound.rsplit(":", 1)[1]
+    res = subprocess.run(
+        [
+            "curl",
+            "-sS",
+            "--max-time",
+            "10",
+            "--cacert",
+            str(mesh.ca.bundle),
+            "--cert",
+            str(chain),
+            "--key",
+            str(key),
+            "--resolve",
+            f"backend.default.svc:{port}:127.0.0.1",
+            f"https://backend.default.svc:{port}/direct",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert res.returncode == 0, res.stderr
     h = {k.lower(): v for k, v in json.loads(res.stdout)["headers"].items()}
     leaf = x509.load_pem_x509_certificate(chain.read_bytes())
