@@ -147,3 +147,15 @@ def test_expired_certificate_is_reported(tmp_path):
         assert "certificate EXPIRED" in mesh.backend.stderr
     finally:
         mesh.stop()
+
+
+def test_new_handshakes_use_the_new_certificate_at_once(mesh):
+    """After a rotation the very next handshake presents the new certificate."""
+    admin_b = hostport(mesh.backend.urls["admin"])
+    admin_f = hostport(mesh.frontend.urls["admin"])
+    new_serial = sidecar_cmd("rotate", "--admin", admin_b).stdout.strip()
+    _, ident = admin_get(mesh.backend, "/identity")
+    assert ident["serial"] == new_serial
+    res = sidecar_cmd("check", mesh.inbound, "--admin", admin_f, "--json")
+    doc = json.loads(res.stdout)
+    assert doc["sha256"] == ident["sha256"] and doc["serial"].lstrip("0") == new_serial.lstrip("0")
