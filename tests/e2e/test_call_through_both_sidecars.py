@@ -141,3 +141,11 @@ def test_access_log_lines(mesh):
     assert last_out["direction"] == "outbound" and last_out["peer"] == BACKEND
     assert {"ts", "ms", "bytes_in", "bytes_out"} <= set(last_in)
     assert "s3cr3tvalue" not in mesh.backend.stdout + mesh.frontend.stdout
+
+
+def test_tokens_and_keys_never_logged(mesh):
+    for name, proc in (("backend", mesh.backend), ("frontend", mesh.frontend)):
+        token = (mesh.root / name / "token").read_text().strip()
+        out = proc.stdout + proc.stderr
+        assert token not in out and token.split(".")[2] not in out
+        assert "PRIVATE KEY" not in out

@@ -56,3 +56,27 @@ def test_error_bytes():
     assert head.startswith(b"HTTP/1.1 503 Service Unavailable")
     assert b"connection: close" in head and b"content-length: %d" % len(body) in head
     assert json.loads(body) == {"error": "app_unavailable", "detail": "app is unavailable"}
+
+
+def test_credentials_repr_hides_the_key():
+    import datetime as dt
+
+    from meshca import pki
+    from meshca.spiffe import SpiffeId
+    from sidecar.creds import Credentials
+
+    now = dt.datetime.now(dt.UTC)
+    root_key = pki.new_key()
+    root = pki.build_root(root_key, now)
+    int_key = pki.new_key()
+    inter = pki.build_intermediate(int_key, root, root_key, now)
+    key = pki.new_key()
+    leaf = pki.build_leaf(
+        key.public_key(), SpiffeId.parse("spiffe://cluster.local/ns/a/sa/b"), inter, int_key, now
+    )
+    creds = Credentials.build(
+        pki.key_pem(key), pki.pem_join([leaf, inter]), pki.pem_join([root]), "cluster.local", now
+    )
+    text = repr(creds)
+    assert "PRIVATE KEY" not in text and pki.key_pem(key).decode()[40:80] not in text
+    assert "/ns/a/sa/b" in text
