@@ -42,16 +42,27 @@ async def echo(request: web.Request) -> web.StreamResponse:
     if log_to is not None:
         with open(log_to, "a") as f:
             f.write(json.dumps({"method": request.method, "path": request.path}) + "\n")
-    return web.json_response(
-        {
-            "method": request.method,
-            "path": request.path,
-            "query": request.query_string,
-            "headers": {k: v for k, v in request.headers.items()},
-            "body_bytes": size,
-            "body_sha256": digest.hexdigest(),
-        }
-    )
+    doc = {
+        "method": request.method,
+        "path": request.path,
+        "query": request.query_string,
+        "headers": {k: v for k, v in request.headers.items()},
+        "body_bytes": size,
+        "body_sha256": digest.hexdigest(),
+    }
+    status = int(request.query.get("status", "200") or 200)
+    if status in (204, 304):
+        return web.Response(status=status)
+    if request.query.get("chunked"):  # no Content-Length: aiohttp sends it chunked
+        resp = web.StreamResponse(status=status, headers={"Content-Type": "application/json"})
+        resp.enable_chunked_encoding()
+        await resp.prepare(request)
+        text = json.dumps(doc).encode()
+        for i in range(0, len(text), 50):
+            await resp.write(text[i : i + 50])
+        await resp.write_eof()
+        return resp
+    return web.json_response(doc, status=status)
 
 
 def app(log: str | None = None) -> web.Application:
