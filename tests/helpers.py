@@ -66,6 +66,17 @@ def refusals(home: Path) -> list[dict]:
     return [dict(zip(("spiffe_id", "credential", "code", "reason"), r, strict=True)) for r in rows]
 
 
+def stop_process(proc: subprocess.Popen) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within 10 s."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
 @dataclass
 class CAProcess:
     """A running `meshca serve` child process on a free loopback port."""
@@ -83,13 +94,7 @@ class CAProcess:
         return host, int(port)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
+        stop_process(self.proc)
 
     @property
     def log(self) -> str:
