@@ -1,0 +1,388 @@
+"""Authorization policy, shaped like Istio's AuthorizationPolicy: parsing and pure decisions.
+
+A policy file is YAML:
+
+    default: allow-authenticated      # or: deny   (used when no ALLOW rule exists)
+    rules:
+      - name: no-admin
+        action: DENY                  # ALLOW | DENY | AUDIT
+        to: {paths: ["/admin", "/admin/*"]}
+      - name: frontend-may-process
+        action: ALLOW
+        from: {principals: ["spiffe://cluster.local/ns/default/sa/frontend"]}
+        to: {paths: ["/process"], methods: ["GET"]}
+        when: [{claim: groups, values: [ops]}]
+        dry_run: false
+
+A rule matches when every field it names matches (within a field, any value).
+Fields: `from.principals`, `from.namespaces`, `from.request_principals`
+(`iss/sub` of the verified JWT), `to.paths`, `to.methods`, `when` (claim
+conditions), and each with a `not_` twin (`not_principals`, ...) that must
+*not* match. Strings match exactly, by prefix (`abc*`), by suffix (`*abc`), or
+`*` (any non-empty value). Principals may omit `spiffe://`, as Istio's do.
+
+Decision: any matching DENY refuses; else, if ALLOW rules exist, one must match;
+else `default` decides. AUDIT rules only mark the log. A `dry_run` rule is
+evaluated and logged ("would deny"), and changes nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ACTIONS = ("ALLOW", "DENY", "AUDIT")
+DEFAULTS = ("allow-authenticated", "deny")
+
+
+class PolicyError(ValueError):
+    """The policy file is invalid; `problems` names each bad field."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("; ".join(problems))
+        self.problems = problems
+
+
+@dataclass(frozen=True)
+class Pattern:
+    """One string pattern: exact, prefix (`abc*`), suffix (`*abc`) or presence (`*`)."""
+
+    kind: str  # exact | prefix | suffix | any
+    value: str
+
+    @classmethod
+    def parse(cls, text: str) -> Pattern:
+        """Compile Istio's string-match forms."""
+        if text == "*":
+            return cls("any", "")
+        if text.endswith("*") and "*" not in text[:-1]:
+            return cls("prefix", text[:-1])
+        if text.startswith("*") and "*" not in text[1:]:
+            return cls("suffix", text[1:])
+        if "*" in text:
+            raise ValueError(f"{text!r}: '*' may only lead or end a pattern")
+        return cls("exact", text)
+
+    def match(self, value: str | None) -> bool:
+        """Does `value` match (None never does)?"""
+        if not value:
+            return False
+        k = self.kind
+        if k == "exact":
+            return value == self.value
+        if k == "prefix":
+            return value.startswith(self.value)
+        if k == "suffix":
+            return value.endswith(self.value)
+        return True
+
+
+def _any(patterns: tuple[Pattern, ...], value: str | None) -> bool:
+    return any(p.match(value) for p in patterns)
+
+
+@dataclass(frozen=True)
+class Condition:
+    """`claim` (a name, or names for nested claims) equals, or contains, one of `values`."""
+
+    claim: tuple[str, ...]
+    values: frozenset[str]
+    negate: bool = False
+
+    def match(self, claims: Mapping[str, Any] | None) -> bool:
+        """True when the claim holds one of the values (or, negated, none of them)."""
+        hit = False
+        value: Any = claims
+        for name in self.claim:
+            if not isinstance(value, Mapping) or name not in value:
+                value = None
+                break
+            value = value[name]
+        if isinstance(value, list):
+            hit = any(str(v) in self.values for v in value if not isinstance(v, dict | list))
+        elif value is not None and not isinstance(value, dict):
+            hit = (str(value).lower() if isinstance(value, bool) else str(value)) in self.values
+        return hit != self.negate
+
+
+@dataclass(frozen=True)
+class Request:
+    """What a decision looks at (all strings already normalized)."""
+
+    principal: str | None
+    path: str
+    method: str
+    request_principal: str | None = None
+    claims: Mapping[str, Any] | None = None
+
+    @property
+    def namespace(self) -> str | None:
+        """The `ns` segment of a `spiffe://td/ns/<ns>/sa/<sa>` principal."""
+        if not self.principal:
+            return None
+        parts = self.principal.split("/")
+        # spiffe: '' td ns <ns> ...
+        if len(parts) >= 5 and parts[3] == "ns":
+            return parts[4]
+        return None
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One compiled rule."""
+
+    name: str
+    action: str
+    dry_run: bool = False
+    principals: tuple[Pattern, ...] | None = None
+    not_principals: tuple[Pattern, ...] | None = None
+    namespaces: tuple[Pattern, ...] | None = None
+    not_namespaces: tuple[Pattern, ...] | None = None
+    request_principals: tuple[Pattern, ...] | None = None
+    not_request_principals: tuple[Pattern, ...] | None = None
+    paths: tuple[Pattern, ...] | None = None
+    not_paths: tuple[Pattern, ...] | None = None
+    methods: frozenset[str] | None = None
+    not_methods: frozenset[str] | None = None
+    when: tuple[Condition, ...] = ()
+
+    def match(self, r: Request) -> bool:
+        """All named fields match."""
+        if self.methods is not None and r.method not in self.methods:
+            return False
+        if self.not_methods is not None and r.method in self.not_methods:
+            return False
+        if self.paths is not None and not _any(self.paths, r.path):
+            return False
+        if self.not_paths is not None and _any(self.not_paths, r.path):
+            return False
+        if self.principals is not None and not _any(self.principals, r.principal):
+            return False
+        if self.not_principals is not None and _any(self.not_principals, r.principal):
+            return False
+        if self.namespaces is not None and not _any(self.namespaces, r.namespace):
+            return False
+        if self.not_namespaces is not None and _any(self.not_namespaces, r.namespace):
+            return False
+        if self.request_principals is not None and not _any(
+            self.request_principals, r.request_principal
+        ):
+            return False
+        if self.not_request_principals is not None and _any(
+            self.not_request_principals, r.request_principal
+        ):
+            return False
+        return all(c.match(r.claims) for c in self.when)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The outcome, with what the access log and the 403 body say."""
+
+    allowed: bool
+    rule: str | None
+    reason: str
+    audit: tuple[str, ...] = ()
+    dry_run: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Policy:
+    """A compiled policy."""
+
+    rules: tuple[Rule, ...] = ()
+    default: str = "allow-authenticated"
+    source: str = "(built-in default)"
+    _deny: tuple[Rule, ...] = field(default=(), repr=False)
+    _allow: tuple[Rule, ...] = field(default=(), repr=False)
+    _audit: tuple[Rule, ...] = field(default=(), repr=False)
+    _dry: tuple[Rule, ...] = field(default=(), repr=False)
+
+    @classmethod
+    def build(cls, rules: Sequence[Rule], default: str, source: str) -> Policy:
+        """Group rules once, so evaluation walks only what it needs."""
+        live = [r for r in rules if not r.dry_run]
+        return cls(
+            tuple(rules),
+            default,
+            source,
+            tuple(r for r in live if r.action == "DENY"),
+            tuple(r for r in live if r.action == "ALLOW"),
+            tuple(r for r in live if r.action == "AUDIT"),
+            tuple(r for r in rules if r.dry_run and r.action != "AUDIT"),
+        )
+
+    def decide(self, r: Request) -> Decision:
+        """DENY first, then ALLOW, then the default; dry-run and audit rules are noted."""
+        audit = tuple(x.name for x in self._audit if x.match(r))
+        dry = tuple(
+            f"{x.name}: would {'deny' if x.action == 'DENY' else 'allow'}"
+            for x in self._dry
+            if x.match(r)
+        )
+        for rule in self._deny:
+            if rule.match(r):
+                return Decision(False, rule.name, f"denied by rule {rule.name!r}", audit, dry)
+        if self._allow:
+            for rule in self._allow:
+                if rule.match(r):
+                    return Decision(True, rule.name, f"allowed by rule {rule.name!r}", audit, dry)
+            return Decision(False, None, "no ALLOW rule matched", audit, dry)
+        if self.default == "deny":
+            return Decision(False, None, "denied by default (no ALLOW rule)", audit, dry)
+        if r.principal:
+            return Decision(True, None, "authenticated peer (default)", audit, dry)
+        return Decision(False, None, "no authenticated peer (default)", audit, dry)
+
+
+_FROM = ("principals", "namespaces", "request_principals")
+_TO = ("paths", "methods")
+
+
+def _patterns(value: Any, where: str, problems: list[str], spiffe: bool) -> tuple[Pattern, ...]:
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
+        problems.append(f"{where}: must be a non-empty list of strings")
+        return ()
+    out = []
+    for v in value:
+        if spiffe and not v.startswith(("spiffe://", "*")):
+            v = "spiffe://" + v  # Istio writes principals without the scheme
+        try:
+            out.append(Pattern.parse(v))
+        except ValueError as e:
+            problems.append(f"{where}: {e}")
+    return tuple(out)
+
+
+def parse_policy(doc: Any, source: str = "(inline)") -> Policy:
+    """Compile a policy document; PolicyError listing every problem by field."""
+    problems: list[str] = []
+    if doc is None:
+        doc = {}
+    if not isinstance(doc, dict):
+        raise PolicyError(["(top level): must be a mapping with 'rules'"])
+    for k in doc:
+        if k not in ("default", "rules"):
+            problems.append(f"{k}: unknown key")
+    default = doc.get("default", "allow-authenticated")
+    if default not in DEFAULTS:
+        problems.append(f"default: must be one of {', '.join(DEFAULTS)}")
+    raw_rules = doc.get("rules", [])
+    if not isinstance(raw_rules, list):
+        problems.append("rules: must be a list")
+        raw_rules = []
+    rules: list[Rule] = []
+    names: set[str] = set()
+    for i, raw in enumerate(raw_rules):
+        where = f"rules[{i}]"
+        if not isinstance(raw, dict):
+            problems.append(f"{where}: must be a mapping")
+            continue
+        for k in raw:
+            if k not in ("name", "action", "dry_run", "from", "to", "when"):
+                problems.append(f"{where}.{k}: unknown key")
+        name = raw.get("name")
+        if not isinstance(name, str) or not name:
+            problems.append(f"{where}.name: required")
+            name = f"rule-{i}"
+        elif name in names:
+            problems.append(f"{where}.name: {name!r} is used twice")
+        names.add(name)
+        where = f"rules[{i}] ({name})"
+        action = raw.get("action")
+        if action not in ACTIONS:
+            problems.append(f"{where}.action: must be one of {', '.join(ACTIONS)}")
+        dry = raw.get("dry_run", False)
+        if not isinstance(dry, bool):
+            problems.append(f"{where}.dry_run: must be true or false")
+        fields: dict[str, Any] = {}
+        for section, keys in (("from", _FROM), ("to", _TO)):
+            sec = raw.get(section, {})
+            if not isinstance(sec, dict):
+                problems.append(f"{where}.{section}: must be a mapping")
+                continue
+            allowed = set(keys) | {"not_" + k for k in keys}
+            for k in sec:
+                if k not in allowed:
+                    problems.append(f"{where}.{section}.{k}: unknown key")
+            for k in keys:
+                for key in (k, "not_" + k):
+                    if key not in sec:
+                        continue
+                    loc = f"{where}.{section}.{key}"
+                    if k == "methods":
+                        vals = sec[key]
+                        if (
+                            not isinstance(vals, list)
+                            or not vals
+                            or not all(isinstance(m, str) and m.isalpha() for m in vals)
+                        ):
+                            problems.append(f"{loc}: must be a non-empty list of methods")
+                            continue
+                        fields[key] = frozenset(m.upper() for m in vals)
+                    else:
+                        fields[key] = _patterns(sec[key], loc, problems, k == "principals")
+                        if k == "paths":
+                            for pat in fields[key]:
+                                if pat.kind in ("exact", "prefix") and not pat.value.startswith(
+                                    "/"
+                                ):
+                                    problems.append(f"{loc}: {pat.value!r} must start with '/'")
+        when: list[Condition] = []
+        raw_when = raw.get("when", [])
+        if not isinstance(raw_when, list):
+            problems.append(f"{where}.when: must be a list")
+            raw_when = []
+        for j, cond in enumerate(raw_when):
+            loc = f"{where}.when[{j}]"
+            if not isinstance(cond, dict):
+                problems.append(f"{loc}: must be a mapping with claim and values")
+                continue
+            for k in cond:
+                if k not in ("claim", "values", "not_values"):
+                    problems.append(f"{loc}.{k}: unknown key")
+            claim = cond.get("claim")
+            path = (claim,) if isinstance(claim, str) else tuple(claim or ())
+            if not path or not all(isinstance(c, str) and c for c in path):
+                problems.append(f"{loc}.claim: a claim name (or a list of names for nested claims)")
+                continue
+            has_values, has_not = "values" in cond, "not_values" in cond
+            if has_values == has_not:
+                problems.append(f"{loc}: give exactly one of values or not_values")
+                continue
+            vals = cond["values" if has_values else "not_values"]
+            if not isinstance(vals, list) or not vals:
+                problems.append(f"{loc}: values must be a non-empty list")
+                continue
+            when.append(
+                Condition(
+                    path,
+                    frozenset(str(v).lower() if isinstance(v, bool) else str(v) for v in vals),
+                    negate=has_not,
+                )
+            )
+        if action in ACTIONS and isinstance(dry, bool):
+            rules.append(Rule(name=name, action=action, dry_run=dry, when=tuple(when), **fields))
+    if problems:
+        raise PolicyError(problems)
+    return Policy.build(rules, default, source)
+
+
+def load_policy(path: Path) -> Policy:
+    """Read and compile a policy file; PolicyError naming every problem."""
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise PolicyError([f"{path}: cannot read ({e.strerror})"]) from None
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        raise PolicyError(
+            [f"{path}: not valid YAML" + (f" at line {mark.line + 1}" if mark else "")]
+        ) from None
+    return parse_policy(doc, str(path))
