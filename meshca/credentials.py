@@ -12,25 +12,20 @@ never contains the token.
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import hashlib
-import json
 import logging
 import secrets
-import ssl
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-import aiohttp
 import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from meshca.errors import BadRequest, Unauthenticated
+from meshca.jwks import JwksSource
 from meshca.spiffe import InvalidSpiffeId, SpiffeId
 
 log = logging.getLogger("meshca.credentials")
@@ -202,154 +197,6 @@ class JoinTokens:
         if not isinstance(dns, list) or not all(isinstance(d, str) for d in dns):
             raise _invalid("token 'dns' claim must be a list of names")
         return JoinClaims(sid, jti, tuple(dns))
-
-
-class JwksSource:
-    """Where the Kubernetes issuer's public keys come from."""
-
-    async def key(self, kid: str | None) -> jwt.PyJWK | None:
-        """The verification key for `kid` (None: the only key), or None if unknown."""
-        raise NotImplementedError
-
-    async def close(self) -> None:
-        """Release resources."""
-
-
-def _pick(keyset: jwt.PyJWKSet | None, kid: str | None) -> jwt.PyJWK | None:
-    if keyset is None:
-        return None
-    keys = keyset.keys
-    if kid is None:
-        return keys[0] if len(keys) == 1 else None
-    for k in keys:
-        if k.key_id == kid:
-            return k
-    return None
-
-
-def parse_jwks(data: bytes, where: str) -> jwt.PyJWKSet:
-    """Parse a JWKS document; ValueError naming `where` if it is not one."""
-    try:
-        doc = json.loads(data)
-        return jwt.PyJWKSet.from_dict(doc)
-    except (ValueError, jwt.PyJWTError, TypeError, AttributeError) as e:
-        raise ValueError(f"{where} is not a usable JWKS: {e}") from None
-
-
-class FileJwks(JwksSource):
-    """A JWKS file, re-read when it changes (a mounted ConfigMap updates in place)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._mtime: float | None = None
-        self._set: jwt.PyJWKSet | None = None
-        self._load()  # fail closed at start-up if the file is bad
-
-    def _load(self) -> None:
-        st = self.path.stat()
-        if st.st_mtime_ns != self._mtime:
-            self._set = parse_jwks(self.path.read_bytes(), str(self.path))
-            self._mtime = st.st_mtime_ns
-
-    async def key(self, kid: str | None) -> jwt.PyJWK | None:
-        """The key for `kid`; a bad new file keeps the last good keys."""
-        try:
-            self._load()
-        except (OSError, ValueError) as e:
-            log.warning("keeping previous JWKS: %s", e)
-        return _pick(self._set, kid)
-
-
-MAX_JWKS_BYTES = 1 << 20
-
-
-async def _read_capped(resp: aiohttp.ClientResponse, cap: int) -> bytes:
-    chunks, size = [], 0
-    async for chunk in resp.content.iter_any():
-        size += len(chunk)
-        if size > cap:
-            raise ValueError(f"{resp.url} answered more than {cap} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-class UrlJwks(JwksSource):
-    """A JWKS fetched over HTTPS, cached, refreshed periodically and on an unknown `kid`.
-
-    With `discover`, `url` is the issuer and the JWKS address is read from its
-    `/.well-known/openid-configuration` (OIDC discovery, as the API server serves).
-    Refetches are rate-limited; when the endpoint is down the cached keys keep working.
-    """
-
-    def __init__(
-        self,
-        url: str,
-        ca_file: Path | None = None,
-        bearer_file: Path | None = None,
-        refresh: float = 300.0,
-        min_interval: float = 10.0,
-        discover: bool = False,
-    ) -> None:
-        if not url.startswith("https://"):
-            raise ValueError("JWKS URL must be https://")
-        self.url = url
-        self._discover = discover
-        self._jwks_uri: str | None = None if discover else url
-        self._ssl = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
-        self._bearer_file = bearer_file
-        self._refresh = refresh
-        self._min_interval = min_interval
-        self._set: jwt.PyJWKSet | None = None
-        self._fetched_at = -1e9
-        self._tried_at = -1e9
-        self._lock = asyncio.Lock()
-        self._session: aiohttp.ClientSession | None = None
-
-    async def _get(self, url: str) -> bytes:
-        headers = {"Accept": "application/json"}
-        if self._bearer_file is not None:
-            headers["Authorization"] = "Bearer " + self._bearer_file.read_text().strip()
-        if self._session is None:
-            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5))
-        async with self._session.get(url, headers=headers, ssl=self._ssl) as resp:
-            if resp.status != 200:
-                raise ValueError(f"{url} answered {resp.status}")
-            return await _read_capped(resp, MAX_JWKS_BYTES)
-
-    async def _fetch(self) -> None:
-        self._tried_at = time.monotonic()
-        if self._jwks_uri is None:
-            where = self.url.rstrip("/") + "/.well-known/openid-configuration"
-            try:
-                doc = json.loads(await self._get(where))
-                jwks_uri = doc["jwks_uri"]
-            except (ValueError, KeyError, TypeError) as e:
-                raise ValueError(f"{where} has no usable jwks_uri ({e})") from None
-            if not isinstance(jwks_uri, str) or not jwks_uri.startswith("https://"):
-                raise ValueError(f"{where}: jwks_uri must be an https:// URL")
-            self._jwks_uri = jwks_uri
-        self._set = parse_jwks(await self._get(self._jwks_uri), self._jwks_uri)
-        self._fetched_at = time.monotonic()
-
-    async def key(self, kid: str | None) -> jwt.PyJWK | None:
-        """The key for `kid`, refetching when stale or unknown (at most every min_interval)."""
-        now = time.monotonic()
-        stale = now - self._fetched_at > self._refresh
-        found = _pick(self._set, kid)
-        if (found is None or stale) and now - self._tried_at >= self._min_interval:
-            async with self._lock:
-                if time.monotonic() - self._tried_at >= self._min_interval:
-                    try:
-                        await self._fetch()
-                    except (aiohttp.ClientError, OSError, ValueError, TimeoutError) as e:
-                        log.warning("JWKS fetch from %s failed, using cached keys: %s", self.url, e)
-            found = _pick(self._set, kid)
-        return found
-
-    async def close(self) -> None:
-        """Close the HTTP session."""
-        if self._session is not None:
-            await self._session.close()
 
 
 _KEY_TYPE_OF_ALG = {"RS": "RSA", "PS": "RSA", "ES": "EC", "Ed": "OKP"}

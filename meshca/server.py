@@ -26,9 +26,10 @@ from cryptography import x509
 from meshca import pki, store, tlsutil
 from meshca.authority import Authority, load_ec_key
 from meshca.config import ServeConfig
-from meshca.credentials import FileJwks, JoinTokens, JwksSource, K8sTokens, UrlJwks
+from meshca.credentials import JoinTokens, K8sTokens
 from meshca.enroll import NONE, Enroller
 from meshca.errors import MeshcaError, RateLimited, TooLarge, Unauthenticated
+from meshca.jwks import FileJwks, JwksSource, UrlJwks
 from meshca.ratelimit import RateLimiter
 from meshca.spiffe import SpiffeId
 

@@ -9,8 +9,9 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from meshca.credentials import FileJwks, JoinTokens, K8sTokens, peek_issuer
+from meshca.credentials import JoinTokens, K8sTokens, peek_issuer
 from meshca.errors import BadRequest, Unauthenticated
+from meshca.jwks import FileJwks
 from meshca.spiffe import SpiffeId
 
 NOW = dt.datetime(2026, 11, 26, 12, 0, tzinfo=dt.UTC)
@@ -67,7 +68,7 @@ def k8s(tmp_path_factory):
     jwk["kid"] = "k1"
     path = tmp_path_factory.mktemp("jwks") / "jwks.json"
     path.write_text(json.dumps({"keys": [jwk]}))
-    verifier = K8sTokens("https://k8s", ["meshca"], FileJwks(path), "cluster.local")
+    verifier = K8sTokens("https://k8s", ["meshca"], FileJwks(path, check_every=0), "cluster.local")
     return key, verifier, path
 
 

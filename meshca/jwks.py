@@ -1,0 +1,210 @@
+"""JWKS key sources (shared by the CA and the sidecar): a file, or an HTTPS URL with a cache.
+
+`get(kid)` is synchronous and never does network I/O, so a data path can call
+it per request; `refresh()` fetches (at most every `min_interval` seconds) and
+is awaited only when a `kid` is unknown. A URL source also refreshes itself in
+the background every `refresh` seconds; when the endpoint is down the cached
+keys keep working. A bad new document never replaces the last good one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import ssl
+import time
+from pathlib import Path
+
+import aiohttp
+import jwt
+
+log = logging.getLogger("meshca.jwks")
+
+MAX_JWKS_BYTES = 1 << 20
+
+
+def parse_jwks(data: bytes, where: str) -> jwt.PyJWKSet:
+    """Parse a JWKS document; ValueError naming `where` if it is not one."""
+    try:
+        doc = json.loads(data)
+        return jwt.PyJWKSet.from_dict(doc)
+    except (ValueError, jwt.PyJWTError, TypeError, AttributeError) as e:
+        raise ValueError(f"{where} is not a usable JWKS: {e}") from None
+
+
+def pick(keyset: jwt.PyJWKSet | None, kid: str | None) -> jwt.PyJWK | None:
+    """The key with `kid`; with no kid, the only key (None if there are several)."""
+    if keyset is None:
+        return None
+    keys = keyset.keys
+    if kid is None:
+        return keys[0] if len(keys) == 1 else None
+    for k in keys:
+        if k.key_id == kid:
+            return k
+    return None
+
+
+class JwksSource:
+    """Where an issuer's public keys come from."""
+
+    def get(self, kid: str | None) -> jwt.PyJWK | None:
+        """The cached key for `kid`, or None."""
+        raise NotImplementedError
+
+    async def refresh(self) -> bool:
+        """Fetch again if allowed now; True if a fetch was attempted."""
+        return False
+
+    async def key(self, kid: str | None) -> jwt.PyJWK | None:
+        """The key for `kid`, refreshing once if it is unknown."""
+        found = self.get(kid)
+        if found is None and await self.refresh():
+            found = self.get(kid)
+        return found
+
+    async def close(self) -> None:
+        """Release resources."""
+
+
+class FileJwks(JwksSource):
+    """A JWKS file, re-read when it changes (a mounted ConfigMap updates in place)."""
+
+    def __init__(self, path: Path, check_every: float = 1.0) -> None:
+        self.path = path
+        self._mtime: int | None = None
+        self._checked = 0.0
+        self._check_every = check_every
+        self._set: jwt.PyJWKSet | None = None
+        self._load()  # fail closed at start-up if the file is bad
+
+    def _load(self) -> None:
+        st = self.path.stat()
+        if st.st_mtime_ns != self._mtime:
+            self._set = parse_jwks(self.path.read_bytes(), str(self.path))
+            self._mtime = st.st_mtime_ns
+
+    def get(self, kid: str | None) -> jwt.PyJWK | None:
+        """The key for `kid`; the file is looked at no more than once a second."""
+        now = time.monotonic()
+        if now - self._checked >= self._check_every:
+            self._checked = now
+            try:
+                self._load()
+            except (OSError, ValueError) as e:
+                log.warning("keeping the previous JWKS: %s", e)
+        return pick(self._set, kid)
+
+    async def refresh(self) -> bool:
+        """Look at the file again now."""
+        self._checked = 0.0
+        return True
+
+
+async def _read_capped(resp: aiohttp.ClientResponse, cap: int) -> bytes:
+    chunks, size = [], 0
+    async for chunk in resp.content.iter_any():
+        size += len(chunk)
+        if size > cap:
+            raise ValueError(f"{resp.url} answered more than {cap} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+class UrlJwks(JwksSource):
+    """A JWKS fetched over HTTPS, cached, refreshed periodically and on an unknown `kid`.
+
+    With `discover`, `url` is the issuer and the JWKS address is read from its
+    `/.well-known/openid-configuration` (OIDC discovery, as the API server serves).
+    `ssl_context` (or `ca_file`) decides whom to trust for the fetch.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        ca_file: Path | None = None,
+        bearer_file: Path | None = None,
+        refresh: float = 300.0,
+        min_interval: float = 10.0,
+        discover: bool = False,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        if not url.startswith("https://"):
+            raise ValueError("JWKS URL must be https://")
+        self.url = url
+        self._discover = discover
+        self._jwks_uri: str | None = None if discover else url
+        self._ssl = ssl_context or ssl.create_default_context(
+            cafile=str(ca_file) if ca_file else None
+        )
+        self._bearer_file = bearer_file
+        self._refresh = refresh
+        self._min_interval = min_interval
+        self._set: jwt.PyJWKSet | None = None
+        self._fetched_at = -1e9
+        self._tried_at = -1e9
+        self._lock = asyncio.Lock()
+        self._session: aiohttp.ClientSession | None = None
+        self._background: asyncio.Task[bool] | None = None
+
+    def set_ssl_context(self, ctx: ssl.SSLContext) -> None:
+        """Trust what `ctx` trusts for later fetches (the mesh bundle may change)."""
+        self._ssl = ctx
+
+    async def _get(self, url: str) -> bytes:
+        headers = {"Accept": "application/json"}
+        if self._bearer_file is not None:
+            headers["Authorization"] = "Bearer " + self._bearer_file.read_text().strip()
+        if self._session is None:
+            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5))
+        async with self._session.get(url, headers=headers, ssl=self._ssl) as resp:
+            if resp.status != 200:
+                raise ValueError(f"{url} answered {resp.status}")
+            return await _read_capped(resp, MAX_JWKS_BYTES)
+
+    async def _fetch(self) -> None:
+        self._tried_at = time.monotonic()
+        if self._jwks_uri is None:
+            where = self.url.rstrip("/") + "/.well-known/openid-configuration"
+            try:
+                doc = json.loads(await self._get(where))
+                jwks_uri = doc["jwks_uri"]
+            except (ValueError, KeyError, TypeError) as e:
+                raise ValueError(f"{where} has no usable jwks_uri ({e})") from None
+            if not isinstance(jwks_uri, str) or not jwks_uri.startswith("https://"):
+                raise ValueError(f"{where}: jwks_uri must be an https:// URL")
+            self._jwks_uri = jwks_uri
+        self._set = parse_jwks(await self._get(self._jwks_uri), self._jwks_uri)
+        self._fetched_at = time.monotonic()
+
+    def get(self, kid: str | None) -> jwt.PyJWK | None:
+        """The cached key; a stale cache starts a background refresh (never waits for it)."""
+        if time.monotonic() - self._fetched_at > self._refresh and (
+            self._background is None or self._background.done()
+        ):
+            try:
+                self._background = asyncio.get_running_loop().create_task(self.refresh())
+            except RuntimeError:  # no running loop (a synchronous caller): skip
+                pass
+        return pick(self._set, kid)
+
+    async def refresh(self) -> bool:
+        """Fetch now unless one was tried within `min_interval`; True if tried."""
+        if time.monotonic() - self._tried_at < self._min_interval:
+            return False
+        async with self._lock:
+            if time.monotonic() - self._tried_at < self._min_interval:
+                return True  # another caller just fetched
+            try:
+                await self._fetch()
+            except (aiohttp.ClientError, OSError, ValueError, TimeoutError) as e:
+                log.warning("JWKS fetch from %s failed, using cached keys: %s", self.url, e)
+        return True
+
+    async def close(self) -> None:
+        """Close the HTTP session."""
+        if self._background is not None:
+            self._background.cancel()
+        if self._session is not None:
+            await self._session.close()
