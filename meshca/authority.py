@@ -148,6 +148,7 @@ def init_ca(
         store.create_exclusive(home / f"{int_name}.key", pki.key_pem(int_key))
         store.create_exclusive(home / f"{int_name}.crt", pki.cert_pem(intermediate), 0o644)
         store.create_exclusive(home / store.TOKEN_KEY_FILE, pki.key_pem(pki.new_key()))
+        store.create_exclusive(home / store.JWT_KEY_FILE, pki.key_pem(pki.new_key()))
         ledger = store.Ledger(home / store.LEDGER_FILE, clock)
         try:
             ledger.record_event(
@@ -170,3 +171,14 @@ def init_ca(
         )
         store.atomic_write(home / store.STATE_FILE, state.to_json(), 0o644)
         return state
+
+
+def ensure_jwt_key(home: Path) -> ec.EllipticCurvePrivateKey:
+    """The JWT-SVID signing key; made once for a CA created before JWT-SVIDs existed."""
+    path = home / store.JWT_KEY_FILE
+    if not path.exists():
+        with store.locked(home):
+            if not path.exists():
+                store.create_exclusive(path, pki.key_pem(pki.new_key()))
+                store.fsync_dir(home)
+    return load_ec_key(path)

@@ -111,6 +111,23 @@ def cmd_token(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_jwt(args: argparse.Namespace) -> int:
+    """meshca jwt: print a JWT-SVID for --sub and --aud (for testing by hand)."""
+    from meshca.authority import ensure_jwt_key
+    from meshca.jwtsvid import JwtIssuer
+
+    home = _home(args)
+    authority = Authority.load(home)
+    try:
+        sid = SpiffeId.parse(args.sub)
+    except InvalidSpiffeId as e:
+        raise CLIError(f"--sub: {e}") from None
+    issuer = JwtIssuer(ensure_jwt_key(home), authority.trust_domain)
+    minted = issuer.mint(sid, args.aud, store.utcnow(), dt.timedelta(seconds=args.ttl))
+    print(minted.token)
+    return 0
+
+
 def cmd_bundle(args: argparse.Namespace) -> int:
     """meshca bundle: print the trust bundle (root certificates, PEM)."""
     sys.stdout.write(Authority.load(_home(args)).bundle_pem())
@@ -274,6 +291,14 @@ def parser() -> argparse.ArgumentParser:
         help="a DNS SAN the certificate will carry (repeatable)",
     )
     s.set_defaults(func=cmd_token)
+
+    s = cmd("jwt", "print a JWT-SVID (for testing by hand)")
+    s.add_argument("--sub", required=True, help="the SPIFFE ID the token is for")
+    s.add_argument("--aud", required=True, help="the audience")
+    s.add_argument(
+        "--ttl", type=int, default=300, help="lifetime in seconds (default 300, max 3600)"
+    )
+    s.set_defaults(func=cmd_jwt)
 
     s = cmd("bundle", "print the trust bundle (root certificates, PEM)")
     s.set_defaults(func=cmd_bundle)

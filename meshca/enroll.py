@@ -162,7 +162,7 @@ class Enroller:
             raise Unauthenticated("token issuer is not trusted", code="invalid_token")
         if peer_cert is not None:
             caller.credential = RENEWAL
-            caller.spiffe_id, caller.dns_names = self._check_renewal(peer_cert, now)
+            caller.spiffe_id, caller.dns_names = self.check_peer_svid(peer_cert, now)
             return
         raise Unauthenticated(
             "missing credential: send 'Authorization: Bearer <token>' or present your "
@@ -170,10 +170,13 @@ class Enroller:
             code="missing_credential",
         )
 
-    def _check_renewal(
+    def check_peer_svid(
         self, cert: x509.Certificate, now: dt.datetime
     ) -> tuple[SpiffeId, tuple[str, ...]]:
-        """The TLS layer verified the chain; check it is a current SVID this CA issued."""
+        """The TLS layer verified the chain; check it is a current SVID this CA issued.
+
+        Returns the ID and the DNS names; Unauthenticated / Forbidden otherwise.
+        """
         try:
             sid = pki.spiffe_id_of(cert)
         except ValueError:

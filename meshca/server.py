@@ -24,12 +24,13 @@ from aiohttp import web
 from cryptography import x509
 
 from meshca import pki, store, tlsutil
-from meshca.authority import Authority, load_ec_key
+from meshca.authority import Authority, ensure_jwt_key, load_ec_key
 from meshca.config import ServeConfig
 from meshca.credentials import JoinTokens, K8sTokens
 from meshca.enroll import NONE, Enroller
-from meshca.errors import MeshcaError, RateLimited, TooLarge, Unauthenticated
+from meshca.errors import BadRequest, MeshcaError, RateLimited, TooLarge, Unauthenticated
 from meshca.jwks import FileJwks, JwksSource, UrlJwks
+from meshca.jwtsvid import DEFAULT_TTL, JwtIssuer, check_audience
 from meshca.ratelimit import RateLimiter
 from meshca.spiffe import SpiffeId
 
@@ -180,6 +181,8 @@ class CAServer:
             config.cert_ttl,
             clock,
         )
+        self.jwt_issuer = JwtIssuer(ensure_jwt_key(config.home), self.authority.trust_domain)
+        self.jwt_limiter = RateLimiter(config.rate, config.burst)
         self.ssl_context = self._new_ssl_context()
         self.server_cert_expires = self._refresh_server_cert()
 
@@ -255,6 +258,41 @@ class CAServer:
         request["spiffe_id"] = str(issued.spiffe_id)
         return json_response(issued.to_json())
 
+    async def post_jwt(self, request: web.Request) -> web.Response:
+        """POST /v1/jwt: a JWT-SVID for the mTLS caller's own ID, for the audience asked."""
+        body = await read_limited(request, 4096)
+        cert = peer_certificate(request)
+        if cert is None:
+            raise Unauthenticated(
+                "JWT-SVIDs are issued over mTLS only: present your certificate",
+                code="missing_credential",
+            )
+        now = self.clock()
+        sid, _ = self.enroller.check_peer_svid(cert, now)
+        request["spiffe_id"] = str(sid)
+        try:
+            doc = json.loads(body)
+        except (ValueError, UnicodeDecodeError):
+            raise BadRequest("body is not valid JSON", code="bad_json") from None
+        if not isinstance(doc, dict):
+            raise BadRequest("body must be a JSON object", code="bad_json")
+        unknown = sorted(set(doc) - {"audience", "ttl"})
+        if unknown:
+            raise BadRequest(f"unknown field {unknown[0]!r}", code="bad_json")
+        audience = check_audience(doc.get("audience"))
+        ttl = doc.get("ttl", DEFAULT_TTL.total_seconds())
+        if isinstance(ttl, bool) or not isinstance(ttl, int | float):
+            raise BadRequest("field 'ttl' must be a number of seconds", code="bad_json")
+        wait = self.jwt_limiter.check(str(sid))
+        if wait > 0:
+            raise RateLimited(f"too many JWT requests for {sid}", retry_after=wait)
+        minted = self.jwt_issuer.mint(sid, audience, now, dt.timedelta(seconds=ttl))
+        return json_response({"token": minted.token, "expires_at": pki.rfc3339(minted.expires_at)})
+
+    async def get_jwks(self, request: web.Request) -> web.Response:
+        """GET /v1/jwks: the keys that verify this CA's JWT-SVIDs."""
+        return json_response(self.jwt_issuer.jwks(), headers={"Cache-Control": "max-age=60"})
+
     async def get_bundle(self, request: web.Request) -> web.Response:
         """GET /v1/bundle: the trust bundle, with an ETag for cheap polling."""
         authority = self.authority
@@ -285,6 +323,8 @@ class CAServer:
         )
         app.router.add_post("/v1/certificates", self.post_certificates)
         app.router.add_get("/v1/bundle", self.get_bundle)
+        app.router.add_post("/v1/jwt", self.post_jwt)
+        app.router.add_get("/v1/jwks", self.get_jwks)
         app.router.add_get("/healthz", self.get_healthz)
         return app
 

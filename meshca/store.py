@@ -6,6 +6,7 @@ Layout of a home directory (mode 0700):
     root-<tag>.crt/.key  root certificates and keys (keys 0600)
     issuing-<tag>.crt/.key
     token-signing.key    signs join tokens (0600)
+    jwt-signing.key      signs JWT-SVIDs (0600)
     ledger.db            SQLite (WAL): issuances, refusals, join tokens, events
     .lock                flock() held by init (and later rotate), so two runs never interleave
 
@@ -34,10 +35,11 @@ STATE_FILE = "state.json"
 LEDGER_FILE = "ledger.db"
 LOCK_FILE = ".lock"
 TOKEN_KEY_FILE = "token-signing.key"  # noqa: S105 (a file name, not a secret)
+JWT_KEY_FILE = "jwt-signing.key"
 STATE_VERSION = 1
 # Files only `meshca init` creates; leftovers of an interrupted init may be cleaned up.
 _OWN_FILE_RE = re.compile(
-    r"^(root-[0-9a-f]+\.(crt|key)|issuing-[0-9a-f]+\.(crt|key)|token-signing\.key"
+    r"^(root-[0-9a-f]+\.(crt|key)|issuing-[0-9a-f]+\.(crt|key)|(token|jwt)-signing\.key"
     r"|ledger\.db(-wal|-shm|-journal)?|\.tmp-.*|\.lock)$"
 )
 _IGNORED_ENTRIES = {"lost+found"}  # present on fresh ext4 volumes (a PVC)

@@ -1,7 +1,7 @@
 """The admin endpoint (loopback only) and the kubelet's health port.
 
 Admin: `GET /healthz`, `GET /ready`, `GET /identity`, `GET /status`,
-`POST /rotate`, `POST /check?target=HOST:PORT[&expect=ID]`.
+`POST /rotate`, `POST /check?target=HOST:PORT[&expect=ID]`, `GET /policy`.
 Health port: only `GET /healthz/ready`. Errors are JSON `{"error", "detail"}`;
 nothing here ever returns a key.
 """
@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives import serialization
 from meshca.client import CAError
 from sidecar.certmanager import CertManager
 from sidecar.creds import CredentialError, Credentials, CredentialStore, spiffe_id_of
+from sidecar.policyholder import PolicyHolder
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -103,9 +104,12 @@ async def check_peer(
 class Admin:
     """Routes of the admin and health listeners."""
 
-    def __init__(self, store: CredentialStore, manager: CertManager) -> None:
+    def __init__(
+        self, store: CredentialStore, manager: CertManager, policy: PolicyHolder | None = None
+    ) -> None:
         self.store = store
         self.manager = manager
+        self.policy = policy
 
     async def healthz(self, request: web.Request) -> web.Response:
         """Liveness: the process answers."""
@@ -128,6 +132,12 @@ class Admin:
         doc = creds.describe(self.manager.clock())
         doc["manager"] = self.manager.status.__dict__
         return _json(doc)
+
+    async def policy_status(self, request: web.Request) -> web.Response:
+        """The loaded policy: source, rules, last reload and the last reload error."""
+        if self.policy is None:
+            return _json({"error": "no_inbound", "detail": "no inbound listener, no policy"}, 404)
+        return _json(self.policy.status())
 
     async def status(self, request: web.Request) -> web.Response:
         """The certificate manager's state (renewals, failures, next renewal)."""
@@ -165,6 +175,7 @@ class Admin:
         app.router.add_get("/status", self.status)
         app.router.add_post("/rotate", self.rotate)
         app.router.add_post("/check", self.check)
+        app.router.add_get("/policy", self.policy_status)
         return app
 
     def health_app(self) -> web.Application:

@@ -48,16 +48,33 @@ def _bound(server: asyncio.Server, scheme: str) -> str:
 async def run(config: SidecarConfig) -> None:
     """Run the certificate manager, the listeners and the admin endpoint until SIGTERM."""
     from sidecar.admin import Admin
+    from sidecar.authn import from_config as authn_from_config
+    from sidecar.authn import mesh_context
     from sidecar.certmanager import CertManager
-    from sidecar.creds import CredentialStore
+    from sidecar.creds import Credentials, CredentialStore
     from sidecar.inbound import InboundRouter
     from sidecar.outbound import OutboundRouter
+    from sidecar.policyholder import PolicyHolder
     from sidecar.proxy import AccessLog, DownstreamConn, Limits
 
     loop = asyncio.get_running_loop()
     store = CredentialStore(config.trust_domain)
     manager = CertManager(config.ca, store)
-    admin = Admin(store, manager)
+    policy = PolicyHolder(config.policy) if config.inbound is not None else None
+    authn = None
+    if config.jwt is not None:
+        try:
+            authn, mesh_sources = authn_from_config(config.jwt, config.ca.bundle)
+        except (OSError, ValueError) as e:
+            raise ConfigError([f"jwt: {e}"]) from None
+
+        def trust_new_bundle(creds: Credentials) -> None:
+            for src in mesh_sources:
+                src.set_ssl_context(mesh_context(creds.bundle_pem))
+
+        store.on_publish(trust_new_bundle)
+    admin = Admin(store, manager, policy)
+    background = []
     runners, servers = [], []
     access_log = AccessLog(sys.stdout)
     try:
@@ -70,7 +87,8 @@ async def run(config: SidecarConfig) -> None:
                 max_header_bytes=ib.max_header_bytes,
                 max_body_bytes=ib.max_body_bytes,
             )
-            in_router = InboundRouter(ib, store)
+            in_router = InboundRouter(ib, store, authn, policy)
+            background.append(asyncio.create_task(policy.watch()))
             server = await loop.create_server(
                 lambda: DownstreamConn(in_router, in_limits, access_log),
                 ib.listen.host,
@@ -111,9 +129,10 @@ async def run(config: SidecarConfig) -> None:
         try:
             await stop.wait()
         finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            for t in (task, *background):
+                t.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await t
     finally:
         for s in servers:
             s.close()
@@ -136,8 +155,18 @@ def cmd_run(args: argparse.Namespace) -> int:
         runner = asyncio.run
     else:
         runner = uvloop.run
+    from sidecar.authz import PolicyError
+
     try:
         runner(run(config))
+    except PolicyError as e:
+        for p in e.problems:
+            print(f"sidecar run: policy error: {p}", file=sys.stderr)
+        return 1
+    except ConfigError as e:
+        for p in e.problems:
+            print(f"sidecar run: config error: {p}", file=sys.stderr)
+        return 1
     except OSError as e:
         print(f"sidecar run: cannot listen: {e.strerror or e}", file=sys.stderr)
         return 1

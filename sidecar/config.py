@@ -60,6 +60,43 @@ class Service:
     name: str
     endpoints: tuple[Listen, ...]
     identity: SpiffeId
+    jwt_audience: str | None = None  # attach a JWT-SVID from the CA for this audience
+
+
+@dataclass(frozen=True)
+class JwtIssuerConfig:
+    """One trusted JWT issuer on the inbound path."""
+
+    issuer: str
+    audiences: tuple[str, ...]
+    jwks_uri: str | None
+    jwks_file: Path | None
+    jwks_ca: Path | None
+    algorithms: tuple[str, ...]
+    hmac_secret_file: Path | None
+    leeway: float
+    from_header: str
+    prefix: str
+    forward: bool
+    claims_header: str | None
+    jwks_refresh: float
+    jwks_min_interval: float
+
+
+@dataclass(frozen=True)
+class JwtConfig:
+    """JWT authentication (inbound)."""
+
+    issuers: tuple[JwtIssuerConfig, ...]
+    max_token_bytes: int = 8192
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    """Where the authorization policy comes from."""
+
+    file: Path
+    reload_interval: float = 2.0
 
 
 @dataclass(frozen=True)
@@ -83,6 +120,8 @@ class SidecarConfig:
     admin: Listen
     health: Listen
     source: Path
+    jwt: JwtConfig | None = None
+    policy: PolicyConfig | None = None
 
 
 class _Reader:
@@ -163,7 +202,9 @@ def parse_config(doc: Any, source: Path) -> SidecarConfig:
     r = _Reader(source.parent)
     if not isinstance(doc, dict):
         raise ConfigError(["(top level): must be a mapping"])
-    r.unknown(doc, {"trust_domain", "ca", "inbound", "outbound", "admin", "health"})
+    r.unknown(
+        doc, {"trust_domain", "ca", "inbound", "outbound", "admin", "health", "jwt", "policy"}
+    )
 
     trust_domain = r.string(doc, "trust_domain", "trust_domain", "cluster.local") or ""
     try:
@@ -250,7 +291,7 @@ def parse_config(doc: Any, source: Path) -> SidecarConfig:
             if not isinstance(svc, dict):
                 r.problems.append(f"{where}: must be a mapping")
                 continue
-            r.unknown(svc, {"endpoints", "identity"}, where + ".")
+            r.unknown(svc, {"endpoints", "identity", "jwt_audience"}, where + ".")
             eps = svc.get("endpoints")
             endpoints: list[Listen] = []
             if not isinstance(eps, list) or not eps:
@@ -268,8 +309,11 @@ def parse_config(doc: Any, source: Path) -> SidecarConfig:
                     ident = SpiffeId.parse(text)
                 except InvalidSpiffeId as e:
                     r.problems.append(f"{where}.identity: {e}")
+            aud = None
+            if "jwt_audience" in svc:
+                aud = r.string(svc, "jwt_audience", f"{where}.jwt_audience")
             if endpoints and ident:
-                services[name.lower()] = Service(name.lower(), tuple(endpoints), ident)
+                services[name.lower()] = Service(name.lower(), tuple(endpoints), ident, aud)
         if listen:
             outbound = OutboundConfig(
                 listen=listen,
@@ -289,10 +333,148 @@ def parse_config(doc: Any, source: Path) -> SidecarConfig:
     h = r.section(doc, "health", {"listen"}, False) or {}
     health = r.listen(h, "listen", "health.listen", "0.0.0.0:15021")
 
+    jwt_cfg = _parse_jwt(r, doc)
+    policy = None
+    pol = r.section(doc, "policy", {"file", "reload_interval"}, False)
+    if pol is not None:
+        pfile = r.path(pol, "file", "policy.file")
+        interval = r.number(pol, "reload_interval", "policy.reload_interval", 2.0, 0.1, 3600)
+        if pfile is not None:
+            policy = PolicyConfig(pfile, interval)
+    if (jwt_cfg or policy) and inbound is None:
+        r.problems.append("jwt, policy: they apply to inbound requests; configure inbound too")
+
     if r.problems:
         raise ConfigError(r.problems)
     assert ca is not None and admin is not None and health is not None
-    return SidecarConfig(trust_domain, ca, inbound, outbound, admin, health, source)
+    return SidecarConfig(
+        trust_domain, ca, inbound, outbound, admin, health, source, jwt_cfg, policy
+    )
+
+
+_ISSUER_KEYS = {
+    "issuer",
+    "audiences",
+    "jwks_uri",
+    "jwks_file",
+    "jwks_ca",
+    "algorithms",
+    "hmac_secret_file",
+    "leeway",
+    "from_header",
+    "prefix",
+    "forward",
+    "claims_header",
+    "jwks_refresh",
+    "jwks_min_interval",
+}
+_KNOWN_ALGS = {
+    "ES256",
+    "ES384",
+    "ES512",
+    "RS256",
+    "RS384",
+    "RS512",
+    "PS256",
+    "PS384",
+    "PS512",
+    "EdDSA",
+    "HS256",
+    "HS384",
+    "HS512",
+}
+
+
+def _parse_jwt(r: _Reader, doc: dict) -> JwtConfig | None:
+    j = r.section(doc, "jwt", {"issuers", "max_token_bytes"}, False)
+    if j is None:
+        return None
+    max_bytes = int(r.number(j, "max_token_bytes", "jwt.max_token_bytes", 8192, 256, 65536))
+    raw = j.get("issuers")
+    if not isinstance(raw, list) or not raw:
+        r.problems.append("jwt.issuers: must be a non-empty list")
+        return None
+    issuers: list[JwtIssuerConfig] = []
+    for i, item in enumerate(raw):
+        w = f"jwt.issuers[{i}]"
+        if not isinstance(item, dict):
+            r.problems.append(f"{w}: must be a mapping")
+            continue
+        r.unknown(item, _ISSUER_KEYS, w + ".")
+        iss = r.string(item, "issuer", f"{w}.issuer")
+        auds = item.get("audiences", [])
+        if not isinstance(auds, list) or not all(isinstance(a, str) and a for a in auds):
+            r.problems.append(f"{w}.audiences: must be a list of strings")
+            auds = []
+        uri = item.get("jwks_uri")
+        jfile = r.path(item, "jwks_file", f"{w}.jwks_file") if "jwks_file" in item else None
+        if uri is not None and (not isinstance(uri, str) or not uri.startswith("https://")):
+            r.problems.append(f"{w}.jwks_uri: must be an https:// URL")
+        algs = item.get("algorithms", ["ES256", "RS256", "EdDSA"])
+        if not isinstance(algs, list) or not algs or not all(isinstance(a, str) for a in algs):
+            r.problems.append(f"{w}.algorithms: must be a non-empty list")
+            algs = []
+        for a in algs:
+            if a.lower() == "none":
+                r.problems.append(f"{w}.algorithms: 'none' is never accepted")
+            elif a not in _KNOWN_ALGS:
+                r.problems.append(f"{w}.algorithms: unknown algorithm {a!r}")
+        hmac = [a for a in algs if a.startswith("HS")]
+        secret = (
+            r.path(item, "hmac_secret_file", f"{w}.hmac_secret_file")
+            if "hmac_secret_file" in item
+            else None
+        )
+        if hmac and secret is None:
+            r.problems.append(f"{w}.hmac_secret_file: required for {', '.join(hmac)}")
+        if secret is not None and not hmac:
+            r.problems.append(f"{w}.hmac_secret_file: given, but no HS* algorithm is configured")
+        asym = [a for a in algs if not a.startswith("HS")]
+        if asym and uri is None and jfile is None:
+            r.problems.append(f"{w}: jwks_uri or jwks_file is required for {', '.join(asym)}")
+        if uri is not None and "jwks_file" in item:
+            r.problems.append(f"{w}: give jwks_uri or jwks_file, not both")
+        jca = r.path(item, "jwks_ca", f"{w}.jwks_ca") if "jwks_ca" in item else None
+        header = r.string(item, "from_header", f"{w}.from_header", "Authorization") or ""
+        default_prefix = "Bearer " if header.lower() == "authorization" else ""
+        prefix = item.get("prefix", default_prefix)
+        if not isinstance(prefix, str):
+            r.problems.append(f"{w}.prefix: must be a string")
+            prefix = default_prefix
+        forward = item.get("forward", True)
+        if not isinstance(forward, bool):
+            r.problems.append(f"{w}.forward: must be true or false")
+        claims_header = item.get("claims_header")
+        if claims_header is not None and (
+            not isinstance(claims_header, str) or not claims_header or " " in claims_header
+        ):
+            r.problems.append(f"{w}.claims_header: must be a header name")
+        leeway = r.number(item, "leeway", f"{w}.leeway", 60, 0, 3600)
+        refresh = r.number(item, "jwks_refresh", f"{w}.jwks_refresh", 300, 1, 86400)
+        min_int = r.number(item, "jwks_min_interval", f"{w}.jwks_min_interval", 10, 0, 3600)
+        if iss:
+            issuers.append(
+                JwtIssuerConfig(
+                    issuer=iss,
+                    audiences=tuple(auds),
+                    jwks_uri=uri if isinstance(uri, str) else None,
+                    jwks_file=jfile,
+                    jwks_ca=jca,
+                    algorithms=tuple(algs),
+                    hmac_secret_file=secret,
+                    leeway=leeway,
+                    from_header=header,
+                    prefix=prefix,
+                    forward=bool(forward),
+                    claims_header=claims_header if isinstance(claims_header, str) else None,
+                    jwks_refresh=refresh,
+                    jwks_min_interval=min_int,
+                )
+            )
+    names = [x.issuer for x in issuers]
+    if len(set(names)) != len(names):
+        r.problems.append("jwt.issuers: each issuer may appear once")
+    return JwtConfig(tuple(issuers), max_bytes)
 
 
 def load_config(path: Path) -> SidecarConfig:

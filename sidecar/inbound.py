@@ -1,10 +1,13 @@
-"""The inbound listener: mTLS termination in front of the app.
+"""The inbound listener: mTLS termination, JWT authentication and policy in front of the app.
 
 Only peers with a certificate that chains to the current bundle (checked in
 the handshake) and carries exactly one SPIFFE ID of our trust domain (checked
-right after it, before any byte is read) get through. Client-supplied identity
-headers are removed and the sidecar's own `X-Forwarded-Client-Cert` (Envoy's
-format) is added; the request then goes to the app on loopback.
+right after it, before any byte is read) get through. Then, per request: the
+path is normalized (policy and app see the same path), a JWT is verified if
+present (401 if invalid), the policy decides (403 if refused), client-supplied
+identity headers are removed, the sidecar's own `X-Forwarded-Client-Cert`
+(Envoy's format) and any verified-claims header are added, and the request
+goes to the app on loopback. A refused request never reaches the app.
 """
 
 from __future__ import annotations
@@ -15,12 +18,17 @@ import logging
 
 from cryptography import x509
 
+from sidecar.authn import Authenticator, InvalidToken, NeedKeys, claims_header_value
+from sidecar.authz import Request
 from sidecar.config import InboundConfig
 from sidecar.creds import CredentialError, CredentialStore, spiffe_id_of
+from sidecar.pathnorm import PathError, normalize
+from sidecar.policyholder import PolicyHolder
 from sidecar.proxy import (
     DownstreamConn,
     Exchange,
     ProxyError,
+    RouteLater,
     Router,
     UpstreamConn,
     UpstreamPool,
@@ -44,9 +52,18 @@ class InboundRouter(Router):
 
     direction = "inbound"
 
-    def __init__(self, cfg: InboundConfig, store: CredentialStore) -> None:
+    def __init__(
+        self,
+        cfg: InboundConfig,
+        store: CredentialStore,
+        authn: Authenticator | None = None,
+        policy: PolicyHolder | None = None,
+    ) -> None:
         self.cfg = cfg
         self.store = store
+        self.authn = authn
+        self.policy = policy or PolicyHolder(None)
+        self.strip = SIDECAR_HEADERS | (authn.strip if authn else frozenset())
         self.pool = UpstreamPool(
             "app",
             [(cfg.app.host, cfg.app.port)],
@@ -79,13 +96,56 @@ class InboundRouter(Router):
         conn.peer = {"spiffe_id": str(peer), "xfcc": xfcc(own, der, str(peer))}
 
     def route(self, conn: DownstreamConn, ex: Exchange) -> tuple[UpstreamPool, bytes]:
-        """The request for the app: origin-form target, identity headers rewritten."""
-        if not (ex.target.startswith(b"/") or (ex.target == b"*" and ex.method == b"OPTIONS")):
-            raise ProxyError(400, "bad_request_target", "request target must be a path")
+        """Normalize, authenticate, authorize; then the request for the app."""
         if ex.method == b"CONNECT":
             raise ProxyError(405, "method_not_allowed", "CONNECT is not supported")
-        headers = strip_hop_by_hop(ex.headers, SIDECAR_HEADERS)
-        lines = [b"%s %s HTTP/1.1\r\n" % (ex.method, ex.target)]
+        if ex.target == b"*" and ex.method == b"OPTIONS":
+            path, query = b"*", b""
+        else:
+            try:
+                path, query = normalize(ex.target)
+            except PathError as e:
+                raise ProxyError(400, "bad_path", str(e)) from None
+        path_text = path.decode("latin-1")
+        ex.info["path"] = path_text
+        ident = None
+        if self.authn is not None:
+            try:
+                token = self.authn.find_token(ex.headers)
+                ident = self.authn.verify(token) if token is not None else None
+            except InvalidToken as e:
+                raise _unauthorized(str(e)) from None
+            except NeedKeys as e:
+                if ex.rerouted:  # refreshed once already: the key is not there
+                    raise _unauthorized("token signing key is not in the issuer's JWKS") from None
+                raise RouteLater(e.source.refresh) from None
+        decision = self.policy.current.decide(
+            Request(
+                conn.peer.get("spiffe_id"),
+                path_text,
+                ex.method.decode("latin-1"),
+                ident.request_principal if ident else None,
+                ident.claims if ident else None,
+            )
+        )
+        ex.info["decision"] = "allow" if decision.allowed else "deny"
+        if decision.rule:
+            ex.info["rule"] = decision.rule
+        if decision.dry_run:
+            ex.info["dry_run"] = list(decision.dry_run)
+        if decision.audit:
+            ex.info["audit"] = list(decision.audit)
+        if ident is not None:
+            ex.info["request_principal"] = ident.request_principal
+        if not decision.allowed:
+            extra = {"rule": decision.rule} if decision.rule else {}
+            raise ProxyError(403, "forbidden", decision.reason, extra=extra)
+
+        strip = self.strip
+        if ident is not None and not ident.issuer.forward:
+            strip = strip | {ident.issuer.from_header}
+        headers = strip_hop_by_hop(ex.headers, strip)
+        lines = [b"%s %s%s HTTP/1.1\r\n" % (ex.method, path, query)]
         has_host = False
         for k, v in headers:
             if not has_host and k.lower() == b"host":
@@ -95,4 +155,15 @@ class InboundRouter(Router):
             lines.append(b"host: %s\r\n" % self._default_host)
         lines.append(b"x-forwarded-client-cert: %s\r\n" % conn.peer["xfcc"])
         lines.append(b"x-forwarded-proto: https\r\n")
+        if ident is not None and ident.issuer.claims_header:
+            lines.append(
+                b"%s: %s\r\n" % (ident.issuer.claims_header, claims_header_value(ident.claims))
+            )
         return self.pool, b"".join(lines)
+
+
+def _unauthorized(reason: str) -> ProxyError:
+    """401 with RFC 6750's challenge; the reason never contains the token."""
+    safe = reason.replace('"', "'").encode("ascii", "replace")
+    challenge = b'Bearer error="invalid_token", error_description="%s"' % safe
+    return ProxyError(401, "invalid_token", reason, headers=[(b"www-authenticate", challenge)])

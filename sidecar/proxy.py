@@ -23,7 +23,7 @@ import json
 import json.encoder
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -97,9 +97,31 @@ DEADLINES = Deadlines()
 class ProxyError(Exception):
     """A request the proxy answers itself: status, JSON error code, detail for the peer."""
 
-    def __init__(self, status: int, code: str, detail: str, close: bool = False) -> None:
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        detail: str,
+        close: bool = False,
+        headers: Headers = (),
+        extra: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(detail)
         self.status, self.code, self.detail, self.close = status, code, detail, close
+        self.headers = headers
+        self.extra = extra or {}
+
+
+class RouteLater(Exception):  # noqa: N818 (a signal, not an error)
+    """The router needs to await something (a JWKS refresh) before it can decide.
+
+    The request is held (nothing is sent upstream), `wait()` is awaited, then
+    routing runs once more with `Exchange.rerouted` set.
+    """
+
+    def __init__(self, wait: Callable[[], Awaitable[Any]]) -> None:
+        super().__init__("route later")
+        self.wait = wait
 
 
 _REASONS = {
@@ -118,9 +140,16 @@ _REASONS = {
 }
 
 
-def error_bytes(status: int, code: str, detail: str, close: bool, extra: Headers = ()) -> bytes:
-    """A complete JSON error response."""
-    body = json.dumps({"error": code, "detail": detail}).encode() + b"\n"
+def error_bytes(
+    status: int,
+    code: str,
+    detail: str,
+    close: bool,
+    extra: Headers = (),
+    fields: dict[str, str] | None = None,
+) -> bytes:
+    """A complete JSON error response (`fields` add keys to the JSON body)."""
+    body = json.dumps({"error": code, "detail": detail, **(fields or {})}).encode() + b"\n"
     lines = [
         b"HTTP/1.1 %d %s\r\n" % (status, _REASONS.get(status, "Error").encode()),
         b"content-type: application/json\r\n",
@@ -182,6 +211,7 @@ class Exchange:
     pool: UpstreamPool | None = None
     head: bytes = b""
     retried: bool = False
+    rerouted: bool = False
 
     @property
     def has_body(self) -> bool:
@@ -469,11 +499,26 @@ class DownstreamConn(asyncio.Protocol):
         except ProxyError as e:
             self._finish_with_error(ex, e)
             return
+        except RouteLater as later:
+            if ex.rerouted:
+                self._finish_with_error(ex, ProxyError(500, "internal", "internal error"))
+            else:
+                self.loop.create_task(self._route_later(ex, later))
+            return
         up = ex.pool.take_idle()
         if up is not None:
             self._send_on(ex, up)  # the common case: no task, no await
         else:
             self.loop.create_task(self._connect_and_send(ex))
+
+    async def _route_later(self, ex: Exchange, later: RouteLater) -> None:
+        try:
+            await later.wait()
+        except Exception:  # the router decides again either way
+            log.exception("waiting to route failed")
+        ex.rerouted = True
+        if not self.closed and ex is self.active:
+            self._activate(ex)
 
     async def _connect_and_send(self, ex: Exchange) -> None:
         assert ex.pool is not None
@@ -583,7 +628,7 @@ class DownstreamConn(asyncio.Protocol):
         ex.status = err.status
         ex.info.setdefault("error", err.code)
         ex.keep_alive = ex.keep_alive and not close
-        self._write(error_bytes(err.status, err.code, err.detail, close))
+        self._write(error_bytes(err.status, err.code, err.detail, close, err.headers, err.extra))
         if not ex.body_done:
             # The rest of the request body will not be read: stop parsing this connection.
             self.parsing = None

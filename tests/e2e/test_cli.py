@@ -22,7 +22,7 @@ def snapshot(home):
 def test_init_creates_private_state(ca_home):
     assert stat.S_IMODE(ca_home.stat().st_mode) == 0o700
     keys = list(ca_home.glob("*.key"))
-    assert len(keys) == 3  # root, intermediate, token-signing
+    assert len(keys) == 4  # root, intermediate, token-signing, jwt-signing
     for key in keys:
         assert stat.S_IMODE(key.stat().st_mode) == 0o600, key
     doc = json.loads(run_meshca("status", "--home", str(ca_home), "--json").stdout)

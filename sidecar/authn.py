@@ -1,0 +1,269 @@
+"""JWT authentication on the inbound path (RequestAuthentication, Istio's word for it).
+
+For each configured issuer: `issuer`, `audiences`, keys from `jwks_uri` or
+`jwks_file`, `algorithms` (default ES256, RS256, EdDSA), an HMAC secret only if
+an HS* algorithm is configured explicitly, clock `leeway`, where the token is
+read (`from_header`, `prefix`), whether it is forwarded, and a header that gets
+the verified claims (base64url JSON).
+
+Outcomes: no token, the request goes on unauthenticated and policy decides;
+any invalid token, 401 with `WWW-Authenticate: Bearer error="invalid_token"`.
+`none` is never accepted; a public key is never used as an HMAC secret (the
+algorithm must be one configured for the issuer, and asymmetric algorithms
+only ever get JWKS keys of a matching type). Verified claims are cached per
+token until it expires, so a client reusing its token costs one dict lookup.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import json
+import ssl
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jwt
+
+from meshca.jwks import FileJwks, JwksSource, UrlJwks
+from sidecar.config import JwtConfig
+
+DEFAULT_ALGORITHMS = ("ES256", "RS256", "EdDSA")
+ASYMMETRIC = {
+    "RS256": "RSA",
+    "RS384": "RSA",
+    "RS512": "RSA",
+    "PS256": "RSA",
+    "PS384": "RSA",
+    "PS512": "RSA",
+    "ES256": "EC",
+    "ES384": "EC",
+    "ES512": "EC",
+    "EdDSA": "OKP",
+}
+HMAC = ("HS256", "HS384", "HS512")
+CACHE_SIZE = 10_000
+
+
+class InvalidToken(Exception):
+    """401: the reason is safe to show (it never contains the token)."""
+
+
+class NeedKeys(Exception):
+    """The token's `kid` is unknown: refresh `source` (async) and try once more."""
+
+    def __init__(self, source: JwksSource) -> None:
+        super().__init__("unknown kid")
+        self.source = source
+
+
+@dataclass(frozen=True)
+class IssuerRule:
+    """One trusted issuer."""
+
+    issuer: str
+    audiences: tuple[str, ...]
+    jwks: JwksSource | None
+    algorithms: tuple[str, ...] = DEFAULT_ALGORITHMS
+    hmac_secret: bytes | None = field(default=None, repr=False)
+    leeway: float = 60.0
+    from_header: bytes = b"authorization"
+    prefix: bytes = b"bearer "
+    forward: bool = True
+    claims_header: bytes | None = None
+
+
+@dataclass(frozen=True)
+class Identity:
+    """A verified token."""
+
+    issuer: IssuerRule
+    claims: dict[str, Any]
+    exp: float
+
+    @property
+    def request_principal(self) -> str:
+        """`iss/sub`, as Istio's requestPrincipals."""
+        return f"{self.claims.get('iss')}/{self.claims.get('sub')}"
+
+
+def _b64json(part: str) -> Any:
+    pad = "=" * (-len(part) % 4)
+    try:
+        return json.loads(base64.urlsafe_b64decode(part + pad))
+    except (ValueError, UnicodeDecodeError):
+        raise InvalidToken("malformed token (bad base64 or JSON)") from None
+
+
+def claims_header_value(claims: dict[str, Any]) -> bytes:
+    """base64url (unpadded) of the compact JSON claims."""
+    raw = json.dumps(claims, separators=(",", ":"), sort_keys=True).encode()
+    return base64.urlsafe_b64encode(raw).rstrip(b"=")
+
+
+class Authenticator:
+    """Finds and verifies the JWT of a request against the configured issuers."""
+
+    def __init__(
+        self,
+        issuers: list[IssuerRule],
+        max_token_bytes: int = 8192,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.issuers = {r.issuer: r for r in issuers}
+        self.max_token_bytes = max_token_bytes
+        self.clock = clock
+        self.sources = sorted({(r.from_header, r.prefix) for r in issuers})
+        self.strip = frozenset(r.claims_header for r in issuers if r.claims_header)
+        self._cache: OrderedDict[str, Identity] = OrderedDict()
+
+    def find_token(self, headers: list[tuple[bytes, bytes]]) -> str | None:
+        """The token from the configured header; InvalidToken if malformed or duplicated."""
+        found: list[bytes] = []
+        for name, prefix in self.sources:
+            for k, v in headers:
+                if k.lower() == name:
+                    v = v.strip()
+                    if prefix:
+                        if v[: len(prefix)].lower() != prefix:
+                            if name == b"authorization":
+                                continue  # another scheme (Basic ...): not ours to judge
+                            raise InvalidToken(
+                                f"{name.decode()} must be '{prefix.decode()}<token>'"
+                            )
+                        v = v[len(prefix) :].strip()
+                    found.append(v)
+        if not found:
+            return None
+        if len(found) > 1:
+            raise InvalidToken("more than one token in the request")
+        token = found[0]
+        if len(token) > self.max_token_bytes:
+            raise InvalidToken(f"token is larger than {self.max_token_bytes} bytes")
+        try:
+            return token.decode("ascii")
+        except UnicodeDecodeError:
+            raise InvalidToken("malformed token (not ASCII)") from None
+
+    def verify(self, token: str) -> Identity:
+        """Verify `token` fully, or from the cache; InvalidToken, or NeedKeys (refresh once)."""
+        now = self.clock()
+        hit = self._cache.get(token)
+        if hit is not None:
+            if now < hit.exp + hit.issuer.leeway:
+                return hit
+            del self._cache[token]
+        ident = self._verify(token, now)
+        self._cache[token] = ident
+        if len(self._cache) > CACHE_SIZE:
+            self._cache.popitem(last=False)
+        return ident
+
+    def _verify(self, token: str, now: float) -> Identity:
+        parts = token.split(".")
+        if len(parts) != 3 or not all(parts[:2]):
+            raise InvalidToken("malformed token (not three dot-separated parts)")
+        header, payload = _b64json(parts[0]), _b64json(parts[1])
+        if not isinstance(header, dict) or not isinstance(payload, dict):
+            raise InvalidToken("malformed token (header or payload is not a JSON object)")
+        alg = header.get("alg")
+        if not isinstance(alg, str) or alg.lower() == "none":
+            raise InvalidToken("token algorithm 'none' is not accepted")
+        iss = payload.get("iss")
+        rule = self.issuers.get(iss) if isinstance(iss, str) else None
+        if rule is None:
+            raise InvalidToken("token issuer is not trusted")
+        if alg not in rule.algorithms:
+            raise InvalidToken(f"token algorithm {alg} is not accepted for this issuer")
+        if alg in HMAC:
+            if rule.hmac_secret is None:
+                raise InvalidToken(f"token algorithm {alg} is not accepted for this issuer")
+            key: Any = rule.hmac_secret
+        else:
+            if rule.jwks is None:
+                raise InvalidToken("no keys configured for this issuer")
+            kid = header.get("kid")
+            jwk = rule.jwks.get(kid if isinstance(kid, str) else None)
+            if jwk is None:
+                raise NeedKeys(rule.jwks)
+            if ASYMMETRIC.get(alg) != jwk.key_type:
+                raise InvalidToken("token algorithm does not match its signing key")
+            key = jwk.key
+        try:
+            claims = jwt.decode(
+                token,
+                key,
+                algorithms=[alg],
+                audience=list(rule.audiences) if rule.audiences else None,
+                issuer=rule.issuer,
+                leeway=dt.timedelta(seconds=rule.leeway),
+                options={"require": ["exp"], "verify_aud": bool(rule.audiences)},
+            )
+        except jwt.ExpiredSignatureError:
+            raise InvalidToken("token has expired") from None
+        except jwt.ImmatureSignatureError:
+            raise InvalidToken("token is not valid yet (nbf or iat in the future)") from None
+        except jwt.InvalidAudienceError:
+            raise InvalidToken("token audience is not accepted") from None
+        except jwt.InvalidIssuerError:
+            raise InvalidToken("token issuer is not trusted") from None
+        except jwt.InvalidSignatureError:
+            raise InvalidToken("token signature does not verify") from None
+        except jwt.MissingRequiredClaimError as e:
+            raise InvalidToken(f"token lacks the {e.claim!r} claim") from None
+        except (jwt.PyJWTError, ValueError, TypeError):
+            raise InvalidToken("malformed token") from None
+        return Identity(rule, claims, float(claims["exp"]))
+
+    def unknown_key(self, token: str) -> InvalidToken:
+        """The error after a refresh still did not find the token's key."""
+        return InvalidToken("token signing key is not in the issuer's JWKS")
+
+
+def mesh_context(bundle_pem: str) -> ssl.SSLContext:
+    """TLS trust for fetching a JWKS from the CA: the mesh's own trust bundle."""
+    return ssl.create_default_context(cadata=bundle_pem)
+
+
+def from_config(cfg: JwtConfig, bootstrap_bundle: Path) -> tuple[Authenticator, list[UrlJwks]]:
+    """Build the Authenticator; also return the URL sources that trust the mesh bundle
+    (the caller re-points them when the bundle changes)."""
+    rules, mesh_sources = [], []
+    for ic in cfg.issuers:
+        source: JwksSource | None = None
+        if ic.jwks_file is not None:
+            source = FileJwks(ic.jwks_file)
+        elif ic.jwks_uri is not None:
+            if ic.jwks_ca is not None:
+                ctx = ssl.create_default_context(cafile=str(ic.jwks_ca))
+            else:
+                ctx = mesh_context(bootstrap_bundle.read_text())
+            url_source = UrlJwks(
+                ic.jwks_uri,
+                refresh=ic.jwks_refresh,
+                min_interval=ic.jwks_min_interval,
+                ssl_context=ctx,
+            )
+            if ic.jwks_ca is None:
+                mesh_sources.append(url_source)
+            source = url_source
+        secret = ic.hmac_secret_file.read_bytes().strip() if ic.hmac_secret_file else None
+        rules.append(
+            IssuerRule(
+                issuer=ic.issuer,
+                audiences=ic.audiences,
+                jwks=source,
+                algorithms=ic.algorithms,
+                hmac_secret=secret,
+                leeway=ic.leeway,
+                from_header=ic.from_header.lower().encode(),
+                prefix=ic.prefix.lower().encode(),
+                forward=ic.forward,
+                claims_header=ic.claims_header.lower().encode() if ic.claims_header else None,
+            )
+        )
+    return Authenticator(rules, cfg.max_token_bytes), mesh_sources
