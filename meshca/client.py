@@ -93,28 +93,51 @@ class EnrollmentClient:
         tlsutil.load_chain(ctx, chain_pem, key_pem)
         return await self._post(ctx, csr_pem, {})
 
-    async def _post(self, ctx: ssl.SSLContext, csr_pem: str, headers: dict[str, str]) -> Enrollment:
+    async def fetch_jwt(
+        self, audience: str, chain_pem: str, key_pem: bytes
+    ) -> tuple[str, dt.datetime]:
+        """A JWT-SVID for our own ID and `audience`, over mTLS: (token, expires_at)."""
+        ctx = self._context()
+        tlsutil.load_chain(ctx, chain_pem, key_pem)
+        status, doc = await self._call(ctx, "/v1/jwt", {"audience": audience}, {})
+        if status == 200:
+            try:
+                return doc["token"], dt.datetime.fromisoformat(doc["expires_at"])
+            except (KeyError, TypeError, ValueError):
+                raise CAUnavailable("the CA's answer lacks fields") from None
+        raise self._error(status, doc)
+
+    async def _call(
+        self, ctx: ssl.SSLContext, path: str, body: dict, headers: dict[str, str]
+    ) -> tuple[int, dict]:
         timeout = aiohttp.ClientTimeout(total=self.timeout)
         try:
             async with (
                 aiohttp.ClientSession(timeout=timeout) as session,
-                session.post(
-                    self.url + "/v1/certificates",
-                    json={"csr": csr_pem},
-                    headers=headers,
-                    ssl=ctx,
-                ) as resp,
+                session.post(self.url + path, json=body, headers=headers, ssl=ctx) as resp,
             ):
                 if (resp.content_length or 0) > MAX_ANSWER_BYTES:
                     raise CAUnavailable(f"the CA's answer is over {MAX_ANSWER_BYTES} bytes")
-                body = await resp.read()
+                raw = await resp.read()
                 status = resp.status
         except (aiohttp.ClientError, OSError, TimeoutError) as e:
             raise CAUnavailable(f"cannot reach the CA at {self.url}: {type(e).__name__}") from None
         try:
-            doc = json.loads(body)
+            doc = json.loads(raw)
         except ValueError:
             raise CAUnavailable(f"the CA answered {status} with a body that is not JSON") from None
+        return status, doc if isinstance(doc, dict) else {}
+
+    @staticmethod
+    def _error(status: int, doc: dict) -> CAError:
+        code = str(doc.get("error", "unknown"))
+        detail = str(doc.get("detail", ""))
+        if status == 429 or status >= 500:
+            return CAUnavailable(f"the CA answered {status} {code}: {detail}")
+        return CARefused(status, code, detail)
+
+    async def _post(self, ctx: ssl.SSLContext, csr_pem: str, headers: dict[str, str]) -> Enrollment:
+        status, doc = await self._call(ctx, "/v1/certificates", {"csr": csr_pem}, headers)
         if status == 200:
             try:
                 return Enrollment(
@@ -126,8 +149,4 @@ class EnrollmentClient:
                 )
             except (KeyError, TypeError, ValueError):
                 raise CAUnavailable("the CA's answer lacks fields") from None
-        code = str(doc.get("error", "unknown")) if isinstance(doc, dict) else "unknown"
-        detail = str(doc.get("detail", "")) if isinstance(doc, dict) else ""
-        if status == 429 or status >= 500:
-            raise CAUnavailable(f"the CA answered {status} {code}: {detail}")
-        raise CARefused(status, code, detail)
+        raise self._error(status, doc)

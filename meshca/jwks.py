@@ -190,7 +190,13 @@ class UrlJwks(JwksSource):
         return pick(self._set, kid)
 
     async def refresh(self) -> bool:
-        """Fetch now unless one was tried within `min_interval`; True if tried."""
+        """Fetch now unless one was tried within `min_interval`; True if tried.
+
+        A fetch already under way (say, the background refresh) is waited for.
+        """
+        if self._lock.locked():
+            async with self._lock:
+                return True
         if time.monotonic() - self._tried_at < self._min_interval:
             return False
         async with self._lock:

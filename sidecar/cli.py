@@ -53,7 +53,7 @@ async def run(config: SidecarConfig) -> None:
     from sidecar.certmanager import CertManager
     from sidecar.creds import Credentials, CredentialStore
     from sidecar.inbound import InboundRouter
-    from sidecar.outbound import OutboundRouter
+    from sidecar.outbound import JwtSvids, OutboundRouter
     from sidecar.policyholder import PolicyHolder
     from sidecar.proxy import AccessLog, DownstreamConn, Limits
 
@@ -102,7 +102,8 @@ async def run(config: SidecarConfig) -> None:
         if config.outbound is not None:
             ob = config.outbound
             out_limits = Limits(upstream_timeout=ob.upstream_timeout)
-            out_router = OutboundRouter(ob, store)
+            jwts = JwtSvids(store, manager.client)
+            out_router = OutboundRouter(ob, store, jwts)
             server = await loop.create_server(
                 lambda: DownstreamConn(out_router, out_limits, access_log),
                 ob.listen.host,

@@ -4,7 +4,9 @@ The app calls `http://<service>/...` through `HTTP_PROXY=http://127.0.0.1:15001`
 (absolute-form target) or sends a `Host` header. The service must be
 configured; its endpoints are dialled with the pod's certificate, the server's
 chain is verified against the bundle, and its SPIFFE ID must be the configured
-one, or the call fails with 502 and nothing is sent.
+one, or the call fails with 502 and nothing is sent. A service configured with
+`jwt_audience` also gets a JWT-SVID from the CA for that audience in
+`Authorization: Bearer` (unless the app sent its own Authorization).
 """
 
 from __future__ import annotations
@@ -12,16 +14,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+import time
 
 import httptools
 from cryptography import x509
 
+from meshca.client import CAError, EnrollmentClient
 from sidecar.config import OutboundConfig, Service
 from sidecar.creds import CredentialError, CredentialStore, spiffe_id_of
 from sidecar.proxy import (
     DownstreamConn,
     Exchange,
     ProxyError,
+    RouteLater,
     Router,
     UpstreamConn,
     UpstreamPool,
@@ -47,14 +52,66 @@ def service_name(authority: bytes) -> str:
     return host
 
 
+class JwtSvids:
+    """JWT-SVIDs from the CA, one per audience, cached and renewed at 80 % of their life."""
+
+    def __init__(self, store: CredentialStore, client: EnrollmentClient) -> None:
+        self.store = store
+        self.client = client
+        self._tokens: dict[str, tuple[bytes, float, float]] = {}  # aud -> (token, refresh, exp)
+        self._inflight: dict[str, asyncio.Task[None]] = {}
+
+    def get(self, audience: str) -> bytes | None:
+        """A valid token (a stale one starts a background renewal), or None."""
+        hit = self._tokens.get(audience)
+        if hit is None:
+            return None
+        token, refresh_at, exp = hit
+        now = time.time()
+        if now >= exp - 5:
+            return None
+        if now >= refresh_at and audience not in self._inflight:
+            self._start(audience)
+        return token
+
+    def _start(self, audience: str) -> asyncio.Task[None]:
+        task = asyncio.get_running_loop().create_task(self._fetch(audience))
+        self._inflight[audience] = task
+        task.add_done_callback(lambda _t: self._inflight.pop(audience, None))
+        return task
+
+    async def fetch(self, audience: str) -> None:
+        """Get a token now (joining a fetch already under way)."""
+        task = self._inflight.get(audience) or self._start(audience)
+        await asyncio.shield(task)
+
+    async def _fetch(self, audience: str) -> None:
+        creds = self.store.current
+        if creds is None:
+            return
+        try:
+            token, expires_at = await self.client.fetch_jwt(
+                audience, creds.chain_pem, creds.key_pem
+            )
+        except CAError as e:
+            log.warning("cannot get a JWT-SVID for audience %r: %s", audience, e)
+            return
+        now = time.time()
+        exp = expires_at.timestamp()
+        self._tokens[audience] = (token.encode("ascii"), now + (exp - now) * 0.8, exp)
+
+
 class OutboundRouter(Router):
     """Maps a service name to its pool of mTLS connections."""
 
     direction = "outbound"
 
-    def __init__(self, cfg: OutboundConfig, store: CredentialStore) -> None:
+    def __init__(
+        self, cfg: OutboundConfig, store: CredentialStore, jwts: JwtSvids | None = None
+    ) -> None:
         self.cfg = cfg
         self.store = store
+        self.jwts = jwts
         self.pools: dict[str, UpstreamPool] = {}
         for name, svc in cfg.services.items():
             self.pools[name] = UpstreamPool(
@@ -153,10 +210,22 @@ class OutboundRouter(Router):
         pool = self.pools.get(name)
         if pool is None:
             raise ProxyError(404, "unknown_service", f"no outbound service named {name!r}")
+        svc = self.cfg.services[name]
         ex.info["service"] = name
         ex.info["path"] = target.split(b"?", 1)[0].decode("latin-1")
-        ex.info["peer"] = str(self.cfg.services[name].identity)
+        ex.info["peer"] = str(svc.identity)
         headers = strip_hop_by_hop(ex.headers, frozenset({b"host"}))
         lines = [b"%s %s HTTP/1.1\r\n" % (ex.method, target), b"host: %s\r\n" % authority]
         lines += [b"%s: %s\r\n" % (k, v) for k, v in headers]
+        aud = svc.jwt_audience
+        if aud is not None and self.jwts is not None:
+            if not any(k.lower() == b"authorization" for k, _ in headers):
+                token = self.jwts.get(aud)
+                if token is None:
+                    if ex.rerouted:
+                        raise ProxyError(
+                            503, "no_jwt", f"cannot get a JWT-SVID for audience {aud!r} from the CA"
+                        )
+                    raise RouteLater(lambda: self.jwts.fetch(aud))
+                lines.append(b"authorization: Bearer %s\r\n" % token)
         return pool, b"".join(lines)
