@@ -217,7 +217,17 @@ class Authenticator:
             raise InvalidToken(f"token lacks the {e.claim!r} claim") from None
         except (jwt.PyJWTError, ValueError, TypeError):
             raise InvalidToken("malformed token") from None
-        return Identity(rule, claims, float(claims["exp"]))
+        try:
+            exp = float(claims["exp"])
+            nbf = float(claims.get("nbf", 0))
+        except (TypeError, ValueError):
+            raise InvalidToken("token time claims are not numbers") from None
+        # pyjwt checks against the wall clock; check against ours too (tests move it).
+        if now >= exp + rule.leeway:
+            raise InvalidToken("token has expired")
+        if nbf > now + rule.leeway:
+            raise InvalidToken("token is not valid yet (nbf or iat in the future)")
+        return Identity(rule, claims, exp)
 
     def unknown_key(self, token: str) -> InvalidToken:
         """The error after a refresh still did not find the token's key."""
