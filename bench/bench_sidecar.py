@@ -65,6 +65,33 @@ def rss_mib(pid: int) -> float:
     return float("nan")
 
 
+def ten_rule_policy(frontend_id: str) -> dict:
+    """Nine rules that do not match the benchmark's requests, then the one that allows them."""
+    rules = [
+        {"name": "no-admin", "action": "DENY", "to": {"paths": ["/admin", "/admin/*"]}},
+        {"name": "no-debug", "action": "DENY", "to": {"paths": ["/debug/*"]}},
+        {"name": "no-delete", "action": "DENY", "to": {"methods": ["DELETE"]}},
+        {"name": "no-kube-system", "action": "DENY", "from": {"namespaces": ["kube-system"]}},
+        {"name": "audit-writes", "action": "AUDIT", "to": {"methods": ["POST", "PUT"]}},
+        {
+            "name": "ops-metrics",
+            "action": "ALLOW",
+            "from": {"principals": ["spiffe://cluster.local/ns/ops/*"]},
+            "to": {"paths": ["/metrics"]},
+        },
+        {"name": "shop", "action": "ALLOW", "from": {"namespaces": ["shop"]}},
+        {"name": "admins", "action": "ALLOW", "when": [{"claim": "groups", "values": ["admins"]}]},
+        {"name": "health", "action": "ALLOW", "to": {"paths": ["/healthz"], "methods": ["GET"]}},
+        {
+            "name": "frontend",
+            "action": "ALLOW",
+            "from": {"principals": [frontend_id], "request_principals": ["meshca/cluster.local/*"]},
+            "to": {"paths": ["/", "/process"], "methods": ["GET", "POST"]},
+        },
+    ]
+    return {"rules": rules}
+
+
 def run_ab(url: str, n: int, c: int, extra: list[str]) -> dict:
     out = subprocess.run(
         ["ab", "-q", "-k", "-n", str(n), "-c", str(c), *extra, url],
@@ -98,6 +125,7 @@ def main() -> None:
         metavar="DIR",
         help="also record both sidecars with py-spy (if installed) on the two-sidecar path",
     )
+    ap.add_argument("--profile-path", default="both sidecars", help="which path to profile")
     args = ap.parse_args()
     if not shutil.which("ab"):
         raise SystemExit("ab not found: apt-get install apache2-utils (make bench does this)")
@@ -142,7 +170,7 @@ def main() -> None:
 
         def sidecar(name: str, sid: str, extra: dict) -> tuple[subprocess.Popen, dict]:
             d = tmp / name
-            d.mkdir()
+            d.mkdir(exist_ok=True)
             (d / "ca-root.pem").write_text(bundle)
             token = subprocess.run(
                 [py, "-m", "meshca", "token", "--home", str(home), "--spiffe-id", sid],
@@ -174,7 +202,7 @@ def main() -> None:
             procs.append(p)
             urls = {
                 k: wait_for(d / "out.log", rf"{k} listening on \S+://(\S+)")
-                for k in ("admin", *extra)
+                for k in ("admin", *(x for x in extra if x in ("inbound", "outbound")))
             }
             for _ in range(200):
                 try:
@@ -190,14 +218,43 @@ def main() -> None:
             backend_id,
             {"inbound": {"listen": "127.0.0.1:0", "app": f"127.0.0.1:{app_port}"}},
         )
+        # The same app behind a second sidecar that checks a JWT and a 10-rule policy.
+        frontend_id = "spiffe://cluster.local/ns/default/sa/frontend"
+        (tmp / "secure").mkdir()
+        (tmp / "secure" / "policy.yaml").write_text(yaml.safe_dump(ten_rule_policy(frontend_id)))
+        sp, surls = sidecar(
+            "secure",
+            backend_id,
+            {
+                "inbound": {"listen": "127.0.0.1:0", "app": f"127.0.0.1:{app_port}"},
+                "jwt": {
+                    "issuers": [
+                        {
+                            "issuer": "meshca/cluster.local",
+                            "audiences": ["backend"],
+                            "jwks_uri": ca_url + "/v1/jwks",
+                        }
+                    ]
+                },
+                "policy": {"file": "policy.yaml"},
+            },
+        )
         fp, furls = sidecar(
             "frontend",
-            "spiffe://cluster.local/ns/default/sa/frontend",
+            frontend_id,
             {
                 "outbound": {
                     "listen": "127.0.0.1:0",
                     "services": {
-                        "backend.default": {"endpoints": [burls["inbound"]], "identity": backend_id}
+                        "backend.default": {
+                            "endpoints": [burls["inbound"]],
+                            "identity": backend_id,
+                        },
+                        "secure.default": {
+                            "endpoints": [surls["inbound"]],
+                            "identity": backend_id,
+                            "jwt_audience": "backend",
+                        },
                     },
                 }
             },
@@ -228,6 +285,10 @@ def main() -> None:
             "direct (app)": (f"http://127.0.0.1:{app_port}/", []),
             "inbound sidecar (mTLS)": (f"https://{burls['inbound']}/", ["-E", str(client_pem)]),
             "both sidecars": (f"http://{furls['outbound']}/", ["-H", "Host: backend.default"]),
+            "both + JWT + 10-rule policy": (
+                f"http://{furls['outbound']}/",
+                ["-H", "Host: secure.default"],
+            ),
         }
         for url, extra in paths.values():  # warm-up: pools, JIT-free but caches
             run_ab(url, 2000, args.c, extra)
@@ -253,9 +314,9 @@ def main() -> None:
                     stdout=subprocess.DEVNULL,
                     stderr=subprocess.DEVNULL,
                 )
-                for name, p in (("backend", bp), ("frontend", fp))
+                for name, p in (("backend", bp), ("secure", sp), ("frontend", fp))
             ]
-            url, extra = paths["both sidecars"]
+            url, extra = paths[args.profile_path]
             run_ab(url, args.n * 3, args.c, extra)
             for spy in spies:
                 spy.wait()
@@ -283,6 +344,12 @@ def main() -> None:
                 f"{statistics.median(r['p99'] for r in rs):7.0f} "
                 f"{sum(r['failed'] for r in rs):7d}"
             )
+        both = statistics.median(r["rps"] for r in results["both sidecars"])
+        secured = statistics.median(r["rps"] for r in results["both + JWT + 10-rule policy"])
+        print(
+            f"\ncost of JWT validation + 10-rule policy on the two-sidecar path: "
+            f"{(1 - secured / both) * 100:.1f} % of throughput"
+        )
         print(
             f"\nresident memory after the run: backend sidecar {rss_mib(bp.pid):.1f} MiB, "
             f"frontend sidecar {rss_mib(fp.pid):.1f} MiB"

@@ -28,7 +28,7 @@ evaluated and logged ("would deny"), and changes nothing.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +36,7 @@ from typing import Any
 import yaml
 
 ACTIONS = ("ALLOW", "DENY", "AUDIT")
+DECISION_CACHE = 10_000
 DEFAULTS = ("allow-authenticated", "deny")
 
 
@@ -109,26 +110,38 @@ class Condition:
         return hit != self.negate
 
 
-@dataclass(frozen=True)
 class Request:
     """What a decision looks at (all strings already normalized)."""
 
-    principal: str | None
-    path: str
-    method: str
-    request_principal: str | None = None
-    claims: Mapping[str, Any] | None = None
+    __slots__ = ("principal", "path", "method", "request_principal", "claims", "namespace")
 
-    @property
-    def namespace(self) -> str | None:
-        """The `ns` segment of a `spiffe://td/ns/<ns>/sa/<sa>` principal."""
-        if not self.principal:
-            return None
-        parts = self.principal.split("/")
-        # spiffe: '' td ns <ns> ...
-        if len(parts) >= 5 and parts[3] == "ns":
-            return parts[4]
+    def __init__(
+        self,
+        principal: str | None,
+        path: str,
+        method: str,
+        request_principal: str | None = None,
+        claims: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.principal = principal
+        self.path = path
+        self.method = method
+        self.request_principal = request_principal
+        self.claims = claims
+        self.namespace = namespace_of(principal)
+
+    def __repr__(self) -> str:
+        return f"Request({self.principal!r}, {self.path!r}, {self.method!r})"
+
+
+def namespace_of(principal: str | None) -> str | None:
+    """The `ns` segment of a `spiffe://td/ns/<ns>/sa/<sa>` principal."""
+    if not principal:
         return None
+    parts = principal.split("/")  # 'spiffe:', '', td, 'ns', <ns>, ...
+    if len(parts) >= 5 and parts[3] == "ns":
+        return parts[4]
+    return None
 
 
 @dataclass(frozen=True)
@@ -201,6 +214,7 @@ class Policy:
     _allow: tuple[Rule, ...] = field(default=(), repr=False)
     _audit: tuple[Rule, ...] = field(default=(), repr=False)
     _dry: tuple[Rule, ...] = field(default=(), repr=False)
+    _cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def build(cls, rules: Sequence[Rule], default: str, source: str) -> Policy:
@@ -215,6 +229,17 @@ class Policy:
             tuple(r for r in live if r.action == "AUDIT"),
             tuple(r for r in rules if r.dry_run and r.action != "AUDIT"),
         )
+
+    def decide_cached(self, key: tuple, make: Callable[[], Request]) -> Decision:
+        """`decide(make())`, memoized on `key` (which must determine the request's facts)."""
+        cache = self._cache
+        hit = cache.get(key)
+        if hit is None:
+            hit = self.decide(make())
+            if len(cache) >= DECISION_CACHE:
+                cache.clear()  # simple bound; a policy's working set is small
+            cache[key] = hit
+        return hit
 
     def decide(self, r: Request) -> Decision:
         """DENY first, then ALLOW, then the default; dry-run and audit rules are noted."""

@@ -109,6 +109,7 @@ class InboundRouter(Router):
         path_text = path.decode("latin-1")
         ex.info["path"] = path_text
         ident = None
+        token = None
         if self.authn is not None:
             try:
                 token = self.authn.find_token(ex.headers)
@@ -119,14 +120,18 @@ class InboundRouter(Router):
                 if ex.rerouted:  # refreshed once already: the key is not there
                     raise _unauthorized("token signing key is not in the issuer's JWKS") from None
                 raise RouteLater(e.source.refresh) from None
-        decision = self.policy.current.decide(
-            Request(
-                conn.peer.get("spiffe_id"),
+        peer = conn.peer.get("spiffe_id")
+        method = ex.method.decode("latin-1")
+        # The decision depends only on these: memoize it (a token fixes its claims).
+        decision = self.policy.current.decide_cached(
+            (peer, path_text, method, token),
+            lambda: Request(
+                peer,
                 path_text,
-                ex.method.decode("latin-1"),
+                method,
                 ident.request_principal if ident else None,
                 ident.claims if ident else None,
-            )
+            ),
         )
         ex.info["decision"] = "allow" if decision.allowed else "deny"
         if decision.rule:

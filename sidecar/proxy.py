@@ -277,8 +277,12 @@ class AccessLog:
             f'"bytes_in":{bytes_in},"bytes_out":{bytes_out}'
         )
         for k, v in extra.items():
-            if k not in ("path", "peer"):
-                line += f",{_quote(k)}:{json.dumps(v)}"
+            if k in ("path", "peer"):
+                continue
+            if isinstance(v, str):
+                line += f',"{k}":{_quote(v)}'
+            else:
+                line += f',"{k}":{json.dumps(v)}'  # lists (dry_run, audit): rare
         self.stream.write(line + "}\n")
         if not self._dirty:
             self._dirty = True

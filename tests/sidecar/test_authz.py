@@ -203,3 +203,20 @@ def test_bad_policies_name_the_field(doc, message):
     with pytest.raises(PolicyError) as e:
         parse_policy(doc)
     assert any(message in p for p in e.value.problems), e.value.problems
+
+
+def test_decisions_are_memoized_per_policy():
+    policy = parse_policy(
+        {"rules": [{"name": "r", "action": "ALLOW", "from": {"principals": [FRONT]}}]}
+    )
+    calls = []
+
+    def make():
+        calls.append(1)
+        return req()
+
+    first = policy.decide_cached((FRONT, "/p", "GET", None), make)
+    again = policy.decide_cached((FRONT, "/p", "GET", None), make)
+    assert first is again and len(calls) == 1
+    reloaded = parse_policy({"default": "deny"})
+    assert not reloaded.decide_cached((FRONT, "/p", "GET", None), make).allowed
