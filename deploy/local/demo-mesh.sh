@@ -30,11 +30,27 @@ sidecar_config() {  # sidecar_config NAME SPIFFE-ID EXTRA-YAML
     "$url" "$3" >"$work/$1/sidecar.yaml"
 }
 
-step "backend: a plain-HTTP app on 127.0.0.1 behind its sidecar (inbound mTLS)"
+step "backend: a plain-HTTP app on 127.0.0.1 behind its sidecar (mTLS, JWT, policy)"
 backend_port=$(free_port)
 start backend-app python3 -m services.backend --listen "127.0.0.1:$backend_port"
 sidecar_config backend spiffe://cluster.local/ns/default/sa/backend \
-  "inbound: {listen: \"127.0.0.1:0\", app: \"127.0.0.1:$backend_port\"}"
+  "inbound: {listen: \"127.0.0.1:0\", app: \"127.0.0.1:$backend_port\"}
+jwt: {issuers: [{issuer: meshca/cluster.local, audiences: [backend], jwks_uri: \"$url/v1/jwks\"}]}
+policy: {file: policy.yaml}"
+cat >"$work/backend/policy.yaml" <<'YAML'
+# Only frontend, with a JWT-SVID from the CA for audience "backend", may call /process and /headers.
+rules:
+  - name: no-admin
+    action: DENY
+    to: {paths: ["/admin", "/admin/*"]}
+  - name: frontend-calls
+    action: ALLOW
+    from:
+      principals: ["spiffe://cluster.local/ns/default/sa/frontend"]
+      request_principals: ["meshca/cluster.local/*"]
+    to: {paths: ["/process", "/headers"], methods: [GET, POST]}
+YAML
+cat "$work/backend/sidecar.yaml" "$work/backend/policy.yaml"
 start backend-sidecar sidecar run --config "$work/backend/sidecar.yaml"
 backend_in=$(wait_line "$work/backend-sidecar.out" "inbound listening on" | sed 's|https://||')
 backend_admin=$(wait_line "$work/backend-sidecar.out" "admin listening on" | sed 's|http://||')
@@ -43,7 +59,7 @@ echo "backend app on 127.0.0.1:$backend_port; its sidecar's inbound on $backend_
 
 step "frontend: its sidecar (outbound proxy) and a plain-HTTP app with HTTP_PROXY"
 sidecar_config frontend spiffe://cluster.local/ns/default/sa/frontend \
-  "outbound: {listen: \"127.0.0.1:0\", services: {backend.default: {endpoints: [\"$backend_in\"], identity: \"spiffe://cluster.local/ns/default/sa/backend\"}}}"
+  "outbound: {listen: \"127.0.0.1:0\", services: {backend.default: {endpoints: [\"$backend_in\"], identity: \"spiffe://cluster.local/ns/default/sa/backend\", jwt_audience: backend}}}"
 start frontend-sidecar sidecar run --config "$work/frontend/sidecar.yaml"
 frontend_out=$(wait_line "$work/frontend-sidecar.out" "outbound listening on")
 frontend_admin=$(wait_line "$work/frontend-sidecar.out" "admin listening on" | sed 's|http://||')
@@ -66,6 +82,8 @@ h = {k.lower(): v for k, v in d["backend_saw_headers"].items()}
 print("backend saw X-Forwarded-Client-Cert (written by its own sidecar):")
 for part in h["x-forwarded-client-cert"].split(";"):
     print("   ", part)
+tok = h.get("authorization", "")
+print("backend saw a JWT-SVID from the CA:", (tok[:40] + "...") if tok else "(none)")
 PY
 }
 step "curl the frontend: app -> its sidecar -> mTLS -> backend's sidecar -> backend app"
@@ -84,6 +102,10 @@ echo " new handshakes use the new certificates)"
 
 step "sidecar check: frontend's sidecar handshakes with backend's and checks its ID"
 sidecar check "$backend_in" --admin "$frontend_admin" --expect-id spiffe://cluster.local/ns/default/sa/backend
+
+step "policy: /admin is denied, and so is a path backend's policy does not allow"
+curl -sS -x "$frontend_out" http://backend.default/admin -w ' HTTP %{http_code}\n'
+curl -sS -x "$frontend_out" http://backend.default/ -w ' HTTP %{http_code}\n'
 
 step "no client certificate: backend's sidecar refuses the handshake, the app sees nothing"
 curl -sS -k "https://$backend_in/process" -o /dev/null -w 'HTTP %{http_code}\n' 2>&1 || true

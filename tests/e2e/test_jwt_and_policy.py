@@ -412,3 +412,9 @@ def test_meshca_jwt_command_and_jwks(env):
         check=False,
     )
     assert bad.returncode == 1 and "lifetime" in bad.stderr
+
+
+def test_client_supplied_claims_header_is_removed(env):
+    status, body, _ = direct(env, "/spoof", headers={"X-JWT-Claims": "eyJzdWIiOiJhZG1pbiJ9"})
+    seen = {k.lower() for k in json.loads(body)["headers"]}
+    assert status == 200 and "x-jwt-claims" not in seen
