@@ -128,6 +128,58 @@ def cmd_jwt(args: argparse.Namespace) -> int:
     return 0
 
 
+def revoke(home: Path, serial: str | None, spiffe_id: str | None) -> dict[str, Any]:
+    """Revoke by serial or by SPIFFE ID in the ledger; what was revoked (CLIError if nothing)."""
+    authority = Authority.load(home)
+    ledger = store.Ledger(home / store.LEDGER_FILE)
+    try:
+        if serial is not None:
+            rec = ledger.revoke_serial(serial)
+            if rec is None:
+                raise CLIError(f"--serial: no certificate with serial {serial} in the ledger")
+            revoked = [rec]
+        else:
+            assert spiffe_id is not None
+            try:
+                sid = SpiffeId.parse(spiffe_id)
+            except InvalidSpiffeId as e:
+                raise CLIError(f"--spiffe-id: {e}") from None
+            if sid.trust_domain != authority.trust_domain:
+                raise CLIError(f"--spiffe-id: not in trust domain {authority.trust_domain}")
+            revoked = ledger.revoke_id(str(sid))
+        doc = {
+            "revoked": [
+                {
+                    "serial": r.serial,
+                    "spiffe_id": r.spiffe_id,
+                    "not_after": r.not_after,
+                    "revoked_at": r.revoked_at,
+                }
+                for r in revoked
+            ]
+        }
+        ledger.record_event(
+            "revoke",
+            {"serial": serial, "spiffe_id": spiffe_id, "serials": [r.serial for r in revoked]},
+        )
+        return doc
+    finally:
+        ledger.close()
+
+
+def cmd_revoke(args: argparse.Namespace) -> int:
+    """meshca revoke: revoke a certificate (--serial) or all of an identity's (--spiffe-id)."""
+    doc = revoke(_home(args), args.serial, args.spiffe_id)
+    if args.json:
+        print(json.dumps(doc, indent=2))
+    elif not doc["revoked"]:
+        print("nothing to revoke: no unexpired, unrevoked certificate matched")
+    else:
+        for r in doc["revoked"]:
+            print(f"revoked {r['serial']}  {r['spiffe_id']}  (valid until {r['not_after'][:19]}Z)")
+    return 0
+
+
 def cmd_bundle(args: argparse.Namespace) -> int:
     """meshca bundle: print the trust bundle (root certificates, PEM)."""
     sys.stdout.write(Authority.load(_home(args)).bundle_pem())
@@ -299,6 +351,13 @@ def parser() -> argparse.ArgumentParser:
         "--ttl", type=int, default=300, help="lifetime in seconds (default 300, max 3600)"
     )
     s.set_defaults(func=cmd_jwt)
+
+    s = cmd("revoke", "revoke a certificate, or every current certificate of an identity")
+    which = s.add_mutually_exclusive_group(required=True)
+    which.add_argument("--serial", help="the certificate's serial (hex, as meshca certs shows)")
+    which.add_argument("--spiffe-id", help="revoke all unexpired certificates of this ID")
+    s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.set_defaults(func=cmd_revoke)
 
     s = cmd("bundle", "print the trust bundle (root certificates, PEM)")
     s.set_defaults(func=cmd_bundle)

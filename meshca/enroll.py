@@ -9,6 +9,7 @@ verified certificate.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import logging
@@ -61,17 +62,23 @@ class _Caller:
     peer: str | None = None
 
 
-def parse_request(body: bytes) -> str:
-    """The `csr` field of a JSON enrollment body; BadRequest naming what is wrong."""
+def json_object(body: bytes, fields: set[str]) -> dict:
+    """A JSON object with no keys beyond `fields`; BadRequest naming what is wrong."""
     try:
         doc = json.loads(body)
     except (ValueError, UnicodeDecodeError):
         raise BadRequest("body is not valid JSON", code="bad_json") from None
     if not isinstance(doc, dict):
         raise BadRequest("body must be a JSON object", code="bad_json")
-    unknown = sorted(set(doc) - {"csr"})
+    unknown = sorted(set(doc) - fields)
     if unknown:
         raise BadRequest(f"unknown field {unknown[0]!r}", code="bad_json")
+    return doc
+
+
+def parse_request(body: bytes) -> str:
+    """The `csr` field of a JSON enrollment body; BadRequest naming what is wrong."""
+    doc = json_object(body, {"csr"})
     csr = doc.get("csr")
     if not isinstance(csr, str) or not csr.strip():
         raise BadRequest("field 'csr' (a PEM certificate request) is required", code="bad_json")
@@ -162,6 +169,8 @@ class Enroller:
             raise Unauthenticated("token issuer is not trusted", code="invalid_token")
         if peer_cert is not None:
             caller.credential = RENEWAL
+            with contextlib.suppress(ValueError):  # name the caller in the ledger if refused
+                caller.spiffe_id = pki.spiffe_id_of(peer_cert)
             caller.spiffe_id, caller.dns_names = self.check_peer_svid(peer_cert, now)
             return
         raise Unauthenticated(
@@ -187,8 +196,11 @@ class Enroller:
             raise Forbidden("client certificate is not a workload SVID of this trust domain")
         if not cert.not_valid_before_utc <= now < cert.not_valid_after_utc:
             raise Unauthenticated("client certificate is not valid now", code="bad_certificate")
-        if self.ledger.certificate(pki.serial_hex(cert)) is None:
+        record = self.ledger.certificate(pki.serial_hex(cert))
+        if record is None:
             raise Forbidden("client certificate was not issued by this CA")
+        if record.revoked_at is not None:
+            raise Forbidden("client certificate has been revoked", code="revoked")
         try:
             san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
             dns = tuple(san.get_values_for_type(x509.DNSName))

@@ -27,7 +27,7 @@ from meshca import pki, store, tlsutil
 from meshca.authority import Authority, ensure_jwt_key, load_ec_key
 from meshca.config import ServeConfig
 from meshca.credentials import JoinTokens, K8sTokens
-from meshca.enroll import NONE, Enroller
+from meshca.enroll import NONE, Enroller, json_object
 from meshca.errors import BadRequest, MeshcaError, RateLimited, TooLarge, Unauthenticated
 from meshca.jwks import FileJwks, JwksSource, UrlJwks
 from meshca.jwtsvid import DEFAULT_TTL, JwtIssuer, check_audience
@@ -270,15 +270,7 @@ class CAServer:
         now = self.clock()
         sid, _ = self.enroller.check_peer_svid(cert, now)
         request["spiffe_id"] = str(sid)
-        try:
-            doc = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
-            raise BadRequest("body is not valid JSON", code="bad_json") from None
-        if not isinstance(doc, dict):
-            raise BadRequest("body must be a JSON object", code="bad_json")
-        unknown = sorted(set(doc) - {"audience", "ttl"})
-        if unknown:
-            raise BadRequest(f"unknown field {unknown[0]!r}", code="bad_json")
+        doc = json_object(body, {"audience", "ttl"})
         audience = check_audience(doc.get("audience"))
         ttl = doc.get("ttl", DEFAULT_TTL.total_seconds())
         if isinstance(ttl, bool) or not isinstance(ttl, int | float):
@@ -300,6 +292,7 @@ class CAServer:
             "trust_domain": authority.trust_domain,
             "roots": authority.bundle_pem(),
             "sequence": authority.state.sequence,
+            "revoked": self.ledger.revoked_serials(),
         }
         body = json.dumps(doc, sort_keys=True).encode()
         etag = '"' + hashlib.sha256(body).hexdigest()[:32] + '"'

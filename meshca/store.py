@@ -253,6 +253,7 @@ class IssuedRecord:
     issuer: str
     sha256: str
     peer: str | None
+    revoked_at: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The dict `meshca certs --json` prints."""
@@ -276,6 +277,9 @@ class Ledger:
         with self._tx() as db:
             for stmt in filter(None, (s.strip() for s in _SCHEMA.split(";"))):
                 db.execute(stmt)
+            columns = {row[1] for row in db.execute("PRAGMA table_info(certificates)")}
+            if "revoked_at" not in columns:  # ledgers made before revocation existed
+                db.execute("ALTER TABLE certificates ADD COLUMN revoked_at TEXT")
         with contextlib.suppress(OSError):
             os.chmod(path, 0o600)
 
@@ -312,7 +316,8 @@ class Ledger:
                     ).fetchone()
                     raise UnknownToken() if row is None else TokenAlreadyUsed()
             db.execute(
-                "INSERT INTO certificates VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO certificates (serial, spiffe_id, not_before, not_after, issued_at,"
+                " credential, issuer, sha256, peer) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     rec.serial,
                     rec.spiffe_id,
@@ -361,6 +366,42 @@ class Ledger:
             return "unknown"
         return "unused" if row[0] is None else "used"
 
+    def revoke_serial(self, serial: str) -> IssuedRecord | None:
+        """Mark one certificate revoked (idempotent); None if the ledger has no such serial."""
+        serial = serial.lower().replace(":", "")
+        with self._tx() as db:
+            db.execute(
+                "UPDATE certificates SET revoked_at = ? WHERE serial = ? AND revoked_at IS NULL",
+                (iso(self.clock()), serial),
+            )
+            row = db.execute("SELECT * FROM certificates WHERE serial = ?", (serial,)).fetchone()
+        return IssuedRecord(*row) if row else None
+
+    def revoke_id(self, spiffe_id: str) -> list[IssuedRecord]:
+        """Revoke every unexpired certificate of `spiffe_id`; the rows revoked by this call."""
+        now = iso(self.clock())
+        with self._tx() as db:
+            rows = db.execute(
+                "SELECT * FROM certificates WHERE spiffe_id = ? AND not_after > ? "
+                "AND revoked_at IS NULL",
+                (spiffe_id, now),
+            ).fetchall()
+            db.execute(
+                "UPDATE certificates SET revoked_at = ? WHERE spiffe_id = ? AND not_after > ? "
+                "AND revoked_at IS NULL",
+                (now, spiffe_id, now),
+            )
+        return [IssuedRecord(*r[:-1], revoked_at=now) for r in rows]
+
+    def revoked_serials(self) -> list[str]:
+        """Serials revoked and not yet expired (what the bundle carries)."""
+        cur = self._db.execute(
+            "SELECT serial FROM certificates WHERE revoked_at IS NOT NULL AND not_after > ? "
+            "ORDER BY serial",
+            (iso(self.clock()),),
+        )
+        return [r[0] for r in cur]
+
     def certificate(self, serial: str) -> IssuedRecord | None:
         """The ledger row of one serial, or None."""
         row = self._db.execute("SELECT * FROM certificates WHERE serial = ?", (serial,)).fetchone()
@@ -403,6 +444,10 @@ class Ledger:
                 "SELECT COUNT(*) FROM certificates WHERE not_after > ?", (now,)
             ).fetchone()[0],
             "refused": one("SELECT COUNT(*) FROM refusals").fetchone()[0],
+            "revoked": one(
+                "SELECT COUNT(*) FROM certificates WHERE revoked_at IS NOT NULL AND not_after > ?",
+                (now,),
+            ).fetchone()[0],
             "join_tokens_minted": one("SELECT COUNT(*) FROM join_tokens").fetchone()[0],
             "join_tokens_used": one(
                 "SELECT COUNT(*) FROM join_tokens WHERE used_at IS NOT NULL"

@@ -21,6 +21,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from meshca.client import CAError
+from sidecar.bundlewatch import BundleWatcher
 from sidecar.certmanager import CertManager
 from sidecar.creds import CredentialError, Credentials, CredentialStore, spiffe_id_of
 from sidecar.policyholder import PolicyHolder
@@ -105,11 +106,16 @@ class Admin:
     """Routes of the admin and health listeners."""
 
     def __init__(
-        self, store: CredentialStore, manager: CertManager, policy: PolicyHolder | None = None
+        self,
+        store: CredentialStore,
+        manager: CertManager,
+        policy: PolicyHolder | None = None,
+        bundle: BundleWatcher | None = None,
     ) -> None:
         self.store = store
         self.manager = manager
         self.policy = policy
+        self.bundle = bundle
 
     async def healthz(self, request: web.Request) -> web.Response:
         """Liveness: the process answers."""
@@ -140,8 +146,16 @@ class Admin:
         return _json(self.policy.status())
 
     async def status(self, request: web.Request) -> web.Response:
-        """The certificate manager's state (renewals, failures, next renewal)."""
-        return _json(self.manager.status.__dict__)
+        """The certificate manager's state, and the trust bundle's (sequence, revocations)."""
+        doc: dict[str, object] = dict(self.manager.status.__dict__)
+        if self.bundle is not None:
+            doc["bundle"] = {
+                "sequence": self.bundle.sequence,
+                "polls": self.bundle.polls,
+                "last_error": self.bundle.last_error,
+                "revoked": sorted(self.store.revoked),
+            }
+        return _json(doc)
 
     async def rotate(self, request: web.Request) -> web.Response:
         """Renew now; answers with the new serial, or 502 with why the CA did not."""

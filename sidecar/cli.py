@@ -50,6 +50,7 @@ async def run(config: SidecarConfig) -> None:
     from sidecar.admin import Admin
     from sidecar.authn import from_config as authn_from_config
     from sidecar.authn import mesh_context
+    from sidecar.bundlewatch import BundleWatcher
     from sidecar.certmanager import CertManager
     from sidecar.creds import Credentials, CredentialStore
     from sidecar.inbound import InboundRouter
@@ -73,8 +74,11 @@ async def run(config: SidecarConfig) -> None:
                 src.set_ssl_context(mesh_context(creds.bundle_pem))
 
         store.on_publish(trust_new_bundle)
-    admin = Admin(store, manager, policy)
-    background = []
+    watcher = BundleWatcher(
+        config.ca.url, config.ca.bundle.read_text(), store, config.ca.bundle_poll
+    )
+    admin = Admin(store, manager, policy, watcher)
+    background = [asyncio.create_task(watcher.run())]
     runners, servers = [], []
     access_log = AccessLog(sys.stdout)
     try:

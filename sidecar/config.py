@@ -37,6 +37,7 @@ class CAConfig:
     token_file: Path
     renew_fraction: float = 0.5
     retry_max: float = 60.0
+    bundle_poll: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -214,7 +215,12 @@ def parse_config(doc: Any, source: Path) -> SidecarConfig:
             r.problems.append(f"trust_domain: {e}")
 
     ca = None
-    c = r.section(doc, "ca", {"url", "bundle", "token_file", "renew_fraction", "retry_max"}, True)
+    c = r.section(
+        doc,
+        "ca",
+        {"url", "bundle", "token_file", "renew_fraction", "retry_max", "bundle_poll"},
+        True,
+    )
     if c is not None:
         url = r.string(c, "url", "ca.url")
         if url and not url.startswith("https://"):
@@ -223,8 +229,9 @@ def parse_config(doc: Any, source: Path) -> SidecarConfig:
         token = r.path(c, "token_file", "ca.token_file", must_exist=False)
         frac = r.number(c, "renew_fraction", "ca.renew_fraction", 0.5, 0.1, 0.9)
         retry_max = r.number(c, "retry_max", "ca.retry_max", 60.0, 1, 3600)
+        poll = r.number(c, "bundle_poll", "ca.bundle_poll", 30.0, 0.2, 3600)
         if url and bundle and token:
-            ca = CAConfig(url, bundle, token, frac, retry_max)
+            ca = CAConfig(url, bundle, token, frac, retry_max, poll)
 
     inbound = None
     i = r.section(

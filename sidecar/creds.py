@@ -27,6 +27,12 @@ class CredentialError(ValueError):
     """A certificate, chain or bundle is unusable; the message says which and why."""
 
 
+def serial_hex(cert: x509.Certificate) -> str:
+    """Serial as lowercase hex of whole bytes (the form the CA's bundle lists)."""
+    text = format(cert.serial_number, "x")
+    return "0" + text if len(text) % 2 else text
+
+
 def spiffe_id_of(cert: x509.Certificate) -> SpiffeId:
     """The single SPIFFE URI SAN of an SVID; CredentialError otherwise."""
     try:
@@ -154,6 +160,32 @@ class CredentialStore:
         self.trust_domain = trust_domain
         self._current: Credentials | None = None
         self._listeners: list[Callable[[Credentials], None]] = []
+        self.revoked: frozenset[str] = frozenset()  # serials (lowercase hex) refused by the CA
+        self._revocation_listeners: list[Callable[[frozenset[str]], None]] = []
+
+    def set_revoked(self, serials: frozenset[str]) -> None:
+        """Adopt the CA's list of revoked serials and tell the listeners (who close connections)."""
+        if serials == self.revoked:
+            return
+        self.revoked = serials
+        for fn in self._revocation_listeners:
+            fn(serials)
+
+    def on_revoked(self, fn: Callable[[frozenset[str]], None]) -> None:
+        """Call `fn` whenever the revoked set changes."""
+        self._revocation_listeners.append(fn)
+
+    def adopt_bundle(self, bundle_pem: str, now: dt.datetime) -> bool:
+        """Trust a new bundle for new handshakes (same key and certificate); False if our own
+        certificate would not chain to it (then the old generation stays)."""
+        creds = self._current
+        if creds is None or creds.bundle_pem == bundle_pem:
+            return False
+        rebuilt = Credentials.build(
+            creds.key_pem, creds.chain_pem, bundle_pem, self.trust_domain, now
+        )
+        self.publish(rebuilt)
+        return True
 
     @property
     def current(self) -> Credentials | None:

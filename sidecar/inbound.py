@@ -21,7 +21,7 @@ from cryptography import x509
 from sidecar.authn import Authenticator, InvalidToken, NeedKeys, claims_header_value
 from sidecar.authz import Request
 from sidecar.config import InboundConfig
-from sidecar.creds import CredentialError, CredentialStore, spiffe_id_of
+from sidecar.creds import CredentialError, CredentialStore, serial_hex, spiffe_id_of
 from sidecar.pathnorm import PathError, normalize
 from sidecar.policyholder import PolicyHolder
 from sidecar.proxy import (
@@ -64,6 +64,8 @@ class InboundRouter(Router):
         self.authn = authn
         self.policy = policy or PolicyHolder(None)
         self.strip = SIDECAR_HEADERS | (authn.strip if authn else frozenset())
+        self.conns: set[DownstreamConn] = set()
+        store.on_revoked(self._close_revoked)
         self.pool = UpstreamPool(
             "app",
             [(cfg.app.host, cfg.app.port)],
@@ -72,6 +74,21 @@ class InboundRouter(Router):
             unavailable=(503, "app_unavailable"),
         )
         self._default_host = f"{cfg.app.host}:{cfg.app.port}".encode()
+
+    def _close_revoked(self, revoked: frozenset[str]) -> None:
+        """Close open connections from peers whose certificate was just revoked."""
+        for conn in [c for c in self.conns if c.peer.get("serial") in revoked]:
+            log.warning(
+                "closing a connection from %s: certificate %s revoked",
+                conn.peer.get("spiffe_id"),
+                conn.peer.get("serial"),
+            )
+            if conn.transport is not None:
+                conn.transport.abort()
+
+    def release(self, conn: DownstreamConn) -> None:
+        """Forget a closed connection."""
+        self.conns.discard(conn)
 
     async def _connect(self, pool: UpstreamPool, host: str, port: int) -> UpstreamConn:
         loop = asyncio.get_running_loop()
@@ -86,14 +103,19 @@ class InboundRouter(Router):
         if not der:
             raise ProxyError(400, "no_client_certificate", "a client certificate is required")
         try:
-            peer = spiffe_id_of(x509.load_der_x509_certificate(der))
+            cert = x509.load_der_x509_certificate(der)
+            peer = spiffe_id_of(cert)
         except (CredentialError, ValueError) as e:
             raise ProxyError(403, "bad_peer_certificate", str(e)) from None
+        serial = serial_hex(cert)
+        if serial in self.store.revoked:
+            raise ProxyError(403, "revoked", f"{peer}: certificate {serial} is revoked")
         if peer.trust_domain != self.store.trust_domain:
             raise ProxyError(403, "foreign_trust_domain", f"{peer} is not in our trust domain")
         creds = self.store.current
         own = str(creds.spiffe_id) if creds is not None else ""
-        conn.peer = {"spiffe_id": str(peer), "xfcc": xfcc(own, der, str(peer))}
+        conn.peer = {"spiffe_id": str(peer), "xfcc": xfcc(own, der, str(peer)), "serial": serial}
+        self.conns.add(conn)
 
     def route(self, conn: DownstreamConn, ex: Exchange) -> tuple[UpstreamPool, bytes]:
         """Normalize, authenticate, authorize; then the request for the app."""

@@ -21,7 +21,7 @@ from cryptography import x509
 
 from meshca.client import CAError, EnrollmentClient
 from sidecar.config import OutboundConfig, Service
-from sidecar.creds import CredentialError, CredentialStore, spiffe_id_of
+from sidecar.creds import CredentialError, CredentialStore, serial_hex, spiffe_id_of
 from sidecar.proxy import (
     DownstreamConn,
     Exchange,
@@ -113,6 +113,7 @@ class OutboundRouter(Router):
         self.store = store
         self.jwts = jwts
         self.pools: dict[str, UpstreamPool] = {}
+        store.on_revoked(self._close_revoked)
         for name, svc in cfg.services.items():
             self.pools[name] = UpstreamPool(
                 name,
@@ -145,10 +146,17 @@ class OutboundRouter(Router):
                 ) from None
             der = transport.get_extra_info("ssl_object").getpeercert(binary_form=True)
             try:
-                peer = spiffe_id_of(x509.load_der_x509_certificate(der))
+                cert = x509.load_der_x509_certificate(der)
+                peer = spiffe_id_of(cert)
             except (CredentialError, ValueError) as e:
                 transport.abort()
                 raise ProxyError(502, "peer_identity_mismatch", f"{svc.name}: {e}") from None
+            serial = serial_hex(cert)
+            if serial in self.store.revoked:
+                transport.abort()
+                raise ProxyError(
+                    502, "peer_revoked", f"{svc.name}: certificate {serial} is revoked"
+                )
             if peer != svc.identity:
                 transport.abort()
                 log.warning(
@@ -165,9 +173,16 @@ class OutboundRouter(Router):
                     f"{svc.name} presented {peer}, expected {svc.identity}",
                 )
             conn.peer_info["spiffe_id"] = str(peer)
+            conn.peer_info["serial"] = serial
             return conn
 
         return connect
+
+    def _close_revoked(self, revoked: frozenset[str]) -> None:
+        for pool in self.pools.values():
+            n = pool.abort_where(lambda c: c.peer_info.get("serial") in revoked)
+            if n:
+                log.warning("closed %d connection(s) to %s: certificate revoked", n, pool.label)
 
     def accept(self, conn: DownstreamConn) -> None:
         """The app is the only client (the listener is on loopback)."""

@@ -227,6 +227,9 @@ class Router:
     def accept(self, conn: DownstreamConn) -> None:
         """Called once the connection (and TLS handshake) is up; raise ProxyError to refuse."""
 
+    def release(self, conn: DownstreamConn) -> None:
+        """Called when an accepted connection is gone."""
+
     def route(self, conn: DownstreamConn, ex: Exchange) -> tuple[UpstreamPool, bytes]:
         """The pool to use and the request head (without framing or final CRLF)."""
         raise NotImplementedError
@@ -352,6 +355,7 @@ class DownstreamConn(asyncio.Protocol):
         self.closed = True
         self._disarm()
         DEADLINES.discard(self)
+        self.router.release(self)
         ex = self.active
         if ex is not None and not ex.finished and ex.upstream is not None:
             ex.upstream.abort()
@@ -969,6 +973,7 @@ class UpstreamPool:
         self.max_idle = max_idle
         self.unavailable = unavailable
         self.idle: list[UpstreamConn] = []
+        self.conns: set[UpstreamConn] = set()
         self._next = 0
 
     def take_idle(self) -> UpstreamConn | None:
@@ -986,7 +991,9 @@ class UpstreamPool:
             host, port = self.endpoints[self._next % len(self.endpoints)]
             self._next += 1
             try:
-                return await asyncio.wait_for(self._connect(self, host, port), self.connect_timeout)
+                conn = await asyncio.wait_for(self._connect(self, host, port), self.connect_timeout)
+                self.conns.add(conn)
+                return conn
             except ProxyError:
                 raise
             except (OSError, TimeoutError) as e:
@@ -1004,10 +1011,18 @@ class UpstreamPool:
 
     def discard(self, conn: UpstreamConn) -> None:
         """Forget a connection that closed."""
+        self.conns.discard(conn)
         try:
             self.idle.remove(conn)
         except ValueError:
             pass
+
+    def abort_where(self, predicate: Callable[[UpstreamConn], bool]) -> int:
+        """Abort every connection (idle or busy) for which `predicate` holds."""
+        doomed = [c for c in self.conns if predicate(c)]
+        for c in doomed:
+            c.abort()
+        return len(doomed)
 
     def close(self) -> None:
         """Close every idle connection."""
