@@ -180,24 +180,159 @@ def cmd_revoke(args: argparse.Namespace) -> int:
     return 0
 
 
+def _rotation_settings(args: argparse.Namespace) -> Any:
+    from meshca import rotation
+
+    for flag in ("intermediate_share", "root_share"):
+        v = getattr(args, flag)
+        if not 0 < v < 1:
+            raise CLIError(f"--{flag.replace('_', '-')}: must be between 0 and 1")
+    for flag in ("propagation_wait", "retire_wait"):
+        if getattr(args, flag) < 0:
+            raise CLIError(f"--{flag.replace('_', '-')}: must not be negative")
+    return rotation.Settings(
+        intermediate_share=args.intermediate_share,
+        root_share=args.root_share,
+        propagation_wait=dt.timedelta(seconds=args.propagation_wait),
+        retire_wait=dt.timedelta(seconds=args.retire_wait),
+    )
+
+
+def print_rotation(doc: dict[str, Any], as_json: bool) -> None:
+    """What `meshca rotate` prints."""
+    if as_json:
+        print(json.dumps(doc, indent=2))
+        return
+    if doc["action"] == "none":
+        print(f"rotate: nothing to do ({doc['reason']})")
+    else:
+        verb = "would" if doc.get("dry_run") else "did"
+        print(f"rotate: {verb} {doc['action'].replace('_', ' ')}: {doc['reason']}")
+    for key in (
+        "new_root",
+        "new_root_sha256",
+        "intermediate",
+        "under_root",
+        "old_intermediate",
+        "retired_root",
+        "bundle_sequence",
+    ):
+        if key in doc:
+            print(f"  {key}: {doc[key]}")
+    print(f"  root rotation stage: {doc['stage']}")
+    if doc.get("next_due"):
+        print(f"  next step due: {doc['next_due']}")
+
+
+def cmd_rotate(args: argparse.Namespace) -> int:
+    """meshca rotate: one rotation step, on a state directory or through a running CA."""
+    settings = _rotation_settings(args)
+    if args.home:
+        from meshca.rotate import rotate
+
+        doc = rotate(
+            Path(args.home).expanduser(),
+            settings,
+            args.force_intermediate,
+            args.start_root_rotation,
+            args.dry_run,
+            wait_for_lock=not args.no_wait,
+        )
+    else:
+        doc = _remote(
+            args,
+            "/v1/admin/rotate",
+            {
+                "dry_run": args.dry_run,
+                "force_intermediate": args.force_intermediate,
+                "start_root_rotation": args.start_root_rotation,
+                "propagation_wait": args.propagation_wait,
+                "retire_wait": args.retire_wait,
+                "intermediate_share": args.intermediate_share,
+                "root_share": args.root_share,
+            },
+        )
+    print_rotation(doc, args.json)
+    return 0
+
+
+def _remote(args: argparse.Namespace, path: str, body: dict[str, Any]) -> dict[str, Any]:
+    """POST to a running CA's admin API, authenticated by mTLS or a ServiceAccount token."""
+    import ssl
+    import urllib.error
+    import urllib.request
+
+    if not args.ca_url.startswith("https://"):
+        raise CLIError("--ca-url: must be an https:// URL")
+    if not args.ca_bundle:
+        raise CLIError("--ca-bundle: required with --ca-url (the CA's trust bundle)")
+    ctx = ssl.create_default_context(cafile=args.ca_bundle)
+    headers = {"Content-Type": "application/json"}
+    if args.cert or args.key:
+        if not (args.cert and args.key):
+            raise CLIError("--cert and --key go together")
+        ctx.load_cert_chain(args.cert, args.key)
+    elif args.token_file:
+        try:
+            headers["Authorization"] = "Bearer " + Path(args.token_file).read_text().strip()
+        except OSError as e:
+            raise CLIError(f"--token-file: cannot read ({e.strerror})") from None
+    else:
+        raise CLIError("with --ca-url, authenticate with --cert/--key or --token-file")
+    req = urllib.request.Request(  # noqa: S310 (https only, checked above)
+        args.ca_url.rstrip("/") + path,
+        data=json.dumps(body).encode(),
+        headers=headers,
+        method="POST",
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=120, context=ctx) as resp:  # noqa: S310
+            return json.loads(resp.read())
+    except urllib.error.HTTPError as e:
+        try:
+            detail = json.loads(e.read()).get("detail", "")
+        except ValueError:
+            detail = ""
+        raise CLIError(f"the CA answered {e.code}: {detail}") from None
+    except (urllib.error.URLError, OSError) as e:
+        raise CLIError(f"cannot reach the CA at {args.ca_url}: {e}") from None
+
+
 def cmd_bundle(args: argparse.Namespace) -> int:
     """meshca bundle: print the trust bundle (root certificates, PEM)."""
     sys.stdout.write(Authority.load(_home(args)).bundle_pem())
     return 0
 
 
-def status_doc(home: Path) -> dict[str, Any]:
-    """What `meshca status --json` prints."""
+def status_doc(home: Path, settings: Any = None) -> dict[str, Any]:
+    """What `meshca status --json` prints (`settings`: the waits the rotate job uses)."""
     authority = Authority.load(home)
     ledger = store.Ledger(home / store.LEDGER_FILE)
     try:
         counts = ledger.counts()
     finally:
         ledger.close()
+    from meshca import rotation
+    from meshca.rotate import facts_for
+
+    ledger = store.Ledger(home / store.LEDGER_FILE)
+    try:
+        p = rotation.plan(
+            facts_for(authority, ledger, store.utcnow()), settings or rotation.Settings()
+        )
+    finally:
+        ledger.close()
+    rot = authority.state.root_rotation
     return {
         "home": str(home),
         "trust_domain": authority.trust_domain,
         "bundle_sequence": authority.state.sequence,
+        "root_rotation": {
+            **rot,
+            "next_action": p.action if p.action != "none" else None,
+            "next_due": pki.rfc3339(p.next_due) if p.next_due else None,
+            "note": p.reason,
+        },
         "roots": [pki.describe(r) for r in authority.roots],
         "intermediate": pki.describe(authority.intermediate),
         "ledger": counts,
@@ -206,7 +341,7 @@ def status_doc(home: Path) -> dict[str, Any]:
 
 def cmd_status(args: argparse.Namespace) -> int:
     """meshca status: trust domain, CA certificates, ledger counts."""
-    doc = status_doc(_home(args))
+    doc = status_doc(_home(args), _rotation_settings(args))
     if args.json:
         print(json.dumps(doc, indent=2))
         return 0
@@ -218,6 +353,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"{label}:")
         for key in ("subject", "serial", "not_after", "sha256"):
             print(f"  {key + ':':11} {cert[key]}")
+    rot = doc["root_rotation"]
+    print(
+        f"root rotation: {rot['stage']} ({rot['note']}; next step due {rot['next_due'] or 'now'})"
+    )
     c = doc["ledger"]
     print(
         f"ledger:        {c['issued']} issued ({c['active']} still valid), {c['refused']} refused, "
@@ -352,6 +491,60 @@ def parser() -> argparse.ArgumentParser:
     )
     s.set_defaults(func=cmd_jwt)
 
+    s = sub.add_parser(
+        "rotate",
+        help="rotate the intermediate and the root, one stage per run (run it from cron)",
+        description="Take at most one rotation step that is due: replace the intermediate "
+        "past its share of lifetime, or advance a root rotation (prepare, activate, retire).",
+    )
+    where = s.add_mutually_exclusive_group(required=True)
+    where.add_argument("--home", help="work on this state directory")
+    where.add_argument("--ca-url", help="ask a running CA (as an admin identity)")
+    s.add_argument("--ca-bundle", help="with --ca-url: the CA's trust bundle (PEM)")
+    s.add_argument("--cert", help="with --ca-url: an admin client certificate chain (PEM)")
+    s.add_argument("--key", help="with --ca-url: its key")
+    s.add_argument("--token-file", help="with --ca-url: a projected ServiceAccount token")
+    s.add_argument("--dry-run", action="store_true", help="say what would be done, change nothing")
+    s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.add_argument(
+        "--force-intermediate",
+        action="store_true",
+        help="replace the intermediate now (under the root that issues)",
+    )
+    s.add_argument(
+        "--start-root-rotation",
+        action="store_true",
+        help="begin a root rotation now (the prepare stage)",
+    )
+    s.add_argument(
+        "--propagation-wait",
+        type=float,
+        default=3600.0,
+        help="seconds between prepare and activate (default 3600)",
+    )
+    s.add_argument(
+        "--retire-wait",
+        type=float,
+        default=90000.0,
+        help="seconds between activate and retire (default 90000: 24 h leaves + 1 h)",
+    )
+    s.add_argument(
+        "--intermediate-share",
+        type=float,
+        default=2 / 3,
+        help="replace the intermediate past this share of its life (default 2/3)",
+    )
+    s.add_argument(
+        "--root-share",
+        type=float,
+        default=2 / 3,
+        help="start a root rotation past this share of its life (default 2/3)",
+    )
+    s.add_argument(
+        "--no-wait", action="store_true", help="exit at once if another rotate holds the lock"
+    )
+    s.set_defaults(func=cmd_rotate)
+
     s = cmd("revoke", "revoke a certificate, or every current certificate of an identity")
     which = s.add_mutually_exclusive_group(required=True)
     which.add_argument("--serial", help="the certificate's serial (hex, as meshca certs shows)")
@@ -362,8 +555,17 @@ def parser() -> argparse.ArgumentParser:
     s = cmd("bundle", "print the trust bundle (root certificates, PEM)")
     s.set_defaults(func=cmd_bundle)
 
-    s = cmd("status", "show the CA's certificates and ledger counts")
+    s = cmd("status", "show the CA's certificates, rotation stage and ledger counts")
     s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.add_argument(
+        "--propagation-wait",
+        type=float,
+        default=3600.0,
+        help="as given to meshca rotate, to say when the next step is due",
+    )
+    s.add_argument("--retire-wait", type=float, default=90000.0, help="as for meshca rotate")
+    s.add_argument("--intermediate-share", type=float, default=2 / 3, help="as for meshca rotate")
+    s.add_argument("--root-share", type=float, default=2 / 3, help="as for meshca rotate")
     s.set_defaults(func=cmd_status)
 
     s = cmd("certs", "list issued certificates from the ledger")

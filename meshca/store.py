@@ -116,6 +116,14 @@ class State:
     intermediate: str  # base name (issuing-<tag>)
     sequence: int  # bumps whenever the bundle changes
     created_at: str
+    # Root rotation in progress: {"stage": "none"} or {"stage": "prepared"|"activated",
+    # "old_root": name, "new_root": name, "since": RFC 3339}.
+    rotation: tuple[tuple[str, str], ...] = (("stage", "none"),)
+
+    @property
+    def root_rotation(self) -> dict[str, str]:
+        """The rotation record as a dict."""
+        return dict(self.rotation)
 
     def to_json(self) -> bytes:
         """Serialized form written to state.json."""
@@ -127,6 +135,7 @@ class State:
             "intermediate": self.intermediate,
             "sequence": self.sequence,
             "created_at": self.created_at,
+            "root_rotation": self.root_rotation,
         }
         return (json.dumps(doc, indent=2) + "\n").encode()
 
@@ -149,6 +158,10 @@ class State:
                 intermediate=str(doc["intermediate"]),
                 sequence=int(doc["sequence"]),
                 created_at=str(doc["created_at"]),
+                rotation=tuple(
+                    (str(k), str(v))
+                    for k, v in dict(doc.get("root_rotation", {"stage": "none"})).items()
+                ),
             )
         except KeyError as e:
             raise StateError(f"{where}: missing field {e.args[0]!r}") from None
@@ -156,6 +169,11 @@ class State:
             raise StateError(f"{where}: bad value: {e}") from None
         if state.issuing_root not in state.roots:
             raise StateError(f"{where}: issuing_root is not one of roots")
+        rot = state.root_rotation
+        if rot.get("stage") not in ("none", "prepared", "activated"):
+            raise StateError(f"{where}: root_rotation.stage must be none, prepared or activated")
+        if rot["stage"] != "none" and not {"old_root", "new_root", "since"} <= set(rot):
+            raise StateError(f"{where}: root_rotation needs old_root, new_root and since")
         return state
 
 
@@ -392,6 +410,21 @@ class Ledger:
                 (now, spiffe_id, now),
             )
         return [IssuedRecord(*r[:-1], revoked_at=now) for r in rows]
+
+    def latest_not_after(self, issuers: list[str]) -> str | None:
+        """Latest not_after of unexpired, unrevoked workload leaves from these intermediates.
+
+        The CA's own serving certificate is left out: the CA re-issues it itself.
+        """
+        if not issuers:
+            return None
+        marks = ",".join("?" * len(issuers))
+        row = self._db.execute(
+            f"SELECT MAX(not_after) FROM certificates WHERE issuer IN ({marks}) "  # noqa: S608
+            "AND not_after > ? AND revoked_at IS NULL AND credential != 'ca_server'",
+            (*issuers, iso(self.clock())),
+        ).fetchone()
+        return row[0] if row else None
 
     def revoked_serials(self) -> list[str]:
         """Serials revoked and not yet expired (what the bundle carries)."""

@@ -1,0 +1,184 @@
+"""`meshca rotate`: carry out one rotation step on a state directory, safely.
+
+Safe to run repeatedly (it only acts when a step is due), twice at the same
+time (an exclusive lock on the state directory; the second run waits, then
+decides on what the first left), and after a crash at any point: new keys and
+certificates are written to new files first, and only then is state.json
+replaced atomically, so a crash leaves either the old state or the new one,
+never a mix (files of an interrupted step are simply unused). Each step is
+recorded in the ledger and returned for printing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+
+from meshca import pki, rotation, store
+from meshca.authority import Authority, _load_cert, _tag, load_ec_key
+from meshca.errors import StateError
+
+FAULT_ENV = "MESHCA_FAULT"  # fault injection for crash tests: "rotate:<point>"
+
+
+def _fault(point: str) -> None:
+    """Die by SIGKILL at `point` when the crash tests ask for it."""
+    if os.environ.get(FAULT_ENV) == f"rotate:{point}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _parse_time(text: str) -> dt.datetime:
+    return dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+def _write_pair(home: Path, kind: str, key: Any, cert: x509.Certificate) -> str:
+    name = f"{kind}-{_tag(cert)}"
+    for suffix, data, mode in (
+        (".key", pki.key_pem(key), 0o600),
+        (".crt", pki.cert_pem(cert), 0o644),
+    ):
+        path = home / f"{name}{suffix}"
+        if path.exists():
+            path.unlink()  # a leftover of an interrupted run with the same key: impossible in
+            # practice (fresh keys), but never let it block a rotation
+        store.create_exclusive(path, data, mode)
+    store.fsync_dir(home)
+    return name
+
+
+def old_root_leaves_until(
+    home: Path, old_root: x509.Certificate, ledger: store.Ledger
+) -> dt.datetime | None:
+    """The latest not_after of unexpired, unrevoked workload leaves under `old_root`."""
+    serials = []
+    for crt in home.glob("issuing-*.crt"):
+        cert = _load_cert(crt)
+        if cert.issuer == old_root.subject:
+            serials.append(pki.serial_hex(cert))
+    latest = ledger.latest_not_after(serials)
+    return _parse_time(latest) if latest else None
+
+
+def facts_for(authority: Authority, ledger: store.Ledger, now: dt.datetime) -> rotation.Facts:
+    """What the pure planner needs, read from the state directory and the ledger."""
+    state = authority.state
+    rot = state.root_rotation
+    issuing_root = authority.roots[state.roots.index(state.issuing_root)]
+    until = None
+    if rot["stage"] == rotation.ACTIVATED:
+        old = _load_cert(authority.home / f"{rot['old_root']}.crt")
+        until = old_root_leaves_until(authority.home, old, ledger)
+    return rotation.Facts(
+        now=now,
+        root_not_before=issuing_root.not_valid_before_utc,
+        root_not_after=issuing_root.not_valid_after_utc,
+        intermediate_not_before=authority.intermediate.not_valid_before_utc,
+        intermediate_not_after=authority.intermediate.not_valid_after_utc,
+        stage=rot["stage"],
+        stage_since=_parse_time(rot["since"]) if "since" in rot else None,
+        old_root_leaves_until=until,
+    )
+
+
+def rotate(
+    home: Path,
+    settings: rotation.Settings | None = None,
+    force_intermediate: bool = False,
+    start_root_rotation: bool = False,
+    dry_run: bool = False,
+    clock: store.Clock = store.utcnow,
+    wait_for_lock: bool = True,
+) -> dict[str, Any]:
+    """Take at most one step; a dict describing what was (or would be) done."""
+    settings = settings or rotation.Settings()
+    with store.locked(home, wait=wait_for_lock):
+        authority = Authority.load(home)
+        ledger = store.Ledger(home / store.LEDGER_FILE, clock)
+        try:
+            now = clock()
+            p = rotation.plan(
+                facts_for(authority, ledger, now),
+                settings,
+                force_intermediate,
+                start_root_rotation,
+            )
+            result: dict[str, Any] = {
+                "action": p.action,
+                "reason": p.reason,
+                "dry_run": dry_run,
+                "stage_before": authority.state.root_rotation["stage"],
+            }
+            if p.action == "none" or dry_run:
+                result["stage"] = result["stage_before"]
+                result["next_due"] = pki.rfc3339(p.next_due) if p.next_due else None
+                return result
+            new_state, details = _apply(p.action, authority, now)
+            _fault("before-state")
+            store.atomic_write(home / store.STATE_FILE, new_state.to_json(), 0o644)
+            _fault("after-state")
+            result.update(details)
+            result["stage"] = new_state.root_rotation["stage"]
+            result["bundle_sequence"] = new_state.sequence
+            ledger.record_event(p.action, {k: v for k, v in result.items() if k != "dry_run"})
+            return result
+        finally:
+            ledger.close()
+
+
+def _apply(action: str, authority: Authority, now: dt.datetime) -> tuple[store.State, dict]:
+    home, state = authority.home, authority.state
+    rot = state.root_rotation
+    if action == "rotate_intermediate":
+        root_name = state.issuing_root
+        root = _load_cert(home / f"{root_name}.crt")
+        root_key = load_ec_key(home / f"{root_name}.key")
+        key = pki.new_key()
+        cert = pki.build_intermediate(key, root, root_key, now)
+        name = _write_pair(home, "issuing", key, cert)
+        return dataclasses.replace(state, intermediate=name), {
+            "intermediate": pki.serial_hex(cert),
+            "under_root": root_name,
+            "old_intermediate": pki.serial_hex(authority.intermediate),
+        }
+    if action == "prepare_root":
+        key = pki.new_key()
+        cert = pki.build_root(key, now)
+        name = _write_pair(home, "root", key, cert)
+        rec = {
+            "stage": rotation.PREPARED,
+            "old_root": state.issuing_root,
+            "new_root": name,
+            "since": pki.rfc3339(now),
+        }
+        return dataclasses.replace(
+            state,
+            roots=(*state.roots, name),
+            sequence=state.sequence + 1,
+            rotation=tuple(rec.items()),
+        ), {"new_root": pki.serial_hex(cert), "new_root_sha256": pki.fingerprint(cert)}
+    if action == "activate_root":
+        new_name = rot["new_root"]
+        root = _load_cert(home / f"{new_name}.crt")
+        root_key = load_ec_key(home / f"{new_name}.key")
+        key = pki.new_key()
+        cert = pki.build_intermediate(key, root, root_key, now)
+        name = _write_pair(home, "issuing", key, cert)
+        rec = {**rot, "stage": rotation.ACTIVATED, "since": pki.rfc3339(now)}
+        return dataclasses.replace(
+            state, issuing_root=new_name, intermediate=name, rotation=tuple(rec.items())
+        ), {"intermediate": pki.serial_hex(cert), "under_root": new_name}
+    if action == "retire_root":
+        old = rot["old_root"]
+        roots = tuple(r for r in state.roots if r != old)
+        if not roots or state.issuing_root == old:
+            raise StateError("refusing to retire the root that issues")
+        return dataclasses.replace(
+            state, roots=roots, sequence=state.sequence + 1, rotation=(("stage", "none"),)
+        ), {"retired_root": old}
+    raise ValueError(f"unknown action {action}")

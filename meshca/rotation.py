@@ -1,0 +1,113 @@
+"""Rotation decisions, pure: given the time and the CA's state, what one step to take next.
+
+The issuing intermediate is replaced when it is past a share of its lifetime
+(default 2/3) or when forced. The root rotates in three stages, at most one
+per run, each after its wait:
+
+    none --prepare--> prepared --activate--> activated --retire--> none
+
+- prepare: a new root is made and published in the bundle beside the old one;
+  issuing stays under the old root (so every peer learns the new root first);
+- activate (after `propagation_wait`): issuing moves to a new intermediate
+  under the new root; the old root stays trusted;
+- retire (after `retire_wait`, the longest leaf lifetime plus a margin, *and*
+  once no unexpired leaf from the old root's intermediates is left in the
+  ledger): the old root leaves the bundle.
+
+I/O (keys, files, the lock) lives in `meshca.rotate`; this module only decides.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+
+DEFAULT_SHARE = 2 / 3
+DEFAULT_PROPAGATION_WAIT = dt.timedelta(hours=1)
+DEFAULT_RETIRE_WAIT = dt.timedelta(hours=25)  # 24 h leaves + 1 h margin
+
+NONE, PREPARED, ACTIVATED = "none", "prepared", "activated"
+STAGES = (NONE, PREPARED, ACTIVATED)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How eagerly to rotate."""
+
+    intermediate_share: float = DEFAULT_SHARE
+    root_share: float = DEFAULT_SHARE
+    propagation_wait: dt.timedelta = DEFAULT_PROPAGATION_WAIT
+    retire_wait: dt.timedelta = DEFAULT_RETIRE_WAIT
+
+
+@dataclass(frozen=True)
+class Facts:
+    """What the decision looks at."""
+
+    now: dt.datetime
+    root_not_before: dt.datetime  # the root that issues now
+    root_not_after: dt.datetime
+    intermediate_not_before: dt.datetime
+    intermediate_not_after: dt.datetime
+    stage: str = NONE
+    stage_since: dt.datetime | None = None
+    old_root_leaves_until: dt.datetime | None = None  # latest not_after of old-root leaves
+
+
+@dataclass(frozen=True)
+class Plan:
+    """One step (or none), why, and when the next step is due."""
+
+    action: str  # none | rotate_intermediate | prepare_root | activate_root | retire_root
+    reason: str
+    next_due: dt.datetime | None = None
+
+
+def _past_share(nb: dt.datetime, na: dt.datetime, now: dt.datetime, share: float) -> bool:
+    return now >= nb + (na - nb) * share
+
+
+def _share_point(nb: dt.datetime, na: dt.datetime, share: float) -> dt.datetime:
+    return nb + (na - nb) * share
+
+
+def plan(
+    f: Facts,
+    s: Settings = Settings(),
+    force_intermediate: bool = False,
+    start_root_rotation: bool = False,
+) -> Plan:
+    """The next step. At most one stage advances per call; a forced intermediate goes first."""
+    if force_intermediate:
+        return Plan("rotate_intermediate", "forced (--force-intermediate)")
+    if f.stage == PREPARED:
+        assert f.stage_since is not None
+        due = f.stage_since + s.propagation_wait
+        if f.now >= due:
+            return Plan("activate_root", "the new root has had its propagation wait")
+        return Plan("none", "new root published; waiting for it to propagate", due)
+    if f.stage == ACTIVATED:
+        assert f.stage_since is not None
+        due = f.stage_since + s.retire_wait
+        if f.old_root_leaves_until is not None and f.old_root_leaves_until > due:
+            due = f.old_root_leaves_until
+        if f.now >= due:
+            return Plan("retire_root", "no certificate in use needs the old root any more")
+        why = "issuing under the new root; the old root stays trusted until its leaves expire"
+        return Plan("none", why, due)
+    if start_root_rotation:
+        return Plan("prepare_root", "started (--start-root-rotation)")
+    if _past_share(f.root_not_before, f.root_not_after, f.now, s.root_share):
+        return Plan("prepare_root", f"the root is past {s.root_share:.0%} of its lifetime")
+    if _past_share(
+        f.intermediate_not_before, f.intermediate_not_after, f.now, s.intermediate_share
+    ):
+        return Plan(
+            "rotate_intermediate",
+            f"the intermediate is past {s.intermediate_share:.0%} of its lifetime",
+        )
+    due = min(
+        _share_point(f.root_not_before, f.root_not_after, s.root_share),
+        _share_point(f.intermediate_not_before, f.intermediate_not_after, s.intermediate_share),
+    )
+    return Plan("none", "nothing is due", due)
