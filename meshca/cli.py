@@ -70,6 +70,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             k8s_token_file=args.k8s_token_file,
             k8s_jwks_refresh=args.k8s_jwks_refresh,
             k8s_jwks_min_interval=args.k8s_jwks_min_interval,
+            reload_interval=args.reload_interval,
+            admin_ids=tuple(args.admin_id or ()),
         )
     except ConfigError as e:
         raise CLIError(str(e)) from None
@@ -128,48 +130,15 @@ def cmd_jwt(args: argparse.Namespace) -> int:
     return 0
 
 
-def revoke(home: Path, serial: str | None, spiffe_id: str | None) -> dict[str, Any]:
-    """Revoke by serial or by SPIFFE ID in the ledger; what was revoked (CLIError if nothing)."""
-    authority = Authority.load(home)
-    ledger = store.Ledger(home / store.LEDGER_FILE)
-    try:
-        if serial is not None:
-            rec = ledger.revoke_serial(serial)
-            if rec is None:
-                raise CLIError(f"--serial: no certificate with serial {serial} in the ledger")
-            revoked = [rec]
-        else:
-            assert spiffe_id is not None
-            try:
-                sid = SpiffeId.parse(spiffe_id)
-            except InvalidSpiffeId as e:
-                raise CLIError(f"--spiffe-id: {e}") from None
-            if sid.trust_domain != authority.trust_domain:
-                raise CLIError(f"--spiffe-id: not in trust domain {authority.trust_domain}")
-            revoked = ledger.revoke_id(str(sid))
-        doc = {
-            "revoked": [
-                {
-                    "serial": r.serial,
-                    "spiffe_id": r.spiffe_id,
-                    "not_after": r.not_after,
-                    "revoked_at": r.revoked_at,
-                }
-                for r in revoked
-            ]
-        }
-        ledger.record_event(
-            "revoke",
-            {"serial": serial, "spiffe_id": spiffe_id, "serials": [r.serial for r in revoked]},
-        )
-        return doc
-    finally:
-        ledger.close()
-
-
 def cmd_revoke(args: argparse.Namespace) -> int:
     """meshca revoke: revoke a certificate (--serial) or all of an identity's (--spiffe-id)."""
-    doc = revoke(_home(args), args.serial, args.spiffe_id)
+    from meshca.revocation import revoke
+
+    if args.home:
+        doc = revoke(_home(args), args.serial, args.spiffe_id)
+    else:
+        body = {"serial": args.serial} if args.serial else {"spiffe_id": args.spiffe_id}
+        doc = _remote(args, "/v1/admin/revoke", body)
     if args.json:
         print(json.dumps(doc, indent=2))
     elif not doc["revoked"]:
@@ -470,6 +439,18 @@ def parser() -> argparse.ArgumentParser:
         default=10.0,
         help="least seconds between two JWKS fetches, also on unknown kid (default 10)",
     )
+    s.add_argument(
+        "--reload-interval",
+        type=float,
+        default=2.0,
+        help="seconds between checks of state.json for rotations (default 2)",
+    )
+    s.add_argument(
+        "--admin-id",
+        action="append",
+        metavar="SPIFFE_ID",
+        help="an identity allowed to call /v1/admin/* (repeatable)",
+    )
     s.set_defaults(func=cmd_serve)
 
     s = cmd("token", "print a one-time join token for a SPIFFE ID")
@@ -545,7 +526,16 @@ def parser() -> argparse.ArgumentParser:
     )
     s.set_defaults(func=cmd_rotate)
 
-    s = cmd("revoke", "revoke a certificate, or every current certificate of an identity")
+    s = sub.add_parser(
+        "revoke", help="revoke a certificate, or every current certificate of an identity"
+    )
+    where = s.add_mutually_exclusive_group(required=True)
+    where.add_argument("--home", help="work on this state directory")
+    where.add_argument("--ca-url", help="ask a running CA (as an admin identity)")
+    s.add_argument("--ca-bundle", help="with --ca-url: the CA's trust bundle (PEM)")
+    s.add_argument("--cert", help="with --ca-url: an admin client certificate chain (PEM)")
+    s.add_argument("--key", help="with --ca-url: its key")
+    s.add_argument("--token-file", help="with --ca-url: a projected ServiceAccount token")
     which = s.add_mutually_exclusive_group(required=True)
     which.add_argument("--serial", help="the certificate's serial (hex, as meshca certs shows)")
     which.add_argument("--spiffe-id", help="revoke all unexpired certificates of this ID")

@@ -11,6 +11,8 @@ import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
 
+from meshca.spiffe import InvalidSpiffeId, SpiffeId
+
 
 class ConfigError(ValueError):
     """One or more settings are invalid; the message names each flag."""
@@ -61,6 +63,8 @@ class ServeConfig:
     k8s_token_file: Path | None = None
     k8s_jwks_refresh: float = 300.0
     k8s_jwks_min_interval: float = 10.0
+    reload_interval: float = 2.0
+    admin_ids: tuple[str, ...] = ()
 
     @property
     def server_dns_names(self) -> tuple[str, ...]:
@@ -99,6 +103,8 @@ def build_serve_config(
     k8s_token_file: str | None = None,
     k8s_jwks_refresh: float = 300.0,
     k8s_jwks_min_interval: float = 10.0,
+    reload_interval: float = 2.0,
+    admin_ids: tuple[str, ...] = (),
 ) -> ServeConfig:
     """Validate every setting; ConfigError listing each problem by flag."""
     problems: list[str] = []
@@ -133,6 +139,13 @@ def build_serve_config(
         problems.append("--k8s-jwks-refresh: must be between 1 and 86400 seconds")
     if not 0 <= k8s_jwks_min_interval <= 3600:
         problems.append("--k8s-jwks-min-interval: must be between 0 and 3600 seconds")
+    if not 0.1 <= reload_interval <= 10:
+        problems.append("--reload-interval: must be between 0.1 and 10 seconds")
+    for aid in admin_ids:
+        try:
+            SpiffeId.parse(aid)
+        except InvalidSpiffeId as e:
+            problems.append(f"--admin-id: {aid!r}: {e}")
     if not k8s_audiences or any(not a for a in k8s_audiences):
         problems.append("--k8s-audience: must not be empty")
     for flag, value in (("--k8s-ca-file", k8s_ca_file), ("--k8s-token-file", k8s_token_file)):
@@ -155,4 +168,6 @@ def build_serve_config(
         k8s_token_file=Path(k8s_token_file) if k8s_token_file else None,
         k8s_jwks_refresh=k8s_jwks_refresh,
         k8s_jwks_min_interval=k8s_jwks_min_interval,
+        reload_interval=reload_interval,
+        admin_ids=tuple(admin_ids),
     )

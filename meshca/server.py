@@ -26,9 +26,17 @@ from cryptography import x509
 from meshca import pki, store, tlsutil
 from meshca.authority import Authority, ensure_jwt_key, load_ec_key
 from meshca.config import ServeConfig
-from meshca.credentials import JoinTokens, K8sTokens
+from meshca.credentials import JoinTokens, K8sTokens, peek_issuer
 from meshca.enroll import NONE, Enroller, json_object
-from meshca.errors import BadRequest, MeshcaError, RateLimited, TooLarge, Unauthenticated
+from meshca.errors import (
+    BadRequest,
+    Forbidden,
+    MeshcaError,
+    RateLimited,
+    StateError,
+    TooLarge,
+    Unauthenticated,
+)
 from meshca.jwks import FileJwks, JwksSource, UrlJwks
 from meshca.jwtsvid import DEFAULT_TTL, JwtIssuer, check_audience
 from meshca.ratelimit import RateLimiter
@@ -185,6 +193,71 @@ class CAServer:
         self.jwt_limiter = RateLimiter(config.rate, config.burst)
         self.ssl_context = self._new_ssl_context()
         self.server_cert_expires = self._refresh_server_cert()
+        self._state_mtime = self._mtime()
+        self.reloads = 0
+        # The listening socket's context hands each handshake to the current one, so a
+        # reload (new roots, new intermediate, new serving certificate) applies at once.
+        self.listener_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.listener_context.minimum_version = ssl.TLSVersion.TLSv1_2
+        # The verify mode stays with the connection (OpenSSL copies it at creation); the
+        # trusted roots come from the context swapped in.
+        self.listener_context.verify_mode = ssl.CERT_OPTIONAL
+        self.listener_context.load_verify_locations(cadata=self.authority.bundle_pem())
+
+        def pick(sslobj: ssl.SSLObject, _name: str | None, _ctx: ssl.SSLContext) -> None:
+            sslobj.context = self.ssl_context
+
+        self.listener_context.sni_callback = pick
+        tlsutil.load_chain(self.listener_context, *self._placeholder_chain())
+
+    def _placeholder_chain(self) -> tuple[str, bytes]:
+        # The listener context itself never completes a handshake (the SNI callback swaps
+        # in the real one first), but OpenSSL wants it to hold a certificate.
+        key = pki.new_key()
+        cert = self.authority.issue(
+            key.public_key(), self.server_id, self.clock(), dt.timedelta(minutes=10)
+        )
+        return self.authority.chain_pem(cert), pki.key_pem(key)
+
+    def _mtime(self) -> int:
+        try:
+            return (self.config.home / store.STATE_FILE).stat().st_mtime_ns
+        except OSError:
+            return 0
+
+    def reload_if_changed(self) -> bool:
+        """Adopt what `meshca rotate` changed in state.json; keep the old state if it is bad."""
+        mtime = self._mtime()
+        if mtime == self._state_mtime:
+            return False
+        self._state_mtime = mtime
+        try:
+            authority = Authority.load(self.config.home)
+        except StateError as e:
+            log.error("keeping the current CA state; the new one does not load: %s", e.detail)
+            return False
+        old_seq = self.authority.state.sequence
+        self.authority = authority
+        self.enroller.authority = authority
+        self.server_cert_expires = self._refresh_server_cert(fresh_context=True)
+        self.reloads += 1
+        log.info(
+            "CA state reloaded: bundle sequence %d -> %d, issuing under %s, stage %s",
+            old_seq,
+            authority.state.sequence,
+            authority.state.issuing_root,
+            authority.state.root_rotation["stage"],
+        )
+        return True
+
+    async def watch_state_forever(self) -> None:
+        """Poll state.json; never dies."""
+        while True:
+            await asyncio.sleep(self.config.reload_interval)
+            try:
+                self.reload_if_changed()
+            except Exception:
+                log.exception("reloading the CA state failed")
 
     @property
     def server_id(self) -> SpiffeId:
@@ -199,8 +272,8 @@ class CAServer:
         ctx.load_verify_locations(cadata=self.authority.bundle_pem())
         return ctx
 
-    def _refresh_server_cert(self) -> dt.datetime:
-        """Issue a fresh serving certificate and load it for new handshakes."""
+    def _refresh_server_cert(self, fresh_context: bool = False) -> dt.datetime:
+        """Issue a fresh serving certificate (and context) and use it for new handshakes."""
         key = pki.new_key()
         now = self.clock()
         cert = self.authority.issue(
@@ -211,7 +284,9 @@ class CAServer:
             self.config.server_dns_names,
             self.config.server_ips,
         )
-        tlsutil.load_chain(self.ssl_context, self.authority.chain_pem(cert), pki.key_pem(key))
+        ctx = self._new_ssl_context()  # a new context: trusted roots may have changed
+        tlsutil.load_chain(ctx, self.authority.chain_pem(cert), pki.key_pem(key))
+        self.ssl_context = ctx
         self.ledger.record_issued(
             store.IssuedRecord(
                 serial=pki.serial_hex(cert),
@@ -281,6 +356,104 @@ class CAServer:
         minted = self.jwt_issuer.mint(sid, audience, now, dt.timedelta(seconds=ttl))
         return json_response({"token": minted.token, "expires_at": pki.rfc3339(minted.expires_at)})
 
+    async def admin_identity(self, request: web.Request) -> SpiffeId:
+        """The caller, if it is one of the configured admin identities (mTLS or SA token)."""
+        now = self.clock()
+        bearer = bearer_token(request)
+        if bearer is not None:
+            k8s = self.enroller.k8s
+            if k8s is None or peek_issuer(bearer) != k8s.issuer:
+                raise Unauthenticated(
+                    "admin calls take a client certificate or a Kubernetes ServiceAccount token",
+                    code="invalid_token",
+                )
+            sid = await k8s.verify(bearer, now)
+        else:
+            cert = peer_certificate(request)
+            if cert is None:
+                raise Unauthenticated(
+                    "admin calls need a client certificate or a ServiceAccount token",
+                    code="missing_credential",
+                )
+            sid, _ = self.enroller.check_peer_svid(cert, now)
+        request["spiffe_id"] = str(sid)
+        if str(sid) not in self.config.admin_ids:
+            log.warning("refused admin call from %s", sid)
+            raise Forbidden(f"{sid} is not an admin identity")
+        return sid
+
+    async def post_admin_rotate(self, request: web.Request) -> web.Response:
+        """POST /v1/admin/rotate: one rotation step, as `meshca rotate --home` would take."""
+        from meshca import rotation
+        from meshca.rotate import rotate
+
+        who = await self.admin_identity(request)
+        doc = json_object(
+            await read_limited(request, 4096),
+            {
+                "dry_run",
+                "force_intermediate",
+                "start_root_rotation",
+                "propagation_wait",
+                "retire_wait",
+                "intermediate_share",
+                "root_share",
+            },
+        )
+        flags = {}
+        for k in ("dry_run", "force_intermediate", "start_root_rotation"):
+            v = doc.get(k, False)
+            if not isinstance(v, bool):
+                raise BadRequest(f"field {k!r} must be true or false", code="bad_json")
+            flags[k] = v
+        nums = {}
+        defaults = rotation.Settings()
+        for k, default in (
+            ("propagation_wait", defaults.propagation_wait.total_seconds()),
+            ("retire_wait", defaults.retire_wait.total_seconds()),
+            ("intermediate_share", defaults.intermediate_share),
+            ("root_share", defaults.root_share),
+        ):
+            v = doc.get(k, default)
+            if isinstance(v, bool) or not isinstance(v, int | float) or v < 0:
+                raise BadRequest(f"field {k!r} must be a non-negative number", code="bad_json")
+            if k.endswith("share") and not 0 < v < 1:
+                raise BadRequest(f"field {k!r} must be between 0 and 1", code="bad_json")
+            nums[k] = float(v)
+        settings = rotation.Settings(
+            intermediate_share=nums["intermediate_share"],
+            root_share=nums["root_share"],
+            propagation_wait=dt.timedelta(seconds=nums["propagation_wait"]),
+            retire_wait=dt.timedelta(seconds=nums["retire_wait"]),
+        )
+        result = await asyncio.to_thread(
+            rotate,
+            self.config.home,
+            settings,
+            flags["force_intermediate"],
+            flags["start_root_rotation"],
+            flags["dry_run"],
+            self.clock,
+        )
+        self.reload_if_changed()  # apply it now rather than at the next poll
+        log.info("admin %s rotate: %s (%s)", who, result["action"], result["reason"])
+        return json_response(result)
+
+    async def post_admin_revoke(self, request: web.Request) -> web.Response:
+        """POST /v1/admin/revoke: body {"serial": HEX} or {"spiffe_id": ID}."""
+        from meshca.revocation import revoke
+
+        who = await self.admin_identity(request)
+        doc = json_object(await read_limited(request, 4096), {"serial", "spiffe_id"})
+        serial, sid = doc.get("serial"), doc.get("spiffe_id")
+        if (serial is None) == (sid is None):
+            raise BadRequest("give exactly one of 'serial' or 'spiffe_id'", code="bad_json")
+        if not isinstance(serial or sid, str):
+            raise BadRequest("serial / spiffe_id must be a string", code="bad_json")
+        result = await asyncio.to_thread(revoke, self.config.home, serial, sid)
+        log.info("admin %s revoked %d certificate(s)", who, len(result["revoked"]))
+        return json_response(result)
+
     async def get_jwks(self, request: web.Request) -> web.Response:
         """GET /v1/jwks: the keys that verify this CA's JWT-SVIDs."""
         return json_response(self.jwt_issuer.jwks(), headers={"Cache-Control": "max-age=60"})
@@ -318,6 +491,8 @@ class CAServer:
         app.router.add_get("/v1/bundle", self.get_bundle)
         app.router.add_post("/v1/jwt", self.post_jwt)
         app.router.add_get("/v1/jwks", self.get_jwks)
+        app.router.add_post("/v1/admin/rotate", self.post_admin_rotate)
+        app.router.add_post("/v1/admin/revoke", self.post_admin_revoke)
         app.router.add_get("/healthz", self.get_healthz)
         return app
 
@@ -334,7 +509,11 @@ async def serve(config: ServeConfig, ready: Callable[[str], None] | None = None)
     runner = web.AppRunner(ca.app(), access_log=None, handle_signals=False)
     await runner.setup()
     site = web.TCPSite(
-        runner, config.listen.host, config.listen.port, ssl_context=ca.ssl_context, backlog=1024
+        runner,
+        config.listen.host,
+        config.listen.port,
+        ssl_context=ca.listener_context,
+        backlog=1024,
     )
     await site.start()
     server = site._server  # the asyncio Server, to learn the port when 0 was asked for
@@ -347,15 +526,17 @@ async def serve(config: ServeConfig, ready: Callable[[str], None] | None = None)
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     renewer = asyncio.create_task(ca.renew_server_cert_forever())
+    watcher = asyncio.create_task(ca.watch_state_forever())
     log.info("serving trust domain %s on %s", ca.authority.trust_domain, url)
     if ready:
         ready(url)
     try:
         await stop.wait()
     finally:
-        renewer.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await renewer
+        for task in (renewer, watcher):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         await runner.cleanup()
         await ca.close()
         log.info("stopped")
