@@ -95,6 +95,7 @@ class CertManager:
         self.client = client or EnrollmentClient(ca.url, ca.bundle.read_text())
         self.rng = rng or random.Random()  # noqa: S311 (jitter, not secrets)
         self.status = Status()
+        self._received_at: dt.datetime | None = None
         self._wake = asyncio.Event()
         self._waiters: list[asyncio.Future[str]] = []
 
@@ -130,6 +131,7 @@ class CertManager:
         # Later answers trust the bundle the CA just gave us (it may carry new roots).
         self.client.bundle_pem = creds.bundle_pem
         self.store.publish(creds)
+        self._received_at = self.clock()
         return creds
 
     async def rotate_now(self) -> str:
@@ -146,8 +148,10 @@ class CertManager:
             current = self.store.current
             now = self.clock()
             if current is not None and not self._wake.is_set():
+                # The lifetime counts from when we got the certificate: notBefore is
+                # back-dated for clock skew, which would make short lifetimes look half gone.
                 delay = renew_delay(
-                    current.leaf.not_valid_before_utc,
+                    max(current.leaf.not_valid_before_utc, self._received_at or now),
                     current.leaf.not_valid_after_utc,
                     now,
                     self.ca.renew_fraction,
