@@ -72,6 +72,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
             k8s_jwks_min_interval=args.k8s_jwks_min_interval,
             reload_interval=args.reload_interval,
             admin_ids=tuple(args.admin_id or ()),
+            inject_image=args.inject_image,
+            inject_ca_url=args.inject_ca_url,
+            inject_fail_open=args.inject_fail_open,
         )
     except ConfigError as e:
         raise CLIError(str(e)) from None
@@ -267,6 +270,27 @@ def _remote(args: argparse.Namespace, path: str, body: dict[str, Any]) -> dict[s
         raise CLIError(f"cannot reach the CA at {args.ca_url}: {e}") from None
 
 
+def cmd_inject(args: argparse.Namespace) -> int:
+    """meshca inject -f FILE: print the manifests with the sidecar injected."""
+    from meshca.inject import InjectError, InjectOptions, inject_yaml
+
+    try:
+        text = sys.stdin.read() if args.file == "-" else Path(args.file).read_text()
+    except OSError as e:
+        raise CLIError(f"-f: cannot read {args.file} ({e.strerror})") from None
+    opts = InjectOptions(
+        image=args.image,
+        ca_url=args.ca_url,
+        trust_domain=args.trust_domain,
+        bundle_configmap=args.bundle_configmap,
+    )
+    try:
+        sys.stdout.write(inject_yaml(text, opts))
+    except InjectError as e:
+        raise CLIError(str(e)) from None
+    return 0
+
+
 def cmd_bundle(args: argparse.Namespace) -> int:
     """meshca bundle: print the trust bundle (root certificates, PEM)."""
     sys.stdout.write(Authority.load(_home(args)).bundle_pem())
@@ -451,6 +475,22 @@ def parser() -> argparse.ArgumentParser:
         metavar="SPIFFE_ID",
         help="an identity allowed to call /v1/admin/* (repeatable)",
     )
+    s.add_argument(
+        "--inject-image",
+        default="meshca:latest",
+        help="the sidecar image the /v1/inject webhook adds",
+    )
+    s.add_argument(
+        "--inject-ca-url",
+        default="https://meshca.mesh-system.svc:8443",
+        help="the CA's URL as injected pods see it",
+    )
+    s.add_argument(
+        "--inject-fail-open",
+        action="store_true",
+        help="admit a pod unchanged (with a warning) when it cannot be injected; "
+        "default: refuse it with the reason",
+    )
     s.set_defaults(func=cmd_serve)
 
     s = cmd("token", "print a one-time join token for a SPIFFE ID")
@@ -541,6 +581,28 @@ def parser() -> argparse.ArgumentParser:
     which.add_argument("--spiffe-id", help="revoke all unexpired certificates of this ID")
     s.add_argument("--json", action="store_true", help="machine-readable output")
     s.set_defaults(func=cmd_revoke)
+
+    s = sub.add_parser(
+        "inject",
+        help="add the sidecar to Kubernetes manifests (stdin/stdout)",
+        description="Print the manifests with the meshca sidecar injected into "
+        "every Pod, Deployment, StatefulSet, DaemonSet, ReplicaSet, Job and "
+        "CronJob; other objects are printed unchanged.",
+    )
+    s.add_argument("-f", "--file", required=True, help="a YAML file, or - for stdin")
+    s.add_argument("--image", default="meshca:latest", help="the sidecar image")
+    s.add_argument(
+        "--ca-url",
+        default="https://meshca.mesh-system.svc:8443",
+        help="the CA's URL as seen from pods",
+    )
+    s.add_argument("--trust-domain", default=DEFAULT_TRUST_DOMAIN, help="the trust domain")
+    s.add_argument(
+        "--bundle-configmap",
+        default="meshca-bundle",
+        help="the ConfigMap (in the pod's namespace) with ca-root.pem",
+    )
+    s.set_defaults(func=cmd_inject)
 
     s = cmd("bundle", "print the trust bundle (root certificates, PEM)")
     s.set_defaults(func=cmd_bundle)

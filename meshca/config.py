@@ -65,6 +65,9 @@ class ServeConfig:
     k8s_jwks_min_interval: float = 10.0
     reload_interval: float = 2.0
     admin_ids: tuple[str, ...] = ()
+    inject_image: str = "meshca:latest"
+    inject_ca_url: str = "https://meshca.mesh-system.svc:8443"
+    inject_fail_open: bool = False
 
     @property
     def server_dns_names(self) -> tuple[str, ...]:
@@ -105,6 +108,9 @@ def build_serve_config(
     k8s_jwks_min_interval: float = 10.0,
     reload_interval: float = 2.0,
     admin_ids: tuple[str, ...] = (),
+    inject_image: str = "meshca:latest",
+    inject_ca_url: str = "https://meshca.mesh-system.svc:8443",
+    inject_fail_open: bool = False,
 ) -> ServeConfig:
     """Validate every setting; ConfigError listing each problem by flag."""
     problems: list[str] = []
@@ -170,4 +176,7 @@ def build_serve_config(
         k8s_jwks_min_interval=k8s_jwks_min_interval,
         reload_interval=reload_interval,
         admin_ids=tuple(admin_ids),
+        inject_image=inject_image,
+        inject_ca_url=inject_ca_url,
+        inject_fail_open=inject_fail_open,
     )

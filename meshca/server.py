@@ -454,6 +454,26 @@ class CAServer:
         log.info("admin %s revoked %d certificate(s)", who, len(result["revoked"]))
         return json_response(result)
 
+    async def post_inject(self, request: web.Request) -> web.Response:
+        """POST /v1/inject: the mutating admission webhook (AdmissionReview v1 -> JSONPatch)."""
+        from meshca.inject import InjectError, InjectOptions, admission_response
+
+        body = await read_limited(request, 4 << 20)
+        try:
+            review = json.loads(body)
+        except (ValueError, UnicodeDecodeError):
+            raise BadRequest("body is not valid JSON", code="bad_json") from None
+        opts = InjectOptions(
+            image=self.config.inject_image,
+            ca_url=self.config.inject_ca_url,
+            trust_domain=self.authority.trust_domain,
+        )
+        try:
+            answer = admission_response(review, opts, self.config.inject_fail_open)
+        except InjectError as e:
+            raise BadRequest(str(e), code="bad_admission_review") from None
+        return json_response(answer)
+
     async def get_jwks(self, request: web.Request) -> web.Response:
         """GET /v1/jwks: the keys that verify this CA's JWT-SVIDs."""
         return json_response(self.jwt_issuer.jwks(), headers={"Cache-Control": "max-age=60"})
@@ -491,6 +511,7 @@ class CAServer:
         app.router.add_get("/v1/bundle", self.get_bundle)
         app.router.add_post("/v1/jwt", self.post_jwt)
         app.router.add_get("/v1/jwks", self.get_jwks)
+        app.router.add_post("/v1/inject", self.post_inject)
         app.router.add_post("/v1/admin/rotate", self.post_admin_rotate)
         app.router.add_post("/v1/admin/revoke", self.post_admin_revoke)
         app.router.add_get("/healthz", self.get_healthz)

@@ -149,7 +149,15 @@ async def run(config: SidecarConfig) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     """sidecar run --config FILE."""
     try:
-        config = load_config(Path(args.config))
+        if args.config_env:
+            import os
+
+            text = os.environ.get(args.config_env)
+            if not text:
+                raise ConfigError([f"environment variable {args.config_env} is not set"])
+            config = load_config(Path.cwd() / f"${args.config_env}", text)
+        else:
+            config = load_config(Path(args.config))
     except ConfigError as e:
         for p in e.problems:
             print(f"sidecar run: config error: {p}", file=sys.stderr)
@@ -277,7 +285,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     s = sub.add_parser("run", help="run the sidecar")
-    s.add_argument("--config", required=True, help="the YAML configuration file")
+    src = s.add_mutually_exclusive_group(required=True)
+    src.add_argument("--config", help="the YAML configuration file")
+    src.add_argument(
+        "--config-env",
+        metavar="NAME",
+        help="read the YAML configuration from this environment variable",
+    )
     s.set_defaults(func=cmd_run)
 
     s = sub.add_parser("identity", help="show the pod's current certificate")

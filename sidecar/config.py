@@ -484,12 +484,14 @@ def _parse_jwt(r: _Reader, doc: dict) -> JwtConfig | None:
     return JwtConfig(tuple(issuers), max_bytes)
 
 
-def load_config(path: Path) -> SidecarConfig:
-    """Read and validate a YAML file; ConfigError naming every problem."""
-    try:
-        text = path.read_text()
-    except OSError as e:
-        raise ConfigError([f"{path}: cannot read ({e.strerror})"]) from None
+def load_config(path: Path, text: str | None = None) -> SidecarConfig:
+    """Read and validate a YAML file (or `text`, with paths relative to `path`'s folder);
+    ConfigError naming every problem."""
+    if text is None:
+        try:
+            text = path.read_text()
+        except OSError as e:
+            raise ConfigError([f"{path}: cannot read ({e.strerror})"]) from None
     try:
         doc = yaml.safe_load(text)
     except yaml.YAMLError as e:

@@ -1,0 +1,110 @@
+"""Sidecar injection on real manifests of each kind: what is added, what is kept, idempotence,
+opt-out, and that every result validates against the Kubernetes schema (offline)."""
+
+import copy
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from meshca.inject import (
+    SIDECAR_NAME,
+    InjectError,
+    InjectOptions,
+    inject_object,
+    inject_yaml,
+)
+
+DATA = Path(__file__).resolve().parents[1] / "data" / "k8s" / "workloads.yaml"
+K8S_VERSION = "1.37.0"
+OPTS = InjectOptions()
+
+
+def docs():
+    return list(yaml.safe_load_all(DATA.read_text()))
+
+
+def pod_spec(obj):
+    kind = obj["kind"]
+    if kind == "Pod":
+        return obj["metadata"], obj["spec"]
+    if kind == "CronJob":
+        t = obj["spec"]["jobTemplate"]["spec"]["template"]
+    else:
+        t = obj["spec"]["template"]
+    return t.get("metadata", {}), t["spec"]
+
+
+def validate(obj):
+    kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+
+
+@pytest.mark.parametrize("index", range(6))  # every workload kind in the file
+def test_inject_each_kind(index):
+    original = docs()[index]
+    out = inject_object(original, OPTS)
+    validate(original)
+    validate(out)
+    meta, spec = pod_spec(out)
+    sidecar = spec["initContainers"][0]
+    assert sidecar["name"] == SIDECAR_NAME and sidecar["restartPolicy"] == "Always"
+    assert sidecar["readinessProbe"]["httpGet"]["port"] == 15021
+    assert sidecar["securityContext"]["runAsUser"] == 1337
+    vols = {v["name"]: v for v in spec["volumes"]}
+    token = vols["meshca-token"]["projected"]["sources"][0]["serviceAccountToken"]
+    assert token["audience"] == "meshca"
+    assert vols["meshca-bundle"]["configMap"]["name"] == "meshca-bundle"
+    assert meta["annotations"]["meshca.io/status"] == "injected"
+    for c in spec["containers"]:
+        env = {e["name"]: e["value"] for e in c["env"]}
+        assert env["HTTP_PROXY"] in ("http://127.0.0.1:15001", "http://corporate-proxy:3128")
+    # everything else is kept as it was
+    o_meta, o_spec = pod_spec(original)
+    assert [c["image"] for c in spec["containers"]] == [c["image"] for c in o_spec["containers"]]
+    assert spec["initContainers"][1:] == o_spec.get("initContainers", [])
+    assert {
+        k: v for k, v in meta.get("annotations", {}).items() if k != "meshca.io/status"
+    } == o_meta.get("annotations", {})
+    assert original == docs()[index], "the input object is not modified"
+
+
+def test_app_port_and_sidecar_config():
+    dep = inject_object(docs()[0], OPTS)
+    _, spec = pod_spec(dep)
+    config = yaml.safe_load(spec["initContainers"][0]["env"][0]["value"])
+    assert config["inbound"]["app"] == "127.0.0.1:8080"
+    assert config["ca"]["token_file"] == "/var/run/secrets/meshca/token"
+    daemon = inject_object(docs()[2], OPTS)  # no containerPort: outbound only
+    _, spec = pod_spec(daemon)
+    assert "inbound" not in yaml.safe_load(spec["initContainers"][0]["env"][0]["value"])
+
+
+def test_existing_http_proxy_is_kept():
+    _, spec = pod_spec(inject_object(docs()[3], OPTS))
+    env = [e for e in spec["containers"][0]["env"] if e["name"] == "HTTP_PROXY"]
+    assert env == [{"name": "HTTP_PROXY", "value": "http://corporate-proxy:3128"}]
+
+
+def test_idempotent_and_opt_out():
+    text = DATA.read_text()
+    once = inject_yaml(text, OPTS)
+    assert inject_yaml(once, OPTS) == once
+    out = list(yaml.safe_load_all(once))
+    opted = [d for d in out if d["metadata"]["name"] == "opted-out"][0]
+    assert opted == [d for d in docs() if d["metadata"]["name"] == "opted-out"][0]
+    service = [d for d in out if d["kind"] == "Service"][0]
+    assert service == docs()[-1]
+
+
+def test_refusals():
+    bad = copy.deepcopy(docs()[5])
+    bad["spec"]["containers"] = []
+    with pytest.raises(InjectError, match="no containers"):
+        inject_object(bad, OPTS)
+    clash = copy.deepcopy(docs()[5])
+    clash["spec"]["volumes"] = [{"name": "meshca-token", "emptyDir": {}}]
+    with pytest.raises(InjectError, match="already exist"):
+        inject_object(clash, OPTS)
+    with pytest.raises(InjectError, match="not valid YAML"):
+        inject_yaml("a: [", OPTS)
