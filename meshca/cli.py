@@ -78,6 +78,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
     except ConfigError as e:
         raise CLIError(str(e)) from None
+    if args.init_if_missing and not (config.home / store.STATE_FILE).exists():
+        init_ca(config.home, args.trust_domain)  # first start on an empty volume
+        print(f"meshca: created a new CA in {config.home}", flush=True)
     Authority.load(config.home)  # fail before binding when the state is bad
 
     def ready(url: str) -> None:
@@ -490,6 +493,16 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="admit a pod unchanged (with a warning) when it cannot be injected; "
         "default: refuse it with the reason",
+    )
+    s.add_argument(
+        "--init-if-missing",
+        action="store_true",
+        help="create the CA first if --home holds none (idempotent first start)",
+    )
+    s.add_argument(
+        "--trust-domain",
+        default=DEFAULT_TRUST_DOMAIN,
+        help="with --init-if-missing: the trust domain of a new CA",
     )
     s.set_defaults(func=cmd_serve)
 

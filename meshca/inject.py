@@ -24,6 +24,7 @@ SIDECAR_NAME = "meshca-sidecar"
 STATUS_ANNOTATION = "meshca.io/status"
 INJECT_ANNOTATION = "meshca.io/inject"
 APP_PORT_ANNOTATION = "meshca.io/app-port"
+OUTBOUND_ANNOTATION = "meshca.io/outbound-services"  # YAML/JSON: name -> endpoints, identity
 TOKEN_VOLUME = "meshca-token"  # noqa: S105 (a volume name)
 BUNDLE_VOLUME = "meshca-bundle"
 TOKEN_DIR = "/var/run/secrets/meshca"  # noqa: S105 (a path)
@@ -59,7 +60,7 @@ class InjectOptions:
     token_seconds: int = 3600
 
 
-def sidecar_config(opts: InjectOptions, app_port: int | None) -> str:
+def sidecar_config(opts: InjectOptions, app_port: int | None, services: dict | None = None) -> str:
     """The sidecar's YAML configuration for a pod."""
     doc: dict[str, Any] = {
         "trust_domain": opts.trust_domain,
@@ -68,7 +69,7 @@ def sidecar_config(opts: InjectOptions, app_port: int | None) -> str:
             "bundle": f"{BUNDLE_DIR}/ca-root.pem",
             "token_file": f"{TOKEN_DIR}/token",
         },
-        "outbound": {"listen": "127.0.0.1:15001", "services": {}},
+        "outbound": {"listen": "127.0.0.1:15001", "services": services or {}},
         "admin": {"listen": "127.0.0.1:15000"},
         "health": {"listen": "0.0.0.0:15021"},
     }
@@ -94,7 +95,26 @@ def _app_port(meta: dict, spec: dict) -> int | None:
     return None
 
 
-def _sidecar_container(opts: InjectOptions, app_port: int | None) -> dict:
+def _services(meta: dict) -> dict | None:
+    text = (meta.get("annotations") or {}).get(OUTBOUND_ANNOTATION)
+    if text is None:
+        return None
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError:
+        raise InjectError(f"annotation {OUTBOUND_ANNOTATION} is not valid YAML or JSON") from None
+    if not isinstance(doc, dict) or not all(
+        isinstance(v, dict) and {"endpoints", "identity"} <= set(v) for v in doc.values()
+    ):
+        raise InjectError(
+            f"annotation {OUTBOUND_ANNOTATION} must map service names to endpoints and identity"
+        )
+    return doc
+
+
+def _sidecar_container(
+    opts: InjectOptions, app_port: int | None, services: dict | None = None
+) -> dict:
     probe = {
         "httpGet": {"path": "/healthz/ready", "port": 15021},
         "periodSeconds": 2,
@@ -110,7 +130,7 @@ def _sidecar_container(opts: InjectOptions, app_port: int | None) -> dict:
         "restartPolicy": "Always",  # a native sidecar: starts first, stops last
         "args": ["run", "--config-env", CONFIG_ENV],
         "command": ["sidecar"],
-        "env": [{"name": CONFIG_ENV, "value": sidecar_config(opts, app_port)}],
+        "env": [{"name": CONFIG_ENV, "value": sidecar_config(opts, app_port, services)}],
         "ports": ports,
         "startupProbe": probe,
         "readinessProbe": {**probe, "failureThreshold": 3},
@@ -179,10 +199,8 @@ def inject_pod_template(meta: dict, spec: dict, opts: InjectOptions) -> bool:
     if vol_names & {TOKEN_VOLUME, BUNDLE_VOLUME}:
         raise InjectError(f"volumes {TOKEN_VOLUME}/{BUNDLE_VOLUME} already exist")
     app_port = _app_port(meta, spec)
-    spec["initContainers"] = [
-        _sidecar_container(opts, app_port),
-        *(spec.get("initContainers") or []),
-    ]
+    sidecar = _sidecar_container(opts, app_port, _services(meta))
+    spec["initContainers"] = [sidecar, *(spec.get("initContainers") or [])]
     spec["volumes"] = [*(spec.get("volumes") or []), *_volumes(opts)]
     for c in spec["containers"]:
         env = c.setdefault("env", [])
