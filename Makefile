@@ -4,15 +4,19 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: all deps venv test test-unit test-e2e demo lint bench bench-ca bench-sidecar k8s-demo clean
+.PHONY: all deps venv test test-unit test-e2e demo demo-pods lint bench bench-ca bench-sidecar k8s-demo clean
 
 all: test
 
-# Debian tools the tests and the demo call as real clients (installed only when missing).
+# Debian tools the tests and the demos use: real clients (openssl, curl) and, for the pod
+# tests, network namespaces and iptables (installed only when missing).
 deps:
 	@missing=""; \
 	command -v openssl >/dev/null || missing="$$missing openssl"; \
 	command -v curl >/dev/null || missing="$$missing curl"; \
+	command -v ip >/dev/null || missing="$$missing iproute2"; \
+	command -v iptables >/dev/null || missing="$$missing iptables"; \
+	command -v setpriv >/dev/null || missing="$$missing util-linux"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing$$missing"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
@@ -37,6 +41,10 @@ test-e2e: deps venv
 
 demo: deps venv
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash deploy/local/demo.sh
+
+# Pods on one machine (network namespaces; needs root).
+demo-pods: deps venv
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python deploy/local/podmesh.py
 
 lint: venv
 	$(BIN)/ruff check .

@@ -20,10 +20,12 @@ from typing import Any
 
 import yaml
 
-SIDECAR_NAME = "meshca-sidecar"
+SIDECAR_NAME = "sidecar"  # as in: kubectl exec POD -c sidecar -- sidecar identity
 STATUS_ANNOTATION = "meshca.io/status"
 INJECT_ANNOTATION = "meshca.io/inject"
 APP_PORT_ANNOTATION = "meshca.io/app-port"
+INTERCEPT_ANNOTATION = "meshca.io/intercept"  # "true": add the init-net container
+INIT_NAME = "meshca-init"
 OUTBOUND_ANNOTATION = "meshca.io/outbound-services"  # YAML/JSON: name -> endpoints, identity
 TOKEN_VOLUME = "meshca-token"  # noqa: S105 (a volume name)
 BUNDLE_VOLUME = "meshca-bundle"
@@ -153,6 +155,28 @@ def _sidecar_container(
     }
 
 
+def _init_net_container(opts: InjectOptions, app_port: int | None) -> dict:
+    """istio-init's job: NAT rules for transparent interception (needs NET_ADMIN, root)."""
+    args = ["init-net", "--uid", str(SIDECAR_UID)]
+    if app_port is not None:
+        args += ["--app-port", str(app_port)]
+    return {
+        "name": INIT_NAME,
+        "image": opts.image,
+        "imagePullPolicy": "IfNotPresent",
+        "command": ["sidecar"],
+        "args": args,
+        "resources": {"requests": {"cpu": "10m", "memory": "32Mi"}},
+        "securityContext": {
+            "runAsUser": 0,
+            "runAsNonRoot": False,
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "capabilities": {"add": ["NET_ADMIN", "NET_RAW"], "drop": ["ALL"]},
+        },
+    }
+
+
 def _volumes(opts: InjectOptions) -> list[dict]:
     return [
         {
@@ -200,7 +224,10 @@ def inject_pod_template(meta: dict, spec: dict, opts: InjectOptions) -> bool:
         raise InjectError(f"volumes {TOKEN_VOLUME}/{BUNDLE_VOLUME} already exist")
     app_port = _app_port(meta, spec)
     sidecar = _sidecar_container(opts, app_port, _services(meta))
-    spec["initContainers"] = [sidecar, *(spec.get("initContainers") or [])]
+    added = [sidecar]
+    if str((meta.get("annotations") or {}).get(INTERCEPT_ANNOTATION, "")).lower() == "true":
+        added.insert(0, _init_net_container(opts, app_port))
+    spec["initContainers"] = [*added, *(spec.get("initContainers") or [])]
     spec["volumes"] = [*(spec.get("volumes") or []), *_volumes(opts)]
     for c in spec["containers"]:
         env = c.setdefault("env", [])

@@ -277,6 +277,35 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0 if doc["chain_valid"] and doc.get("identity_ok") and not doc.get("error") else 1
 
 
+def cmd_init_net(args: argparse.Namespace) -> int:
+    """sidecar init-net: install the transparent-interception rules in this network namespace."""
+    from sidecar.initnet import InitNetError, NetPlan, apply, parse_ports, rules
+
+    try:
+        plan = NetPlan(
+            app_ports=parse_ports(args.app_port or [], "--app-port"),
+            inbound_port=args.inbound_port,
+            outbound_port=args.outbound_port,
+            sidecar_uid=args.uid,
+            exclude_outbound_ports=parse_ports(
+                args.exclude_outbound_port or [], "--exclude-outbound-port"
+            ),
+        )
+    except ValueError as e:
+        print(f"sidecar init-net: {e}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        sys.stdout.write(rules(plan))
+        return 0
+    try:
+        done = apply(plan, args.iptables)
+    except InitNetError as e:
+        print(f"sidecar init-net: {e}", file=sys.stderr)
+        return 1
+    print("sidecar init-net: " + ("rules installed" if done else "rules already in place"))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `sidecar` console script."""
     p = argparse.ArgumentParser(prog="sidecar", description="The meshca mTLS sidecar.")
@@ -315,6 +344,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     s.add_argument("--expect-id", help="the SPIFFE ID the peer must present")
     s.add_argument("--json", action="store_true", help="machine-readable output")
     s.set_defaults(func=cmd_check)
+
+    s = sub.add_parser(
+        "init-net",
+        help="install transparent interception (run as an init "
+        "container with NET_ADMIN, like istio-init)",
+    )
+    s.add_argument(
+        "--app-port",
+        action="append",
+        metavar="PORT",
+        help="app port(s) whose incoming traffic goes to the inbound port",
+    )
+    s.add_argument("--inbound-port", type=int, default=15006)
+    s.add_argument("--outbound-port", type=int, default=15001)
+    s.add_argument(
+        "--uid",
+        type=int,
+        default=1337,
+        help="the sidecar's uid (its own traffic is not intercepted; default 1337)",
+    )
+    s.add_argument(
+        "--exclude-outbound-port",
+        action="append",
+        metavar="PORT",
+        help="outgoing ports to leave alone (repeatable)",
+    )
+    s.add_argument("--iptables", default="iptables", help="iptables or iptables-legacy")
+    s.add_argument("--dry-run", action="store_true", help="print the rules, change nothing")
+    s.set_defaults(func=cmd_init_net)
 
     args = p.parse_args(argv)
     logging.basicConfig(

@@ -62,6 +62,7 @@ class Service:
     endpoints: tuple[Listen, ...]
     identity: SpiffeId
     jwt_audience: str | None = None  # attach a JWT-SVID from the CA for this audience
+    addresses: tuple[str, ...] = ()  # IP:PORT the app dials (transparent interception)
 
 
 @dataclass(frozen=True)
@@ -298,7 +299,7 @@ def parse_config(doc: Any, source: Path) -> SidecarConfig:
             if not isinstance(svc, dict):
                 r.problems.append(f"{where}: must be a mapping")
                 continue
-            r.unknown(svc, {"endpoints", "identity", "jwt_audience"}, where + ".")
+            r.unknown(svc, {"endpoints", "identity", "jwt_audience", "addresses"}, where + ".")
             eps = svc.get("endpoints")
             endpoints: list[Listen] = []
             if not isinstance(eps, list) or not eps:
@@ -319,8 +320,16 @@ def parse_config(doc: Any, source: Path) -> SidecarConfig:
             aud = None
             if "jwt_audience" in svc:
                 aud = r.string(svc, "jwt_audience", f"{where}.jwt_audience")
+            addrs: list[str] = []
+            for n, a in enumerate(svc.get("addresses") or []):
+                try:
+                    addrs.append(str(parse_listen(str(a))))
+                except ValueError as e:
+                    r.problems.append(f"{where}.addresses[{n}]: {e}")
             if endpoints and ident:
-                services[name.lower()] = Service(name.lower(), tuple(endpoints), ident, aud)
+                services[name.lower()] = Service(
+                    name.lower(), tuple(endpoints), ident, aud, tuple(addrs)
+                )
         if listen:
             outbound = OutboundConfig(
                 listen=listen,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import ssl
 import time
 
@@ -36,6 +37,24 @@ from sidecar.proxy import (
 log = logging.getLogger("sidecar.outbound")
 
 _SUFFIXES = (".svc.cluster.local", ".svc")
+SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h
+
+
+def original_destination(transport: asyncio.BaseTransport) -> str | None:
+    """Where a NAT-redirected connection was going (`IP:PORT`), or None if not redirected."""
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return None
+    try:
+        raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
+        local = sock.getsockname()
+    except OSError:
+        return None
+    port = int.from_bytes(raw[2:4], "big")
+    ip = socket.inet_ntoa(raw[4:8])
+    if (ip, port) == tuple(local[:2]):
+        return None
+    return f"{ip}:{port}"
 
 
 def service_name(authority: bytes) -> str:
@@ -114,6 +133,7 @@ class OutboundRouter(Router):
         self.jwts = jwts
         self.pools: dict[str, UpstreamPool] = {}
         store.on_revoked(self._close_revoked)
+        self.by_address = {a: name for name, svc in cfg.services.items() for a in svc.addresses}
         for name, svc in cfg.services.items():
             self.pools[name] = UpstreamPool(
                 name,
@@ -185,8 +205,12 @@ class OutboundRouter(Router):
                 log.warning("closed %d connection(s) to %s: certificate revoked", n, pool.label)
 
     def accept(self, conn: DownstreamConn) -> None:
-        """The app is the only client (the listener is on loopback)."""
+        """The app is the only client; note where it meant to go if it was redirected here."""
         conn.peer = {"spiffe_id": None}
+        if self.by_address and conn.transport is not None:
+            original = original_destination(conn.transport)
+            if original is not None:
+                conn.peer["original_dst"] = original
 
     def route(self, conn: DownstreamConn, ex: Exchange) -> tuple[UpstreamPool, bytes]:
         """Find the service from the absolute URL or the Host header."""
@@ -198,6 +222,13 @@ class OutboundRouter(Router):
             )
         target = ex.target
         authority = None
+        original = conn.peer.get("original_dst")
+        if original is not None and target.startswith(b"/"):
+            # Intercepted transparently: the destination the app dialled names the service.
+            name = self.by_address.get(original)
+            if name is None:
+                raise ProxyError(404, "unknown_service", f"no outbound service for {original}")
+            return self._forward(ex, name, target, original.encode())
         if target[:7].lower() == b"http://":
             try:
                 url = httptools.parse_url(target)
@@ -222,9 +253,14 @@ class OutboundRouter(Router):
                 400, "no_host", "no service named: send a Host header or an absolute URL"
             )
         name = service_name(authority)
-        pool = self.pools.get(name)
-        if pool is None:
+        if name not in self.pools:
             raise ProxyError(404, "unknown_service", f"no outbound service named {name!r}")
+        return self._forward(ex, name, target, authority)
+
+    def _forward(
+        self, ex: Exchange, name: str, target: bytes, authority: bytes
+    ) -> tuple[UpstreamPool, bytes]:
+        pool = self.pools[name]
         svc = self.cfg.services[name]
         ex.info["service"] = name
         ex.info["path"] = target.split(b"?", 1)[0].decode("latin-1")

@@ -120,7 +120,7 @@ def test_webhook_patches_a_pod(ca, tmp_path):
     kubernetes_validate.validate(
         {**patched, "metadata": {**patched["metadata"], "name": "x"}}, "1.37.0", strict=True
     )
-    assert patched["spec"]["initContainers"][0]["name"] == "meshca-sidecar"
+    assert patched["spec"]["initContainers"][0]["name"] == "sidecar"
     # already injected (or opted out): allowed, no patch
     status, body, _ = post(ca, review(patched), tmp_path)
     assert "patch" not in json.loads(body)["response"]

@@ -108,3 +108,15 @@ def test_refusals():
         inject_object(clash, OPTS)
     with pytest.raises(InjectError, match="not valid YAML"):
         inject_yaml("a: [", OPTS)
+
+
+def test_intercept_annotation_adds_init_net_first():
+    pod = copy.deepcopy(docs()[5])
+    pod["metadata"]["annotations"] = {"meshca.io/intercept": "true", "meshca.io/app-port": "9090"}
+    out = inject_object(pod, OPTS)
+    validate(out)
+    init, sidecar = out["spec"]["initContainers"][:2]
+    assert init["name"] == "meshca-init" and sidecar["name"] == SIDECAR_NAME
+    assert init["args"] == ["init-net", "--uid", "1337", "--app-port", "9090"]
+    assert "NET_ADMIN" in init["securityContext"]["capabilities"]["add"]
+    assert "restartPolicy" not in init, "a plain init container: runs once, before the sidecar"
