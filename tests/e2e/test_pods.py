@@ -14,10 +14,10 @@ import pytest
 LOCAL = Path(__file__).resolve().parents[2] / "deploy" / "local"
 sys.path.insert(0, str(LOCAL))
 podnet = importlib.import_module("podnet")
-why = podnet.available()
-if why:
-    pytest.skip(f"pod tests skipped: {why}", allow_module_level=True)
 podmesh = importlib.import_module("podmesh")
+why = podnet.available()
+# Not root (or no iproute2/iptables): skipped, and the reason is printed in the summary.
+pytestmark = pytest.mark.skipif(why is not None, reason=f"pod tests skipped: {why}")
 
 
 @pytest.fixture(scope="module")
