@@ -95,18 +95,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _workload_id(text: str, flag: str, authority: Authority) -> SpiffeId:
+    """A workload SPIFFE ID of this CA's trust domain, or CLIError naming `flag`."""
+    try:
+        sid = SpiffeId.parse(text)
+    except InvalidSpiffeId as e:
+        raise CLIError(f"{flag}: {e}") from None
+    if sid.trust_domain != authority.trust_domain or not sid.is_workload:
+        raise CLIError(
+            f"{flag}: {sid} is not a workload ID in trust domain {authority.trust_domain}"
+        )
+    return sid
+
+
 def cmd_token(args: argparse.Namespace) -> int:
     """meshca token: print a one-time join token for --spiffe-id."""
     home = _home(args)
     authority = Authority.load(home)
-    try:
-        sid = SpiffeId.parse(args.spiffe_id)
-    except InvalidSpiffeId as e:
-        raise CLIError(f"--spiffe-id: {e}") from None
-    if sid.trust_domain != authority.trust_domain or not sid.is_workload:
-        raise CLIError(
-            f"--spiffe-id: {sid} is not a workload ID in trust domain {authority.trust_domain}"
-        )
+    sid = _workload_id(args.spiffe_id, "--spiffe-id", authority)
     tokens = JoinTokens(load_ec_key(home / store.TOKEN_KEY_FILE), authority.trust_domain)
     now = store.utcnow()
     minted = tokens.mint(sid, now, dt.timedelta(seconds=args.ttl), tuple(args.dns or ()))
@@ -126,10 +132,7 @@ def cmd_jwt(args: argparse.Namespace) -> int:
 
     home = _home(args)
     authority = Authority.load(home)
-    try:
-        sid = SpiffeId.parse(args.sub)
-    except InvalidSpiffeId as e:
-        raise CLIError(f"--sub: {e}") from None
+    sid = _workload_id(args.sub, "--sub", authority)
     issuer = JwtIssuer(ensure_jwt_key(home), authority.trust_domain)
     minted = issuer.mint(sid, args.aud, store.utcnow(), dt.timedelta(seconds=args.ttl))
     print(minted.token)
