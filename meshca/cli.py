@@ -392,6 +392,45 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _add_target_args(s: argparse.ArgumentParser) -> None:
+    """--home, or --ca-url with how to trust it and how to authenticate as an admin."""
+    where = s.add_mutually_exclusive_group(required=True)
+    where.add_argument("--home", help="work on this state directory")
+    where.add_argument("--ca-url", help="ask a running CA (as an admin identity)")
+    s.add_argument("--ca-bundle", help="with --ca-url: the CA's trust bundle (PEM)")
+    s.add_argument("--cert", help="with --ca-url: an admin client certificate chain (PEM)")
+    s.add_argument("--key", help="with --ca-url: its key")
+    s.add_argument("--token-file", help="with --ca-url: a projected ServiceAccount token")
+
+
+def _add_rotation_args(s: argparse.ArgumentParser) -> None:
+    """The waits and shares `meshca rotate` uses (and `meshca status` needs to say what is due)."""
+    s.add_argument(
+        "--propagation-wait",
+        type=float,
+        default=3600.0,
+        help="seconds between prepare and activate (default 3600)",
+    )
+    s.add_argument(
+        "--retire-wait",
+        type=float,
+        default=90000.0,
+        help="seconds between activate and retire (default 90000: 24 h leaves + 1 h)",
+    )
+    s.add_argument(
+        "--intermediate-share",
+        type=float,
+        default=2 / 3,
+        help="replace the intermediate past this share of its life (default 2/3)",
+    )
+    s.add_argument(
+        "--root-share",
+        type=float,
+        default=2 / 3,
+        help="start a root rotation past this share of its life (default 2/3)",
+    )
+
+
 def parser() -> argparse.ArgumentParser:
     """The argument parser (also documents every flag in --help)."""
     p = argparse.ArgumentParser(prog="meshca", description="A small SPIFFE certificate authority.")
@@ -534,13 +573,7 @@ def parser() -> argparse.ArgumentParser:
         description="Take at most one rotation step that is due: replace the intermediate "
         "past its share of lifetime, or advance a root rotation (prepare, activate, retire).",
     )
-    where = s.add_mutually_exclusive_group(required=True)
-    where.add_argument("--home", help="work on this state directory")
-    where.add_argument("--ca-url", help="ask a running CA (as an admin identity)")
-    s.add_argument("--ca-bundle", help="with --ca-url: the CA's trust bundle (PEM)")
-    s.add_argument("--cert", help="with --ca-url: an admin client certificate chain (PEM)")
-    s.add_argument("--key", help="with --ca-url: its key")
-    s.add_argument("--token-file", help="with --ca-url: a projected ServiceAccount token")
+    _add_target_args(s)
     s.add_argument("--dry-run", action="store_true", help="say what would be done, change nothing")
     s.add_argument("--json", action="store_true", help="machine-readable output")
     s.add_argument(
@@ -553,30 +586,7 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="begin a root rotation now (the prepare stage)",
     )
-    s.add_argument(
-        "--propagation-wait",
-        type=float,
-        default=3600.0,
-        help="seconds between prepare and activate (default 3600)",
-    )
-    s.add_argument(
-        "--retire-wait",
-        type=float,
-        default=90000.0,
-        help="seconds between activate and retire (default 90000: 24 h leaves + 1 h)",
-    )
-    s.add_argument(
-        "--intermediate-share",
-        type=float,
-        default=2 / 3,
-        help="replace the intermediate past this share of its life (default 2/3)",
-    )
-    s.add_argument(
-        "--root-share",
-        type=float,
-        default=2 / 3,
-        help="start a root rotation past this share of its life (default 2/3)",
-    )
+    _add_rotation_args(s)
     s.add_argument(
         "--no-wait", action="store_true", help="exit at once if another rotate holds the lock"
     )
@@ -585,13 +595,7 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser(
         "revoke", help="revoke a certificate, or every current certificate of an identity"
     )
-    where = s.add_mutually_exclusive_group(required=True)
-    where.add_argument("--home", help="work on this state directory")
-    where.add_argument("--ca-url", help="ask a running CA (as an admin identity)")
-    s.add_argument("--ca-bundle", help="with --ca-url: the CA's trust bundle (PEM)")
-    s.add_argument("--cert", help="with --ca-url: an admin client certificate chain (PEM)")
-    s.add_argument("--key", help="with --ca-url: its key")
-    s.add_argument("--token-file", help="with --ca-url: a projected ServiceAccount token")
+    _add_target_args(s)
     which = s.add_mutually_exclusive_group(required=True)
     which.add_argument("--serial", help="the certificate's serial (hex, as meshca certs shows)")
     which.add_argument("--spiffe-id", help="revoke all unexpired certificates of this ID")
@@ -625,15 +629,7 @@ def parser() -> argparse.ArgumentParser:
 
     s = cmd("status", "show the CA's certificates, rotation stage and ledger counts")
     s.add_argument("--json", action="store_true", help="machine-readable output")
-    s.add_argument(
-        "--propagation-wait",
-        type=float,
-        default=3600.0,
-        help="as given to meshca rotate, to say when the next step is due",
-    )
-    s.add_argument("--retire-wait", type=float, default=90000.0, help="as for meshca rotate")
-    s.add_argument("--intermediate-share", type=float, default=2 / 3, help="as for meshca rotate")
-    s.add_argument("--root-share", type=float, default=2 / 3, help="as for meshca rotate")
+    _add_rotation_args(s)
     s.set_defaults(func=cmd_status)
 
     s = cmd("certs", "list issued certificates from the ledger")

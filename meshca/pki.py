@@ -305,11 +305,6 @@ def rfc3339(t: dt.datetime) -> str:
     return t.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def load_certs(pem: bytes) -> list[x509.Certificate]:
-    """All certificates in a PEM blob, in order."""
-    return x509.load_pem_x509_certificates(pem)
-
-
 def pem_join(certs: Iterable[x509.Certificate]) -> str:
     """Concatenated PEM text of several certificates."""
     return "".join(cert_pem(c).decode() for c in certs)

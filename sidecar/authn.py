@@ -229,10 +229,6 @@ class Authenticator:
             raise InvalidToken("token is not valid yet (nbf or iat in the future)")
         return Identity(rule, claims, exp)
 
-    def unknown_key(self, token: str) -> InvalidToken:
-        """The error after a refresh still did not find the token's key."""
-        return InvalidToken("token signing key is not in the issuer's JWKS")
-
 
 def mesh_context(bundle_pem: str) -> ssl.SSLContext:
     """TLS trust for fetching a JWKS from the CA: the mesh's own trust bundle."""

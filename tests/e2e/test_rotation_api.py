@@ -153,3 +153,28 @@ def test_running_ca_picks_up_changes_made_on_disk(setup):
         time.sleep(0.2)
     assert roots_in_bundle(ca) == 2
     assert "CA state reloaded" in ca.log
+
+
+def test_a_bad_state_on_disk_keeps_the_last_good_one(setup):
+    """Fail closed on reload: a state.json that does not load is refused; the CA keeps serving."""
+    ca, certs, _, _ = setup
+    state = ca.home / "state.json"
+    good = state.read_text()
+    _, before, _ = curl(ca, "/v1/bundle")
+    try:
+        doc = json.loads(good)
+        doc["roots"] = ["root-00000000"]  # a root file that does not exist
+        doc["issuing_root"] = "root-00000000"
+        state.write_text(json.dumps(doc))
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and "keeping the current CA state" not in ca.log:
+            time.sleep(0.2)
+        assert "keeping the current CA state" in ca.log
+        status, after, _ = curl(ca, "/v1/bundle")
+        assert status == 200 and json.loads(after)["roots"] == json.loads(before)["roots"]
+        chain, key, _ = certs["web"]
+        _, csr = openssl_csr(ca.home.parent, "renew-after-bad-state")
+        status, doc = curl_enroll(ca, csr, None, "--cert", str(chain), "--key", str(key))
+        assert status == 200, doc
+    finally:
+        state.write_text(good)

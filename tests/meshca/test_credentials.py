@@ -122,3 +122,15 @@ def test_bad_jwks_file_update_keeps_last_good_keys(k8s):
         assert str(asyncio.run(verifier.verify(sa(key), NOW))).endswith("/sa/orders")
     finally:
         path.write_text(good)
+
+
+def test_jwt_issuer_repr_hides_the_key():
+    from meshca.jwtsvid import JwtIssuer
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    issuer = JwtIssuer(key, "cluster.local")
+    assert "PRIVATE" not in repr(issuer) and str(key.private_numbers().private_value) not in repr(
+        issuer
+    )
+    minted = issuer.mint(WEB, "api", NOW)
+    assert minted.token not in repr(minted)
