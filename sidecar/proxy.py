@@ -8,7 +8,11 @@ and outbound (who may connect, where a request goes, which headers change)
 lives in a `Router`; this module only moves bytes and frames messages.
 
 Framing rules: a request body keeps its Content-Length or is re-chunked; both
-or conflicting lengths are refused by llhttp (400). `Expect: 100-continue` is
+or conflicting lengths are refused by llhttp (400). The only transfer coding
+accepted is `chunked`, alone, in HTTP/1.1 (`check_transfer_encoding`); only
+HTTP/1.0 and HTTP/1.1 request lines are accepted (`check_version`). Both are
+checked when the head is complete, before the router runs, so a refused request
+never sends a byte upstream. `Expect: 100-continue` is
 answered here, as Envoy does, and not forwarded. Hop-by-hop headers (RFC 9110
 section 7.6.1, and any named in Connection) are removed in both directions.
 Trailers are dropped. Upgrades (WebSocket, h2c) are not offered: the request is
@@ -134,10 +138,66 @@ _REASONS = {
     413: "Content Too Large",
     431: "Request Header Fields Too Large",
     500: "Internal Server Error",
+    501: "Not Implemented",
     502: "Bad Gateway",
     503: "Service Unavailable",
     504: "Gateway Timeout",
+    505: "HTTP Version Not Supported",
 }
+
+# RFC 9110 5.6.2: tchar. A transfer coding is a token (parameters are not accepted).
+_TCHAR = frozenset(b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+
+
+def check_version(version: str) -> None:
+    """Refuse anything but HTTP/1.0 and HTTP/1.1 (ProxyError 400 or 505).
+
+    llhttp also lets through a request line without a version (HTTP/0.9, which
+    has no headers and no framing; llhttp reports `HTTP/0.9` the same way: both
+    get 400) and `HTTP/2.0` (a version an HTTP/1 request line cannot carry: 505);
+    it refuses `HTTP/1.2`, `http/1.1` and the like itself (400).
+    """
+    if version == "1.1" or version == "1.0":
+        return
+    if version == "0.9":
+        raise ProxyError(
+            400,
+            "bad_request",
+            "HTTP/0.9 is not served (no HTTP/1.x version in the request line)",
+            True,
+        )
+    raise ProxyError(
+        505, "http_version_not_supported", f"HTTP/{version} is not supported: use HTTP/1.1", True
+    )
+
+
+def check_transfer_encoding(value: bytes, version: str) -> None:
+    """Accept `Transfer-Encoding: chunked` (alone, HTTP/1.1) only; else ProxyError 400 or 501.
+
+    400: in an HTTP/1.0 request (RFC 9112 6.1: the framing is faulty), an empty
+    or malformed list, or `chunked` anywhere but once at the end (RFC 9112 6.3:
+    the body length cannot be determined). 501: any other coding (`xchunked`,
+    `gzip`, `gzip, chunked`: RFC 9112 6.1, and what Envoy answers): the sidecar
+    does not decode codings, and re-chunking would silently drop them.
+    """
+    coding = value.strip(b" \t").lower()
+    if coding == b"chunked" and version == "1.1":
+        return
+    if version != "1.1":
+        raise ProxyError(
+            400, "bad_transfer_encoding", "Transfer-Encoding in an HTTP/1.0 request", True
+        )
+    codings = [c.strip(b" \t") for c in coding.split(b",")]
+    if not all(c and _TCHAR.issuperset(c) for c in codings):
+        raise ProxyError(400, "bad_transfer_encoding", "malformed Transfer-Encoding", True)
+    if b"chunked" in codings[:-1]:
+        raise ProxyError(
+            400, "bad_transfer_encoding", "chunked must be the final transfer coding, once", True
+        )
+    unknown = ", ".join(c.decode("ascii") for c in codings if c != b"chunked")
+    raise ProxyError(
+        501, "unsupported_transfer_encoding", f"transfer coding not supported: {unknown}", True
+    )
 
 
 def error_bytes(
@@ -393,6 +453,19 @@ class DownstreamConn(asyncio.Protocol):
         """Feed the parser; a parse error answers 400 (431 for a head over the limit)."""
         try:
             self.parser.feed_data(data)
+            if (
+                not self._headers
+                and self.parsing is None
+                and self._url
+                and data[-1:] == b"\n"
+                and self.parser.get_http_version() == "0.0"
+            ):
+                # A request line that ended with no version (HTTP/0.9): llhttp would
+                # wait for headers, and an HTTP/0.9 client sends none, so answer now.
+                # (A version is recorded as soon as one is parsed; on a kept-alive
+                # connection it is the last one's, and the head is refused when it
+                # completes, or times out.)
+                check_version("0.9")
         except httptools.HttpParserUpgrade as e:
             # Upgrades are not offered: the request was forwarded as plain HTTP;
             # whatever follows its head is parsed as the next request.
@@ -435,17 +508,24 @@ class DownstreamConn(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         self._disarm()
         p = self.parser
+        version = p.get_http_version()
+        check_version(version)
         ex = Exchange(
             method=p.get_method(),
             target=bytes(self._url),
             headers=self._headers,
-            version=p.get_http_version(),
+            version=version,
             keep_alive=p.should_keep_alive(),
         )
         expect_continue = False
         for k, v in ex.headers:
             lk = k.lower()
             if lk == b"transfer-encoding":
+                if ex.chunked:
+                    raise ProxyError(
+                        400, "bad_transfer_encoding", "more than one Transfer-Encoding", True
+                    )
+                check_transfer_encoding(v, version)
                 ex.chunked = True
             elif lk == b"content-length":
                 try:
