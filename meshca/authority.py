@@ -59,6 +59,7 @@ class Authority:
     roots: tuple[x509.Certificate, ...]
     intermediate: x509.Certificate
     intermediate_key: ec.EllipticCurvePrivateKey = field(repr=False)
+    endorsements: tuple[x509.Certificate, ...] = ()
 
     @property
     def trust_domain(self) -> str:
@@ -82,7 +83,8 @@ class Authority:
                 f"{state.intermediate}.crt is not signed by {state.issuing_root}.crt "
                 f"({type(e).__name__})"
             ) from None
-        return cls(home, state, roots, intermediate, key)
+        endorsements = tuple(_load_cert(home / f"{name}.crt") for name in state.endorsements)
+        return cls(home, state, roots, intermediate, key, endorsements)
 
     def issue(
         self,
@@ -114,6 +116,10 @@ class Authority:
     def bundle_pem(self) -> str:
         """The trust bundle: every trusted root, PEM."""
         return pki.pem_join(self.roots)
+
+    def endorsements_pem(self, now: dt.datetime) -> str:
+        """Cross-certificates that lead from earlier roots to the current ones, PEM."""
+        return pki.pem_join(e for e in self.endorsements if e.not_valid_after_utc > now)
 
 
 def init_ca(

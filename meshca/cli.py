@@ -244,12 +244,14 @@ def _remote(args: argparse.Namespace, path: str, body: dict[str, Any]) -> dict[s
         raise CLIError("--ca-url: must be an https:// URL")
     if not args.ca_bundle:
         raise CLIError("--ca-bundle: required with --ca-url (the CA's trust bundle)")
-    ctx = ssl.create_default_context(cafile=args.ca_bundle)
+    try:
+        trusted_pem = Path(args.ca_bundle).read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise CLIError(f"--ca-bundle: cannot read {args.ca_bundle} ({e})") from None
     headers = {"Content-Type": "application/json"}
     if args.cert or args.key:
         if not (args.cert and args.key):
             raise CLIError("--cert and --key go together")
-        ctx.load_cert_chain(args.cert, args.key)
     elif args.token_file:
         try:
             headers["Authorization"] = "Bearer " + Path(args.token_file).read_text().strip()
@@ -257,23 +259,61 @@ def _remote(args: argparse.Namespace, path: str, body: dict[str, Any]) -> dict[s
             raise CLIError(f"--token-file: cannot read ({e.strerror})") from None
     else:
         raise CLIError("with --ca-url, authenticate with --cert/--key or --token-file")
+
+    def context(bundle_pem: str) -> ssl.SSLContext:
+        try:
+            ctx = ssl.create_default_context(cadata=bundle_pem)
+            if args.cert:
+                ctx.load_cert_chain(args.cert, args.key)
+        except (ssl.SSLError, OSError, ValueError) as e:
+            raise CLIError(f"--ca-bundle/--cert/--key: unusable ({e})") from None
+        return ctx
+
     req = urllib.request.Request(  # noqa: S310 (https only, checked above)
         args.ca_url.rstrip("/") + path,
         data=json.dumps(body).encode(),
         headers=headers,
         method="POST",
     )
-    try:
-        with urllib.request.urlopen(req, timeout=120, context=ctx) as resp:  # noqa: S310
-            return json.loads(resp.read())
-    except urllib.error.HTTPError as e:
+    for attempt in (1, 2):
         try:
-            detail = json.loads(e.read()).get("detail", "")
-        except ValueError:
-            detail = ""
-        raise CLIError(f"the CA answered {e.code}: {detail}") from None
-    except (urllib.error.URLError, OSError) as e:
-        raise CLIError(f"cannot reach the CA at {args.ca_url}: {e}") from None
+            with urllib.request.urlopen(req, timeout=120, context=context(trusted_pem)) as resp:  # noqa: S310
+                return json.loads(resp.read())
+        except urllib.error.HTTPError as e:
+            try:
+                detail = json.loads(e.read()).get("detail", "")
+            except ValueError:
+                detail = ""
+            raise CLIError(f"the CA answered {e.code}: {detail}") from None
+        except (urllib.error.URLError, OSError) as e:
+            reason = getattr(e, "reason", e)
+            if attempt == 1 and isinstance(reason, ssl.SSLCertVerificationError):
+                # The CA issues under a root newer than our bundle (a ConfigMap not yet
+                # updated after a root rotation): follow its endorsements, then retry.
+                trusted_pem = _endorsed_bundle(args.ca_url, trusted_pem)
+                continue
+            raise CLIError(f"cannot reach the CA at {args.ca_url}: {e}") from None
+    raise AssertionError("unreachable")
+
+
+def _endorsed_bundle(ca_url: str, trusted_pem: str) -> str:
+    """The CA's current roots, if endorsements lead to them from `trusted_pem`."""
+    import asyncio
+
+    from meshca.client import CAError, fetch_bundle
+    from meshca.trust import BundleError
+
+    try:
+        doc, _, _ = asyncio.run(fetch_bundle(ca_url, trusted_pem, dt.datetime.now(dt.UTC)))
+    except (CAError, BundleError) as e:
+        raise CLIError(f"cannot reach the CA at {ca_url}: {e}") from None
+    assert doc is not None
+    print(
+        "meshca: the CA's certificate is from a root newer than --ca-bundle; accepted it "
+        "through the CA's endorsements (update the bundle: meshca bundle)",
+        file=sys.stderr,
+    )
+    return doc.roots_pem
 
 
 def cmd_inject(args: argparse.Namespace) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import ssl
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -19,6 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from meshca import tlsutil
+from meshca.trust import MAX_BUNDLE_BYTES, BundleDoc, BundleError, endorsed_roots, load_roots
 
 MAX_ANSWER_BYTES = 256 * 1024
 
@@ -29,6 +31,10 @@ class CAError(Exception):
 
 class CAUnavailable(CAError):
     """The CA could not be reached or is overloaded; retry with backoff."""
+
+
+class CAUntrusted(CAUnavailable):
+    """The CA's TLS certificate does not chain to the bundle we trust."""
 
 
 class CARefused(CAError):
@@ -48,6 +54,11 @@ class Enrollment:
     bundle_pem: str = field(repr=False)
     expires_at: dt.datetime
     serial: str
+    bundle_sequence: int | None = None  # None from a CA that does not say
+
+
+def _int_or_none(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def new_key_and_csr() -> tuple[ec.EllipticCurvePrivateKey, str]:
@@ -70,18 +81,139 @@ def private_key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
     )
 
 
-class EnrollmentClient:
-    """Talks to `POST /v1/certificates` of one CA, trusting `bundle_pem` for its server."""
+TrustSource = str | Callable[[], str]
+OnUntrusted = Callable[[], Awaitable[bool]]
 
-    def __init__(self, url: str, bundle_pem: str, timeout: float = 10.0) -> None:
+
+def ca_context(bundle_pem: str) -> ssl.SSLContext:
+    """A client context that verifies the CA's certificate (chain and host name) against
+    `bundle_pem`."""
+    ctx = ssl.create_default_context(cadata=bundle_pem)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    return ctx
+
+
+def _untrusted_context() -> ssl.SSLContext:
+    # Only for GET /v1/bundle during discovery: what it returns is checked against
+    # endorsements from roots we already trust, never believed because of the channel.
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+def _is_cert_error(e: BaseException) -> bool:
+    return isinstance(e, aiohttp.ClientConnectorCertificateError | ssl.SSLCertVerificationError)
+
+
+async def fetch_bundle(
+    url: str,
+    trusted_pem: str,
+    now: dt.datetime,
+    trust_domain: str | None = None,
+    etag: str | None = None,
+    timeout: float = 10.0,
+) -> tuple[BundleDoc | None, str | None, bool]:
+    """GET /v1/bundle from the CA at `url`: (document or None if unchanged, ETag, discovered).
+
+    The CA's certificate is verified against `trusted_pem`. If it does not verify
+    (the CA issues under a root we have not seen yet), the document is fetched once
+    without verifying, accepted only if endorsements lead from a root in
+    `trusted_pem` to each of its roots, and then fetched again verifying the CA
+    against those roots: `discovered` is True. CAUnavailable for network errors
+    and bad documents, CAUntrusted when nothing we trust leads to the CA.
+    """
+    bundle_url = url.rstrip("/") + "/v1/bundle"
+    try:
+        doc, tag = await _get_bundle(
+            bundle_url, ca_context(trusted_pem), now, trust_domain, etag, timeout
+        )
+        return doc, tag, False
+    except CAUntrusted:
+        pass
+    trusted = load_roots(trusted_pem, now, "the trusted bundle")
+    offered, _ = await _get_bundle(
+        bundle_url, _untrusted_context(), now, trust_domain, None, timeout
+    )
+    assert offered is not None
+    try:
+        endorsed_roots(trusted, offered.roots, offered.endorsements, now)
+    except BundleError as e:
+        raise CAUntrusted(f"the CA at {url} is not trusted: {e}") from None
+    # Now prove the server holds a certificate under the roots just accepted.
+    doc, tag = await _get_bundle(
+        bundle_url, ca_context(offered.roots_pem), now, trust_domain, None, timeout
+    )
+    assert doc is not None
+    try:
+        endorsed_roots(trusted, doc.roots, doc.endorsements, now)
+    except BundleError as e:
+        raise CAUntrusted(f"the CA at {url} is not trusted: {e}") from None
+    return doc, tag, True
+
+
+async def _get_bundle(
+    url: str,
+    ctx: ssl.SSLContext,
+    now: dt.datetime,
+    trust_domain: str | None,
+    etag: str | None,
+    timeout: float,
+) -> tuple[BundleDoc | None, str | None]:
+    headers = {"If-None-Match": etag} if etag else {}
+    try:
+        async with (
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as session,
+            session.get(url, headers=headers, ssl=ctx) as resp,
+        ):
+            if resp.status == 304:
+                return None, etag
+            if resp.status != 200:
+                raise CAUnavailable(f"the CA answered {resp.status} for {url}")
+            if (resp.content_length or 0) > MAX_BUNDLE_BYTES:
+                raise CAUnavailable(f"the CA's bundle is over {MAX_BUNDLE_BYTES} bytes")
+            raw = await resp.content.read(MAX_BUNDLE_BYTES + 1)
+            tag = resp.headers.get("ETag")
+    except (aiohttp.ClientError, OSError, TimeoutError) as e:
+        if _is_cert_error(e):
+            raise CAUntrusted(f"the CA's certificate at {url} does not verify") from None
+        raise CAUnavailable(f"cannot reach the CA at {url}: {type(e).__name__}") from None
+    try:
+        return BundleDoc.parse(raw, now, trust_domain), tag
+    except BundleError as e:
+        raise CAUnavailable(f"the CA's bundle is unusable: {e}") from None
+
+
+class EnrollmentClient:
+    """Talks to `POST /v1/certificates` and `/v1/jwt` of one CA.
+
+    `trust` is the PEM bundle the CA's certificate must chain to, or a function
+    returning the current one (the sidecar's trust store), read for every request.
+    When the CA's certificate does not verify, `on_untrusted` (if given) may
+    catch up with the CA's roots (see `fetch_bundle`); it returns True if the
+    trust changed, and the request is tried once more.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        trust: TrustSource,
+        timeout: float = 10.0,
+        on_untrusted: OnUntrusted | None = None,
+    ) -> None:
         self.url = url.rstrip("/")
-        self.bundle_pem = bundle_pem
+        self._trust = trust
         self.timeout = timeout
+        self.on_untrusted = on_untrusted
+
+    @property
+    def bundle_pem(self) -> str:
+        """The bundle the next request trusts."""
+        return self._trust() if callable(self._trust) else self._trust
 
     def _context(self) -> ssl.SSLContext:
-        ctx = ssl.create_default_context(cadata=self.bundle_pem)
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        return ctx
+        return ca_context(self.bundle_pem)
 
     async def enroll(self, csr_pem: str, token: str) -> Enrollment:
         """First certificate, authenticated by a join or ServiceAccount token."""
@@ -91,7 +223,7 @@ class EnrollmentClient:
         """A new certificate for the same ID, authenticated by the current one over mTLS."""
         ctx = self._context()
         tlsutil.load_chain(ctx, chain_pem, key_pem)
-        return await self._post(ctx, csr_pem, {})
+        return await self._post(ctx, csr_pem, {}, (chain_pem, key_pem))
 
     async def fetch_jwt(
         self, audience: str, chain_pem: str, key_pem: bytes
@@ -99,7 +231,9 @@ class EnrollmentClient:
         """A JWT-SVID for our own ID and `audience`, over mTLS: (token, expires_at)."""
         ctx = self._context()
         tlsutil.load_chain(ctx, chain_pem, key_pem)
-        status, doc = await self._call(ctx, "/v1/jwt", {"audience": audience}, {})
+        status, doc = await self._call(
+            ctx, "/v1/jwt", {"audience": audience}, {}, (chain_pem, key_pem)
+        )
         if status == 200:
             try:
                 return doc["token"], dt.datetime.fromisoformat(doc["expires_at"])
@@ -108,6 +242,24 @@ class EnrollmentClient:
         raise self._error(status, doc)
 
     async def _call(
+        self,
+        ctx: ssl.SSLContext,
+        path: str,
+        body: dict,
+        headers: dict[str, str],
+        client_chain: tuple[str, bytes] | None = None,
+    ) -> tuple[int, dict]:
+        try:
+            return await self._call_once(ctx, path, body, headers)
+        except CAUntrusted:
+            if self.on_untrusted is None or not await self.on_untrusted():
+                raise
+        ctx = self._context()  # the trust has changed: once more with it
+        if client_chain is not None:
+            tlsutil.load_chain(ctx, *client_chain)
+        return await self._call_once(ctx, path, body, headers)
+
+    async def _call_once(
         self, ctx: ssl.SSLContext, path: str, body: dict, headers: dict[str, str]
     ) -> tuple[int, dict]:
         timeout = aiohttp.ClientTimeout(total=self.timeout)
@@ -121,6 +273,11 @@ class EnrollmentClient:
                 raw = await resp.read()
                 status = resp.status
         except (aiohttp.ClientError, OSError, TimeoutError) as e:
+            if _is_cert_error(e):
+                raise CAUntrusted(
+                    f"cannot reach the CA at {self.url}: its certificate does not verify "
+                    f"against our trust bundle ({type(e).__name__})"
+                ) from None
             raise CAUnavailable(f"cannot reach the CA at {self.url}: {type(e).__name__}") from None
         try:
             doc = json.loads(raw)
@@ -136,8 +293,16 @@ class EnrollmentClient:
             return CAUnavailable(f"the CA answered {status} {code}: {detail}")
         return CARefused(status, code, detail)
 
-    async def _post(self, ctx: ssl.SSLContext, csr_pem: str, headers: dict[str, str]) -> Enrollment:
-        status, doc = await self._call(ctx, "/v1/certificates", {"csr": csr_pem}, headers)
+    async def _post(
+        self,
+        ctx: ssl.SSLContext,
+        csr_pem: str,
+        headers: dict[str, str],
+        client_chain: tuple[str, bytes] | None = None,
+    ) -> Enrollment:
+        status, doc = await self._call(
+            ctx, "/v1/certificates", {"csr": csr_pem}, headers, client_chain
+        )
         if status == 200:
             try:
                 return Enrollment(
@@ -146,6 +311,7 @@ class EnrollmentClient:
                     bundle_pem=doc["trust_bundle"],
                     expires_at=dt.datetime.fromisoformat(doc["expires_at"]),
                     serial=doc["serial"],
+                    bundle_sequence=_int_or_none(doc.get("bundle_sequence")),
                 )
             except (KeyError, TypeError, ValueError):
                 raise CAUnavailable("the CA's answer lacks fields") from None

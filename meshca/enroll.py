@@ -13,6 +13,7 @@ import contextlib
 import datetime as dt
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from cryptography import x509
@@ -39,6 +40,7 @@ class Issued:
     bundle_pem: str = field(repr=False)
     serial: str
     expires_at: dt.datetime
+    bundle_sequence: int = 0
 
     def to_json(self) -> dict[str, str]:
         """The 200 answer of POST /v1/certificates."""
@@ -48,6 +50,7 @@ class Issued:
             "trust_bundle": self.bundle_pem,
             "expires_at": pki.rfc3339(self.expires_at),
             "serial": self.serial,
+            "bundle_sequence": self.bundle_sequence,
         }
 
 
@@ -90,7 +93,7 @@ class Enroller:
 
     def __init__(
         self,
-        authority: Authority,
+        authority: Authority | Callable[[], Authority],
         ledger: store.Ledger,
         join_tokens: JoinTokens,
         k8s: K8sTokens | None,
@@ -98,13 +101,20 @@ class Enroller:
         cert_ttl: dt.timedelta = pki.DEFAULT_LEAF_TTL,
         clock: store.Clock = store.utcnow,
     ) -> None:
-        self.authority = authority  # swapped whole when the CA's state changes
+        # The CA server passes a reader of its current generation, so a reload is one swap
+        # that the enroller sees with everything else; a fixed Authority suits tests.
+        self._authority = authority if callable(authority) else (lambda: authority)
         self.ledger = ledger
         self.join_tokens = join_tokens
         self.k8s = k8s
         self.limiter = limiter
         self.cert_ttl = cert_ttl
         self.clock = clock
+
+    @property
+    def authority(self) -> Authority:
+        """The CA's current signing material."""
+        return self._authority()
 
     async def enroll(
         self,
@@ -249,4 +259,5 @@ class Enroller:
             bundle_pem=authority.bundle_pem(),
             serial=rec.serial,
             expires_at=cert.not_valid_after_utc,
+            bundle_sequence=authority.state.sequence,
         )

@@ -14,6 +14,7 @@ import json
 import logging
 import ssl
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
@@ -117,7 +118,8 @@ class UrlJwks(JwksSource):
 
     With `discover`, `url` is the issuer and the JWKS address is read from its
     `/.well-known/openid-configuration` (OIDC discovery, as the API server serves).
-    `ssl_context` (or `ca_file`) decides whom to trust for the fetch.
+    `ssl_context` (or `ca_file`) decides whom to trust for the fetch: a context, or a
+    function returning the current one, called for every fetch.
     """
 
     def __init__(
@@ -128,7 +130,7 @@ class UrlJwks(JwksSource):
         refresh: float = 300.0,
         min_interval: float = 10.0,
         discover: bool = False,
-        ssl_context: ssl.SSLContext | None = None,
+        ssl_context: ssl.SSLContext | Callable[[], ssl.SSLContext] | None = None,
     ) -> None:
         if not url.startswith("https://"):
             raise ValueError("JWKS URL must be https://")
@@ -148,9 +150,6 @@ class UrlJwks(JwksSource):
         self._session: aiohttp.ClientSession | None = None
         self._background: asyncio.Task[bool] | None = None
 
-    def set_ssl_context(self, ctx: ssl.SSLContext) -> None:
-        """Trust what `ctx` trusts for later fetches (the mesh bundle may change)."""
-        self._ssl = ctx
 
     async def _get(self, url: str) -> bytes:
         headers = {"Accept": "application/json"}
@@ -158,7 +157,10 @@ class UrlJwks(JwksSource):
             headers["Authorization"] = "Bearer " + self._bearer_file.read_text().strip()
         if self._session is None:
             self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5))
-        async with self._session.get(url, headers=headers, ssl=self._ssl) as resp:
+        # A function gives the trust in force now (the sidecar's mesh bundle); a new
+        # context object also means a new pooled connection, so new roots apply at once.
+        ctx = self._ssl() if callable(self._ssl) else self._ssl
+        async with self._session.get(url, headers=headers, ssl=ctx) as resp:
             if resp.status != 200:
                 raise ValueError(f"{url} answered {resp.status}")
             return await _read_capped(resp, MAX_JWKS_BYTES)

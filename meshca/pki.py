@@ -146,6 +146,39 @@ def build_intermediate(
     )
 
 
+def build_endorsement(
+    new_root: x509.Certificate,
+    old_root: x509.Certificate,
+    old_key: ec.EllipticCurvePrivateKey,
+    now: dt.datetime,
+) -> x509.Certificate:
+    """A cross-certificate: the new root's name and key, signed by the old root.
+
+    It is never served in a TLS chain (the old root's `pathlen:1` would not allow
+    the extra step); it is published beside the bundle so that a client that still
+    trusts only the old root can check that the new one comes from the same CA
+    (see meshca.trust). Valid until the old root expires.
+    """
+    ski = new_root.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    return (
+        x509.CertificateBuilder()
+        .subject_name(new_root.subject)
+        .issuer_name(old_root.subject)
+        .public_key(new_root.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(max(now - BACKDATE, old_root.not_valid_before_utc))
+        .not_valid_after(min(new_root.not_valid_after_utc, old_root.not_valid_after_utc))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=1), critical=True)
+        .add_extension(_CA_KEY_USAGE, critical=True)
+        .add_extension(ski, critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(old_key.public_key()),
+            critical=False,
+        )
+        .sign(old_key, hashes.SHA256())
+    )
+
+
 _LEAF_KEY_USAGE = x509.KeyUsage(
     digital_signature=True,
     content_commitment=False,

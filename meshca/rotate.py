@@ -52,6 +52,28 @@ def _write_pair(home: Path, kind: str, key: Any, cert: x509.Certificate) -> str:
     return name
 
 
+def _write_cert(home: Path, kind: str, cert: x509.Certificate) -> str:
+    name = f"{kind}-{_tag(cert)}-{pki.serial_hex(cert)[:8]}"
+    path = home / f"{name}.crt"
+    if path.exists():
+        path.unlink()  # a leftover of an interrupted run (see _write_pair)
+    store.create_exclusive(path, pki.cert_pem(cert), 0o644)
+    store.fsync_dir(home)
+    return name
+
+
+def _unexpired(home: Path, names: tuple[str, ...], now: dt.datetime) -> tuple[str, ...]:
+    """The endorsements still worth publishing (an unreadable one is dropped, not fatal)."""
+    keep = []
+    for name in names:
+        try:
+            if _load_cert(home / f"{name}.crt").not_valid_after_utc > now:
+                keep.append(name)
+        except StateError:
+            continue
+    return tuple(keep)
+
+
 def old_root_leaves_until(
     home: Path, old_root: x509.Certificate, ledger: store.Ledger
 ) -> dt.datetime | None:
@@ -150,6 +172,13 @@ def _apply(action: str, authority: Authority, now: dt.datetime) -> tuple[store.S
         key = pki.new_key()
         cert = pki.build_root(key, now)
         name = _write_pair(home, "root", key, cert)
+        # The old root endorses the new one, so that clients whose bootstrap bundle still
+        # holds only the old root can accept the new one (meshca.trust.endorsed_roots).
+        old_root = _load_cert(home / f"{state.issuing_root}.crt")
+        endorsement = pki.build_endorsement(
+            cert, old_root, load_ec_key(home / f"{state.issuing_root}.key"), now
+        )
+        end_name = _write_cert(home, "endorse", endorsement)
         rec = {
             "stage": rotation.PREPARED,
             "old_root": state.issuing_root,
@@ -161,7 +190,12 @@ def _apply(action: str, authority: Authority, now: dt.datetime) -> tuple[store.S
             roots=(*state.roots, name),
             sequence=state.sequence + 1,
             rotation=tuple(rec.items()),
-        ), {"new_root": pki.serial_hex(cert), "new_root_sha256": pki.fingerprint(cert)}
+            endorsements=(*_unexpired(home, state.endorsements, now), end_name),
+        ), {
+            "new_root": pki.serial_hex(cert),
+            "new_root_sha256": pki.fingerprint(cert),
+            "endorsed_by": state.issuing_root,
+        }
     if action == "activate_root":
         new_name = rot["new_root"]
         root = _load_cert(home / f"{new_name}.crt")

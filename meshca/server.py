@@ -18,6 +18,7 @@ import signal
 import ssl
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from aiohttp import web
@@ -153,16 +154,26 @@ async def _drain(request: web.Request) -> None:
                 break
 
 
+@dataclass(frozen=True)
+class Active:
+    """One generation of the running CA: the signing material and the TLS context serving
+    a certificate from it. Replaced whole, by one assignment, on a reload or a renewal."""
+
+    authority: Authority
+    ssl_context: ssl.SSLContext = field(repr=False)
+    serving_expires: dt.datetime
+
+
 class CAServer:
-    """The running CA: its Authority, ledger, enroller and TLS context."""
+    """The running CA: its current generation (`active`), ledger and enroller."""
 
     def __init__(self, config: ServeConfig, clock: store.Clock = store.utcnow) -> None:
         self.config = config
         self.clock = clock
-        self.authority = Authority.load(config.home)
+        authority = Authority.load(config.home)
         self.ledger = store.Ledger(config.home / store.LEDGER_FILE, clock)
         token_key = load_ec_key(config.home / store.TOKEN_KEY_FILE)
-        join = JoinTokens(token_key, self.authority.trust_domain)
+        join = JoinTokens(token_key, authority.trust_domain)
         self.jwks: JwksSource | None = None
         k8s = None
         if config.k8s_issuer:
@@ -178,10 +189,10 @@ class CAServer:
                     discover=config.k8s_jwks is None,
                 )
             k8s = K8sTokens(
-                config.k8s_issuer, config.k8s_audiences, self.jwks, self.authority.trust_domain
+                config.k8s_issuer, config.k8s_audiences, self.jwks, authority.trust_domain
             )
         self.enroller = Enroller(
-            self.authority,
+            lambda: self.active.authority,
             self.ledger,
             join,
             k8s,
@@ -189,10 +200,9 @@ class CAServer:
             config.cert_ttl,
             clock,
         )
-        self.jwt_issuer = JwtIssuer(ensure_jwt_key(config.home), self.authority.trust_domain)
+        self.jwt_issuer = JwtIssuer(ensure_jwt_key(config.home), authority.trust_domain)
         self.jwt_limiter = RateLimiter(config.rate, config.burst)
-        self.ssl_context = self._new_ssl_context()
-        self.server_cert_expires = self._refresh_server_cert()
+        self.active = self._activate(authority)
         self._state_mtime = self._mtime()
         self.reloads = 0
         # The listening socket's context hands each handshake to the current one, so a
@@ -202,10 +212,10 @@ class CAServer:
         # The verify mode stays with the connection (OpenSSL copies it at creation); the
         # trusted roots come from the context swapped in.
         self.listener_context.verify_mode = ssl.CERT_OPTIONAL
-        self.listener_context.load_verify_locations(cadata=self.authority.bundle_pem())
+        self.listener_context.load_verify_locations(cadata=authority.bundle_pem())
 
         def pick(sslobj: ssl.SSLObject, _name: str | None, _ctx: ssl.SSLContext) -> None:
-            sslobj.context = self.ssl_context
+            sslobj.context = self.active.ssl_context
 
         self.listener_context.sni_callback = pick
         tlsutil.load_chain(self.listener_context, *self._placeholder_chain())
@@ -225,8 +235,18 @@ class CAServer:
         except OSError:
             return 0
 
+    @property
+    def authority(self) -> Authority:
+        """The current signing material (read it once per request: a reload swaps it)."""
+        return self.active.authority
+
     def reload_if_changed(self) -> bool:
-        """Adopt what `meshca rotate` changed in state.json; keep the old state if it is bad."""
+        """Adopt what `meshca rotate` changed in state.json; keep the old state if it is bad.
+
+        Everything the new state needs (the Authority, a serving certificate from the
+        new intermediate, a TLS context trusting the new roots) is built first; then
+        one assignment publishes it to the enroller, the handlers and new handshakes.
+        """
         mtime = self._mtime()
         if mtime == self._state_mtime:
             return False
@@ -236,10 +256,8 @@ class CAServer:
         except StateError as e:
             log.error("keeping the current CA state; the new one does not load: %s", e.detail)
             return False
-        old_seq = self.authority.state.sequence
-        self.authority = authority
-        self.enroller.authority = authority
-        self.server_cert_expires = self._refresh_server_cert(fresh_context=True)
+        old_seq = self.active.authority.state.sequence
+        self.active = self._activate(authority)
         self.reloads += 1
         log.info(
             "CA state reloaded: bundle sequence %d -> %d, issuing under %s, stage %s",
@@ -264,38 +282,35 @@ class CAServer:
         """The CA's own identity in its serving certificate."""
         return SpiffeId.for_service_account(self.authority.trust_domain, "mesh-system", "meshca")
 
-    def _new_ssl_context(self) -> ssl.SSLContext:
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        # Optional client certificates: renewals present theirs, enrollments use a token.
-        ctx.verify_mode = ssl.CERT_OPTIONAL
-        ctx.load_verify_locations(cadata=self.authority.bundle_pem())
-        return ctx
-
-    def _refresh_server_cert(self, fresh_context: bool = False) -> dt.datetime:
-        """Issue a fresh serving certificate (and context) and use it for new handshakes."""
+    def _activate(self, authority: Authority) -> Active:
+        """A complete new generation: a fresh serving certificate from `authority`'s
+        intermediate in a new TLS context that trusts `authority`'s roots (for renewals)."""
         key = pki.new_key()
         now = self.clock()
-        cert = self.authority.issue(
+        server_id = SpiffeId.for_service_account(authority.trust_domain, "mesh-system", "meshca")
+        cert = authority.issue(
             key.public_key(),
-            self.server_id,
+            server_id,
             now,
             SERVER_CERT_TTL,
             self.config.server_dns_names,
             self.config.server_ips,
         )
-        ctx = self._new_ssl_context()  # a new context: trusted roots may have changed
-        tlsutil.load_chain(ctx, self.authority.chain_pem(cert), pki.key_pem(key))
-        self.ssl_context = ctx
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        # Optional client certificates: renewals present theirs, enrollments use a token.
+        ctx.verify_mode = ssl.CERT_OPTIONAL
+        ctx.load_verify_locations(cadata=authority.bundle_pem())
+        tlsutil.load_chain(ctx, authority.chain_pem(cert), pki.key_pem(key))
         self.ledger.record_issued(
             store.IssuedRecord(
                 serial=pki.serial_hex(cert),
-                spiffe_id=str(self.server_id),
+                spiffe_id=str(server_id),
                 not_before=store.iso(cert.not_valid_before_utc),
                 not_after=store.iso(cert.not_valid_after_utc),
                 issued_at=store.iso(now),
                 credential="ca_server",
-                issuer=pki.serial_hex(self.authority.intermediate),
+                issuer=pki.serial_hex(authority.intermediate),
                 sha256=pki.fingerprint(cert),
                 peer=None,
             )
@@ -305,15 +320,15 @@ class CAServer:
             pki.serial_hex(cert),
             pki.rfc3339(cert.not_valid_after_utc),
         )
-        return cert.not_valid_after_utc
+        return Active(authority, ctx, cert.not_valid_after_utc)
 
     async def renew_server_cert_forever(self) -> None:
         """Re-issue the serving certificate at half its lifetime; never dies."""
         while True:
-            left = (self.server_cert_expires - self.clock()).total_seconds()
+            left = (self.active.serving_expires - self.clock()).total_seconds()
             await asyncio.sleep(max(1.0, left / 2))
             try:
-                self.server_cert_expires = self._refresh_server_cert()
+                self.active = self._activate(self.active.authority)
             except Exception:
                 log.exception("renewing the serving certificate failed; retrying in 60 s")
                 await asyncio.sleep(60)
@@ -486,6 +501,7 @@ class CAServer:
             "roots": authority.bundle_pem(),
             "sequence": authority.state.sequence,
             "revoked": self.ledger.revoked_serials(),
+            "endorsements": authority.endorsements_pem(self.clock()),
         }
         body = json.dumps(doc, sort_keys=True).encode()
         etag = '"' + hashlib.sha256(body).hexdigest()[:32] + '"'

@@ -119,6 +119,9 @@ class State:
     # Root rotation in progress: {"stage": "none"} or {"stage": "prepared"|"activated",
     # "old_root": name, "new_root": name, "since": RFC 3339}.
     rotation: tuple[tuple[str, str], ...] = (("stage", "none"),)
+    # Cross-certificates (endorse-<tag>) that vouch for a newer root with an older one's
+    # key, published beside the bundle for clients that still trust only the old root.
+    endorsements: tuple[str, ...] = ()
 
     @property
     def root_rotation(self) -> dict[str, str]:
@@ -136,6 +139,7 @@ class State:
             "sequence": self.sequence,
             "created_at": self.created_at,
             "root_rotation": self.root_rotation,
+            "endorsements": list(self.endorsements),
         }
         return (json.dumps(doc, indent=2) + "\n").encode()
 
@@ -162,6 +166,7 @@ class State:
                     (str(k), str(v))
                     for k, v in dict(doc.get("root_rotation", {"stage": "none"})).items()
                 ),
+                endorsements=tuple(str(e) for e in _list(doc.get("endorsements", []))),
             )
         except KeyError as e:
             raise StateError(f"{where}: missing field {e.args[0]!r}") from None
@@ -175,6 +180,12 @@ class State:
         if rot["stage"] != "none" and not {"old_root", "new_root", "since"} <= set(rot):
             raise StateError(f"{where}: root_rotation needs old_root, new_root and since")
         return state
+
+
+def _list(value: object) -> list:
+    if not isinstance(value, list):
+        raise TypeError("endorsements must be a list")
+    return value
 
 
 def read_state(home: Path) -> State:

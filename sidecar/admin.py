@@ -148,13 +148,15 @@ class Admin:
     async def status(self, request: web.Request) -> web.Response:
         """The certificate manager's state, and the trust bundle's (sequence, revocations)."""
         doc: dict[str, object] = dict(self.manager.status.__dict__)
+        bundle = self.store.trust.current.describe()
         if self.bundle is not None:
-            doc["bundle"] = {
-                "sequence": self.bundle.sequence,
-                "polls": self.bundle.polls,
-                "last_error": self.bundle.last_error,
-                "revoked": sorted(self.store.revoked),
-            }
+            bundle.update(
+                polls=self.bundle.polls,
+                last_poll=self.bundle.last_success,
+                last_error=self.bundle.last_error,
+                endorsed_discoveries=self.bundle.discoveries,
+            )
+        doc["bundle"] = bundle
         return _json(doc)
 
     async def rotate(self, request: web.Request) -> web.Response:

@@ -24,7 +24,6 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import jwt
@@ -230,33 +229,27 @@ class Authenticator:
         return Identity(rule, claims, exp)
 
 
-def mesh_context(bundle_pem: str) -> ssl.SSLContext:
-    """TLS trust for fetching a JWKS from the CA: the mesh's own trust bundle."""
-    return ssl.create_default_context(cadata=bundle_pem)
-
-
-def from_config(cfg: JwtConfig, bootstrap_bundle: Path) -> tuple[Authenticator, list[UrlJwks]]:
-    """Build the Authenticator; also return the URL sources that trust the mesh bundle
-    (the caller re-points them when the bundle changes)."""
-    rules, mesh_sources = [], []
+def from_config(cfg: JwtConfig, mesh_trust: Callable[[], ssl.SSLContext]) -> Authenticator:
+    """Build the Authenticator. A `jwks_uri` without its own `jwks_ca` is the CA's (or
+    another mesh service's): its fetches trust `mesh_trust()`, the current mesh bundle,
+    read at each new connection."""
+    rules = []
     for ic in cfg.issuers:
         source: JwksSource | None = None
         if ic.jwks_file is not None:
             source = FileJwks(ic.jwks_file)
         elif ic.jwks_uri is not None:
+            trust: ssl.SSLContext | Callable[[], ssl.SSLContext]
             if ic.jwks_ca is not None:
-                ctx = ssl.create_default_context(cafile=str(ic.jwks_ca))
+                trust = ssl.create_default_context(cafile=str(ic.jwks_ca))
             else:
-                ctx = mesh_context(bootstrap_bundle.read_text())
-            url_source = UrlJwks(
+                trust = mesh_trust
+            source = UrlJwks(
                 ic.jwks_uri,
                 refresh=ic.jwks_refresh,
                 min_interval=ic.jwks_min_interval,
-                ssl_context=ctx,
+                ssl_context=trust,
             )
-            if ic.jwks_ca is None:
-                mesh_sources.append(url_source)
-            source = url_source
         secret = ic.hmac_secret_file.read_bytes().strip() if ic.hmac_secret_file else None
         rules.append(
             IssuerRule(
@@ -272,4 +265,4 @@ def from_config(cfg: JwtConfig, bootstrap_bundle: Path) -> tuple[Authenticator, 
                 claims_header=ic.claims_header.lower().encode() if ic.claims_header else None,
             )
         )
-    return Authenticator(rules, cfg.max_token_bytes), mesh_sources
+    return Authenticator(rules, cfg.max_token_bytes)

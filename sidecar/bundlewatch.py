@@ -1,24 +1,26 @@
-"""Polls the CA's trust bundle (with ETag) and applies new roots and revocations.
+"""Polls the CA's trust bundle (with ETag) and publishes it into the TrustStore.
 
-New roots are trusted for new handshakes at once (the same key and certificate
-are republished with the new bundle; open connections keep theirs). A revoked
-serial makes the listeners refuse new handshakes from that certificate and
-close the connections already open with it. Never dies: errors are logged and
-the next poll tries again, with the last good bundle kept meanwhile.
+New roots are trusted for new handshakes at once (the TrustStore tells the
+credential store, which republishes the same key and certificate with new
+contexts; open connections keep theirs). A revoked serial makes the listeners
+refuse new handshakes from that certificate and close the connections already
+open with it. When the CA's certificate does not verify against what we trust
+(a sidecar started from a bootstrap bundle older than a root rotation), the
+poll follows the CA's endorsements from a root we trust to the new one
+(`meshca.client.fetch_bundle`). Never dies: errors are logged and the next poll
+tries again, with the last good bundle kept meanwhile.
 """
 
 from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import json
 import logging
-import ssl
 from collections.abc import Callable
 
-import aiohttp
-
-from sidecar.creds import CredentialError, CredentialStore
+from meshca.client import CAError, fetch_bundle
+from meshca.trust import BundleError
+from sidecar.trust import TrustStore
 
 log = logging.getLogger("sidecar.bundle")
 
@@ -29,84 +31,79 @@ class BundleWatcher:
     def __init__(
         self,
         ca_url: str,
-        bootstrap_bundle: str,
-        store: CredentialStore,
+        trust: TrustStore,
         interval: float = 30.0,
         clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
     ) -> None:
-        self.url = ca_url.rstrip("/") + "/v1/bundle"
-        self.bootstrap = bootstrap_bundle
-        self.store = store
+        self.ca_url = ca_url
+        self.trust = trust
         self.interval = interval
         self.clock = clock
         self.etag: str | None = None
-        self.sequence: int | None = None
         self.last_error: str | None = None
+        self.last_success: str | None = None
         self.polls = 0
+        self.discoveries = 0  # new roots accepted through endorsements
+        self._lock = asyncio.Lock()
 
-    def _trust(self) -> ssl.SSLContext:
-        creds = self.store.current
-        return ssl.create_default_context(cadata=creds.bundle_pem if creds else self.bootstrap)
+    @property
+    def sequence(self) -> int | None:
+        """The sequence of the bundle in force (None while only the bootstrap file is)."""
+        return self.trust.current.sequence
 
-    async def poll(self) -> bool:
-        """One poll; True if something changed."""
-        headers = {"If-None-Match": self.etag} if self.etag else {}
-        timeout = aiohttp.ClientTimeout(total=10)
-        async with (
-            aiohttp.ClientSession(timeout=timeout) as session,
-            session.get(self.url, headers=headers, ssl=self._trust()) as resp,
-        ):
+    async def poll(self, use_etag: bool = True) -> bool:
+        """One poll; True if the bundle or the revocations changed. CAError, BundleError."""
+        async with self._lock:
+            now = self.clock()
+            doc, etag, discovered = await fetch_bundle(
+                self.ca_url,
+                self.trust.pem,
+                now,
+                self.trust.trust_domain,
+                self.etag if use_etag else None,
+            )
             self.polls += 1
-            if resp.status == 304:
+            self.last_success = now.strftime("%Y-%m-%dT%H:%M:%SZ")
+            if doc is None:
                 return False
-            if resp.status != 200:
-                raise ValueError(f"the CA answered {resp.status}")
-            doc = json.loads(await resp.read())
-            etag = resp.headers.get("ETag")
-        roots, revoked = doc["roots"], doc.get("revoked", [])
-        if not isinstance(roots, str) or not isinstance(revoked, list):
-            raise ValueError("the bundle document lacks roots or revoked")
-        changed = False
-        try:
-            if self.store.adopt_bundle(roots, self.clock()):
-                changed = True
-                log.info("new trust bundle adopted (sequence %s)", doc.get("sequence"))
-        except CredentialError as e:
-            # Our own certificate does not chain to the new bundle: keep the old one
-            # until the certificate manager renews (and gets the bundle with it).
-            log.error("not adopting the new trust bundle yet: %s", e)
-            raise
-        new_revoked = frozenset(str(s).lower() for s in revoked)
-        if new_revoked != self.store.revoked:
-            added = new_revoked - self.store.revoked
+            if discovered:
+                self.discoveries += 1
+                log.warning(
+                    "the CA's certificate did not verify against our bundle; accepted its "
+                    "roots (sequence %d) through endorsements from a root we trust",
+                    doc.sequence,
+                )
+            old = self.trust.current.revoked
+            changed = self.trust.offer(doc.roots_pem, now, doc.sequence, doc.revoked)
+            added = doc.revoked - old
             if added:
                 log.warning("certificates revoked by the CA: %s", ", ".join(sorted(added)))
-            self.store.set_revoked(new_revoked)
-            changed = True
-        self.etag = etag
-        self.sequence = doc.get("sequence")
-        return changed
+            self.etag = etag
+            return changed
+
+    async def catch_up(self) -> bool:
+        """Poll now, without the ETag (the CA's certificate did not verify): True if the
+        trusted roots changed, so that the caller may try again."""
+        before = self.trust.pem
+        try:
+            await self.poll(use_etag=False)
+        except (CAError, BundleError) as e:
+            self._failed(e)
+            return False
+        return self.trust.pem != before
+
+    def _failed(self, e: Exception) -> None:
+        self.last_error = f"{type(e).__name__}: {e}"
+        log.warning("bundle poll failed (keeping the last good bundle): %s", self.last_error)
 
     async def run(self) -> None:
-        """Poll forever; never dies."""
+        """Poll forever (also before the first certificate: the poll needs none); never dies."""
         while True:
             await asyncio.sleep(self.interval)
-            if self.store.current is None:
-                continue
             try:
                 await self.poll()
                 self.last_error = None
-            except (
-                aiohttp.ClientError,
-                OSError,
-                TimeoutError,
-                ValueError,
-                KeyError,
-                CredentialError,
-            ) as e:
-                self.last_error = f"{type(e).__name__}: {e}"
-                log.warning(
-                    "bundle poll failed (keeping the last good bundle): %s", self.last_error
-                )
+            except (CAError, BundleError) as e:
+                self._failed(e)
             except Exception:
                 log.exception("bundle poll failed")

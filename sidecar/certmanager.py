@@ -26,6 +26,7 @@ from meshca.client import (
     new_key_and_csr,
     private_key_pem,
 )
+from meshca.trust import BundleError
 from sidecar.config import CAConfig
 from sidecar.creds import CredentialError, Credentials, CredentialStore
 
@@ -92,12 +93,14 @@ class CertManager:
         self.ca = ca
         self.store = store
         self.clock = clock
-        self.client = client or EnrollmentClient(ca.url, ca.bundle.read_text())
+        # The client to the CA trusts whatever the trust store holds at each request.
+        self.client = client or EnrollmentClient(ca.url, lambda: store.trust.pem)
         self.rng = rng or random.Random()  # noqa: S311 (jitter, not secrets)
         self.status = Status()
         self._received_at: dt.datetime | None = None
         self._wake = asyncio.Event()
         self._waiters: list[asyncio.Future[str]] = []
+        store.on_stale(self._wake.set)  # the CA retired the root of our certificate
 
     def _token(self) -> str:
         try:
@@ -122,14 +125,21 @@ class CertManager:
                 got = await self.client.enroll(csr, self._token())
         else:
             got = await self.client.enroll(csr, self._token())
+        now = self.clock()
         try:
             creds = Credentials.build(
-                key_pem, got.chain_pem, got.bundle_pem, self.store.trust_domain, self.clock()
+                key_pem, got.chain_pem, got.bundle_pem, self.store.trust_domain, now
             )
         except CredentialError as e:
             raise CAUnavailable(f"the CA's certificate is unusable: {e}") from None
-        # Later answers trust the bundle the CA just gave us (it may carry new roots).
-        self.client.bundle_pem = creds.bundle_pem
+        # The answer carries the CA's current roots: the trust store checks them (and
+        # that they are not older than what it holds) and publishes them for everyone.
+        try:
+            self.store.trust.offer(
+                got.bundle_pem, now, got.bundle_sequence, where="the bundle in the CA's answer"
+            )
+        except BundleError as e:
+            log.warning("not adopting the bundle that came with the certificate: %s", e)
         self.store.publish(creds)
         self._received_at = self.clock()
         return creds

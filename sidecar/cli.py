@@ -47,36 +47,46 @@ def _bound(server: asyncio.Server, scheme: str) -> str:
 
 async def run(config: SidecarConfig) -> None:
     """Run the certificate manager, the listeners and the admin endpoint until SIGTERM."""
+    import datetime as dt
+
+    from meshca.client import EnrollmentClient
+    from meshca.trust import BundleError
     from sidecar.admin import Admin
     from sidecar.authn import from_config as authn_from_config
-    from sidecar.authn import mesh_context
     from sidecar.bundlewatch import BundleWatcher
     from sidecar.certmanager import CertManager
-    from sidecar.creds import Credentials, CredentialStore
+    from sidecar.creds import CredentialStore
     from sidecar.inbound import InboundRouter
     from sidecar.outbound import JwtSvids, OutboundRouter
     from sidecar.policyholder import PolicyHolder
     from sidecar.proxy import AccessLog, DownstreamConn, Limits
+    from sidecar.trust import TrustBundle, TrustStore
 
     loop = asyncio.get_running_loop()
-    store = CredentialStore(config.trust_domain)
-    manager = CertManager(config.ca, store)
+    try:
+        bootstrap = TrustBundle.check(
+            config.ca.bundle.read_text(),
+            dt.datetime.now(dt.UTC),
+            "bootstrap",
+            where=f"ca.bundle ({config.ca.bundle.name})",
+        )
+    except OSError as e:
+        raise ConfigError([f"ca.bundle: cannot read {config.ca.bundle}: {e.strerror}"]) from None
+    except BundleError as e:
+        raise ConfigError([str(e)]) from None
+    # One owner of the trust bundle; everything that verifies a peer reads it per connection.
+    trust = TrustStore(bootstrap, config.trust_domain)
+    store = CredentialStore(trust)
+    watcher = BundleWatcher(config.ca.url, trust, config.ca.bundle_poll)
+    client = EnrollmentClient(config.ca.url, lambda: trust.pem, on_untrusted=watcher.catch_up)
+    manager = CertManager(config.ca, store, client=client)
     policy = PolicyHolder(config.policy) if config.inbound is not None else None
     authn = None
     if config.jwt is not None:
         try:
-            authn, mesh_sources = authn_from_config(config.jwt, config.ca.bundle)
+            authn = authn_from_config(config.jwt, trust.ca_context)
         except (OSError, ValueError) as e:
             raise ConfigError([f"jwt: {e}"]) from None
-
-        def trust_new_bundle(creds: Credentials) -> None:
-            for src in mesh_sources:
-                src.set_ssl_context(mesh_context(creds.bundle_pem))
-
-        store.on_publish(trust_new_bundle)
-    watcher = BundleWatcher(
-        config.ca.url, config.ca.bundle.read_text(), store, config.ca.bundle_poll
-    )
     admin = Admin(store, manager, policy, watcher)
     background = [asyncio.create_task(watcher.run())]
     runners, servers = [], []

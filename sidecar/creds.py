@@ -2,8 +2,10 @@
 
 The writer (the certificate manager) builds and checks a complete new
 `Credentials` before publishing it with one assignment; every new handshake
-reads the latest. Inbound listeners get it through an SNI callback that swaps
-in the current context per handshake, so a renewal or a new bundle takes effect
+reads the latest. The trusted roots come from the TrustStore (sidecar.trust),
+and a change there republishes the same key and chain with new contexts.
+Inbound listeners get it through an SNI callback that swaps in the current
+context per handshake, so a renewal or a new bundle takes effect
 at once while open connections keep the context they started with.
 """
 
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import logging
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,6 +24,9 @@ from cryptography.x509 import verification as xv
 
 from meshca import tlsutil
 from meshca.spiffe import InvalidSpiffeId, SpiffeId
+from sidecar.trust import TrustBundle, TrustStore
+
+log = logging.getLogger("sidecar.creds")
 
 
 class CredentialError(ValueError):
@@ -81,9 +87,20 @@ class Credentials:
 
     @classmethod
     def build(
-        cls, key_pem: bytes, chain_pem: str, bundle_pem: str, trust_domain: str, now: dt.datetime
+        cls,
+        key_pem: bytes,
+        chain_pem: str,
+        bundle_pem: str,
+        trust_domain: str,
+        now: dt.datetime,
+        require_chain: bool = True,
     ) -> Credentials:
-        """Check everything, then build the contexts; CredentialError if anything is off."""
+        """Check everything, then build the contexts; CredentialError if anything is off.
+
+        `require_chain=False` is for a new bundle that no longer holds the root of a
+        certificate we already have (the CA retired it): the contexts trust the new
+        roots at once, and the certificate manager is told to renew.
+        """
         try:
             certs = x509.load_pem_x509_certificates(chain_pem.encode())
             roots = x509.load_pem_x509_certificates(bundle_pem.encode())
@@ -100,7 +117,7 @@ class Credentials:
             serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
         ):
             raise CredentialError("certificate does not match the private key")
-        if not chain_valid(leaf, intermediates, roots, now):
+        if require_chain and not chain_valid(leaf, intermediates, roots, now):
             raise CredentialError("certificate does not chain to the trust bundle")
 
         server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -129,6 +146,21 @@ class Credentials:
             client,
         )
 
+    def with_bundle(self, bundle_pem: str, now: dt.datetime) -> Credentials:
+        """The same key and certificate with contexts that trust `bundle_pem`."""
+        return Credentials.build(
+            self.key_pem,
+            self.chain_pem,
+            bundle_pem,
+            self.spiffe_id.trust_domain,
+            now,
+            require_chain=False,
+        )
+
+    def chains_now(self, now: dt.datetime) -> bool:
+        """True if our certificate chains to the roots these contexts trust."""
+        return chain_valid(self.leaf, list(self.intermediates), list(self.roots), now)
+
     @property
     def serial(self) -> str:
         """Serial as lowercase hex of whole bytes."""
@@ -154,38 +186,57 @@ class Credentials:
 
 
 class CredentialStore:
-    """Holds the current Credentials; `ready` is a latch set by the first publish."""
+    """Holds the current Credentials; `ready` is a latch set by the first publish.
 
-    def __init__(self, trust_domain: str) -> None:
-        self.trust_domain = trust_domain
+    The trust bundle is not ours: the TrustStore owns it. When its roots change,
+    the current key and certificate are republished with contexts that trust the
+    new roots, so the next handshake (inbound, outbound, `sidecar check`) uses them.
+    """
+
+    def __init__(
+        self,
+        trust: TrustStore,
+        clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
+    ) -> None:
+        self.trust = trust
+        self.trust_domain = trust.trust_domain
+        self.clock = clock
         self._current: Credentials | None = None
         self._listeners: list[Callable[[Credentials], None]] = []
-        self.revoked: frozenset[str] = frozenset()  # serials (lowercase hex) refused by the CA
-        self._revocation_listeners: list[Callable[[frozenset[str]], None]] = []
+        self._stale_listeners: list[Callable[[], None]] = []
+        trust.on_roots(self._roots_changed)
 
-    def set_revoked(self, serials: frozenset[str]) -> None:
-        """Adopt the CA's list of revoked serials and tell the listeners (who close connections)."""
-        if serials == self.revoked:
-            return
-        self.revoked = serials
-        for fn in self._revocation_listeners:
-            fn(serials)
+    @property
+    def revoked(self) -> frozenset[str]:
+        """Serials (lowercase hex) the CA revoked, from the trust bundle."""
+        return self.trust.current.revoked
 
     def on_revoked(self, fn: Callable[[frozenset[str]], None]) -> None:
         """Call `fn` whenever the revoked set changes."""
-        self._revocation_listeners.append(fn)
+        self.trust.on_revoked(fn)
 
-    def adopt_bundle(self, bundle_pem: str, now: dt.datetime) -> bool:
-        """Trust a new bundle for new handshakes (same key and certificate); False if our own
-        certificate would not chain to it (then the old generation stays)."""
+    def on_stale(self, fn: Callable[[], None]) -> None:
+        """Call `fn` when our certificate stops chaining to the trusted roots (renew now)."""
+        self._stale_listeners.append(fn)
+
+    def _roots_changed(self, bundle: TrustBundle) -> None:
         creds = self._current
-        if creds is None or creds.bundle_pem == bundle_pem:
-            return False
-        rebuilt = Credentials.build(
-            creds.key_pem, creds.chain_pem, bundle_pem, self.trust_domain, now
-        )
-        self.publish(rebuilt)
-        return True
+        if creds is None or creds.bundle_pem == bundle.pem:
+            return
+        now = self.clock()
+        try:
+            rebuilt = creds.with_bundle(bundle.pem, now)
+        except CredentialError as e:  # cannot happen for a checked bundle; keep serving
+            log.error("cannot trust the new bundle for handshakes: %s", e)
+            return
+        self._publish(rebuilt)
+        if not rebuilt.chains_now(now):
+            log.error(
+                "our certificate (serial %s) does not chain to the new trust bundle; renewing",
+                rebuilt.serial,
+            )
+            for fn in self._stale_listeners:
+                fn()
 
     @property
     def current(self) -> Credentials | None:
@@ -198,7 +249,13 @@ class CredentialStore:
         return self._current is not None
 
     def publish(self, creds: Credentials) -> None:
-        """Swap in a complete, checked generation."""
+        """Swap in a complete, checked generation (its contexts trust the current bundle)."""
+        bundle = self.trust.current
+        if creds.bundle_pem != bundle.pem:
+            creds = creds.with_bundle(bundle.pem, self.clock())
+        self._publish(creds)
+
+    def _publish(self, creds: Credentials) -> None:
         self._current = creds
         for fn in self._listeners:
             fn(creds)
