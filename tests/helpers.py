@@ -12,20 +12,97 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 PEM_RE = re.compile(r"-----BEGIN CERTIFICATE-----.*?-----END CERTIFICATE-----\n?", re.S)
+TAIL_LINES = 30
+
+
+def tail(lines: list[str] | str | bytes | None, n: int = TAIL_LINES) -> str:
+    """The last `n` lines of a log, for the message of a wait that gave up."""
+    if isinstance(lines, bytes):
+        lines = lines.decode(errors="replace")
+    if isinstance(lines, str) or lines is None:
+        lines = (lines or "").splitlines(keepends=True)
+    return "".join(lines[-n:]).rstrip("\n") or "(nothing)"
+
+
+class Lines:
+    """The lines a child process writes to one stream, read in the background as they come."""
+
+    def __init__(self, stream: IO[str], into: list[str] | None = None) -> None:
+        self.lines = into if into is not None else []
+        self.closed = False
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._read, args=(stream,), daemon=True)
+        self._thread.start()
+
+    def _read(self, stream: IO[str]) -> None:
+        for line in iter(stream.readline, ""):
+            with self._cond:
+                self.lines.append(line)
+                self._cond.notify_all()
+        with self._cond:
+            self.closed = True
+            self._cond.notify_all()
+
+    def follow(self, on_line: Callable[[str], bool], timeout: float) -> bool:
+        """Give every line, old and new, to `on_line` until it returns True (then True), or
+        the stream ends or `timeout` s pass (then False). Never blocks past the timeout."""
+        deadline = time.monotonic() + timeout
+        seen = 0
+        with self._cond:
+            while True:
+                while seen < len(self.lines):
+                    seen += 1
+                    if on_line(self.lines[seen - 1]):
+                        return True
+                left = deadline - time.monotonic()
+                if self.closed or left <= 0:
+                    return False
+                self._cond.wait(left)
+
+    def drain(self, timeout: float = 2) -> None:
+        """Wait (briefly) until the stream has ended, so that its last lines are in."""
+        self._thread.join(timeout)
+
+
+def gave_up(
+    what: str, proc: subprocess.Popen, timeout: float, logs: dict[str, Lines | list[str]]
+) -> str:
+    """Stop `proc` and say why a wait for it failed, with the last lines of each of its logs."""
+    code = proc.poll()
+    why = f"exited with status {code}" if code is not None else f"not ready after {timeout:g} s"
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait()
+    parts = [f"{what} {why}"]
+    for name, log in logs.items():
+        if isinstance(log, Lines):
+            log.drain()
+            log = log.lines
+        parts.append(f"--- last lines of its {name}:\n{tail(log)}")
+    return "\n".join(parts)
 
 
 def run_meshca(*args: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
     """Run `python -m meshca ARGS` as a user would; return the completed process."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "meshca", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "meshca", *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+    except subprocess.TimeoutExpired as e:
+        raise AssertionError(
+            f"meshca {' '.join(args)} did not finish within {timeout:g} s\n"
+            f"--- last lines of its stderr:\n{tail(e.stderr)}\n"
+            f"--- last lines of its stdout:\n{tail(e.stdout)}"
+        ) from None
     if check and proc.returncode != 0:
         raise AssertionError(f"meshca {' '.join(args)} failed ({proc.returncode}): {proc.stderr}")
     return proc
@@ -86,6 +163,7 @@ class CAProcess:
     url: str
     bundle: Path
     stderr_lines: list[str] = field(default_factory=list)
+    stdout_lines: list[str] = field(default_factory=list)
 
     @property
     def host_port(self) -> tuple[str, int]:
@@ -120,27 +198,22 @@ def start_ca(home: Path, *extra: str, timeout: float = 20) -> CAProcess:
         text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
-    lines: list[str] = []
-    threading.Thread(
-        target=lambda: lines.extend(iter(proc.stderr.readline, "")), daemon=True
-    ).start()
-    deadline = time.monotonic() + timeout
-    url = None
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
+    err, out = Lines(proc.stderr), Lines(proc.stdout)
+    found: list[str] = []
+
+    def serving(line: str) -> bool:
         m = re.search(r"serving on (https://\S+)", line)
         if m:
-            url = m.group(1)
-            break
-    if url is None:
-        proc.kill()
-        proc.wait()
-        raise AssertionError(f"meshca serve did not start: {''.join(lines)}")
+            found.append(m.group(1))
+        return m is not None
+
+    if not out.follow(serving, timeout):
+        logs = {"stderr": err, "stdout": out}
+        raise AssertionError(gave_up("meshca serve", proc, timeout, logs))
+    url = found[0]
     bundle = home.parent / f"{home.name}-bundle.pem"
     bundle.write_text(run_meshca("bundle", "--home", str(home)).stdout)
-    return CAProcess(home, proc, url, bundle, lines)
+    return CAProcess(home, proc, url, bundle, err.lines, out.lines)
 
 
 def openssl_csr(
@@ -177,22 +250,29 @@ def request_json(csr_pem: str) -> str:
 
 def curl(ca: CAProcess, path: str, *args: str) -> tuple[int, str, dict[str, str]]:
     """Call the CA with curl; return (status, body, headers). Fails the test on a curl error."""
-    proc = subprocess.run(
-        [
-            "curl",
-            "-sS",
-            "--max-time",
-            "20",
-            "--cacert",
-            str(ca.bundle),
-            "-D",
-            "-",
-            *args,
-            ca.url + path,
-        ],
-        capture_output=True,
-        timeout=30,
-    )
+    try:
+        proc = subprocess.run(
+            [
+                "curl",
+                "-sS",
+                "--max-time",
+                "20",
+                "--cacert",
+                str(ca.bundle),
+                "-D",
+                "-",
+                *args,
+                ca.url + path,
+            ],
+            capture_output=True,
+            timeout=30,
+        )
+    except subprocess.TimeoutExpired as e:
+        raise AssertionError(
+            f"curl {path} did not finish within 30 s\n"
+            f"--- last lines of its stderr:\n{tail(e.stderr)}\n"
+            f"--- last lines of the CA's log:\n{tail(ca.stderr_lines)}"
+        ) from None
     if proc.returncode != 0:
         raise AssertionError(f"curl failed ({proc.returncode}): {proc.stderr.decode()}")
     head, _, body = proc.stdout.decode().partition("\r\n\r\n")

@@ -7,14 +7,13 @@ import os
 import re
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
-from helpers import CAProcess, mint_token, stop_process
+from helpers import CAProcess, Lines, gave_up, mint_token, stop_process
 
 
 @dataclass
@@ -25,6 +24,7 @@ class Proc:
     lines: list[str] = field(default_factory=list)
     err: list[str] = field(default_factory=list)
     urls: dict[str, str] = field(default_factory=dict)
+    _logs: dict[str, Lines] = field(default_factory=dict, repr=False)
 
     def stop(self) -> None:
         stop_process(self.proc)
@@ -39,6 +39,7 @@ class Proc:
 
 
 def _spawn(args: list[str], wait_for: list[str], timeout: float = 20) -> Proc:
+    """Start `args` and wait until it says where each of `wait_for` listens."""
     proc = subprocess.Popen(
         args,
         stdout=subprocess.PIPE,
@@ -47,27 +48,20 @@ def _spawn(args: list[str], wait_for: list[str], timeout: float = 20) -> Proc:
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     p = Proc(proc)
-    threading.Thread(
-        target=lambda: p.err.extend(iter(proc.stderr.readline, "")), daemon=True
-    ).start()
-    deadline = time.monotonic() + timeout
+    out, err = Lines(proc.stdout, p.lines), Lines(proc.stderr, p.err)
     pending = set(wait_for)
-    while pending and time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        p.lines.append(line)
+
+    def listening(line: str) -> bool:
         m = re.search(r"(\w+):? listening on (\S+)", line)
-        if m:
+        if m and m.group(1) not in p.urls:
             p.urls[m.group(1)] = m.group(2)
             pending.discard(m.group(1))
-    if pending:
-        proc.kill()
-        proc.wait()
-        raise AssertionError(f"{args[2:4]} did not start: {p.stdout}{p.stderr}")
-    threading.Thread(
-        target=lambda: p.lines.extend(iter(proc.stdout.readline, "")), daemon=True
-    ).start()
+        return not pending
+
+    if pending and not out.follow(listening, timeout):
+        what = f"{' '.join(args[2:4])} (still to listen: {', '.join(sorted(pending))})"
+        raise AssertionError(gave_up(what, proc, timeout, {"stderr": err, "stdout": out}))
+    p._logs = {"stderr": err, "stdout": out}
     return p
 
 
@@ -114,29 +108,31 @@ def sidecar_config(
     return path
 
 
-def start_sidecar(config: Path, wait_ready: bool = True) -> Proc:
+def start_sidecar(config: Path, wait_ready: bool = True, ready_timeout: float = 20) -> Proc:
     doc = yaml.safe_load(config.read_text())
     expect = ["admin", "health"] + [k for k in ("inbound", "outbound") if k in doc]
     p = _spawn([sys.executable, "-m", "sidecar", "run", "--config", str(config)], expect)
     if wait_ready:
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            status, _ = admin_get(p, "/ready")
+        deadline = time.monotonic() + ready_timeout
+        while p.proc.poll() is None and time.monotonic() < deadline:
+            try:
+                status, _ = admin_get(p, "/ready", timeout=5)
+            except OSError:  # not answering (yet): keep asking until the deadline
+                status = 0
             if status == 200:
                 break
             time.sleep(0.05)
         else:
-            p.stop()
-            raise AssertionError(f"sidecar never became ready: {p.stderr}")
+            raise AssertionError(gave_up("the sidecar", p.proc, ready_timeout, p._logs))
     return p
 
 
-def admin_get(p: Proc, path: str, method: str = "GET") -> tuple[int, dict]:
+def admin_get(p: Proc, path: str, method: str = "GET", timeout: float = 30) -> tuple[int, dict]:
     req = urllib.request.Request(
         p.urls["admin"] + path, method=method, data=b"" if method == "POST" else None
     )
     try:
-        with urllib.request.urlopen(req, timeout=30) as resp:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
             return resp.status, json.loads(resp.read())
     except urllib.error.HTTPError as e:
         return e.code, json.loads(e.read())

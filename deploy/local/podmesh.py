@@ -3,7 +3,10 @@
 by `make demo-pods` (`python deploy/local/podmesh.py`).
 
 In each pod the sidecar runs as uid 1337 and `sidecar init-net` installs the
-interception rules, as istio-init does; the apps listen on 127.0.0.1 only.
+interception rules, as istio-init does; the apps listen on 127.0.0.1 only. The
+checkout, the venv and the interpreter are shared with uid 1337 (see
+`PodNet.share`), so this works from a checkout that other users cannot enter;
+a wait that gives up says why, with the end of the log of what it waited for.
 """
 
 from __future__ import annotations
@@ -20,9 +23,10 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from podnet import Pod, PodNet  # noqa: E402
+from podnet import CannotRun, Pod, PodNet, PodNetError, tail  # noqa: E402
 
 PY = sys.executable
+ROOT = Path(__file__).resolve().parents[2]  # the checkout: meshca/, sidecar/, services/
 BACKEND = "spiffe://cluster.local/ns/default/sa/backend"
 FRONTEND = "spiffe://cluster.local/ns/default/sa/frontend"
 APP_PORT = 5000
@@ -44,13 +48,48 @@ class PodMesh:
         self.net.close()
 
 
-def _wait(check: Callable[[], bool], what: str, timeout: float = 30) -> None:
+def wait(
+    check: Callable[[], bool],
+    what: str,
+    proc: subprocess.Popen,
+    log: Path | None,
+    timeout: float = 30,
+) -> None:
+    """Wait until `check()` holds; raise with the end of `log` if `proc` exits or time runs out."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    while True:
         if check():
             return
+        code = proc.poll()
+        if code is not None:
+            raise PodNetError(
+                f"{what} exited with status {code}; the last lines of {log}:\n{tail(log)}"
+            )
+        if time.monotonic() >= deadline:
+            raise PodNetError(
+                f"timed out after {timeout:g} s waiting for {what}; "
+                f"the last lines of {log}:\n{tail(log)}"
+            )
         time.sleep(0.1)
-    raise RuntimeError(f"timed out waiting for {what}")
+
+
+def share_code(net: PodNet, pod: Pod, uid: int = UID) -> None:
+    """Make the code, venv and interpreter readable to `uid` in `net`'s pods, and check it.
+
+    Raises CannotRun, saying why, when `uid` still cannot import the sidecar
+    (for example a checkout made with umask 077, whose files only root may read).
+    """
+    covered = net.share(
+        [ROOT, Path(sys.prefix), Path(sys.base_prefix), Path(PY).resolve().parent], uid
+    )
+    res = net.exec(pod, [PY, "-c", "import meshca.cli, sidecar.cli, yaml"], uid=uid)
+    if res.returncode != 0:
+        how = f" (shared past {', '.join(map(str, covered))})" if covered else ""
+        last = (res.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise CannotRun(
+            f"uid {uid} cannot run the sidecar from {ROOT} with {PY}{how}: {last} "
+            "(are the files readable by others? a checkout made with umask 077 is not)"
+        )
 
 
 def _meshca(*args: str) -> str:
@@ -80,10 +119,11 @@ def build(net: PodNet, policy: dict | None = None) -> PodMesh:
     backend = net.add_pod("backend")
     frontend = net.add_pod("frontend")
     outsider = net.add_pod("outsider")
+    share_code(net, backend)
 
     home = work / "ca"
     _meshca("init", "--home", str(home))
-    net.run(
+    ca_proc = net.run(
         ca_pod,
         [
             PY,
@@ -99,12 +139,12 @@ def build(net: PodNet, policy: dict | None = None) -> PodMesh:
         ],
         log=work / "ca.log",
     )
-    _wait(lambda: "serving on" in (work / "ca.log").read_text(), "the CA")
+    wait(lambda: "serving on" in (work / "ca.log").read_text(), "the CA", ca_proc, work / "ca.log")
     bundle = _meshca("bundle", "--home", str(home))
     ca_url = f"https://{ca_pod.ip}:8443"
 
     # backend: the app on 127.0.0.1, its sidecar, interception of the app port
-    net.run(
+    app = net.run(
         backend,
         [
             PY,
@@ -117,6 +157,8 @@ def build(net: PodNet, policy: dict | None = None) -> PodMesh:
         ],
         log=work / "backend-app.log",
     )
+    app_log = work / "backend-app.log"
+    wait(lambda: "listening on" in app_log.read_text(), "backend's app", app, app_log)
     policy_doc = policy or {
         "rules": [{"name": "frontend-only", "action": "ALLOW", "from": {"principals": [FRONTEND]}}]
     }
@@ -140,7 +182,7 @@ def build(net: PodNet, policy: dict | None = None) -> PodMesh:
     )
     if res.returncode != 0:
         raise RuntimeError(f"init-net (backend): {res.stderr}")
-    net.run(
+    backend_sidecar = net.run(
         backend,
         [PY, "-m", "sidecar", "run", "--config", str(bdir / "sidecar.yaml")],
         uid=UID,
@@ -172,7 +214,7 @@ def build(net: PodNet, policy: dict | None = None) -> PodMesh:
     res = net.exec(frontend, [PY, "-m", "sidecar", "init-net", "--uid", str(UID)])
     if res.returncode != 0:
         raise RuntimeError(f"init-net (frontend): {res.stderr}")
-    net.run(
+    frontend_sidecar = net.run(
         frontend,
         [PY, "-m", "sidecar", "run", "--config", str(fdir / "sidecar.yaml")],
         uid=UID,
@@ -180,11 +222,24 @@ def build(net: PodNet, policy: dict | None = None) -> PodMesh:
     )
 
     def ready(pod: Pod) -> bool:
-        r = net.exec(pod, ["curl", "-sf", "http://127.0.0.1:15000/ready"], timeout=10)
+        try:
+            r = net.exec(pod, ["curl", "-sf", "http://127.0.0.1:15000/ready"], timeout=10)
+        except PodNetError:  # curl itself hung: try again until the deadline
+            return False
         return r.returncode == 0
 
-    _wait(lambda: ready(backend), "backend's sidecar")
-    _wait(lambda: ready(frontend), "frontend's sidecar")
+    wait(
+        lambda: ready(backend),
+        "backend's sidecar",
+        backend_sidecar,
+        work / "backend-sidecar.log",
+    )
+    wait(
+        lambda: ready(frontend),
+        "frontend's sidecar",
+        frontend_sidecar,
+        work / "frontend-sidecar.log",
+    )
     return PodMesh(net, work, ca_pod, backend, frontend, outsider)
 
 
@@ -197,7 +252,11 @@ def demo() -> int:
         print(f"demo-pods: skipped: {why}")
         return 0
     with PodNet() as net:
-        mesh = build(net)
+        try:
+            mesh = build(net)
+        except CannotRun as e:
+            print(f"demo-pods: cannot run here: {e}")
+            return 1
         print(
             f"pods: meshca {mesh.ca.ip}, backend {mesh.backend.ip}, frontend "
             f"{mesh.frontend.ip}, outsider {mesh.outsider.ip} (netns {net.prefix}-*)"
