@@ -193,11 +193,18 @@ def print_rotation(doc: dict[str, Any], as_json: bool) -> None:
         "under_root",
         "old_intermediate",
         "retired_root",
+        "endorsed_by",
         "bundle_sequence",
     ):
         if key in doc:
             print(f"  {key}: {doc[key]}")
     print(f"  root rotation stage: {doc['stage']}")
+    if doc["action"] in ("prepare_root", "retire_root") and not doc.get("dry_run"):
+        # What trusts the CA outside the mesh does not follow endorsements (docs/ca.md).
+        print(
+            "  the bundle changed: publish `meshca bundle` to the bootstrap ConfigMap and the "
+            "webhook's caBundle before the next stage"
+        )
     if doc.get("next_due"):
         print(f"  next step due: {doc['next_due']}")
 
@@ -215,6 +222,7 @@ def cmd_rotate(args: argparse.Namespace) -> int:
             args.start_root_rotation,
             args.dry_run,
             wait_for_lock=not args.no_wait,
+            force_retire=args.force_retire,
         )
     else:
         doc = _remote(
@@ -224,6 +232,7 @@ def cmd_rotate(args: argparse.Namespace) -> int:
                 "dry_run": args.dry_run,
                 "force_intermediate": args.force_intermediate,
                 "start_root_rotation": args.start_root_rotation,
+                "force_retire": args.force_retire,
                 "propagation_wait": args.propagation_wait,
                 "retire_wait": args.retire_wait,
                 "intermediate_share": args.intermediate_share,
@@ -625,6 +634,12 @@ def parser() -> argparse.ArgumentParser:
         "--start-root-rotation",
         action="store_true",
         help="begin a root rotation now (the prepare stage)",
+    )
+    s.add_argument(
+        "--force-retire",
+        action="store_true",
+        help="emergency: retire the old root now (activated stage), before its wait and "
+        "while leaves under it are unexpired; their holders must enroll again",
     )
     _add_rotation_args(s)
     s.add_argument(

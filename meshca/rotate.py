@@ -74,16 +74,19 @@ def _unexpired(home: Path, names: tuple[str, ...], now: dt.datetime) -> tuple[st
     return tuple(keep)
 
 
+def _intermediates_under(home: Path, root: x509.Certificate) -> list[str]:
+    return [
+        pki.serial_hex(cert)
+        for cert in (_load_cert(crt) for crt in home.glob("issuing-*.crt"))
+        if cert.issuer == root.subject
+    ]
+
+
 def old_root_leaves_until(
     home: Path, old_root: x509.Certificate, ledger: store.Ledger
 ) -> dt.datetime | None:
     """The latest not_after of unexpired, unrevoked workload leaves under `old_root`."""
-    serials = []
-    for crt in home.glob("issuing-*.crt"):
-        cert = _load_cert(crt)
-        if cert.issuer == old_root.subject:
-            serials.append(pki.serial_hex(cert))
-    latest = ledger.latest_not_after(serials)
+    latest = ledger.latest_not_after(_intermediates_under(home, old_root))
     return _parse_time(latest) if latest else None
 
 
@@ -92,10 +95,11 @@ def facts_for(authority: Authority, ledger: store.Ledger, now: dt.datetime) -> r
     state = authority.state
     rot = state.root_rotation
     issuing_root = authority.roots[state.roots.index(state.issuing_root)]
-    until = None
+    until, count = None, 0
     if rot["stage"] == rotation.ACTIVATED:
         old = _load_cert(authority.home / f"{rot['old_root']}.crt")
         until = old_root_leaves_until(authority.home, old, ledger)
+        count = ledger.leaves_in_use(_intermediates_under(authority.home, old))
     return rotation.Facts(
         now=now,
         root_not_before=issuing_root.not_valid_before_utc,
@@ -105,6 +109,7 @@ def facts_for(authority: Authority, ledger: store.Ledger, now: dt.datetime) -> r
         stage=rot["stage"],
         stage_since=_parse_time(rot["since"]) if "since" in rot else None,
         old_root_leaves_until=until,
+        old_root_leaves=count,
     )
 
 
@@ -116,6 +121,7 @@ def rotate(
     dry_run: bool = False,
     clock: store.Clock = store.utcnow,
     wait_for_lock: bool = True,
+    force_retire: bool = False,
 ) -> dict[str, Any]:
     """Take at most one step; a dict describing what was (or would be) done."""
     settings = settings or rotation.Settings()
@@ -129,6 +135,7 @@ def rotate(
                 settings,
                 force_intermediate,
                 start_root_rotation,
+                force_retire,
             )
             result: dict[str, Any] = {
                 "action": p.action,

@@ -52,6 +52,7 @@ class Facts:
     stage: str = NONE
     stage_since: dt.datetime | None = None
     old_root_leaves_until: dt.datetime | None = None  # latest not_after of old-root leaves
+    old_root_leaves: int = 0  # how many unexpired, unrevoked leaves the old root still has
 
 
 @dataclass(frozen=True)
@@ -76,10 +77,23 @@ def plan(
     s: Settings = Settings(),
     force_intermediate: bool = False,
     start_root_rotation: bool = False,
+    force_retire: bool = False,
 ) -> Plan:
-    """The next step. At most one stage advances per call; a forced intermediate goes first."""
+    """The next step. At most one stage advances per call; a forced intermediate goes first.
+
+    `force_retire` retires the old root at once in the activated stage, whatever the
+    waits and the leaves under it say (an emergency: the old root's key is compromised);
+    holders of those leaves lose trust at once and must enroll again.
+    """
     if force_intermediate:
         return Plan("rotate_intermediate", "forced (--force-intermediate)")
+    if force_retire:
+        if f.stage != ACTIVATED:
+            return Plan("none", f"--force-retire: nothing to retire in the {f.stage} stage")
+        why = "forced (--force-retire)"
+        if f.old_root_leaves:
+            why += f"; {f.old_root_leaves} unexpired leaf certificate(s) lose trust"
+        return Plan("retire_root", why)
     if f.stage == PREPARED:
         assert f.stage_since is not None
         due = f.stage_since + s.propagation_wait

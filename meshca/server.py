@@ -409,6 +409,7 @@ class CAServer:
                 "dry_run",
                 "force_intermediate",
                 "start_root_rotation",
+                "force_retire",
                 "propagation_wait",
                 "retire_wait",
                 "intermediate_share",
@@ -416,7 +417,7 @@ class CAServer:
             },
         )
         flags = {}
-        for k in ("dry_run", "force_intermediate", "start_root_rotation"):
+        for k in ("dry_run", "force_intermediate", "start_root_rotation", "force_retire"):
             v = doc.get(k, False)
             if not isinstance(v, bool):
                 raise BadRequest(f"field {k!r} must be true or false", code="bad_json")
@@ -449,6 +450,8 @@ class CAServer:
             flags["start_root_rotation"],
             flags["dry_run"],
             self.clock,
+            True,
+            flags["force_retire"],
         )
         self.reload_if_changed()  # apply it now rather than at the next poll
         log.info("admin %s rotate: %s (%s)", who, result["action"], result["reason"])

@@ -437,6 +437,18 @@ class Ledger:
         ).fetchone()
         return row[0] if row else None
 
+    def leaves_in_use(self, issuers: list[str]) -> int:
+        """How many unexpired, unrevoked workload leaves these intermediates issued."""
+        if not issuers:
+            return 0
+        marks = ",".join("?" * len(issuers))
+        row = self._db.execute(
+            f"SELECT COUNT(*) FROM certificates WHERE issuer IN ({marks}) "  # noqa: S608
+            "AND not_after > ? AND revoked_at IS NULL AND credential != 'ca_server'",
+            (*issuers, iso(self.clock())),
+        ).fetchone()
+        return int(row[0]) if row else 0
+
     def revoked_serials(self) -> list[str]:
         """Serials revoked and not yet expired (what the bundle carries)."""
         cur = self._db.execute(

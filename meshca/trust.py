@@ -105,25 +105,23 @@ def endorsed_roots(
     bootstrap bundle from two rotations ago still leads to today's root.
     BundleError naming the first root that no chain reaches.
     """
-    accepted = {_key_der(c): c for c in trusted}
-    pending = [c for c in offered if _key_der(c) not in accepted]
+    # Signers: the trusted roots, then every endorsement one of them signed (it stands
+    # for the endorsed root's name and key), until nothing new is reached.
+    signers = list(trusted)
     usable = [e for e in endorsements if _is_ca(e) and _valid_at(e, now)]
     progress = True
-    while pending and progress:
+    while progress:
         progress = False
-        for root in list(pending):
-            key = _key_der(root)
-            for e in usable:
-                if e.subject != root.subject or _key_der(e) != key:
-                    continue
-                if any(_signed_by(e, signer) for signer in accepted.values()):
-                    accepted[key] = root
-                    pending.remove(root)
-                    progress = True
-                    break
-    if pending:
-        name = pending[0].subject.rfc4514_string()
-        raise BundleError(f"the CA offers root {name}, which no root we trust endorses")
+        for e in list(usable):
+            if any(_signed_by(e, s) for s in signers):
+                signers.append(e)
+                usable.remove(e)
+                progress = True
+    reached = {(c.subject, _key_der(c)) for c in signers}
+    for root in offered:
+        if (root.subject, _key_der(root)) not in reached:
+            name = root.subject.rfc4514_string()
+            raise BundleError(f"the CA offers root {name}, which no root we trust endorses")
     return tuple(offered)
 
 

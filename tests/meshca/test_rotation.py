@@ -50,6 +50,14 @@ def facts(now, stage=NONE, since=None, int_age=0, root_age=0, leaves_until=None)
             {},
             "none",
         ),
+        # --force-retire: at once in the activated stage, leaves or not; nowhere else
+        (
+            facts(T, ACTIVATED, T, leaves_until=T + dt.timedelta(hours=1)),
+            {"force_retire": True},
+            "retire_root",
+        ),
+        (facts(T, PREPARED, T), {"force_retire": True}, "none"),
+        (facts(T), {"force_retire": True}, "none"),
     ],
 )
 def test_plan(f, kw, action):
@@ -63,3 +71,10 @@ def test_next_due_is_reported():
     assert p.next_due == T + dt.timedelta(hours=30)
     p = plan(facts(T), S)
     assert p.next_due == T + YEAR * 2 / 3
+
+
+def test_forced_retire_says_how_many_leaves_lose_trust():
+    f = Facts(**{**facts(T, ACTIVATED, T).__dict__, "old_root_leaves": 3})
+    p = plan(f, S, force_retire=True)
+    assert p.action == "retire_root"
+    assert "3 unexpired leaf" in p.reason

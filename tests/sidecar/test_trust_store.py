@@ -1,0 +1,134 @@
+"""The sidecar's one owner of the trust bundle: publish, refuse a bad bundle and keep the last
+good one, and every reader (handshake contexts, the CA client) sees a new bundle on its next
+connection."""
+
+import datetime as dt
+
+import pytest
+
+from meshca import pki
+from meshca.client import EnrollmentClient
+from meshca.spiffe import SpiffeId
+from meshca.trust import BundleError
+from sidecar.creds import Credentials, CredentialStore
+from sidecar.trust import TrustBundle, TrustStore
+
+NOW = dt.datetime.now(dt.UTC)
+ID = SpiffeId.parse("spiffe://cluster.local/ns/a/sa/b")
+
+
+def ca():
+    key = pki.new_key()
+    root = pki.build_root(key, NOW)
+    int_key = pki.new_key()
+    return root, pki.build_intermediate(int_key, root, key, NOW), int_key
+
+
+def creds_under(root, inter, int_key, bundle_pem):
+    key = pki.new_key()
+    leaf = pki.build_leaf(key.public_key(), ID, inter, int_key, NOW, dt.timedelta(hours=1))
+    return Credentials.build(
+        pki.key_pem(key), pki.pem_join([leaf, inter]), bundle_pem, "cluster.local", NOW
+    )
+
+
+@pytest.fixture
+def world():
+    old, new = ca(), ca()
+    trust = TrustStore(
+        TrustBundle.check(pki.pem_join([old[0]]), NOW, "bootstrap"), "cluster.local"
+    )
+    return old, new, trust
+
+
+def test_publish_reaches_every_reader(world):
+    (old_root, oi, ok), (new_root, _, _), trust = world
+    store = CredentialStore(trust, clock=lambda: NOW)
+    store.publish(creds_under(old_root, oi, ok, trust.pem))
+    client = EnrollmentClient("https://ca.example", lambda: trust.pem)
+    seen = []
+    trust.on_roots(seen.append)
+    before_ctx, before_creds = trust.ca_context(), store.current
+    assert trust.ca_context() is before_ctx  # one context per bundle, not per call
+
+    both = pki.pem_join([old_root, new_root])
+    assert trust.offer(both, NOW, sequence=2, revoked=frozenset())
+    assert trust.current.source == "ca" and trust.current.sequence == 2
+    assert client.bundle_pem == both  # the client to the CA, at its next request
+    assert trust.ca_context() is not before_ctx  # JWKS fetches: a new context, new connections
+    assert store.current is not before_creds  # handshakes: republished with the new roots
+    assert store.current.bundle_pem == both and store.current.leaf == before_creds.leaf
+    assert len(store.current.roots) == 2
+    assert len(seen) == 1 and seen[0].pem == both
+
+
+@pytest.mark.parametrize(
+    "bad,error",
+    [
+        ("", "holds no PEM"),
+        ("garbage", "holds no PEM"),
+        ("-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n", "not valid PEM"),
+        ("intermediate", "not a self-signed root"),
+        ("expired", "every root in it has expired"),
+    ],
+)
+def test_a_bad_bundle_keeps_the_last_good_one(world, bad, error):
+    (old_root, oi, ok), _, trust = world
+    store = CredentialStore(trust, clock=lambda: NOW)
+    store.publish(creds_under(old_root, oi, ok, trust.pem))
+    held, held_creds = trust.current, store.current
+    if bad == "intermediate":
+        bad = pki.pem_join([oi])
+    elif bad == "expired":
+        k = pki.new_key()
+        bad = pki.pem_join([pki.build_root(k, NOW - dt.timedelta(days=3), dt.timedelta(days=1))])
+    with pytest.raises(BundleError, match=error):
+        trust.offer(bad, NOW, sequence=5)
+    assert trust.current is held and store.current is held_creds
+    assert trust.last_refusal and error.split()[0] in trust.last_refusal
+
+
+def test_an_older_sequence_never_undoes_a_rotation(world):
+    (old_root, _, _), (new_root, _, _), trust = world
+    both = pki.pem_join([old_root, new_root])
+    trust.offer(both, NOW, sequence=3)
+    with pytest.raises(BundleError, match="older than the 3 we hold"):
+        trust.offer(pki.pem_join([old_root]), NOW, sequence=2)
+    assert trust.pem == both
+    trust.offer(pki.pem_join([new_root]), NOW, sequence=4)  # newer: taken
+    assert trust.pem == pki.pem_join([new_root])
+
+
+def test_revocations_alone_reach_their_listeners(world):
+    _, _, trust = world
+    roots_seen, revoked_seen = [], []
+    trust.on_roots(roots_seen.append)
+    trust.on_revoked(revoked_seen.append)
+    pem = trust.pem
+    assert trust.offer(pem, NOW, sequence=1, revoked=frozenset({"0a"}))
+    assert revoked_seen == [frozenset({"0a"})] and roots_seen == []
+    # an enrollment answer carries no revocations: they are kept
+    trust.offer(pem, NOW, sequence=1, revoked=None)
+    assert trust.current.revoked == frozenset({"0a"})
+    assert not trust.offer(pem, NOW, sequence=1, revoked=frozenset({"0a"}))  # nothing new
+
+
+def test_a_bundle_without_our_root_is_adopted_and_asks_for_renewal(world):
+    """The CA retired the root of our certificate: peers under it are no longer trusted
+    (we follow the CA), and the certificate manager is told to renew now."""
+    (old_root, oi, ok), (new_root, _, _), trust = world
+    store = CredentialStore(trust, clock=lambda: NOW)
+    store.publish(creds_under(old_root, oi, ok, trust.pem))
+    stale = []
+    store.on_stale(lambda: stale.append(True))
+    trust.offer(pki.pem_join([old_root, new_root]), NOW, sequence=2)
+    assert stale == []  # still chains
+    trust.offer(pki.pem_join([new_root]), NOW, sequence=3)
+    assert stale == [True]
+    assert store.current.bundle_pem == pki.pem_join([new_root])
+    assert store.current.describe(NOW)["chain_valid"] is False
+
+
+def test_repr_hides_pem(world):
+    _, _, trust = world
+    assert "BEGIN" not in repr(trust.current)
