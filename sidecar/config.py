@@ -40,6 +40,11 @@ class CAConfig:
     bundle_poll: float = 30.0
 
 
+# Envoy's `headers_with_underscores_action` values (HttpProtocolOptions).
+UNDERSCORE_ACTIONS = ("ALLOW", "REJECT_REQUEST", "DROP_HEADER")
+SEMICOLON_ACTIONS = ("ALLOW", "REJECT_REQUEST")
+
+
 @dataclass(frozen=True)
 class InboundConfig:
     """The mTLS listener in front of the app."""
@@ -52,6 +57,12 @@ class InboundConfig:
     idle_timeout: float = 300.0
     max_header_bytes: int = 64 * 1024
     max_body_bytes: int | None = None
+    # Request headers whose names contain `_`: CGI/WSGI apps read `X_Foo` and
+    # `X-Foo` as the same variable, so by default they never reach the app.
+    headers_with_underscores_action: str = "DROP_HEADER"
+    # `;` (or `%3B`) in a path: Java routers strip `;params` (and treat `..;` as
+    # `..`), so `/admin;x` would escape a policy rule for `/admin`.
+    path_with_semicolons_action: str = "REJECT_REQUEST"
 
 
 @dataclass(frozen=True)
@@ -180,6 +191,15 @@ class _Reader:
             self.problems.append(f"{where}: {e}")
             return None
 
+    def choice(
+        self, doc: dict, key: str, where: str, default: str, allowed: tuple[str, ...]
+    ) -> str:
+        value = doc.get(key, default)
+        if value not in allowed:
+            self.problems.append(f"{where}: must be one of {', '.join(allowed)}")
+            return default
+        return value
+
     def number(
         self, doc: dict, key: str, where: str, default: float, lo: float, hi: float
     ) -> float:
@@ -247,6 +267,8 @@ def parse_config(doc: Any, source: Path) -> SidecarConfig:
             "idle_timeout",
             "max_header_bytes",
             "max_body_bytes",
+            "headers_with_underscores_action",
+            "path_with_semicolons_action",
         },
         False,
     )
@@ -262,6 +284,20 @@ def parse_config(doc: Any, source: Path) -> SidecarConfig:
             r.problems.append("inbound.max_body_bytes: must be a whole number of bytes or null")
             max_body = None
         hdr = r.number(i, "max_header_bytes", "inbound.max_header_bytes", 65536, 1024, 1 << 20)
+        underscores = r.choice(
+            i,
+            "headers_with_underscores_action",
+            "inbound.headers_with_underscores_action",
+            "DROP_HEADER",
+            UNDERSCORE_ACTIONS,
+        )
+        semicolons = r.choice(
+            i,
+            "path_with_semicolons_action",
+            "inbound.path_with_semicolons_action",
+            "REJECT_REQUEST",
+            SEMICOLON_ACTIONS,
+        )
         if listen and app:
             inbound = InboundConfig(
                 listen=listen,
@@ -276,6 +312,8 @@ def parse_config(doc: Any, source: Path) -> SidecarConfig:
                 idle_timeout=r.number(i, "idle_timeout", "inbound.idle_timeout", 300, 1, 86400),
                 max_header_bytes=int(hdr),
                 max_body_bytes=max_body,
+                headers_with_underscores_action=underscores,
+                path_with_semicolons_action=semicolons,
             )
 
     outbound = None
@@ -401,6 +439,11 @@ _KNOWN_ALGS = {
 }
 
 
+# A header the sidecar reads or writes for the app is spelled with '-': apps that
+# read headers through CGI/WSGI names cannot tell `x_a` from `x-a`.
+_NO_UNDERSCORE = "must not contain '_' (CGI/WSGI apps read '_' and '-' as the same name)"
+
+
 def _parse_jwt(r: _Reader, doc: dict) -> JwtConfig | None:
     j = r.section(doc, "jwt", {"issuers", "max_token_bytes"}, False)
     if j is None:
@@ -452,6 +495,8 @@ def _parse_jwt(r: _Reader, doc: dict) -> JwtConfig | None:
             r.problems.append(f"{w}: give jwks_uri or jwks_file, not both")
         jca = r.path(item, "jwks_ca", f"{w}.jwks_ca") if "jwks_ca" in item else None
         header = r.string(item, "from_header", f"{w}.from_header", "Authorization") or ""
+        if "_" in header:
+            r.problems.append(f"{w}.from_header: {_NO_UNDERSCORE}")
         default_prefix = "Bearer " if header.lower() == "authorization" else ""
         prefix = item.get("prefix", default_prefix)
         if not isinstance(prefix, str):
@@ -465,6 +510,8 @@ def _parse_jwt(r: _Reader, doc: dict) -> JwtConfig | None:
             not isinstance(claims_header, str) or not claims_header or " " in claims_header
         ):
             r.problems.append(f"{w}.claims_header: must be a header name")
+        elif claims_header is not None and "_" in claims_header:
+            r.problems.append(f"{w}.claims_header: {_NO_UNDERSCORE}")
         leeway = r.number(item, "leeway", f"{w}.leeway", 60, 0, 3600)
         refresh = r.number(item, "jwks_refresh", f"{w}.jwks_refresh", 300, 1, 86400)
         min_int = r.number(item, "jwks_min_interval", f"{w}.jwks_min_interval", 10, 0, 3600)

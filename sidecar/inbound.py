@@ -8,6 +8,13 @@ present (401 if invalid), the policy decides (403 if refused), client-supplied
 identity headers are removed, the sidecar's own `X-Forwarded-Client-Cert`
 (Envoy's format) and any verified-claims header are added, and the request
 goes to the app on loopback. A refused request never reaches the app.
+
+Header names with `_` are handled as `inbound.headers_with_underscores_action`
+says (Envoy's option: ALLOW, REJECT_REQUEST, DROP_HEADER; DROP_HEADER by
+default), because CGI/WSGI servers give `X_Forwarded_Client_Cert` and
+`X-Forwarded-Client-Cert` the same name. In every mode a header that, lowercased
+with `_` read as `-`, names one the sidecar owns (identity headers it writes,
+the token headers it verifies, hop-by-hop and framing headers) is dropped.
 """
 
 from __future__ import annotations
@@ -25,6 +32,8 @@ from sidecar.creds import CredentialError, CredentialStore, serial_hex, spiffe_i
 from sidecar.pathnorm import PathError, normalize
 from sidecar.policyholder import PolicyHolder
 from sidecar.proxy import (
+    FRAMING,
+    HOP_BY_HOP,
     DownstreamConn,
     Exchange,
     ProxyError,
@@ -32,13 +41,23 @@ from sidecar.proxy import (
     Router,
     UpstreamConn,
     UpstreamPool,
-    strip_hop_by_hop,
+    connection_tokens,
 )
 
 log = logging.getLogger("sidecar.inbound")
 
 # Headers only the sidecar may set for the app; a client's copies are removed first.
 SIDECAR_HEADERS = frozenset({b"x-forwarded-client-cert", b"x-forwarded-proto"})
+ALLOW, REJECT_REQUEST, DROP_HEADER = "ALLOW", "REJECT_REQUEST", "DROP_HEADER"
+
+
+def owned_headers(authn: Authenticator | None) -> frozenset[bytes]:
+    """Names (lowercase, `-` for `_`) whose `_` spellings never reach the app, in any mode."""
+    names = set(SIDECAR_HEADERS | HOP_BY_HOP | FRAMING)
+    if authn is not None:
+        names |= authn.strip  # claims headers the sidecar writes
+        names |= {name for name, _prefix in authn.sources}  # token headers it verifies
+    return frozenset(n.replace(b"_", b"-") for n in names)
 
 
 def xfcc(own_id: str, peer_der: bytes, peer_id: str) -> bytes:
@@ -64,6 +83,11 @@ class InboundRouter(Router):
         self.authn = authn
         self.policy = policy or PolicyHolder(None)
         self.strip = SIDECAR_HEADERS | (authn.strip if authn else frozenset())
+        # Removed from every request before it goes to the app.
+        self.skip = HOP_BY_HOP | FRAMING | self.strip
+        self.owned = owned_headers(authn)
+        self.underscores = cfg.headers_with_underscores_action
+        self.reject_semicolons = cfg.path_with_semicolons_action == REJECT_REQUEST
         self.conns: set[DownstreamConn] = set()
         store.on_revoked(self._close_revoked)
         self.pool = UpstreamPool(
@@ -125,7 +149,7 @@ class InboundRouter(Router):
             path, query = b"*", b""
         else:
             try:
-                path, query = normalize(ex.target)
+                path, query = normalize(ex.target, self.reject_semicolons)
             except PathError as e:
                 raise ProxyError(400, "bad_path", str(e)) from None
         path_text = path.decode("latin-1")
@@ -168,14 +192,27 @@ class InboundRouter(Router):
             extra = {"rule": decision.rule} if decision.rule else {}
             raise ProxyError(403, "forbidden", decision.reason, extra=extra)
 
-        strip = self.strip
+        skip = self.skip
         if ident is not None and not ident.issuer.forward:
-            strip = strip | {ident.issuer.from_header}
-        headers = strip_hop_by_hop(ex.headers, strip)
+            skip = skip | {ident.issuer.from_header}
+        drop = connection_tokens(ex.headers)
+        underscores = self.underscores
         lines = [b"%s %s%s HTTP/1.1\r\n" % (ex.method, path, query)]
         has_host = False
-        for k, v in headers:
-            if not has_host and k.lower() == b"host":
+        for k, v in ex.headers:  # one pass: strip, check underscores, write
+            lk = k.lower()
+            if lk in skip or lk in drop:
+                continue
+            if b"_" in lk:
+                if underscores == REJECT_REQUEST:
+                    raise ProxyError(
+                        400,
+                        "underscore_in_header_name",
+                        f"header names with '_' are refused: {k.decode('latin-1')}",
+                    )
+                if underscores == DROP_HEADER or lk.replace(b"_", b"-") in self.owned:
+                    continue
+            elif lk == b"host":
                 has_host = True
             lines.append(b"%s: %s\r\n" % (k, v))
         if not has_host:

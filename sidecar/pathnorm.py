@@ -10,6 +10,12 @@ receives the normalized path. Steps, in order (RFC 3986 sections 6.2.2 and 5.2.4
    a raw backslash, a NUL (raw or %00) or a bad escape is refused.
 3. Merge runs of `/`.
 4. Resolve `.` and `..` segments; a path that climbs above `/` is refused.
+
+With `reject_semicolons` (the inbound default), a `;` or `%3B` in the path is
+refused: routers that honour path parameters (Tomcat, Jetty, Spring) serve
+`/admin` for `/admin;x` and `/admin` for `/x/..;/admin`, while policy would
+see other paths. Letters keep their case: `/Admin` is not `/admin` (RFC 3986
+6.2.2.1 folds only the scheme, host and hex digits).
 """
 
 from __future__ import annotations
@@ -22,15 +28,20 @@ class PathError(ValueError):
     """The path is refused (400); the message says why."""
 
 
-def normalize(target: bytes) -> tuple[bytes, bytes]:
-    """(normalized path, query including its `?`, or b""); PathError if refused."""
+def normalize(target: bytes, reject_semicolons: bool = False) -> tuple[bytes, bytes]:
+    """(normalized path, query including its `?`, or b""); PathError if refused.
+
+    `reject_semicolons`: refuse `;` and `%3B` in the path (not in the query).
+    """
     path, qmark, query = target.partition(b"?")
     path = path.partition(b"#")[0]
     query = query.partition(b"#")[0]
     if not path.startswith(b"/"):
         raise PathError("path must start with '/'")
     if b"%" in path:
-        path = _decode_unreserved(path)
+        path = _decode_unreserved(path)  # escapes left are upper-case: %3b -> %3B
+    if reject_semicolons and (b";" in path or b"%3B" in path):
+        raise PathError("';' in path (path parameters) is refused")
     if b"\\" in path:
         raise PathError("backslash in path")
     if b"\x00" in path:
