@@ -35,9 +35,7 @@ def creds_under(root, inter, int_key, bundle_pem):
 @pytest.fixture
 def world():
     old, new = ca(), ca()
-    trust = TrustStore(
-        TrustBundle.check(pki.pem_join([old[0]]), NOW, "bootstrap"), "cluster.local"
-    )
+    trust = TrustStore(TrustBundle.check(pki.pem_join([old[0]]), NOW, "bootstrap"), "cluster.local")
     return old, new, trust
 
 
