@@ -22,11 +22,11 @@ cleanup_all() {
 }
 trap cleanup_all EXIT INT TERM
 
-sidecar_config() {  # sidecar_config NAME SPIFFE-ID EXTRA-YAML
+sidecar_config() {  # sidecar_config NAME SPIFFE-ID EXTRA-YAML (bundle poll 1 s for the demo; 30 s default)
   mkdir -p "$work/$1"
   cp "$work/bundle.pem" "$work/$1/ca-root.pem"
   meshca token --home "$work/ca" --spiffe-id "$2" >"$work/$1/token"
-  printf 'trust_domain: cluster.local\nca: {url: "%s", bundle: ca-root.pem, token_file: token}\nadmin: {listen: "127.0.0.1:0"}\nhealth: {listen: "127.0.0.1:0"}\n%s\n' \
+  printf 'trust_domain: cluster.local\nca: {url: "%s", bundle: ca-root.pem, token_file: token, bundle_poll: 1}\nadmin: {listen: "127.0.0.1:0"}\nhealth: {listen: "127.0.0.1:0"}\n%s\n' \
     "$url" "$3" >"$work/$1/sidecar.yaml"
 }
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # `make demo`: a CA on loopback, a "pod" that enrolls with a join token using only
 # openssl and curl and renews over mTLS; then two plain-HTTP apps behind sidecars
-# calling each other over mutual TLS. Cleans up after itself.
+# calling each other over mutual TLS; then the rotation CronJob step by step (intermediate,
+# root prepare, activate, retire) with calls after each step. Cleans up after itself.
 set -euo pipefail
 
 work=$(mktemp -d /tmp/meshca-demo.XXXXXX)
@@ -22,7 +23,8 @@ step "meshca init: a root (10 y) and an issuing intermediate (1 y) in $work/ca"
 meshca init --home "$work/ca"
 
 step "meshca serve: the enrollment API over HTTPS on a free loopback port"
-meshca --log-level WARNING serve --home "$work/ca" --listen 127.0.0.1:0 >"$work/serve.out" &
+meshca --log-level WARNING serve --home "$work/ca" --listen 127.0.0.1:0 --reload-interval 0.5 \
+  >"$work/serve.out" &
 server_pid=$!
 for _ in $(seq 100); do grep -q "serving on" "$work/serve.out" 2>/dev/null && break; sleep 0.1; done
 url=$(sed -n 's/^meshca: serving on //p' "$work/serve.out")
@@ -68,6 +70,8 @@ echo "renewed: $(json_field "$work/renew-resp.json" spiffe_id)   serial: $(json_
 
 # shellcheck source=deploy/local/demo-mesh.sh
 . "$(dirname "$0")/demo-mesh.sh"
+# shellcheck source=deploy/local/demo-rotation.sh
+. "$(dirname "$0")/demo-rotation.sh"
 
 step "meshca certs and meshca status: what the ledger holds"
 meshca certs --home "$work/ca"
