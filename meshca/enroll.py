@@ -202,7 +202,12 @@ class Enroller:
             raise Unauthenticated(
                 "client certificate is not an X.509-SVID", code="bad_certificate"
             ) from None
-        if pki.is_ca(cert) or sid.trust_domain != self.authority.trust_domain:
+        try:
+            usage = cert.extensions.get_extension_for_class(x509.KeyUsage).value
+            signs = usage.key_cert_sign or usage.crl_sign  # X.509-SVID 4.3: never on a leaf
+        except x509.ExtensionNotFound:
+            signs = False
+        if pki.is_ca(cert) or signs or sid.trust_domain != self.authority.trust_domain:
             raise Forbidden("client certificate is not a workload SVID of this trust domain")
         if not cert.not_valid_before_utc <= now < cert.not_valid_after_utc:
             raise Unauthenticated("client certificate is not valid now", code="bad_certificate")

@@ -1,8 +1,8 @@
 """The inbound listener: mTLS termination, JWT authentication and policy in front of the app.
 
 Only peers with a certificate that chains to the current bundle (checked in
-the handshake) and carries exactly one SPIFFE ID of our trust domain (checked
-right after it, before any byte is read) get through. Then, per request: the
+the handshake), carries exactly one SPIFFE ID of our trust domain and is a
+leaf, not a CA (checked right after it, before any byte is read) get through. Then, per request: the
 path is normalized (policy and app see the same path), a JWT is verified if
 present (401 if invalid), the policy decides (403 if refused), client-supplied
 identity headers are removed, the sidecar's own `X-Forwarded-Client-Cert`
@@ -58,6 +58,27 @@ def owned_headers(authn: Authenticator | None) -> frozenset[bytes]:
         names |= authn.strip  # claims headers the sidecar writes
         names |= {name for name, _prefix in authn.sources}  # token headers it verifies
     return frozenset(n.replace(b"_", b"-") for n in names)
+
+
+def leaf_problem(cert: x509.Certificate) -> str | None:
+    """Why `cert` cannot be a workload's leaf certificate, or None.
+
+    The X.509-SVID spec (sections 4.1, 4.3) requires a leaf to be CA:FALSE and
+    without keyCertSign or cRLSign. The TLS handshake does not check this: a
+    CA:TRUE certificate signed by a trusted intermediate verifies as a leaf.
+    """
+    try:
+        if cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca:
+            return "certificate is a CA (basicConstraints CA:TRUE), not a workload leaf"
+    except x509.ExtensionNotFound:
+        pass
+    try:
+        usage = cert.extensions.get_extension_for_class(x509.KeyUsage).value
+    except x509.ExtensionNotFound:
+        return None
+    if usage.key_cert_sign or usage.crl_sign:
+        return "certificate may sign certificates or CRLs (keyCertSign/cRLSign), not a leaf"
+    return None
 
 
 def xfcc(own_id: str, peer_der: bytes, peer_id: str) -> bytes:
@@ -120,7 +141,7 @@ class InboundRouter(Router):
         return conn
 
     def accept(self, conn: DownstreamConn) -> None:
-        """Require exactly one SPIFFE ID in our trust domain (the chain was verified by TLS)."""
+        """Require a leaf with one SPIFFE ID in our trust domain (TLS verified the chain)."""
         assert conn.transport is not None
         sslobj = conn.transport.get_extra_info("ssl_object")
         der = sslobj.getpeercert(binary_form=True) if sslobj is not None else None
@@ -131,6 +152,9 @@ class InboundRouter(Router):
             peer = spiffe_id_of(cert)
         except (CredentialError, ValueError) as e:
             raise ProxyError(403, "bad_peer_certificate", str(e)) from None
+        problem = leaf_problem(cert)
+        if problem is not None:
+            raise ProxyError(403, "bad_peer_certificate", f"{peer}: {problem}")
         serial = serial_hex(cert)
         if serial in self.store.revoked:
             raise ProxyError(403, "revoked", f"{peer}: certificate {serial} is revoked")

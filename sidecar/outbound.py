@@ -3,8 +3,9 @@
 The app calls `http://<service>/...` through `HTTP_PROXY=http://127.0.0.1:15001`
 (absolute-form target) or sends a `Host` header. The service must be
 configured; its endpoints are dialled with the pod's certificate, the server's
-chain is verified against the bundle, and its SPIFFE ID must be the configured
-one, or the call fails with 502 and nothing is sent. A service configured with
+chain is verified against the bundle, its certificate must be a leaf (not a
+CA) and its SPIFFE ID the configured one, or the call fails with 502 and
+nothing is sent. A service configured with
 `jwt_audience` also gets a JWT-SVID from the CA for that audience in
 `Authorization: Bearer` (unless the app sent its own Authorization).
 """
@@ -23,6 +24,7 @@ from cryptography import x509
 from meshca.client import CAError, EnrollmentClient
 from sidecar.config import OutboundConfig, Service
 from sidecar.creds import CredentialError, CredentialStore, serial_hex, spiffe_id_of
+from sidecar.inbound import leaf_problem
 from sidecar.proxy import (
     DownstreamConn,
     Exchange,
@@ -171,6 +173,11 @@ class OutboundRouter(Router):
             except (CredentialError, ValueError) as e:
                 transport.abort()
                 raise ProxyError(502, "peer_identity_mismatch", f"{svc.name}: {e}") from None
+            problem = leaf_problem(cert)
+            if problem is not None:
+                transport.abort()
+                log.warning("%s at %s:%d presented a bad leaf: %s", svc.name, host, port, problem)
+                raise ProxyError(502, "peer_verification_failed", f"{svc.name}: {problem}")
             serial = serial_hex(cert)
             if serial in self.store.revoked:
                 transport.abort()
