@@ -451,6 +451,7 @@ class DownstreamConn(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         """Feed the parser; a parse error answers 400 (431 for a head over the limit)."""
+        rest = b""
         try:
             self.parser.feed_data(data)
             if (
@@ -468,10 +469,10 @@ class DownstreamConn(asyncio.Protocol):
                 check_version("0.9")
         except httptools.HttpParserUpgrade as e:
             # Upgrades are not offered: the request was forwarded as plain HTTP;
-            # whatever follows its head is parsed as the next request.
-            offset = e.args[0]
-            if offset < len(data):
-                self.data_received(data[offset:])
+            # whatever follows its head is parsed as the next request (below, out
+            # of this handler, so that a callback's ProxyError stays the context
+            # of the parser's error instead of this upgrade).
+            rest = data[e.args[0] :]
         except ProxyError as e:
             self._reply_error(e.status, e.code, e.detail, close=True)
         except httptools.HttpParserCallbackError as e:
@@ -484,6 +485,8 @@ class DownstreamConn(asyncio.Protocol):
         except httptools.HttpParserError as e:
             detail = str(e) or "malformed HTTP request"
             self._reply_error(400, "bad_request", f"malformed HTTP request: {detail}", close=True)
+        if rest and not self.closed:
+            self.data_received(rest)
 
     # -- parser callbacks ----------------------------------------------
 

@@ -206,3 +206,15 @@ def test_check_transfer_encoding_table():
     with pytest.raises(ProxyError) as e:
         check_transfer_encoding(b"xchunked", "1.1")
     assert e.value.status == 501 and "xchunked" in e.value.detail
+
+
+@pytest.mark.parametrize(
+    "after",
+    [b"GET /\r\n\r\n", b"POST /x HTTP/1.1\r\nTransfer-Encoding: xchunked\r\n\r\n"],
+)
+def test_a_bad_head_after_an_upgrade_request_is_refused_not_an_internal_error(after):
+    """CONNECT/Upgrade stop llhttp; the bytes after that head are parsed as the next request."""
+    router, out, _ = feed(b"CONNECT a:1 HTTP/1.1\r\nHost: a\r\n\r\n" + after)
+    assert router.routed == [b"a:1"]
+    assert b" 500 " not in out and out.count(b"HTTP/1.1 ") == 2, out
+    assert out.startswith(b"HTTP/1.1 418 ")
