@@ -116,7 +116,14 @@ class CertManager:
         key, csr = new_key_and_csr()
         key_pem = private_key_pem(key)
         current = self.store.current
-        usable = current is not None and self.clock() < current.leaf.not_valid_after_utc
+        now = self.clock()
+        # Renewal needs a certificate the CA still accepts: unexpired, and chaining to the
+        # roots we (and so the CA) trust. After a retirement that stranded it, use the token.
+        usable = (
+            current is not None
+            and now < current.leaf.not_valid_after_utc
+            and current.chains_now(now)
+        )
         if usable:
             try:
                 got = await self.client.renew(csr, current.chain_pem, current.key_pem)
