@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,6 +12,19 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 from helpers import CAProcess, mint_token, run_meshca, start_ca  # noqa: E402
+
+try:
+    from hypothesis import settings
+except ImportError:  # only the fuzz tests need it; they say so when it is missing
+    settings = None
+if settings is not None:
+    # Fuzz tests (test_fuzz_*.py) stay bounded so that `make test` stays fast: 200 examples
+    # each, no per-example deadline (the machine may be busy), nothing written to the
+    # checkout; a failure prints the smallest example found and how to reproduce it.
+    # HYPOTHESIS_PROFILE=thorough searches longer, for a fuzzing session by hand.
+    settings.register_profile("bounded", max_examples=200, deadline=None, database=None)
+    settings.register_profile("thorough", max_examples=20_000, deadline=None, database=None)
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "bounded"))
 
 
 @pytest.fixture
