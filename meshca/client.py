@@ -281,7 +281,7 @@ class EnrollmentClient:
             raise CAUnavailable(f"cannot reach the CA at {self.url}: {type(e).__name__}") from None
         try:
             doc = json.loads(raw)
-        except ValueError:
+        except (ValueError, RecursionError):
             raise CAUnavailable(f"the CA answered {status} with a body that is not JSON") from None
         return status, doc if isinstance(doc, dict) else {}
 

@@ -71,6 +71,8 @@ def json_object(body: bytes, fields: set[str]) -> dict:
         doc = json.loads(body)
     except (ValueError, UnicodeDecodeError):
         raise BadRequest("body is not valid JSON", code="bad_json") from None
+    except RecursionError:  # a few KiB of "[[[[..." is enough to reach it
+        raise BadRequest("body is nested too deeply", code="bad_json") from None
     if not isinstance(doc, dict):
         raise BadRequest("body must be a JSON object", code="bad_json")
     unknown = sorted(set(doc) - fields)

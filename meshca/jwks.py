@@ -30,7 +30,7 @@ def parse_jwks(data: bytes, where: str) -> jwt.PyJWKSet:
     try:
         doc = json.loads(data)
         return jwt.PyJWKSet.from_dict(doc)
-    except (ValueError, jwt.PyJWTError, TypeError, AttributeError) as e:
+    except (ValueError, jwt.PyJWTError, TypeError, AttributeError, RecursionError) as e:
         raise ValueError(f"{where} is not a usable JWKS: {e}") from None
 
 
@@ -172,8 +172,8 @@ class UrlJwks(JwksSource):
             try:
                 doc = json.loads(await self._get(where))
                 jwks_uri = doc["jwks_uri"]
-            except (ValueError, KeyError, TypeError) as e:
-                raise ValueError(f"{where} has no usable jwks_uri ({e})") from None
+            except (ValueError, KeyError, TypeError, RecursionError) as e:
+                raise ValueError(f"{where} has no usable jwks_uri ({type(e).__name__})") from None
             if not isinstance(jwks_uri, str) or not jwks_uri.startswith("https://"):
                 raise ValueError(f"{where}: jwks_uri must be an https:// URL")
             self._jwks_uri = jwks_uri

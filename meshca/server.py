@@ -479,7 +479,7 @@ class CAServer:
         body = await read_limited(request, 4 << 20)
         try:
             review = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):
             raise BadRequest("body is not valid JSON", code="bad_json") from None
         opts = InjectOptions(
             image=self.config.inject_image,

@@ -148,7 +148,7 @@ class State:
         """Parse state.json; StateError naming the field when anything is off."""
         try:
             doc = json.loads(data)
-        except ValueError as e:
+        except (ValueError, RecursionError) as e:
             raise StateError(f"{where} is not valid JSON: {e}") from None
         if not isinstance(doc, dict):
             raise StateError(f"{where} must hold a JSON object")

@@ -143,7 +143,7 @@ class BundleDoc:
             raise BundleError(f"the bundle document is over {MAX_BUNDLE_BYTES} bytes")
         try:
             doc = json.loads(raw)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):
             raise BundleError("the bundle document is not JSON") from None
         if not isinstance(doc, dict):
             raise BundleError("the bundle document is not a JSON object")

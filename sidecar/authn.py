@@ -94,7 +94,7 @@ def _b64json(part: str) -> Any:
     pad = "=" * (-len(part) % 4)
     try:
         return json.loads(base64.urlsafe_b64decode(part + pad))
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # "[[[[..." nests past the limit
         raise InvalidToken("malformed token (bad base64 or JSON)") from None
 
 

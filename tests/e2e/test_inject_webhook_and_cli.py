@@ -132,6 +132,7 @@ def test_webhook_patches_a_pod(ca, tmp_path):
 def test_webhook_refuses_bad_input_clearly(ca, tmp_path):
     for doc, why in (
         ("not json", "not valid JSON"),
+        ("[" * 20000, "not valid JSON"),  # nested past the parser's limit: 400, not 500
         ({"kind": "Pod"}, "not an AdmissionReview"),
         ({"kind": "AdmissionReview", "apiVersion": "admission.k8s.io/v1beta1"}, "v1"),
         (
