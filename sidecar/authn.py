@@ -11,7 +11,11 @@ any invalid token, 401 with `WWW-Authenticate: Bearer error="invalid_token"`.
 `none` is never accepted; a public key is never used as an HMAC secret (the
 algorithm must be one configured for the issuer, and asymmetric algorithms
 only ever get JWKS keys of a matching type). Verified claims are cached per
-token until it expires, so a client reusing its token costs one dict lookup.
+token until it expires, together with the key that verified them: a cache hit
+holds only while the issuer's key set still has that same key, so a key that
+left the JWKS (after a successful refresh) takes every token it signed with it,
+cached or not. While the JWKS endpoint is down, the last good key set stays, and
+so do the tokens it verified.
 """
 
 from __future__ import annotations
@@ -78,11 +82,13 @@ class IssuerRule:
 
 @dataclass(frozen=True)
 class Identity:
-    """A verified token."""
+    """A verified token; `key` is the JWKS key that verified it (None for HMAC)."""
 
     issuer: IssuerRule
     claims: dict[str, Any]
     exp: float
+    kid: str | None = field(default=None, repr=False)
+    key: Any = field(default=None, repr=False, compare=False)
 
     @property
     def request_principal(self) -> str:
@@ -153,7 +159,7 @@ class Authenticator:
         now = self.clock()
         hit = self._cache.get(token)
         if hit is not None:
-            if now < hit.exp + hit.issuer.leeway:
+            if now < hit.exp + hit.issuer.leeway and self._key_still_there(hit):
                 return hit
             del self._cache[token]
         ident = self._verify(token, now)
@@ -161,6 +167,19 @@ class Authenticator:
         if len(self._cache) > CACHE_SIZE:
             self._cache.popitem(last=False)
         return ident
+
+    @staticmethod
+    def _key_still_there(hit: Identity) -> bool:
+        """The key that verified `hit` is still the one its issuer's JWKS has for that kid.
+
+        Identity, not equality: a refresh builds new key objects, so the first use of a
+        cached token after each refresh verifies it once more (with the key now served,
+        which may be a different key under the same kid). Looking the key up also lets a
+        stale key set start its background refresh, as an uncached token would.
+        """
+        if hit.key is None or hit.issuer.jwks is None:  # HMAC: the secret is fixed
+            return True
+        return hit.issuer.jwks.get(hit.kid) is hit.key
 
     def _verify(self, token: str, now: float) -> Identity:
         parts = token.split(".")
@@ -182,11 +201,14 @@ class Authenticator:
             if rule.hmac_secret is None:
                 raise InvalidToken(f"token algorithm {alg} is not accepted for this issuer")
             key: Any = rule.hmac_secret
+            jwk = None
+            kid = None
         else:
             if rule.jwks is None:
                 raise InvalidToken("no keys configured for this issuer")
             kid = header.get("kid")
-            jwk = rule.jwks.get(kid if isinstance(kid, str) else None)
+            kid = kid if isinstance(kid, str) else None
+            jwk = rule.jwks.get(kid)
             if jwk is None:
                 raise NeedKeys(rule.jwks)
             if ASYMMETRIC.get(alg) != jwk.key_type:
@@ -226,7 +248,7 @@ class Authenticator:
             raise InvalidToken("token has expired")
         if nbf > now + rule.leeway:
             raise InvalidToken("token is not valid yet (nbf or iat in the future)")
-        return Identity(rule, claims, exp)
+        return Identity(rule, claims, exp, kid, jwk)
 
 
 def from_config(cfg: JwtConfig, mesh_trust: Callable[[], ssl.SSLContext]) -> Authenticator:

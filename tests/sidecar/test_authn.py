@@ -76,3 +76,29 @@ def test_none_is_never_accepted_even_if_listed(keys):
     t = jwt.encode({"iss": ISS, "aud": "api", "exp": int(time.time()) + 60}, None, algorithm="none")
     with pytest.raises(InvalidToken, match="'none'"):
         a.verify(t)
+
+
+def test_cached_token_goes_when_its_key_leaves_the_jwks(keys, tmp_path):
+    """A token cached as verified is verified again once its key set changes; a key that
+    left the set (a successful reload without it) takes the token with it."""
+    key, source = keys
+    a = make(keys)
+    t = token(key)
+    a.verify(t)
+    other = ec.generate_private_key(ec.SECP256R1())
+    jwk = json.loads(jwt.algorithms.ECAlgorithm.to_jwk(other.public_key()))
+    jwk["kid"] = "k2"
+    source.path.write_text(json.dumps({"keys": [jwk]}))
+    with pytest.raises(NeedKeys):
+        a.verify(t)
+
+
+def test_cached_token_stays_while_the_jwks_cannot_be_read(keys):
+    key, source = keys
+    a = make(keys)
+    t = token(key)
+    ident = a.verify(t)
+    source.path.write_text("not json")  # a bad document never replaces the last good one
+    assert a.verify(t) is ident
+    source.path.unlink()
+    assert a.verify(t) is ident
