@@ -61,6 +61,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             cert_ttl=args.cert_ttl,
             rate=args.rate,
             burst=args.burst,
+            auth_fail_rate=args.auth_fail_rate,
+            auth_fail_burst=args.auth_fail_burst,
             max_body=args.max_body,
             server_names=tuple(args.server_name or ()),
             k8s_issuer=args.k8s_issuer,
@@ -143,18 +145,45 @@ def cmd_revoke(args: argparse.Namespace) -> int:
     """meshca revoke: revoke a certificate (--serial) or all of an identity's (--spiffe-id)."""
     from meshca.revocation import revoke
 
+    if args.ban_for is not None and not args.spiffe_id:
+        raise CLIError("--ban-for: goes with --spiffe-id")
+    if args.ban_for is not None and args.ban_for <= 0:
+        raise CLIError("--ban-for: must be a positive number of seconds")
     if args.home:
-        doc = revoke(_home(args), args.serial, args.spiffe_id)
+        period = dt.timedelta(seconds=args.ban_for) if args.ban_for is not None else None
+        doc = revoke(_home(args), args.serial, args.spiffe_id, period)
     else:
-        body = {"serial": args.serial} if args.serial else {"spiffe_id": args.spiffe_id}
+        body: dict[str, Any] = (
+            {"serial": args.serial} if args.serial else {"spiffe_id": args.spiffe_id}
+        )
+        if args.ban_for is not None:
+            body["ban_for"] = args.ban_for
         doc = _remote(args, "/v1/admin/revoke", body)
     if args.json:
         print(json.dumps(doc, indent=2))
-    elif not doc["revoked"]:
-        print("nothing to revoke: no unexpired, unrevoked certificate matched")
     else:
+        if not doc["revoked"]:
+            print("nothing to revoke: no unexpired, unrevoked certificate matched")
         for r in doc["revoked"]:
             print(f"revoked {r['serial']}  {r['spiffe_id']}  (valid until {r['not_after'][:19]}Z)")
+        if doc.get("blocked"):
+            until = doc["blocked"]["until"] or "meshca unrevoke"
+            print(f"new certificates for {doc['blocked']['spiffe_id']} refused until {until}")
+    return 0
+
+
+def cmd_unrevoke(args: argparse.Namespace) -> int:
+    """meshca unrevoke --spiffe-id ID: let a revoked identity enroll again."""
+    from meshca.revocation import unrevoke
+
+    if args.home:
+        doc = unrevoke(_home(args), args.spiffe_id)
+    else:
+        doc = _remote(args, "/v1/admin/unrevoke", {"spiffe_id": args.spiffe_id})
+    if args.json:
+        print(json.dumps(doc, indent=2))
+    else:
+        print(f"{doc['spiffe_id']} may enroll again (certificates revoked before stay revoked)")
     return 0
 
 
@@ -519,6 +548,19 @@ def parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--burst", type=int, default=20, help="burst per identity (default 20)")
     s.add_argument(
+        "--auth-fail-rate",
+        type=_positive_float,
+        default=1.0,
+        help="failed authentications per second allowed per source address; past it, "
+        "every request from that address is answered 429 (default 1)",
+    )
+    s.add_argument(
+        "--auth-fail-burst",
+        type=int,
+        default=30,
+        help="failed authentications a source address may make at once (default 30)",
+    )
+    s.add_argument(
         "--max-body",
         type=int,
         default=64 * 1024,
@@ -653,9 +695,27 @@ def parser() -> argparse.ArgumentParser:
     _add_target_args(s)
     which = s.add_mutually_exclusive_group(required=True)
     which.add_argument("--serial", help="the certificate's serial (hex, as meshca certs shows)")
-    which.add_argument("--spiffe-id", help="revoke all unexpired certificates of this ID")
+    which.add_argument(
+        "--spiffe-id",
+        help="revoke all unexpired certificates of this ID and refuse new ones until "
+        "`meshca unrevoke` (or --ban-for)",
+    )
+    s.add_argument(
+        "--ban-for",
+        type=float,
+        metavar="SECONDS",
+        help="with --spiffe-id: refuse new certificates for this long only",
+    )
     s.add_argument("--json", action="store_true", help="machine-readable output")
     s.set_defaults(func=cmd_revoke)
+
+    s = sub.add_parser(
+        "unrevoke", help="let an identity revoked with --spiffe-id get certificates again"
+    )
+    _add_target_args(s)
+    s.add_argument("--spiffe-id", required=True, help="the identity to let back in")
+    s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.set_defaults(func=cmd_unrevoke)
 
     s = sub.add_parser(
         "inject",

@@ -54,6 +54,8 @@ class ServeConfig:
     cert_ttl: dt.timedelta = dt.timedelta(hours=24)
     rate: float = 10.0
     burst: int = 20
+    auth_fail_rate: float = 1.0  # per source address: failed authentications a second
+    auth_fail_burst: int = 30
     max_body: int = 64 * 1024
     server_names: tuple[str, ...] = ()
     k8s_issuer: str | None = None
@@ -97,6 +99,8 @@ def build_serve_config(
     cert_ttl: float = 86400,
     rate: float = 10.0,
     burst: int = 20,
+    auth_fail_rate: float = 1.0,
+    auth_fail_burst: int = 30,
     max_body: int = 64 * 1024,
     server_names: tuple[str, ...] = (),
     k8s_issuer: str | None = None,
@@ -125,6 +129,10 @@ def build_serve_config(
         problems.append("--rate: must be greater than 0")
     if burst < 1:
         problems.append("--burst: must be at least 1")
+    if auth_fail_rate <= 0:
+        problems.append("--auth-fail-rate: must be greater than 0")
+    if auth_fail_burst < 1:
+        problems.append("--auth-fail-burst: must be at least 1")
     if not 1024 <= max_body <= 16 * 1024 * 1024:
         problems.append("--max-body: must be between 1024 and 16777216 bytes")
     for name in server_names:
@@ -165,6 +173,8 @@ def build_serve_config(
         cert_ttl=dt.timedelta(seconds=cert_ttl),
         rate=rate,
         burst=burst,
+        auth_fail_rate=auth_fail_rate,
+        auth_fail_burst=auth_fail_burst,
         max_body=max_body,
         server_names=tuple(server_names),
         k8s_issuer=k8s_issuer,

@@ -131,6 +131,7 @@ class Enroller:
             csr = parse_request(body)
             await self._authenticate(caller, bearer, peer_cert)
             assert caller.spiffe_id is not None
+            self.check_not_blocked(caller.spiffe_id)
             wait = self.limiter.check(str(caller.spiffe_id))
             if wait > 0:
                 raise RateLimited(f"too many requests for {caller.spiffe_id}", retry_after=wait)
@@ -191,6 +192,16 @@ class Enroller:
             code="missing_credential",
         )
 
+    def check_not_blocked(self, sid: SpiffeId) -> None:
+        """Forbidden (`revoked_identity`) while an admin's revocation blocks `sid`."""
+        ban = self.ledger.ban_of(str(sid))
+        if ban is not None:
+            until = f" until {ban[1]}" if ban[1] else " until an admin runs `meshca unrevoke`"
+            raise Forbidden(
+                f"{sid} was revoked at {ban[0]}; no new certificate{until}",
+                code="revoked_identity",
+            )
+
     def check_peer_svid(
         self, cert: x509.Certificate, now: dt.datetime
     ) -> tuple[SpiffeId, tuple[str, ...]]:
@@ -218,6 +229,7 @@ class Enroller:
             raise Forbidden("client certificate was not issued by this CA")
         if record.revoked_at is not None:
             raise Forbidden("client certificate has been revoked", code="revoked")
+        self.check_not_blocked(sid)
         try:
             san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
             dns = tuple(san.get_values_for_type(x509.DNSName))

@@ -1,4 +1,5 @@
-"""Per-identity token-bucket rate limiting (pure: time comes from an injected monotonic clock)."""
+"""Token-bucket rate limiting per key (an identity, a source address); pure: time comes from
+an injected monotonic clock."""
 
 from __future__ import annotations
 
@@ -41,6 +42,15 @@ class RateLimiter:
             return 0.0
         self._buckets[key] = (tokens, now)
         return (1.0 - tokens) / self.rate
+
+    def peek(self, key: str) -> float:
+        """Seconds until `key` would have a token (0.0: it has one now); takes nothing."""
+        hit = self._buckets.get(key)
+        if hit is None:
+            return 0.0
+        tokens, at = hit
+        tokens = min(float(self.burst), tokens + (self._clock() - at) * self.rate)
+        return 0.0 if tokens >= 1.0 else (1.0 - tokens) / self.rate
 
     def _prune(self, now: float) -> None:
         full_after = self.burst / self.rate

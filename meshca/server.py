@@ -79,14 +79,32 @@ def error_response(err: MeshcaError) -> web.Response:
     return json_response(err.to_json(), err.status, headers)
 
 
+AUTH_FAILURES = web.AppKey("auth_failures", RateLimiter)
+
+
+def check_source(request: web.Request) -> None:
+    """RateLimited if the caller's address has used up its failed authentications."""
+    limiter, source = request.app.get(AUTH_FAILURES), request.remote
+    if limiter is not None and source:
+        wait = limiter.peek(source)
+        if wait > 0:
+            raise RateLimited(f"too many failed authentications from {source}", retry_after=wait)
+
+
 @web.middleware
 async def errors_and_access_log(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Map exceptions to JSON errors; log one JSON line per request (never headers or bodies)."""
+    """Map exceptions to JSON errors; log one JSON line per request (never headers or bodies).
+
+    Every 401 also costs the caller's source address a token of its failed-authentication
+    budget (`check_source` refuses it once spent)."""
     start = time.perf_counter()
     try:
         resp = await handler(request)
     except MeshcaError as err:
         resp = error_response(err)
+        limiter = request.app.get(AUTH_FAILURES)
+        if err.status == 401 and limiter is not None and request.remote:
+            limiter.check(request.remote)
     except web.HTTPException as exc:
         code = _HTTP_CODES.get(exc.status, "http_error")
         resp = json_response({"error": code, "detail": exc.reason}, exc.status)
@@ -339,6 +357,7 @@ class CAServer:
         """POST /v1/certificates: enroll with a token, or renew over mTLS."""
         peer = request.remote
         try:
+            check_source(request)
             body = await read_limited(request, self.config.max_body)
             bearer = bearer_token(request)
         except MeshcaError as err:
@@ -350,6 +369,7 @@ class CAServer:
 
     async def post_jwt(self, request: web.Request) -> web.Response:
         """POST /v1/jwt: a JWT-SVID for the mTLS caller's own ID, for the audience asked."""
+        check_source(request)
         body = await read_limited(request, 4096)
         cert = peer_certificate(request)
         if cert is None:
@@ -373,6 +393,7 @@ class CAServer:
 
     async def admin_identity(self, request: web.Request) -> SpiffeId:
         """The caller, if it is one of the configured admin identities (mTLS or SA token)."""
+        check_source(request)
         now = self.clock()
         bearer = bearer_token(request)
         if bearer is not None:
@@ -458,18 +479,36 @@ class CAServer:
         return json_response(result)
 
     async def post_admin_revoke(self, request: web.Request) -> web.Response:
-        """POST /v1/admin/revoke: body {"serial": HEX} or {"spiffe_id": ID}."""
+        """POST /v1/admin/revoke: body {"serial": HEX} or {"spiffe_id": ID[, "ban_for": S]}."""
         from meshca.revocation import revoke
 
         who = await self.admin_identity(request)
-        doc = json_object(await read_limited(request, 4096), {"serial", "spiffe_id"})
-        serial, sid = doc.get("serial"), doc.get("spiffe_id")
+        doc = json_object(await read_limited(request, 4096), {"serial", "spiffe_id", "ban_for"})
+        serial, sid, ban_for = doc.get("serial"), doc.get("spiffe_id"), doc.get("ban_for")
         if (serial is None) == (sid is None):
             raise BadRequest("give exactly one of 'serial' or 'spiffe_id'", code="bad_json")
         if not isinstance(serial or sid, str):
             raise BadRequest("serial / spiffe_id must be a string", code="bad_json")
-        result = await asyncio.to_thread(revoke, self.config.home, serial, sid)
+        if ban_for is not None and (
+            isinstance(ban_for, bool) or not isinstance(ban_for, int | float)
+        ):
+            raise BadRequest("field 'ban_for' must be a number of seconds", code="bad_json")
+        period = dt.timedelta(seconds=ban_for) if ban_for is not None else None
+        result = await asyncio.to_thread(revoke, self.config.home, serial, sid, period, self.clock)
         log.info("admin %s revoked %d certificate(s)", who, len(result["revoked"]))
+        return json_response(result)
+
+    async def post_admin_unrevoke(self, request: web.Request) -> web.Response:
+        """POST /v1/admin/unrevoke: body {"spiffe_id": ID}; the ID may enroll again."""
+        from meshca.revocation import unrevoke
+
+        who = await self.admin_identity(request)
+        doc = json_object(await read_limited(request, 4096), {"spiffe_id"})
+        sid = doc.get("spiffe_id")
+        if not isinstance(sid, str):
+            raise BadRequest("field 'spiffe_id' (a string) is required", code="bad_json")
+        result = await asyncio.to_thread(unrevoke, self.config.home, sid)
+        log.info("admin %s unblocked %s", who, sid)
         return json_response(result)
 
     async def post_inject(self, request: web.Request) -> web.Response:
@@ -526,6 +565,7 @@ class CAServer:
         app = web.Application(
             middlewares=[errors_and_access_log], client_max_size=self.config.max_body
         )
+        app[AUTH_FAILURES] = RateLimiter(self.config.auth_fail_rate, self.config.auth_fail_burst)
         app.router.add_post("/v1/certificates", self.post_certificates)
         app.router.add_get("/v1/bundle", self.get_bundle)
         app.router.add_post("/v1/jwt", self.post_jwt)
@@ -533,6 +573,7 @@ class CAServer:
         app.router.add_post("/v1/inject", self.post_inject)
         app.router.add_post("/v1/admin/rotate", self.post_admin_rotate)
         app.router.add_post("/v1/admin/revoke", self.post_admin_revoke)
+        app.router.add_post("/v1/admin/unrevoke", self.post_admin_unrevoke)
         app.router.add_get("/healthz", self.get_healthz)
         return app
 

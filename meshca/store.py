@@ -252,6 +252,11 @@ CREATE TABLE IF NOT EXISTS join_tokens (
     used_at     TEXT,
     used_serial TEXT
 );
+CREATE TABLE IF NOT EXISTS bans (
+    spiffe_id   TEXT PRIMARY KEY,
+    banned_at   TEXT NOT NULL,
+    until       TEXT
+);
 CREATE TABLE IF NOT EXISTS events (
     id          INTEGER PRIMARY KEY,
     at          TEXT NOT NULL,
@@ -406,10 +411,20 @@ class Ledger:
             row = db.execute("SELECT * FROM certificates WHERE serial = ?", (serial,)).fetchone()
         return IssuedRecord(*row) if row else None
 
-    def revoke_id(self, spiffe_id: str) -> list[IssuedRecord]:
-        """Revoke every unexpired certificate of `spiffe_id`; the rows revoked by this call."""
+    def revoke_id(
+        self, spiffe_id: str, ban: bool = False, until: dt.datetime | None = None
+    ) -> list[IssuedRecord]:
+        """Revoke every unexpired certificate of `spiffe_id`; the rows revoked by this call.
+
+        With `ban`, in the same transaction, refuse new certificates for the ID until
+        `unban` (or until `until`)."""
         now = iso(self.clock())
         with self._tx() as db:
+            if ban:
+                db.execute(
+                    "INSERT OR REPLACE INTO bans (spiffe_id, banned_at, until) VALUES (?, ?, ?)",
+                    (spiffe_id, now, iso(until) if until else None),
+                )
             rows = db.execute(
                 "SELECT * FROM certificates WHERE spiffe_id = ? AND not_after > ? "
                 "AND revoked_at IS NULL",
@@ -421,6 +436,30 @@ class Ledger:
                 (now, spiffe_id, now),
             )
         return [IssuedRecord(*r[:-1], revoked_at=now) for r in rows]
+
+    def ban_of(self, spiffe_id: str) -> tuple[str, str | None] | None:
+        """(banned_at, until) if new certificates for `spiffe_id` are refused now, else None."""
+        row = self._db.execute(
+            "SELECT banned_at, until FROM bans "
+            "WHERE spiffe_id = ? AND (until IS NULL OR until > ?)",
+            (spiffe_id, iso(self.clock())),
+        ).fetchone()
+        return (row[0], row[1]) if row else None
+
+    def unban(self, spiffe_id: str) -> bool:
+        """Lift the block on new certificates for `spiffe_id`; False if there was none."""
+        with self._tx() as db:
+            cur = db.execute("DELETE FROM bans WHERE spiffe_id = ?", (spiffe_id,))
+        return cur.rowcount > 0
+
+    def bans(self) -> list[dict[str, Any]]:
+        """Identities blocked now: spiffe_id, banned_at, until (None: until unrevoked)."""
+        rows = self._db.execute(
+            "SELECT spiffe_id, banned_at, until FROM bans WHERE until IS NULL OR until > ? "
+            "ORDER BY banned_at",
+            (iso(self.clock()),),
+        ).fetchall()
+        return [{"spiffe_id": r[0], "banned_at": r[1], "until": r[2]} for r in rows]
 
     def latest_not_after(self, issuers: list[str]) -> str | None:
         """Latest not_after of unexpired, unrevoked workload leaves from these intermediates.

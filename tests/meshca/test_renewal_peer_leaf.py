@@ -29,6 +29,9 @@ class AnyLedger:
     def certificate(self, serial):
         return SimpleNamespace(revoked_at=None)
 
+    def ban_of(self, spiffe_id):
+        return None
+
 
 def enroller() -> Enroller:
     return Enroller(SimpleNamespace(trust_domain="cluster.local"), AnyLedger(), None, None, None)
