@@ -3,6 +3,12 @@
 Used behind a sidecar to show (and test) exactly what reaches an app: method,
 path, query, headers (including X-Forwarded-Client-Cert) and the body's size
 and SHA-256. Run: `python -m services.echo --listen 127.0.0.1:5000`.
+
+A few query parameters let tests play a misbehaving app: `delay=S` answers
+after S seconds, `status=N` answers N, `download=N` streams N bytes, `chunked=1`
+answers without a Content-Length, and `abort=head|body|chunked` drops the
+connection before the response head, halfway through a Content-Length body, or
+in the middle of a chunked body (the request is logged first).
 """
 
 from __future__ import annotations
@@ -23,6 +29,10 @@ async def echo(request: web.Request) -> web.StreamResponse:
     async for chunk in request.content.iter_any():
         digest.update(chunk)
         size += len(chunk)
+    abort = request.query.get("abort")
+    if abort in ABORTS:
+        _log(request)
+        return await ABORTS[abort](request)
     delay = float(request.query.get("delay", "0") or 0)
     if delay > 0:  # lets tests play a slow app
         await asyncio.sleep(min(delay, 60))
@@ -38,10 +48,7 @@ async def echo(request: web.Request) -> web.StreamResponse:
             left -= len(block)
         await resp.write_eof()
         return resp
-    log_to = request.app.get("log")
-    if log_to is not None:
-        with open(log_to, "a") as f:
-            f.write(json.dumps({"method": request.method, "path": request.path}) + "\n")
+    _log(request)
     doc = {
         "method": request.method,
         "path": request.path,
@@ -63,6 +70,46 @@ async def echo(request: web.Request) -> web.StreamResponse:
         await resp.write_eof()
         return resp
     return web.json_response(doc, status=status)
+
+
+def _log(request: web.Request) -> None:
+    log_to = request.app.get("log")
+    if log_to is not None:
+        with open(log_to, "a") as f:
+            f.write(json.dumps({"method": request.method, "path": request.path}) + "\n")
+
+
+def _drop(request: web.Request) -> None:
+    """Close the connection at once (an RST where the OS allows), as a crashing app does."""
+    if request.transport is not None:
+        request.transport.abort()
+
+
+async def _abort_head(request: web.Request) -> web.StreamResponse:
+    _drop(request)
+    return web.Response()  # never sent: the connection is gone
+
+
+async def _abort_body(request: web.Request) -> web.StreamResponse:
+    resp = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+    resp.content_length = 100_000
+    await resp.prepare(request)
+    await resp.write(b"x" * 50_000)
+    _drop(request)
+    return resp
+
+
+async def _abort_chunked(request: web.Request) -> web.StreamResponse:
+    resp = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+    resp.enable_chunked_encoding()
+    await resp.prepare(request)
+    for _ in range(5):
+        await resp.write(b"y" * 1000)
+    _drop(request)
+    return resp
+
+
+ABORTS = {"head": _abort_head, "body": _abort_body, "chunked": _abort_chunked}
 
 
 def app(log: str | None = None) -> web.Application:
