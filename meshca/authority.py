@@ -33,6 +33,8 @@ def _load_cert(path: Path) -> x509.Certificate:
         return x509.load_pem_x509_certificate(path.read_bytes())
     except FileNotFoundError:
         raise StateError(f"missing {path}") from None
+    except OSError as e:
+        raise StateError(f"cannot read {path}: {e.strerror}") from None
     except ValueError:
         raise StateError(f"{path} is not a PEM certificate") from None
 
@@ -43,6 +45,8 @@ def load_ec_key(path: Path) -> ec.EllipticCurvePrivateKey:
         key = serialization.load_pem_private_key(path.read_bytes(), password=None)
     except FileNotFoundError:
         raise StateError(f"missing {path}") from None
+    except OSError as e:
+        raise StateError(f"cannot read {path}: {e.strerror}") from None
     except (ValueError, TypeError):
         raise StateError(f"{path} is not an unencrypted PEM private key") from None
     if not isinstance(key, ec.EllipticCurvePrivateKey):

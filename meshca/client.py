@@ -12,6 +12,7 @@ import json
 import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import aiohttp
 from cryptography import x509
@@ -114,6 +115,7 @@ async def fetch_bundle(
     trust_domain: str | None = None,
     etag: str | None = None,
     timeout: float = 10.0,
+    ca_id: str | None = None,
 ) -> tuple[BundleDoc | None, str | None, bool]:
     """GET /v1/bundle from the CA at `url`: (document or None if unchanged, ETag, discovered).
 
@@ -122,12 +124,14 @@ async def fetch_bundle(
     without verifying, accepted only if endorsements lead from a root in
     `trusted_pem` to each of its roots, and then fetched again verifying the CA
     against those roots: `discovered` is True. CAUnavailable for network errors
-    and bad documents, CAUntrusted when nothing we trust leads to the CA.
+    and bad documents, CAUntrusted when nothing we trust leads to the CA. With
+    `ca_id`, a verified server must also present that SPIFFE ID (the CA's own),
+    so that a workload certificate with the CA's DNS name cannot stand in for it.
     """
     bundle_url = url.rstrip("/") + "/v1/bundle"
     try:
         doc, tag = await _get_bundle(
-            bundle_url, ca_context(trusted_pem), now, trust_domain, etag, timeout
+            bundle_url, ca_context(trusted_pem), now, trust_domain, etag, timeout, ca_id
         )
         return doc, tag, False
     except CAUntrusted:
@@ -143,7 +147,7 @@ async def fetch_bundle(
         raise CAUntrusted(f"the CA at {url} is not trusted: {e}") from None
     # Now prove the server holds a certificate under the roots just accepted.
     doc, tag = await _get_bundle(
-        bundle_url, ca_context(offered.roots_pem), now, trust_domain, None, timeout
+        bundle_url, ca_context(offered.roots_pem), now, trust_domain, None, timeout, ca_id
     )
     assert doc is not None
     try:
@@ -160,22 +164,25 @@ async def _get_bundle(
     trust_domain: str | None,
     etag: str | None,
     timeout: float,
+    ca_id: str | None = None,
 ) -> tuple[BundleDoc | None, str | None]:
     headers = {"If-None-Match": etag} if etag else {}
     try:
         async with (
-            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as session,
-            session.get(url, headers=headers, ssl=ctx) as resp,
+            aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=timeout), connector=_CAConnector(ca_id)
+            ) as session,
+            session.get(url, headers=headers, ssl=ctx, allow_redirects=False) as resp,
         ):
             if resp.status == 304:
                 return None, etag
             if resp.status != 200:
                 raise CAUnavailable(f"the CA answered {resp.status} for {url}")
-            if (resp.content_length or 0) > MAX_BUNDLE_BYTES:
-                raise CAUnavailable(f"the CA's bundle is over {MAX_BUNDLE_BYTES} bytes")
-            raw = await resp.content.read(MAX_BUNDLE_BYTES + 1)
+            raw = await read_capped(resp, MAX_BUNDLE_BYTES, "the CA's bundle")
             tag = resp.headers.get("ETag")
     except (aiohttp.ClientError, OSError, TimeoutError) as e:
+        if isinstance(e, NotTheCA):
+            raise CAUnavailable(f"{url}: {e}") from None
         if _is_cert_error(e):
             raise CAUntrusted(f"the CA's certificate at {url} does not verify") from None
         raise CAUnavailable(f"cannot reach the CA at {url}: {type(e).__name__}") from None
@@ -183,6 +190,60 @@ async def _get_bundle(
         return BundleDoc.parse(raw, now, trust_domain), tag
     except BundleError as e:
         raise CAUnavailable(f"the CA's bundle is unusable: {e}") from None
+
+
+async def read_capped(resp: aiohttp.ClientResponse, cap: int, what: str) -> bytes:
+    """The whole body (however it is split into records and chunks), CAUnavailable past `cap`."""
+    if (resp.content_length or 0) > cap:
+        raise CAUnavailable(f"{what} is over {cap} bytes")
+    chunks, size = [], 0
+    async for chunk in resp.content.iter_any():
+        size += len(chunk)
+        if size > cap:
+            raise CAUnavailable(f"{what} is over {cap} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+class NotTheCA(aiohttp.ClientError):
+    """The server's certificate verified, but it does not carry the CA's SPIFFE ID."""
+
+
+def _uri_sans(der: bytes | None) -> list[str]:
+    if not der:
+        return []
+    try:
+        san = x509.load_der_x509_certificate(der).extensions.get_extension_for_class(
+            x509.SubjectAlternativeName
+        )
+    except (ValueError, x509.ExtensionNotFound):
+        return []
+    return san.value.get_values_for_type(x509.UniformResourceIdentifier)
+
+
+class _CAConnector(aiohttp.TCPConnector):
+    """A connector that checks, right after each TLS handshake and before a byte of the
+    request is sent, that a verified server presents the CA's SPIFFE ID. aiohttp has no
+    public hook there (a small answer releases its connection before the response object
+    is returned), so this extends its connection factory."""
+
+    def __init__(self, ca_id: str | None) -> None:
+        super().__init__(force_close=True)
+        self._ca_id = ca_id
+
+    async def _wrap_create_connection(self, *args: Any, **kwargs: Any) -> Any:
+        transport, proto = await super()._wrap_create_connection(*args, **kwargs)
+        sslobj = transport.get_extra_info("ssl_object")
+        verified = sslobj is not None and sslobj.context.verify_mode != ssl.CERT_NONE
+        if self._ca_id is not None and verified:
+            uris = _uri_sans(sslobj.getpeercert(binary_form=True))
+            if uris != [self._ca_id]:
+                transport.close()
+                raise NotTheCA(
+                    f"the server is not the CA: its certificate names "
+                    f"{', '.join(uris) or 'no SPIFFE ID'}, not {self._ca_id}"
+                )
+        return transport, proto
 
 
 class EnrollmentClient:
@@ -201,11 +262,13 @@ class EnrollmentClient:
         trust: TrustSource,
         timeout: float = 10.0,
         on_untrusted: OnUntrusted | None = None,
+        ca_id: str | None = None,
     ) -> None:
         self.url = url.rstrip("/")
         self._trust = trust
         self.timeout = timeout
         self.on_untrusted = on_untrusted
+        self.ca_id = ca_id  # the CA's SPIFFE ID, checked on its certificate when given
 
     @property
     def bundle_pem(self) -> str:
@@ -249,10 +312,16 @@ class EnrollmentClient:
         headers: dict[str, str],
         client_chain: tuple[str, bytes] | None = None,
     ) -> tuple[int, dict]:
+        used = self.bundle_pem
         try:
             return await self._call_once(ctx, path, body, headers)
         except CAUntrusted:
-            if self.on_untrusted is None or not await self.on_untrusted():
+            if self.on_untrusted is None:
+                raise
+            await self.on_untrusted()
+            # Retry whenever the trust differs from what this request used: a poll may
+            # have published the CA's new roots while it was on its way.
+            if self.bundle_pem == used:
                 raise
         ctx = self._context()  # the trust has changed: once more with it
         if client_chain is not None:
@@ -265,14 +334,18 @@ class EnrollmentClient:
         timeout = aiohttp.ClientTimeout(total=self.timeout)
         try:
             async with (
-                aiohttp.ClientSession(timeout=timeout) as session,
-                session.post(self.url + path, json=body, headers=headers, ssl=ctx) as resp,
+                aiohttp.ClientSession(
+                    timeout=timeout, connector=_CAConnector(self.ca_id)
+                ) as session,
+                session.post(
+                    self.url + path, json=body, headers=headers, ssl=ctx, allow_redirects=False
+                ) as resp,
             ):
-                if (resp.content_length or 0) > MAX_ANSWER_BYTES:
-                    raise CAUnavailable(f"the CA's answer is over {MAX_ANSWER_BYTES} bytes")
-                raw = await resp.read()
+                raw = await read_capped(resp, MAX_ANSWER_BYTES, "the CA's answer")
                 status = resp.status
         except (aiohttp.ClientError, OSError, TimeoutError) as e:
+            if isinstance(e, NotTheCA):
+                raise CAUnavailable(f"{self.url}: {e}") from None
             if _is_cert_error(e):
                 raise CAUntrusted(
                     f"cannot reach the CA at {self.url}: its certificate does not verify "

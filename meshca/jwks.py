@@ -150,7 +150,6 @@ class UrlJwks(JwksSource):
         self._session: aiohttp.ClientSession | None = None
         self._background: asyncio.Task[bool] | None = None
 
-
     async def _get(self, url: str) -> bytes:
         headers = {"Accept": "application/json"}
         if self._bearer_file is not None:

@@ -223,6 +223,7 @@ class CAServer:
         self.active = self._activate(authority)
         self._state_mtime = self._mtime()
         self.reloads = 0
+        self._last_reload_error: str | None = None
         # The listening socket's context hands each handshake to the current one, so a
         # reload (new roots, new intermediate, new serving certificate) applies at once.
         self.listener_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -230,6 +231,9 @@ class CAServer:
         # The verify mode stays with the connection (OpenSSL copies it at creation); the
         # trusted roots come from the context swapped in.
         self.listener_context.verify_mode = ssl.CERT_OPTIONAL
+        # A resumed session skips chain verification: a renewal on a session from before
+        # a root was retired must not pass. The session state lives on this context.
+        tlsutil.no_resumption(self.listener_context)
         self.listener_context.load_verify_locations(cadata=authority.bundle_pem())
 
         def pick(sslobj: ssl.SSLObject, _name: str | None, _ctx: ssl.SSLContext) -> None:
@@ -268,14 +272,22 @@ class CAServer:
         mtime = self._mtime()
         if mtime == self._state_mtime:
             return False
-        self._state_mtime = mtime
+        # On failure the mtime is not recorded: the next check tries again, since what
+        # failed (a file's permissions, the ledger, a full disk) may be fixed without
+        # state.json changing. The same failure is logged once.
         try:
             authority = Authority.load(self.config.home)
+            active = self._activate(authority)
         except StateError as e:
-            log.error("keeping the current CA state; the new one does not load: %s", e.detail)
+            self._reload_failed(f"the new one does not load: {e.detail}")
             return False
+        except Exception as e:
+            self._reload_failed(f"reloading it failed: {type(e).__name__}: {e}")
+            return False
+        self._state_mtime = mtime
+        self._last_reload_error = None
         old_seq = self.active.authority.state.sequence
-        self.active = self._activate(authority)
+        self.active = active
         self.reloads += 1
         log.info(
             "CA state reloaded: bundle sequence %d -> %d, issuing under %s, stage %s",
@@ -285,6 +297,11 @@ class CAServer:
             authority.state.root_rotation["stage"],
         )
         return True
+
+    def _reload_failed(self, why: str) -> None:
+        if why != self._last_reload_error:
+            log.error("keeping the current CA state; %s", why)
+        self._last_reload_error = why
 
     async def watch_state_forever(self) -> None:
         """Poll state.json; never dies."""
@@ -318,6 +335,7 @@ class CAServer:
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
         # Optional client certificates: renewals present theirs, enrollments use a token.
         ctx.verify_mode = ssl.CERT_OPTIONAL
+        tlsutil.no_resumption(ctx)
         ctx.load_verify_locations(cadata=authority.bundle_pem())
         tlsutil.load_chain(ctx, authority.chain_pem(cert), pki.key_pem(key))
         self.ledger.record_issued(

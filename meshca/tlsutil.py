@@ -1,4 +1,5 @@
-"""Load an in-memory certificate chain and key into an `ssl.SSLContext` (CA and sidecar).
+"""TLS helpers shared by the CA and the sidecar: load an in-memory chain and key into an
+`ssl.SSLContext`, and turn session resumption off on a server context.
 
 Python's ssl module only loads keys from files. The key is written to a private
 directory on a memory-backed filesystem when there is one (/dev/shm), mode 0600,
@@ -7,10 +8,15 @@ and removed as soon as OpenSSL has read it.
 
 from __future__ import annotations
 
+import _ssl
+import ctypes
+import logging
 import os
 import ssl
 import tempfile
 from pathlib import Path
+
+log = logging.getLogger("meshca.tls")
 
 _SHM = Path("/dev/shm")  # noqa: S108 (a private mkdtemp dir inside it, 0700)
 
@@ -26,3 +32,37 @@ def load_chain(ctx: ssl.SSLContext, chain_pem: str | bytes, key_pem: bytes) -> N
             f.write(key_pem)
         cert_path.write_bytes(chain)
         ctx.load_cert_chain(cert_path, key_path)
+
+
+_SSL_CTRL_SET_SESS_CACHE_MODE = 44
+_SSL_CTRL_GET_SESS_CACHE_MODE = 45
+_SSL_SESS_CACHE_SERVER = 2
+
+
+def _session_cache_off(ctx: ssl.SSLContext) -> bool:
+    """SSL_CTX_set_session_cache_mode(ctx, SSL_SESS_CACHE_OFF): Python's ssl module has no
+    setter for it, so it is called through ctypes on the context's SSL_CTX (the first
+    field after the object header of CPython's PySSLContext), after checking that what
+    is found there answers like an SSL_CTX with the default server cache mode."""
+    try:
+        fn = ctypes.CDLL(_ssl.__file__).SSL_CTX_ctrl  # the libssl that _ssl is linked to
+        fn.restype = ctypes.c_long
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_void_p]
+        ptr = ctypes.c_void_p.from_address(id(ctx) + 2 * ctypes.sizeof(ctypes.c_void_p)).value
+        if not ptr or fn(ptr, _SSL_CTRL_GET_SESS_CACHE_MODE, 0, None) != _SSL_SESS_CACHE_SERVER:
+            return False
+        fn(ptr, _SSL_CTRL_SET_SESS_CACHE_MODE, 0, None)
+        return fn(ptr, _SSL_CTRL_GET_SESS_CACHE_MODE, 0, None) == 0
+    except (OSError, AttributeError, ValueError):
+        return False
+
+
+def no_resumption(ctx: ssl.SSLContext) -> None:
+    """No TLS session resumption on a server context: a resumed session skips chain
+    verification, so a peer whose root was retired (or whose chain no longer verifies)
+    could come back on a ticket (TLS 1.2 and 1.3) or a session ID (TLS 1.2) issued
+    before. Every handshake is full."""
+    ctx.options |= ssl.OP_NO_TICKET
+    ctx.num_tickets = 0
+    if not _session_cache_off(ctx):
+        log.warning("cannot turn off the TLS 1.2 session cache here; TLS 1.2 clients may resume")

@@ -24,6 +24,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 
 MAX_BUNDLE_BYTES = 1 << 20
+MAX_ROOTS = 16  # a bundle holds two roots during a rotation; more is a mistake or an attack
+MAX_ENDORSEMENTS = 16  # each costs signature checks, before anything is trusted
 
 
 class BundleError(ValueError):
@@ -40,13 +42,16 @@ def _valid_at(cert: x509.Certificate, now: dt.datetime) -> bool:
     return cert.not_valid_before_utc <= now < cert.not_valid_after_utc
 
 
-def _is_ca(cert: x509.Certificate) -> bool:
+def _is_ca(cert: x509.Certificate, min_path_length: int = 0) -> bool:
+    """CA:TRUE with keyCertSign, and a pathLenConstraint that allows `min_path_length` CAs
+    below (an issuing intermediate has pathlen 0: it can never endorse a root)."""
     try:
         bc = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
         ku = cert.extensions.get_extension_for_class(x509.KeyUsage).value
     except x509.ExtensionNotFound:
         return False
-    return bc.ca and ku.key_cert_sign
+    room = bc.path_length is None or bc.path_length >= min_path_length
+    return bc.ca and ku.key_cert_sign and room
 
 
 def _signed_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
@@ -75,6 +80,8 @@ def load_roots(
     kept: it verifies nothing, and the CA retires it in its own time).
     """
     certs = _pem_certs(pem, where)
+    if len(certs) > MAX_ROOTS:
+        raise BundleError(f"{where} holds {len(certs)} certificates, more than {MAX_ROOTS}")
     for i, cert in enumerate(certs, 1):
         name = cert.subject.rfc4514_string() or f"certificate {i}"
         if not _is_ca(cert):
@@ -99,8 +106,10 @@ def endorsed_roots(
 ) -> tuple[x509.Certificate, ...]:
     """`offered` if every root in it is trusted already or endorsed from a trusted root.
 
-    An endorsement counts when it is a CA certificate valid at `now`, signed by a
-    root already accepted, and carries exactly the offered root's name and key.
+    An endorsement counts when it is a CA certificate that may have CAs below it
+    (pathlen >= 1, as a root: an issuing intermediate cannot endorse), valid at
+    `now`, signed by a root already accepted, and carries exactly the offered
+    root's name and key.
     Accepted roots can endorse further ones (root 1 -> root 2 -> root 3), so a
     bootstrap bundle from two rotations ago still leads to today's root.
     BundleError naming the first root that no chain reaches.
@@ -108,7 +117,7 @@ def endorsed_roots(
     # Signers: the trusted roots, then every endorsement one of them signed (it stands
     # for the endorsed root's name and key), until nothing new is reached.
     signers = list(trusted)
-    usable = [e for e in endorsements if _is_ca(e) and _valid_at(e, now)]
+    usable = [e for e in endorsements[:MAX_ENDORSEMENTS] if _is_ca(e, 1) and _valid_at(e, now)]
     progress = True
     while progress:
         progress = False
@@ -164,6 +173,8 @@ class BundleDoc:
             raise BundleError("the bundle document's 'endorsements' is not PEM text")
         roots = load_roots(roots_pem, now, "the bundle's roots")
         ends = tuple(_pem_certs(endorsements, "'endorsements'")) if endorsements.strip() else ()
+        if len(ends) > MAX_ENDORSEMENTS:
+            raise BundleError(f"'endorsements' holds more than {MAX_ENDORSEMENTS} certificates")
         return cls(
             trust_domain=td,
             roots=roots,

@@ -149,6 +149,7 @@ class Admin:
         """The certificate manager's state, and the trust bundle's (sequence, revocations)."""
         doc: dict[str, object] = dict(self.manager.status.__dict__)
         bundle = self.store.trust.current.describe()
+        bundle["last_refusal"] = self.store.trust.last_refusal
         if self.bundle is not None:
             bundle.update(
                 polls=self.bundle.polls,

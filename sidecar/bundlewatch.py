@@ -16,13 +16,16 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+import time
 from collections.abc import Callable
 
 from meshca.client import CAError, fetch_bundle
-from meshca.trust import BundleError
+from meshca.trust import BundleDoc, BundleError
 from sidecar.trust import TrustStore
 
 log = logging.getLogger("sidecar.bundle")
+
+ROLLBACK_POLLS = 3  # polls in a row with the same older sequence before we follow the CA
 
 
 class BundleWatcher:
@@ -44,7 +47,10 @@ class BundleWatcher:
         self.last_success: str | None = None
         self.polls = 0
         self.discoveries = 0  # new roots accepted through endorsements
+        self.ca_id = f"spiffe://{trust.trust_domain}/ns/mesh-system/sa/meshca"
         self._lock = asyncio.Lock()
+        self._older: tuple[int, int] | None = None  # (sequence, polls in a row) below ours
+        self._last_catch_up = -1e9
 
     @property
     def sequence(self) -> int | None:
@@ -61,6 +67,7 @@ class BundleWatcher:
                 now,
                 self.trust.trust_domain,
                 self.etag if use_etag else None,
+                ca_id=self.ca_id,
             )
             self.polls += 1
             self.last_success = now.strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -74,16 +81,44 @@ class BundleWatcher:
                     doc.sequence,
                 )
             old = self.trust.current.revoked
-            changed = self.trust.offer(doc.roots_pem, now, doc.sequence, doc.revoked)
+            changed = self.trust.offer(
+                doc.roots_pem, now, doc.sequence, doc.revoked, allow_older=self._insists(doc)
+            )
+            self._older = None
             added = doc.revoked - old
             if added:
                 log.warning("certificates revoked by the CA: %s", ", ".join(sorted(added)))
             self.etag = etag
             return changed
 
+    def _insists(self, doc: BundleDoc) -> bool:
+        """True once the CA has answered the same older sequence on ROLLBACK_POLLS polls
+        in a row (its state was restored from a backup): then we follow it, loudly."""
+        held = self.trust.current.sequence
+        if held is None or doc.sequence >= held:
+            return False
+        seq, n = self._older or (doc.sequence, 0)
+        n = n + 1 if seq == doc.sequence else 1
+        self._older = (doc.sequence, n)
+        if n >= ROLLBACK_POLLS:
+            log.warning(
+                "the CA has served bundle sequence %d (older than our %d) %d times in a row; "
+                "following it (was its state restored from a backup?)",
+                doc.sequence,
+                held,
+                n,
+            )
+            return True
+        return False
+
     async def catch_up(self) -> bool:
         """Poll now, without the ETag (the CA's certificate did not verify): True if the
-        trusted roots changed, so that the caller may try again."""
+        trusted roots changed, so that the caller may try again. At most once per poll
+        interval: each discovery costs signature checks a stranger on the path could
+        otherwise make us repeat at will."""
+        if time.monotonic() - self._last_catch_up < self.interval:
+            return False
+        self._last_catch_up = time.monotonic()
         before = self.trust.pem
         try:
             await self.poll(use_etag=False)
@@ -97,9 +132,9 @@ class BundleWatcher:
         log.warning("bundle poll failed (keeping the last good bundle): %s", self.last_error)
 
     async def run(self) -> None:
-        """Poll forever (also before the first certificate: the poll needs none); never dies."""
+        """Poll at once and then forever (also before the first certificate: the poll needs
+        none); never dies."""
         while True:
-            await asyncio.sleep(self.interval)
             try:
                 await self.poll()
                 self.last_error = None
@@ -107,3 +142,4 @@ class BundleWatcher:
                 self._failed(e)
             except Exception:
                 log.exception("bundle poll failed")
+            await asyncio.sleep(self.interval)

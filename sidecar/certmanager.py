@@ -28,7 +28,7 @@ from meshca.client import (
 )
 from meshca.trust import BundleError
 from sidecar.config import CAConfig
-from sidecar.creds import CredentialError, Credentials, CredentialStore
+from sidecar.creds import CredentialError, Credentials, CredentialStore, chain_valid
 
 log = logging.getLogger("sidecar.certmanager")
 
@@ -147,7 +147,19 @@ class CertManager:
             )
         except BundleError as e:
             log.warning("not adopting the bundle that came with the certificate: %s", e)
+        if not chain_valid(
+            creds.leaf, list(creds.intermediates), list(self.store.trust.current.roots), now
+        ):
+            # The trust store kept roots this certificate does not chain to (say, the
+            # answer came from a CA replica that lags behind): not a usable result.
+            raise CAUnavailable(
+                "the new certificate does not chain to the trust bundle we hold; retrying"
+            )
         self.store.publish(creds)
+        if not self._waiters:
+            # New roots in the answer may have made the old certificate look stranded for
+            # a moment (which asks for a renewal): this one is that renewal.
+            self._wake.clear()
         self._received_at = self.clock()
         return creds
 

@@ -78,7 +78,9 @@ async def run(config: SidecarConfig) -> None:
     trust = TrustStore(bootstrap, config.trust_domain)
     store = CredentialStore(trust)
     watcher = BundleWatcher(config.ca.url, trust, config.ca.bundle_poll)
-    client = EnrollmentClient(config.ca.url, lambda: trust.pem, on_untrusted=watcher.catch_up)
+    client = EnrollmentClient(
+        config.ca.url, lambda: trust.pem, on_untrusted=watcher.catch_up, ca_id=watcher.ca_id
+    )
     manager = CertManager(config.ca, store, client=client)
     policy = PolicyHolder(config.policy) if config.inbound is not None else None
     authn = None

@@ -24,6 +24,7 @@ from cryptography.x509 import verification as xv
 
 from meshca import tlsutil
 from meshca.spiffe import InvalidSpiffeId, SpiffeId
+from meshca.tlsutil import no_resumption
 from sidecar.trust import TrustBundle, TrustStore
 
 log = logging.getLogger("sidecar.creds")
@@ -123,6 +124,7 @@ class Credentials:
         server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         server.minimum_version = ssl.TLSVersion.TLSv1_2
         server.verify_mode = ssl.CERT_REQUIRED
+        no_resumption(server)
         server.load_verify_locations(cadata=bundle_pem)
         server.set_alpn_protocols(["http/1.1"])
         tlsutil.load_chain(server, chain_pem, key_pem)
@@ -274,6 +276,7 @@ class CredentialStore:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
         ctx.verify_mode = ssl.CERT_REQUIRED
+        no_resumption(ctx)  # the session keys live here, on the context that outlives swaps
 
         def pick(sslobj: ssl.SSLObject, _name: str | None, _ctx: ssl.SSLContext) -> int | None:
             creds = self._current

@@ -16,9 +16,11 @@ import logging
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from cryptography import x509
 
+from meshca import pki
 from meshca.client import ca_context
 from meshca.trust import BundleError, fingerprints, load_roots
 
@@ -45,8 +47,19 @@ class TrustBundle:
         revoked: frozenset[str] = frozenset(),
         where: str = "the bundle",
     ) -> TrustBundle:
-        """A bundle whose roots passed `meshca.trust.load_roots`; BundleError otherwise."""
-        return cls(load_roots(pem, now, where), pem, source, sequence, revoked)
+        """A bundle whose roots passed `meshca.trust.load_roots`; BundleError otherwise.
+
+        What is kept (and handed to OpenSSL) is the PEM of the parsed roots, never the
+        text as given: the two parsers disagree on odd PEM (headers, indentation, text
+        before a block), and what was checked must be exactly what is trusted.
+        """
+        roots = load_roots(pem, now, where)
+        canonical = pki.pem_join(roots)
+        try:
+            ca_context(canonical)  # the TLS layer must accept it too, before anyone relies on it
+        except (ssl.SSLError, ValueError) as e:
+            raise BundleError(f"{where}: the TLS library refuses it ({e})") from None
+        return cls(roots, canonical, source, sequence, revoked)
 
     def describe(self) -> dict[str, object]:
         """What `/status` shows: where the bundle came from and which roots it holds."""
@@ -109,35 +122,40 @@ class TrustStore:
         sequence: int | None,
         revoked: frozenset[str] | None = None,
         where: str = "the CA's bundle",
+        allow_older: bool = False,
     ) -> bool:
         """Check a bundle from the CA and publish it; True if anything changed.
 
-        BundleError (the last good bundle stays) if the roots are unusable, or if
-        the sequence is older than the one held (a stale answer must not undo a
-        rotation). `revoked` None keeps the current revocations (an enrollment
-        answer carries roots only).
+        BundleError (the last good bundle stays, `last_refusal` says why) if the
+        roots are unusable, or if the sequence is older than the one held (a stale
+        answer must not undo a rotation) unless `allow_older` (the bundle poll has
+        seen the CA insist on it: a CA restored from a backup). `revoked` None keeps
+        the current revocations (an enrollment answer carries roots only).
         """
         held = self._current
-        if sequence is not None and held.sequence is not None and sequence < held.sequence:
-            raise BundleError(
-                f"{where} has sequence {sequence}, older than the {held.sequence} we hold"
-            )
         try:
-            if pem == held.pem:
-                roots = held.roots
-            else:
-                roots = load_roots(pem, now, where)
+            if (
+                not allow_older
+                and sequence is not None
+                and held.sequence is not None
+                and sequence < held.sequence
+            ):
+                raise BundleError(
+                    f"{where} has sequence {sequence}, older than the {held.sequence} we hold"
+                )
+            checked = TrustBundle.check(pem, now, "ca", where=where)
         except BundleError as e:
             self.last_refusal = str(e)
             log.error("keeping the current trust bundle: %s", e)
             raise
         candidate = TrustBundle(
-            roots,
-            pem,
+            checked.roots,
+            checked.pem,
             "ca",
             sequence if sequence is not None else held.sequence,
             held.revoked if revoked is None else revoked,
         )
+        self.last_refusal = None
         return self.publish(candidate)
 
     def publish(self, bundle: TrustBundle) -> bool:
@@ -157,8 +175,17 @@ class TrustStore:
                 bundle.source,
             )
             for fn in self._roots_listeners:
-                fn(bundle)
+                self._tell(fn, bundle)
         if revoked_changed:
             for fn in self._revoked_listeners:
-                fn(bundle.revoked)
+                self._tell(fn, bundle.revoked)
         return roots_changed or revoked_changed
+
+    @staticmethod
+    def _tell(fn: Callable[[Any], None], value: object) -> None:
+        # One listener's failure must not keep the others (closing revoked peers, say)
+        # from hearing of a bundle that is already in force.
+        try:
+            fn(value)
+        except Exception:
+            log.exception("a trust-bundle listener failed")

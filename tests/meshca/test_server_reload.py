@@ -49,3 +49,33 @@ async def _bundle(ca: CAServer) -> bytes:
 
     resp = await ca.get_bundle(make_mocked_request("GET", "/v1/bundle"))
     return resp.body
+
+
+def test_a_reload_that_fails_for_a_passing_reason_is_tried_again(tmp_path, monkeypatch):
+    """A new state that cannot be applied for a reason that may pass (the ledger, a full disk,
+    a key file's permissions) is tried again at the next check, without state.json changing."""
+    import sqlite3
+
+    home = tmp_path / "ca"
+    init_ca(home)
+    ca = CAServer(build_serve_config(str(home)))
+    try:
+        first = ca.active
+        rotate(home, rotation.Settings(), force_intermediate=True)
+        bump_mtime(home / store.STATE_FILE)
+        real = ca._activate
+        calls = []
+
+        def flaky(authority):
+            calls.append(1)
+            if len(calls) == 1:
+                raise sqlite3.OperationalError("database or disk is full")
+            return real(authority)
+
+        monkeypatch.setattr(ca, "_activate", flaky)
+        assert not ca.reload_if_changed()
+        assert ca.active is first
+        assert ca.reload_if_changed()  # same state.json, tried again
+        assert ca.active.authority.intermediate != first.authority.intermediate
+    finally:
+        asyncio.run(ca.close())

@@ -200,3 +200,25 @@ def test_bundle_doc_parses():
 def test_bundle_doc_refuses(raw, error):
     with pytest.raises(BundleError, match=error):
         BundleDoc.parse(raw, NOW, "cluster.local")
+
+
+def test_an_issuing_intermediate_cannot_endorse_a_root(rotation):
+    """pathlen:0 (an intermediate's) leaves no room for a CA below it: a stolen issuing key
+    cannot vouch for a root of its own."""
+    r1, k1 = rotation["r1"], rotation["k1"]
+    ik = pki.new_key()
+    inter = pki.build_intermediate(ik, r1, k1, NOW)
+    evil, _ = root()
+    e = forged(evil, ik, inter.subject)
+    with pytest.raises(BundleError, match="no root we trust endorses"):
+        endorsed_roots([r1], [evil], [inter, e], NOW)
+
+
+def test_too_many_roots_or_endorsements_are_refused_before_any_signature_check(rotation):
+    many = [root()[0] for _ in range(17)]
+    with pytest.raises(BundleError, match="more than 16"):
+        load_roots(pki.pem_join(many), NOW)
+    d = json.loads(doc())
+    d["endorsements"] = pki.pem_join([rotation["e12"]] * 17)
+    with pytest.raises(BundleError, match="more than 16"):
+        BundleDoc.parse(json.dumps(d).encode(), NOW)

@@ -130,3 +130,73 @@ def test_a_bundle_without_our_root_is_adopted_and_asks_for_renewal(world):
 def test_repr_hides_pem(world):
     _, _, trust = world
     assert "BEGIN" not in repr(trust.current)
+
+
+@pytest.mark.parametrize(
+    "mangle",
+    [
+        lambda pem: pem.replace(
+            "-----BEGIN CERTIFICATE-----\n", "-----BEGIN CERTIFICATE-----\nComment: x\n\n"
+        ),
+        lambda pem: "".join("  " + line + "\n" for line in pem.splitlines()),
+        lambda pem: (
+            "junk -----BEGIN CERTIFICATE-----" + pem.split("-----BEGIN CERTIFICATE-----", 1)[1]
+        ),
+    ],
+)
+def test_what_is_trusted_is_what_was_checked(world, mangle):
+    """Odd PEM that one parser reads and the other skips or refuses: the store publishes the
+    canonical PEM of the roots it checked, or refuses the bundle; never a half-update."""
+    (old_root, oi, ok), (new_root, _, _), trust = world
+    store = CredentialStore(trust, clock=lambda: NOW)
+    store.publish(creds_under(old_root, oi, ok, trust.pem))
+    odd = mangle(pki.pem_join([old_root, new_root]))
+    try:
+        trust.offer(odd, NOW, sequence=2)
+    except BundleError:
+        assert trust.current.sequence is None and store.current.bundle_pem == trust.pem
+        return
+    assert trust.pem == pki.pem_join(trust.current.roots)  # canonical
+    assert store.current.bundle_pem == trust.pem  # handshakes trust exactly that
+    trust.ca_context()  # and the TLS library accepts it
+
+
+def test_a_failing_listener_does_not_stop_the_others(world):
+    _, (new_root, _, _), trust = world
+    seen = []
+    trust.on_roots(lambda b: 1 / 0)
+    trust.on_roots(seen.append)
+    trust.on_revoked(lambda r: 1 / 0)
+    trust.on_revoked(seen.append)
+    trust.offer(pki.pem_join([new_root]), NOW, sequence=2, revoked=frozenset({"0b"}))
+    assert len(seen) == 2
+
+
+def test_an_older_sequence_is_followed_only_when_allowed(world):
+    (old_root, _, _), (new_root, _, _), trust = world
+    trust.offer(pki.pem_join([old_root, new_root]), NOW, sequence=7)
+    with pytest.raises(BundleError, match="older"):
+        trust.offer(pki.pem_join([old_root]), NOW, sequence=2)
+    assert "older" in trust.last_refusal
+    assert trust.offer(pki.pem_join([old_root]), NOW, sequence=2, allow_older=True)
+    assert trust.current.sequence == 2 and trust.last_refusal is None
+
+
+def test_the_poll_follows_a_restored_ca_only_after_it_insists(world):
+    """A CA restored from a backup serves an older sequence on every poll: after three polls
+    in a row the sidecar follows it; a single stale answer never moves it."""
+    from meshca.trust import BundleDoc
+    from sidecar.bundlewatch import ROLLBACK_POLLS, BundleWatcher
+
+    (old_root, _, _), (new_root, _, _), trust = world
+    trust.offer(pki.pem_join([old_root, new_root]), NOW, sequence=7)
+    watcher = BundleWatcher("https://ca.example", trust)
+
+    def doc(seq):
+        return BundleDoc("cluster.local", (old_root,), pki.pem_join([old_root]), seq, frozenset())
+
+    assert [watcher._insists(doc(2)) for _ in range(ROLLBACK_POLLS)] == [False] * (
+        ROLLBACK_POLLS - 1
+    ) + [True]
+    assert not watcher._insists(doc(3))  # a different older sequence starts the count again
+    assert not watcher._insists(doc(8))  # a newer one never needs insisting
