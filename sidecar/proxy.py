@@ -35,6 +35,10 @@ import httptools
 
 log = logging.getLogger("sidecar.proxy")
 
+# Methods a proxy may send again on its own when a reused connection dies before an answer
+# (RFC 9110 9.2.2); POST, PATCH and the rest reach the app at most once.
+IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
+
 HOP_BY_HOP = frozenset(
     {
         b"connection",
@@ -962,9 +966,17 @@ class UpstreamConn(asyncio.Protocol):
         ex, down = self.ex, self.down
         if ex is None or down is None:
             return
-        if not self._got_bytes and self.requests > 1 and not ex.has_body and not ex.retried:
+        if (
+            not self._got_bytes
+            and self.requests > 1
+            and not ex.has_body
+            and not ex.retried
+            and ex.method in IDEMPOTENT
+        ):
+            # A kept-alive connection the app closed while idle, or after it took the
+            # request: only a request that may run twice is sent again (RFC 9110 9.2.2).
             self.ex = self.down = None
-            down.retry(ex)  # a kept-alive connection the app closed while idle
+            down.retry(ex)
             return
         if self._head_done and self._framing == "close":
             self.response_complete = True

@@ -157,12 +157,6 @@ def test_closed_before_the_head_is_502(env):
     still_serving(env)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="sidecar/proxy.py UpstreamConn.connection_lost replays any bodiless request "
-    "(POST, PATCH too) when a reused upstream connection closes before a response byte; "
-    "RFC 9110 9.2.2 allows that only for idempotent methods (engineer A's file)",
-)
 def test_post_reaches_the_app_once_when_it_drops_the_connection(env):
     """The backend sidecar's connection to the app is kept alive from the call before;
     a POST the app received must not be sent again because the app then dropped it."""
