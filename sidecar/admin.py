@@ -23,7 +23,13 @@ from cryptography.hazmat.primitives import serialization
 from meshca.client import CAError
 from sidecar.bundlewatch import BundleWatcher
 from sidecar.certmanager import CertManager
-from sidecar.creds import CredentialError, Credentials, CredentialStore, spiffe_id_of
+from sidecar.creds import (
+    CredentialError,
+    Credentials,
+    CredentialStore,
+    leaf_problem,
+    spiffe_id_of,
+)
 from sidecar.policyholder import PolicyHolder
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -89,6 +95,9 @@ async def check_peer(
     except CredentialError as e:
         doc["spiffe_id"] = None
         doc["error"] = str(e)
+    problem = leaf_problem(cert)
+    if problem is not None:
+        doc["error"] = problem  # what inbound and outbound would refuse too
     nb, na = cert.not_valid_before_utc, cert.not_valid_after_utc
     doc.update(
         serial=format(cert.serial_number, "x"),

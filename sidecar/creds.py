@@ -55,6 +55,27 @@ def spiffe_id_of(cert: x509.Certificate) -> SpiffeId:
         raise CredentialError(f"certificate URI SAN is not a SPIFFE ID: {e}") from None
 
 
+def leaf_problem(cert: x509.Certificate) -> str | None:
+    """Why `cert` cannot be a workload's leaf certificate, or None.
+
+    The X.509-SVID spec (sections 4.1, 4.3) requires a leaf to be CA:FALSE and
+    without keyCertSign or cRLSign. The TLS handshake does not check this: a
+    CA:TRUE certificate signed by a trusted intermediate verifies as a leaf.
+    """
+    try:
+        if cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca:
+            return "certificate is a CA (basicConstraints CA:TRUE), not a workload leaf"
+    except x509.ExtensionNotFound:
+        pass
+    try:
+        usage = cert.extensions.get_extension_for_class(x509.KeyUsage).value
+    except x509.ExtensionNotFound:
+        return None
+    if usage.key_cert_sign or usage.crl_sign:
+        return "certificate may sign certificates or CRLs (keyCertSign/cRLSign), not a leaf"
+    return None
+
+
 def chain_valid(
     leaf: x509.Certificate,
     intermediates: list[x509.Certificate],

@@ -28,7 +28,7 @@ from cryptography import x509
 from sidecar.authn import Authenticator, InvalidToken, NeedKeys, claims_header_value
 from sidecar.authz import Request
 from sidecar.config import InboundConfig
-from sidecar.creds import CredentialError, CredentialStore, serial_hex, spiffe_id_of
+from sidecar.creds import CredentialError, CredentialStore, leaf_problem, serial_hex, spiffe_id_of
 from sidecar.pathnorm import PathError, normalize
 from sidecar.policyholder import PolicyHolder
 from sidecar.proxy import (
@@ -58,27 +58,6 @@ def owned_headers(authn: Authenticator | None) -> frozenset[bytes]:
         names |= authn.strip  # claims headers the sidecar writes
         names |= {name for name, _prefix in authn.sources}  # token headers it verifies
     return frozenset(n.replace(b"_", b"-") for n in names)
-
-
-def leaf_problem(cert: x509.Certificate) -> str | None:
-    """Why `cert` cannot be a workload's leaf certificate, or None.
-
-    The X.509-SVID spec (sections 4.1, 4.3) requires a leaf to be CA:FALSE and
-    without keyCertSign or cRLSign. The TLS handshake does not check this: a
-    CA:TRUE certificate signed by a trusted intermediate verifies as a leaf.
-    """
-    try:
-        if cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca:
-            return "certificate is a CA (basicConstraints CA:TRUE), not a workload leaf"
-    except x509.ExtensionNotFound:
-        pass
-    try:
-        usage = cert.extensions.get_extension_for_class(x509.KeyUsage).value
-    except x509.ExtensionNotFound:
-        return None
-    if usage.key_cert_sign or usage.crl_sign:
-        return "certificate may sign certificates or CRLs (keyCertSign/cRLSign), not a leaf"
-    return None
 
 
 def xfcc(own_id: str, peer_der: bytes, peer_id: str) -> bytes:

@@ -23,8 +23,7 @@ from cryptography import x509
 
 from meshca.client import CAError, EnrollmentClient
 from sidecar.config import OutboundConfig, Service
-from sidecar.creds import CredentialError, CredentialStore, serial_hex, spiffe_id_of
-from sidecar.inbound import leaf_problem
+from sidecar.creds import CredentialError, CredentialStore, leaf_problem, serial_hex, spiffe_id_of
 from sidecar.proxy import (
     DownstreamConn,
     Exchange,

@@ -211,8 +211,10 @@ def error_bytes(
     close: bool,
     extra: Headers = (),
     fields: dict[str, str] | None = None,
+    head_only: bool = False,
 ) -> bytes:
-    """A complete JSON error response (`fields` add keys to the JSON body)."""
+    """A complete JSON error response (`fields` add keys to the JSON body); with
+    `head_only` (the answer to a HEAD) the same head and no body."""
     body = json.dumps({"error": code, "detail": detail, **(fields or {})}).encode() + b"\n"
     lines = [
         b"HTTP/1.1 %d %s\r\n" % (status, _REASONS.get(status, "Error").encode()),
@@ -223,7 +225,7 @@ def error_bytes(
     if close:
         lines.append(b"connection: close\r\n")
     lines.append(b"\r\n")
-    return b"".join(lines) + body
+    return b"".join(lines) + (b"" if head_only else body)
 
 
 def connection_tokens(headers: Headers) -> set[bytes]:
@@ -723,7 +725,17 @@ class DownstreamConn(asyncio.Protocol):
         ex.status = err.status
         ex.info.setdefault("error", err.code)
         ex.keep_alive = ex.keep_alive and not close
-        self._write(error_bytes(err.status, err.code, err.detail, close, err.headers, err.extra))
+        self._write(
+            error_bytes(
+                err.status,
+                err.code,
+                err.detail,
+                close,
+                err.headers,
+                err.extra,
+                head_only=ex.method == b"HEAD",
+            )
+        )
         if not ex.body_done:
             # The rest of the request body will not be read: stop parsing this connection.
             self.parsing = None
@@ -853,6 +865,12 @@ class UpstreamConn(asyncio.Protocol):
         self._got_bytes = False
         self._paused_down: DownstreamConn | None = None
         self.peer_info: dict[str, Any] = {}
+        # Which exchange's parser is being fed. A HEAD answer ends the exchange inside
+        # feed_data; the next (pipelined) exchange may take this connection before the
+        # old parser is done with the buffer, and what it still reports (a body the app
+        # should not have sent) must not reach the new exchange.
+        self._gen = 0
+        self._feeding = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         """Connected (and for TLS, handshaken)."""
@@ -865,6 +883,7 @@ class UpstreamConn(asyncio.Protocol):
         ex.upstream = self
         self.requests += 1
         self.parser = httptools.HttpResponseParser(self)
+        self._gen += 1
         self._headers, self._reason, self._head_done = [], b"", False
         self.request_complete = self.response_complete = False
         self._got_bytes = False
@@ -946,6 +965,7 @@ class UpstreamConn(asyncio.Protocol):
         corked = self.down
         if corked is not None:
             corked.cork()
+        self._feeding = self._gen
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError:
@@ -987,12 +1007,16 @@ class UpstreamConn(asyncio.Protocol):
 
     # parser callbacks
     def on_status(self, reason: bytes) -> None:
-        self._reason += reason
+        if self._feeding == self._gen:
+            self._reason += reason
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers.append((name, value))
+        if self._feeding == self._gen:
+            self._headers.append((name, value))
 
     def on_headers_complete(self) -> None:
+        if self._feeding != self._gen:
+            return
         self._disarm()
         ex, down = self.ex, self.down
         status = self.parser.get_status_code()
@@ -1038,12 +1062,14 @@ class UpstreamConn(asyncio.Protocol):
             down.response_head(ex, status, self._reason, self._headers, "chunked")
 
     def on_body(self, chunk: bytes) -> None:
-        if self.ex is not None and self.down is not None:
+        if self.ex is not None and self.down is not None and self._feeding == self._gen:
             self.down.response_body(self.ex, chunk)
 
     def on_message_complete(self) -> None:
         ex, down = self.ex, self.down
         if ex is None or down is None or not self._head_done or ex.finished:
+            return
+        if self._feeding != self._gen:
             return
         self.response_complete = True
         down.response_done(ex)

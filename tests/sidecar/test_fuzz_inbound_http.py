@@ -12,6 +12,7 @@ independent parser. Whatever the client sends:
 from __future__ import annotations
 
 import asyncio
+import re
 
 import httptools
 from hypothesis import example, given
@@ -230,19 +231,57 @@ def one_request(draw) -> tuple[list[bytes], list[bytes]]:
     return cut(draw, head), [body] if body else []
 
 
-def statuses(data: bytes) -> list[int]:
-    """Statuses of the responses the client received; fails on anything but HTTP/1.1."""
+class _Headers:
+    def __init__(self) -> None:
+        self.got: dict[bytes, bytes] = {}
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.got[name.lower()] = value
+
+
+def statuses(data: bytes, sent: bytes = b"") -> list[int]:
+    """Statuses of the responses the client received; fails on anything but HTTP/1.1.
+
+    Responses are split one by one: the answer to a HEAD (known from the requests
+    `sent`) has no body whatever its Content-Length says, which one response parser
+    fed the whole stream cannot know."""
+    methods = re.findall(rb"(?:^|\n)([A-Z]+) \S+ HTTP/1\.[01]\r\n", sent)
     codes: list[int] = []
-
-    class Collect:
-        def on_headers_complete(self) -> None:
-            codes.append(parser.get_status_code())
-
-    parser = httptools.HttpResponseParser(Collect())
-    try:
-        parser.feed_data(data)
-    except httptools.HttpParserError:
-        raise AssertionError(f"the client got malformed HTTP: {data[:200]!r}") from None
+    rest = data
+    while rest:
+        end = rest.find(b"\r\n\r\n")
+        if end < 0:
+            raise AssertionError(f"the client got a cut head: {rest[:200]!r}")
+        head, rest = rest[: end + 4], rest[end + 4 :]
+        collect = _Headers()
+        got = collect.got
+        parser = httptools.HttpResponseParser(collect)
+        try:
+            parser.feed_data(head)
+        except httptools.HttpParserError:
+            raise AssertionError(f"the client got malformed HTTP: {head[:200]!r}") from None
+        code = parser.get_status_code()
+        codes.append(code)
+        if code < 200:
+            continue  # interim: the same request's final answer follows
+        if got.get(b"connection", b"").lower() == b"close":
+            break  # the last answer on this connection: whatever follows is not read
+        final = len([c for c in codes if c >= 200]) - 1
+        method = methods[final] if final < len(methods) else b""
+        if method == b"HEAD" or code in (204, 304):
+            continue
+        if got.get(b"transfer-encoding", b"").lower() == b"chunked":
+            while True:
+                line_end = rest.index(b"\r\n")
+                size = int(rest[:line_end].split(b";")[0], 16)
+                rest = rest[line_end + 2 + size + (2 if size else 0) :]
+                if size == 0:
+                    rest = rest[rest.index(b"\r\n") + 2 :]  # no trailers from the sidecar
+                    break
+        elif b"content-length" in got:
+            rest = rest[int(got[b"content-length"]) :]
+        else:
+            rest = b""  # delimited by the close
     return codes
 
 
@@ -278,10 +317,14 @@ def test_one_request_reaches_the_app_with_only_the_sidecars_identity(request):
 
 
 @given(split(st.lists(heads().map(b"".join), min_size=1, max_size=3).map(b"".join)))
+# The app answers a body even to HEAD: that body never reaches the next pipelined answer.
+@example([b"HEAD / HTTP/1.1\r\n\r\nGET / HTTP/1.1\r\n\r\n"])
+# A refusal answered to a HEAD has no body either.
+@example([b"HEAD /%2e%2e/x HTTP/1.1\r\n\r\nGET / HTTP/1.1\r\n\r\n"])
 def test_pipelined_requests(pieces):
     client, app = run(pieces)[-1]
     check_identity_headers(app)
-    assert 500 not in statuses(client)
+    assert 500 not in statuses(client, b"".join(pieces))
 
 
 @st.composite
