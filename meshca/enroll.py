@@ -21,7 +21,14 @@ from cryptography import x509
 from meshca import pki, store
 from meshca.authority import Authority
 from meshca.credentials import JoinTokens, K8sTokens, peek_issuer
-from meshca.errors import BadRequest, Forbidden, MeshcaError, RateLimited, Unauthenticated
+from meshca.errors import (
+    BadRequest,
+    Forbidden,
+    MeshcaError,
+    RateLimited,
+    Unauthenticated,
+    Unavailable,
+)
 from meshca.ratelimit import RateLimiter
 from meshca.spiffe import SpiffeId
 
@@ -154,7 +161,10 @@ class Enroller:
             credential,
             peer,
         )
-        self.ledger.record_refusal(sid, credential, err.code, err.detail, peer)
+        try:
+            self.ledger.record_refusal(sid, credential, err.code, err.detail, peer)
+        except Unavailable:
+            pass  # the ledger cannot be written (logged there); the refusal stands
 
     async def _authenticate(
         self, caller: _Caller, bearer: str | None, peer_cert: x509.Certificate | None

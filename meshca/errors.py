@@ -70,6 +70,13 @@ class RateLimited(MeshcaError):
         self.retry_after = retry_after
 
 
+class Unavailable(MeshcaError):
+    """The CA cannot do it now (its ledger cannot be written: a full disk, say); 503."""
+
+    status = 503
+    code = "unavailable"
+
+
 class StateError(MeshcaError):
     """The CA's state directory is missing, incomplete or would be overwritten (CLI errors)."""
 

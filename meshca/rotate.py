@@ -11,6 +11,7 @@ recorded in the ledger and returned for printing.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import os
@@ -22,7 +23,7 @@ from cryptography import x509
 
 from meshca import pki, rotation, store
 from meshca.authority import Authority, _load_cert, _tag, load_ec_key
-from meshca.errors import StateError
+from meshca.errors import StateError, Unavailable
 
 FAULT_ENV = "MESHCA_FAULT"  # fault injection for crash tests: "rotate:<point>"
 
@@ -37,6 +38,11 @@ def _parse_time(text: str) -> dt.datetime:
     return dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
 
 
+# Files written by the step under way, removed again if the step cannot finish (a full
+# disk): a private key that no state names is not left lying about.
+_created: list[Path] = []
+
+
 def _write_pair(home: Path, kind: str, key: Any, cert: x509.Certificate) -> str:
     name = f"{kind}-{_tag(cert)}"
     for suffix, data, mode in (
@@ -47,6 +53,7 @@ def _write_pair(home: Path, kind: str, key: Any, cert: x509.Certificate) -> str:
         if path.exists():
             path.unlink()  # a leftover of an interrupted run with the same key: impossible in
             # practice (fresh keys), but never let it block a rotation
+        _created.append(path)
         store.create_exclusive(path, data, mode)
     store.fsync_dir(home)
     return name
@@ -57,6 +64,7 @@ def _write_cert(home: Path, kind: str, cert: x509.Certificate) -> str:
     path = home / f"{name}.crt"
     if path.exists():
         path.unlink()  # a leftover of an interrupted run (see _write_pair)
+    _created.append(path)
     store.create_exclusive(path, pki.cert_pem(cert), 0o644)
     store.fsync_dir(home)
     return name
@@ -147,14 +155,28 @@ def rotate(
                 result["stage"] = result["stage_before"]
                 result["next_due"] = pki.rfc3339(p.next_due) if p.next_due else None
                 return result
-            new_state, details = _apply(p.action, authority, now)
-            _fault("before-state")
-            store.atomic_write(home / store.STATE_FILE, new_state.to_json(), 0o644)
+            _created.clear()
+            try:
+                new_state, details = _apply(p.action, authority, now)
+                _fault("before-state")
+                store.atomic_write(home / store.STATE_FILE, new_state.to_json(), 0o644)
+            except OSError as e:
+                for path in _created:
+                    with contextlib.suppress(OSError):
+                        path.unlink()
+                # A full disk, say: state.json is the old one (written last, atomically),
+                # so nothing changed; files of the step are left unused, as after a crash.
+                raise StateError(
+                    f"cannot write the new CA files in {home} ({e.strerror}); nothing changed"
+                ) from None
             _fault("after-state")
             result.update(details)
             result["stage"] = new_state.root_rotation["stage"]
             result["bundle_sequence"] = new_state.sequence
-            ledger.record_event(p.action, {k: v for k, v in result.items() if k != "dry_run"})
+            try:
+                ledger.record_event(p.action, {k: v for k, v in result.items() if k != "dry_run"})
+            except Unavailable:
+                result["ledger_event"] = "not recorded: the ledger cannot be written"
             return result
         finally:
             ledger.close()

@@ -20,6 +20,7 @@ import contextlib
 import datetime as dt
 import fcntl
 import json
+import logging
 import os
 import re
 import sqlite3
@@ -29,8 +30,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from meshca.errors import StateError
+from meshca.errors import StateError, Unavailable
 
+log = logging.getLogger("meshca.store")
 STATE_FILE = "state.json"
 LEDGER_FILE = "ledger.db"
 LOCK_FILE = ".lock"
@@ -323,13 +325,25 @@ class Ledger:
 
     @contextlib.contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
-        self._db.execute("BEGIN IMMEDIATE")
+        """One transaction; a write the database cannot make (a full disk, an I/O error)
+        rolls back whole and becomes Unavailable (503): nothing is half-recorded."""
         try:
-            yield self._db
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                with contextlib.suppress(sqlite3.Error):
+                    self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+        except sqlite3.OperationalError as e:
+            with contextlib.suppress(sqlite3.Error):
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+            log.error("ledger write failed (%s): %s", self.path, e)
+            raise Unavailable(
+                "the CA cannot write its ledger right now; nothing was recorded or issued"
+            ) from None
 
     def record_issued(self, rec: IssuedRecord, token_jti: str | None = None) -> None:
         """Record an issuance; when `token_jti` is given, consume that join token atomically.
