@@ -6,7 +6,8 @@ from __future__ import annotations
 import json
 import socket
 
-from mesh import hostport
+import pytest
+from mesh import app_log, hostport
 
 
 def raw(mesh, data: bytes, until_close: bool = True) -> bytes:
@@ -128,3 +129,24 @@ def test_conflicting_lengths_are_refused(mesh):
         b"Content-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
     )
     assert data.startswith(b"HTTP/1.1 400")
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"Content-Length: 5\r\nContent-Length: 6\r\n",  # two lengths
+        b"Content-Length: 5\r\nContent-Length: 5\r\n",  # the same length twice
+        b"X-A: b\r\n folded\r\n",  # obsolete line folding
+        b"X-A : b\r\n",  # whitespace before the colon
+        b"Content-Length: +5\r\n",
+        b"Content-Length: 0x5\r\n",
+    ],
+)
+def test_framing_tricks_are_refused_before_the_app(mesh, head):
+    before = len(app_log(mesh.app_log))
+    data = raw(
+        mesh,
+        b"POST http://backend.default/smuggle2 HTTP/1.1\r\nHost: b\r\n" + head + b"\r\nhello!",
+    )
+    assert data.startswith(b"HTTP/1.1 400"), data[:200]
+    assert len(app_log(mesh.app_log)) == before
