@@ -92,8 +92,13 @@ class Identity:
 
     @property
     def request_principal(self) -> str:
-        """`iss/sub`, as Istio's requestPrincipals."""
+        """`iss/sub`, as Istio's requestPrincipals (for the access log)."""
         return f"{self.claims.get('iss')}/{self.claims.get('sub')}"
+
+    @property
+    def principal_parts(self) -> tuple[str, str]:
+        """(issuer, subject) kept apart, for policy: the joined string is ambiguous."""
+        return str(self.claims.get("iss", "")), str(self.claims.get("sub", ""))
 
 
 def _b64json(part: str) -> Any:

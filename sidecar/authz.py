@@ -86,6 +86,70 @@ def _any(patterns: tuple[Pattern, ...], value: str | None) -> bool:
     return any(p.match(value) for p in patterns)
 
 
+RequestPrincipal = tuple[str, str] | str  # (issuer, subject); "iss/sub" where issuers are unknown
+
+
+@dataclass(frozen=True)
+class PrincipalPattern:
+    """A request-principal pattern (`iss/sub`, Istio's syntax) read as an issuer part and a
+    subject part, against the configured issuers, so that a token from one issuer can never
+    spell another issuer's principal ("a" + "/b/c" and "a/b" + "/c" are different).
+
+    Without the issuers (`bound` False) it matches the joined string, as Istio does."""
+
+    text: Pattern
+    bound: bool = False
+    issuer: str | None = None  # exactly this issuer, and `subject` on the subject
+    subject: Pattern | None = None
+    issuer_prefix: str | None = None  # the pattern ends inside the issuer name
+    never: bool = False  # names an issuer that is not configured
+
+    def match(self, rp: RequestPrincipal | None) -> bool:
+        """Does the request principal match?"""
+        if not rp:
+            return False
+        if isinstance(rp, str) or not self.bound:
+            return self.text.match(rp if isinstance(rp, str) else f"{rp[0]}/{rp[1]}")
+        iss, sub = rp
+        if self.never or not iss or not sub:
+            return False
+        if self.issuer is not None:
+            assert self.subject is not None
+            if self.subject.kind == "prefix":
+                return iss == self.issuer and sub.startswith(self.subject.value)
+            return iss == self.issuer and sub == self.subject.value
+        if self.issuer_prefix is not None:
+            return iss.startswith(self.issuer_prefix)
+        return self.text.match(f"{iss}/{sub}")  # `*` and `*suffix`: any issuer
+
+    @classmethod
+    def compile(cls, text: Pattern, issuers: tuple[str, ...] | None) -> PrincipalPattern:
+        """Bind `text` to the configured issuers; ValueError if it could name two of them."""
+        if issuers is None:
+            return cls(text)
+        if text.kind in ("any", "suffix"):
+            return cls(text, bound=True)
+        v = text.value
+        full = [i for i in issuers if v.startswith(i + "/")]
+        partial = (
+            [i for i in issuers if i not in full and (i + "/").startswith(v)]
+            if text.kind == "prefix"
+            else []
+        )
+        if full and len(full) + len(partial) > 1:
+            a, b = (full + partial)[:2]
+            raise ValueError(
+                f"{v + ('*' if text.kind == 'prefix' else '')!r} could name issuer {a!r} "
+                f"or {b!r}; use when: conditions on the iss and sub claims instead"
+            )
+        if full:
+            issuer = full[0]
+            return cls(text, True, issuer, Pattern(text.kind, v[len(issuer) + 1 :]))
+        if text.kind == "prefix":
+            return cls(text, True, issuer_prefix=v)
+        return cls(text, True, never=True)
+
+
 @dataclass(frozen=True)
 class Condition:
     """`claim` (a name, or names for nested claims) equals, or contains, one of `values`."""
@@ -120,7 +184,7 @@ class Request:
         principal: str | None,
         path: str,
         method: str,
-        request_principal: str | None = None,
+        request_principal: RequestPrincipal | None = None,
         claims: Mapping[str, Any] | None = None,
     ) -> None:
         self.principal = principal
@@ -155,8 +219,8 @@ class Rule:
     not_principals: tuple[Pattern, ...] | None = None
     namespaces: tuple[Pattern, ...] | None = None
     not_namespaces: tuple[Pattern, ...] | None = None
-    request_principals: tuple[Pattern, ...] | None = None
-    not_request_principals: tuple[Pattern, ...] | None = None
+    request_principals: tuple[PrincipalPattern, ...] | None = None
+    not_request_principals: tuple[PrincipalPattern, ...] | None = None
     paths: tuple[Pattern, ...] | None = None
     not_paths: tuple[Pattern, ...] | None = None
     methods: frozenset[str] | None = None
@@ -181,12 +245,13 @@ class Rule:
             return False
         if self.not_namespaces is not None and _any(self.not_namespaces, r.namespace):
             return False
-        if self.request_principals is not None and not _any(
-            self.request_principals, r.request_principal
+        rp = r.request_principal
+        if self.request_principals is not None and not any(
+            p.match(rp) for p in self.request_principals
         ):
             return False
-        if self.not_request_principals is not None and _any(
-            self.not_request_principals, r.request_principal
+        if self.not_request_principals is not None and any(
+            p.match(rp) for p in self.not_request_principals
         ):
             return False
         return all(c.match(r.claims) for c in self.when)
@@ -283,8 +348,13 @@ def _patterns(value: Any, where: str, problems: list[str], spiffe: bool) -> tupl
     return tuple(out)
 
 
-def parse_policy(doc: Any, source: str = "(inline)") -> Policy:
-    """Compile a policy document; PolicyError listing every problem by field."""
+def parse_policy(
+    doc: Any, source: str = "(inline)", issuers: tuple[str, ...] | None = None
+) -> Policy:
+    """Compile a policy document; PolicyError listing every problem by field.
+
+    `issuers` (the configured JWT issuers) bind request principals to an issuer and a
+    subject part (see PrincipalPattern); a pattern that could name two is refused."""
     problems: list[str] = []
     if doc is None:
         doc = {}
@@ -349,6 +419,14 @@ def parse_policy(doc: Any, source: str = "(inline)") -> Policy:
                             problems.append(f"{loc}: must be a non-empty list of methods")
                             continue
                         fields[key] = frozenset(m.upper() for m in vals)
+                    elif k == "request_principals":
+                        compiled = []
+                        for pat in _patterns(sec[key], loc, problems, False):
+                            try:
+                                compiled.append(PrincipalPattern.compile(pat, issuers))
+                            except ValueError as e:
+                                problems.append(f"{loc}: {e}")
+                        fields[key] = tuple(compiled)
                     else:
                         fields[key] = _patterns(sec[key], loc, problems, k == "principals")
                         if k == "paths":
@@ -397,7 +475,7 @@ def parse_policy(doc: Any, source: str = "(inline)") -> Policy:
     return Policy.build(rules, default, source)
 
 
-def load_policy(path: Path) -> Policy:
+def load_policy(path: Path, issuers: tuple[str, ...] | None = None) -> Policy:
     """Read and compile a policy file; PolicyError naming every problem."""
     try:
         text = path.read_text()
@@ -410,4 +488,4 @@ def load_policy(path: Path) -> Policy:
         raise PolicyError(
             [f"{path}: not valid YAML" + (f" at line {mark.line + 1}" if mark else "")]
         ) from None
-    return parse_policy(doc, str(path))
+    return parse_policy(doc, str(path), issuers)

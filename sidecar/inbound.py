@@ -178,7 +178,7 @@ class InboundRouter(Router):
                 peer,
                 path_text,
                 method,
-                ident.request_principal if ident else None,
+                ident.principal_parts if ident else None,
                 ident.claims if ident else None,
             ),
         )

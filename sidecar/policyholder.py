@@ -21,9 +21,10 @@ log = logging.getLogger("sidecar.policy")
 class PolicyHolder:
     """The current Policy (read per request) and its reload loop."""
 
-    def __init__(self, cfg: PolicyConfig | None) -> None:
+    def __init__(self, cfg: PolicyConfig | None, issuers: tuple[str, ...] = ()) -> None:
         self.cfg = cfg
-        self.current: Policy = Policy() if cfg is None else load_policy(cfg.file)
+        self.issuers = issuers  # the JWT issuers request principals are read against
+        self.current: Policy = Policy() if cfg is None else load_policy(cfg.file, issuers)
         self.last_error: str | None = None
         self.loaded_at = time.time()
         self.reloads = 0
@@ -42,7 +43,7 @@ class PolicyHolder:
             return False
         self._mtime = mtime
         try:
-            policy = load_policy(self.cfg.file)
+            policy = load_policy(self.cfg.file, self.issuers)
         except PolicyError as e:
             self._fail("; ".join(e.problems))
             return False
