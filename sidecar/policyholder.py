@@ -21,7 +21,7 @@ log = logging.getLogger("sidecar.policy")
 class PolicyHolder:
     """The current Policy (read per request) and its reload loop."""
 
-    def __init__(self, cfg: PolicyConfig | None, issuers: tuple[str, ...] = ()) -> None:
+    def __init__(self, cfg: PolicyConfig | None, issuers: tuple[str, ...] | None = None) -> None:
         self.cfg = cfg
         self.issuers = issuers  # the JWT issuers request principals are read against
         self.current: Policy = Policy() if cfg is None else load_policy(cfg.file, issuers)
