@@ -2,9 +2,10 @@
 
 `get(kid)` is synchronous and never does network I/O, so a data path can call
 it per request; `refresh()` fetches (at most every `min_interval` seconds) and
-is awaited only when a `kid` is unknown. A URL source also refreshes itself in
-the background every `refresh` seconds; when the endpoint is down the cached
-keys keep working. A bad new document never replaces the last good one.
+is awaited only when a `kid` is unknown. A URL source whose keys are older than
+`refresh` seconds starts a background refresh the next time a key is asked for
+(the caller does not wait for it); when the endpoint is down the cached keys
+keep working. A bad new document never replaces the last good one.
 """
 
 from __future__ import annotations
