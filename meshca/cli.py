@@ -77,6 +77,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             inject_image=args.inject_image,
             inject_ca_url=args.inject_ca_url,
             inject_fail_open=args.inject_fail_open,
+            max_connections=args.max_connections,
+            drain_timeout=args.drain_timeout,
         )
     except ConfigError as e:
         raise CLIError(str(e)) from None
@@ -626,6 +628,20 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="admit a pod unchanged (with a warning) when it cannot be injected; "
         "default: refuse it with the reason",
+    )
+    s.add_argument(
+        "--max-connections",
+        type=int,
+        default=4096,
+        help="open connections at most; past it new ones wait in the listen backlog "
+        "until one closes (default 4096)",
+    )
+    s.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=20.0,
+        help="on SIGTERM: seconds in-flight requests get to finish before the CA exits "
+        "(default 20)",
     )
     s.add_argument(
         "--init-if-missing",

@@ -70,6 +70,8 @@ class ServeConfig:
     inject_image: str = "meshca:latest"
     inject_ca_url: str = "https://meshca.mesh-system.svc:8443"
     inject_fail_open: bool = False
+    max_connections: int = 4096  # open connections; past it new ones wait in the backlog
+    drain_timeout: float = 20.0  # seconds in-flight requests get after SIGTERM
 
     @property
     def server_dns_names(self) -> tuple[str, ...]:
@@ -115,6 +117,8 @@ def build_serve_config(
     inject_image: str = "meshca:latest",
     inject_ca_url: str = "https://meshca.mesh-system.svc:8443",
     inject_fail_open: bool = False,
+    max_connections: int = 4096,
+    drain_timeout: float = 20.0,
 ) -> ServeConfig:
     """Validate every setting; ConfigError listing each problem by flag."""
     problems: list[str] = []
@@ -165,6 +169,10 @@ def build_serve_config(
     for flag, value in (("--k8s-ca-file", k8s_ca_file), ("--k8s-token-file", k8s_token_file)):
         if value and not Path(value).is_file():
             problems.append(f"{flag}: no such file {value!r}")
+    if not 1 <= max_connections <= 1_000_000:
+        problems.append("--max-connections: must be between 1 and 1000000")
+    if not 0 <= drain_timeout <= 3600:
+        problems.append("--drain-timeout: must be between 0 and 3600 seconds")
     if problems:
         raise ConfigError("; ".join(problems))
     return ServeConfig(
@@ -189,4 +197,6 @@ def build_serve_config(
         inject_image=inject_image,
         inject_ca_url=inject_ca_url,
         inject_fail_open=inject_fail_open,
+        max_connections=max_connections,
+        drain_timeout=drain_timeout,
     )

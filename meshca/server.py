@@ -20,11 +20,12 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 from cryptography import x509
 
-from meshca import pki, store, tlsutil
+from meshca import listener, pki, store, tlsutil
 from meshca.authority import Authority, ensure_jwt_key, load_ec_key
 from meshca.config import ServeConfig
 from meshca.credentials import JoinTokens, K8sTokens, peek_issuer
@@ -47,6 +48,7 @@ log = logging.getLogger("meshca.server")
 access_log = logging.getLogger("meshca.access")
 
 SERVER_CERT_TTL = dt.timedelta(hours=24)
+HANDSHAKE_TIMEOUT = 10.0  # seconds from accept to a finished TLS handshake
 DRAIN_LIMIT = 1 << 20  # read and drop up to this much of an oversized body, so the client sees 413
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -603,39 +605,72 @@ class CAServer:
 
 
 async def serve(config: ServeConfig, ready: Callable[[str], None] | None = None) -> None:
-    """Run the CA until SIGTERM or SIGINT; `ready` gets the bound URL once listening."""
+    """Run the CA until SIGTERM or SIGINT; `ready` gets the bound URL once listening.
+
+    On the signal it stops accepting, lets in-flight requests finish (at most
+    `drain_timeout` seconds; their responses say `Connection: close`), closes
+    idle kept-alive connections, then returns.
+    """
     ca = CAServer(config)
-    runner = web.AppRunner(ca.app(), access_log=None, handle_signals=False)
-    await runner.setup()
-    site = web.TCPSite(
-        runner,
-        config.listen.host,
-        config.listen.port,
-        ssl_context=ca.listener_context,
-        backlog=1024,
+    app = ca.app()
+    stopping = asyncio.Event()
+
+    async def close_after(_request: web.Request, response: web.StreamResponse) -> None:
+        if stopping.is_set():
+            response.force_close()  # `Connection: close`: the client reconnects elsewhere
+
+    app.on_response_prepare.append(close_after)
+    runner = web.AppRunner(
+        app, access_log=None, handle_signals=False, shutdown_timeout=config.drain_timeout
     )
-    await site.start()
-    server = site._server  # the asyncio Server, to learn the port when 0 was asked for
-    sock = server.sockets[0] if server and server.sockets else None
-    port = sock.getsockname()[1] if sock else config.listen.port
+    await runner.setup()
+    sock = listener.bind(config.listen.host, config.listen.port, backlog=1024)
+    server = runner.server
+    assert server is not None
+    lst = listener.Listener(
+        sock,
+        server,
+        ssl_context=ca.listener_context,
+        max_connections=config.max_connections,
+        handshake_timeout=HANDSHAKE_TIMEOUT,
+        name="meshca",
+    )
+    # aiohttp tells its Server about every connection that ends; the listener counts them.
+    lost = server.connection_lost
+
+    def connection_lost(handler: Any, exc: BaseException | None = None) -> None:
+        lost(handler, exc)
+        lst.release()
+
+    server.connection_lost = connection_lost  # type: ignore[method-assign]
+    lst.start()
+    port = lst.port
     host = config.listen.host
     url = f"https://[{host}]:{port}" if ":" in host else f"https://{host}:{port}"
-    stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, stopping.set)
     renewer = asyncio.create_task(ca.renew_server_cert_forever())
     watcher = asyncio.create_task(ca.watch_state_forever())
     log.info("serving trust domain %s on %s", ca.authority.trust_domain, url)
     if ready:
         ready(url)
     try:
-        await stop.wait()
+        await stopping.wait()
+        log.info(
+            "stopping: no new connections; draining %d open (at most %g s)",
+            len(server.connections),
+            config.drain_timeout,
+        )
     finally:
+        stopping.set()
+        lst.close()
         for task in (renewer, watcher):
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        # aiohttp's graceful shutdown: idle connections close now, in-flight requests get
+        # up to shutdown_timeout (drain_timeout), then their handlers are cancelled.
         await runner.cleanup()
         await ca.close()
         log.info("stopped")

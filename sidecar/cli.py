@@ -20,11 +20,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from meshca.listener import Listener, bind
 from sidecar import __version__
 from sidecar.config import ConfigError, SidecarConfig, load_config
+from sidecar.proxy import ConnGroup
 
 log = logging.getLogger("sidecar")
 DEFAULT_ADMIN = "127.0.0.1:15000"
+BACKLOG = 1024  # connections the kernel queues while a listener is at its limit
+FD_RESERVE = 256  # descriptors for everything but proxied connections
 
 
 async def _start_site(app: Any, host: str, port: int) -> tuple[Any, str]:
@@ -40,9 +44,8 @@ async def _start_site(app: Any, host: str, port: int) -> tuple[Any, str]:
     return runner, f"http://{host}:{bound}"
 
 
-def _bound(server: asyncio.Server, scheme: str) -> str:
-    host, port = server.sockets[0].getsockname()[:2]
-    return f"{scheme}://{host}:{port}"
+def _bound(lst: Listener, scheme: str) -> str:
+    return f"{scheme}://{lst.host}:{lst.port}"
 
 
 async def run(config: SidecarConfig) -> None:
@@ -82,7 +85,8 @@ async def run(config: SidecarConfig) -> None:
         config.ca.url, lambda: trust.pem, on_untrusted=watcher.catch_up, ca_id=watcher.ca_id
     )
     manager = CertManager(config.ca, store, client=client)
-    policy = PolicyHolder(config.policy) if config.inbound is not None else None
+    issuers = tuple(ic.issuer for ic in config.jwt.issuers) if config.jwt is not None else ()
+    policy = PolicyHolder(config.policy, issuers) if config.inbound is not None else None
     authn = None
     if config.jwt is not None:
         try:
@@ -91,8 +95,11 @@ async def run(config: SidecarConfig) -> None:
             raise ConfigError([f"jwt: {e}"]) from None
     admin = Admin(store, manager, policy, watcher)
     background = [asyncio.create_task(watcher.run())]
-    runners, servers = [], []
+    runners: list[Any] = []
+    listeners: list[Listener] = []
+    groups: list[ConnGroup] = []
     access_log = AccessLog(sys.stdout)
+    raise_fd_limit(config)
     try:
         if config.inbound is not None:
             ib = config.inbound
@@ -105,29 +112,37 @@ async def run(config: SidecarConfig) -> None:
             )
             in_router = InboundRouter(ib, store, authn, policy)
             background.append(asyncio.create_task(policy.watch()))
-            server = await loop.create_server(
-                lambda: DownstreamConn(in_router, in_limits, access_log),
-                ib.listen.host,
-                ib.listen.port,
-                ssl=store.listener_context(),
-                ssl_handshake_timeout=ib.header_timeout,
-                backlog=1024,
+            in_group = ConnGroup()
+            lst = Listener(
+                bind(ib.listen.host, ib.listen.port, BACKLOG),
+                lambda: DownstreamConn(in_router, in_limits, access_log, in_group),
+                ssl_context=store.listener_context(),
+                max_connections=ib.max_connections,
+                handshake_timeout=ib.header_timeout,
+                name="inbound",
             )
-            servers.append(server)
-            print(f"sidecar: inbound listening on {_bound(server, 'https')}", flush=True)
+            in_group.on_release = lst.release
+            lst.start()
+            listeners.append(lst)
+            groups.append(in_group)
+            print(f"sidecar: inbound listening on {_bound(lst, 'https')}", flush=True)
         if config.outbound is not None:
             ob = config.outbound
             out_limits = Limits(upstream_timeout=ob.upstream_timeout)
             jwts = JwtSvids(store, manager.client)
             out_router = OutboundRouter(ob, store, jwts)
-            server = await loop.create_server(
-                lambda: DownstreamConn(out_router, out_limits, access_log),
-                ob.listen.host,
-                ob.listen.port,
-                backlog=1024,
+            out_group = ConnGroup()
+            lst = Listener(
+                bind(ob.listen.host, ob.listen.port, BACKLOG),
+                lambda: DownstreamConn(out_router, out_limits, access_log, out_group),
+                max_connections=ob.max_connections,
+                name="outbound",
             )
-            servers.append(server)
-            print(f"sidecar: outbound listening on {_bound(server, 'http')}", flush=True)
+            out_group.on_release = lst.release
+            lst.start()
+            listeners.append(lst)
+            groups.append(out_group)
+            print(f"sidecar: outbound listening on {_bound(lst, 'http')}", flush=True)
         admin_runner, admin_url = await _start_site(
             admin.admin_app(), config.admin.host, config.admin.port
         )
@@ -145,17 +160,66 @@ async def run(config: SidecarConfig) -> None:
         task = asyncio.create_task(manager.run())
         try:
             await stop.wait()
+            await drain(listeners, groups, health_runner, config.drain_timeout)
         finally:
             for t in (task, *background):
                 t.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await t
     finally:
-        for s in servers:
-            s.close()
+        for lst in listeners:
+            lst.close()
         for r in runners:
             await r.cleanup()
         sys.stdout.flush()
+
+
+async def drain(
+    listeners: Sequence[Listener], groups: Sequence[ConnGroup], health: Any, timeout: float
+) -> None:
+    """SIGTERM: stop accepting, report not ready, let in-flight requests finish (at most
+    `timeout` seconds; their responses say `Connection: close`), close idle connections."""
+    for lst in listeners:
+        lst.close()
+    await health.cleanup()  # the readiness probe fails from now on: no new traffic is sent here
+    for g in groups:
+        g.drain()
+    open_now = sum(len(g.conns) for g in groups)
+    print(
+        f"sidecar: stopping: no new connections; draining {open_now} open (at most {timeout:g} s)",
+        flush=True,
+    )
+    cut = await asyncio.gather(*(g.wait_closed(timeout) for g in groups))
+    if sum(cut):
+        print(f"sidecar: drain time over: closed {sum(cut)} busy connection(s)", flush=True)
+    print("sidecar: stopped", flush=True)
+
+
+def raise_fd_limit(config: SidecarConfig) -> None:
+    """Make room for the connection limits: each inbound or outbound connection may hold
+    an upstream one too. The soft RLIMIT_NOFILE is raised (up to the hard limit) when it
+    is lower; a limit that still does not fit is logged."""
+    import resource
+
+    need = FD_RESERVE
+    for part in (config.inbound, config.outbound):
+        if part is not None:
+            need += 2 * part.max_connections
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < need:
+        new = need if hard == resource.RLIM_INFINITY else min(need, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+            soft = new
+        except (ValueError, OSError):
+            pass
+        if soft < need:
+            log.warning(
+                "open-file limit %d is below the %d the connection limits may need; "
+                "lower max_connections or raise the limit",
+                soft,
+                need,
+            )
 
 
 def cmd_run(args: argparse.Namespace) -> int:

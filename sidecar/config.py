@@ -63,6 +63,8 @@ class InboundConfig:
     # `;` (or `%3B`) in a path: Java routers strip `;params` (and treat `..;` as
     # `..`), so `/admin;x` would escape a policy rule for `/admin`.
     path_with_semicolons_action: str = "REJECT_REQUEST"
+    # Open connections; past it new ones wait in the listen backlog until one closes.
+    max_connections: int = 4096
 
 
 @dataclass(frozen=True)
@@ -120,6 +122,7 @@ class OutboundConfig:
     services: Mapping[str, Service] = field(default_factory=dict)
     upstream_timeout: float = 30.0
     connect_timeout: float = 5.0
+    max_connections: int = 1024
 
 
 @dataclass(frozen=True)
@@ -135,6 +138,7 @@ class SidecarConfig:
     source: Path
     jwt: JwtConfig | None = None
     policy: PolicyConfig | None = None
+    drain_timeout: float = 20.0  # seconds in-flight requests get after SIGTERM
 
 
 class _Reader:
@@ -209,6 +213,13 @@ class _Reader:
             return default
         return float(value)
 
+    def whole(self, doc: dict, key: str, where: str, default: int, lo: int, hi: int) -> int:
+        value = doc.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+            self.problems.append(f"{where}: must be a whole number between {lo} and {hi}")
+            return default
+        return value
+
 
 def _loopback(listen: Listen) -> bool:
     if listen.host == "localhost":
@@ -225,8 +236,20 @@ def parse_config(doc: Any, source: Path) -> SidecarConfig:
     if not isinstance(doc, dict):
         raise ConfigError(["(top level): must be a mapping"])
     r.unknown(
-        doc, {"trust_domain", "ca", "inbound", "outbound", "admin", "health", "jwt", "policy"}
+        doc,
+        {
+            "trust_domain",
+            "ca",
+            "inbound",
+            "outbound",
+            "admin",
+            "health",
+            "jwt",
+            "policy",
+            "drain_timeout",
+        },
     )
+    drain = r.number(doc, "drain_timeout", "drain_timeout", 20.0, 0, 3600)
 
     trust_domain = r.string(doc, "trust_domain", "trust_domain", "cluster.local") or ""
     try:
@@ -269,6 +292,7 @@ def parse_config(doc: Any, source: Path) -> SidecarConfig:
             "max_body_bytes",
             "headers_with_underscores_action",
             "path_with_semicolons_action",
+            "max_connections",
         },
         False,
     )
@@ -298,6 +322,7 @@ def parse_config(doc: Any, source: Path) -> SidecarConfig:
             "REJECT_REQUEST",
             SEMICOLON_ACTIONS,
         )
+        in_max = r.whole(i, "max_connections", "inbound.max_connections", 4096, 1, 1_000_000)
         if listen and app:
             inbound = InboundConfig(
                 listen=listen,
@@ -314,11 +339,15 @@ def parse_config(doc: Any, source: Path) -> SidecarConfig:
                 max_body_bytes=max_body,
                 headers_with_underscores_action=underscores,
                 path_with_semicolons_action=semicolons,
+                max_connections=in_max,
             )
 
     outbound = None
     o = r.section(
-        doc, "outbound", {"listen", "services", "upstream_timeout", "connect_timeout"}, False
+        doc,
+        "outbound",
+        {"listen", "services", "upstream_timeout", "connect_timeout", "max_connections"},
+        False,
     )
     if o is not None:
         listen = r.listen(o, "listen", "outbound.listen", "127.0.0.1:15001")
@@ -368,6 +397,7 @@ def parse_config(doc: Any, source: Path) -> SidecarConfig:
                 services[name.lower()] = Service(
                     name.lower(), tuple(endpoints), ident, aud, tuple(addrs)
                 )
+        out_max = r.whole(o, "max_connections", "outbound.max_connections", 1024, 1, 1_000_000)
         if listen:
             outbound = OutboundConfig(
                 listen=listen,
@@ -378,6 +408,7 @@ def parse_config(doc: Any, source: Path) -> SidecarConfig:
                 connect_timeout=r.number(
                     o, "connect_timeout", "outbound.connect_timeout", 5, 0.1, 60
                 ),
+                max_connections=out_max,
             )
 
     a = r.section(doc, "admin", {"listen"}, False) or {}
@@ -402,7 +433,7 @@ def parse_config(doc: Any, source: Path) -> SidecarConfig:
         raise ConfigError(r.problems)
     assert ca is not None and admin is not None and health is not None
     return SidecarConfig(
-        trust_domain, ca, inbound, outbound, admin, health, source, jwt_cfg, policy
+        trust_domain, ca, inbound, outbound, admin, health, source, jwt_cfg, policy, drain
     )
 
 

@@ -365,6 +365,52 @@ class AccessLog:
             pass
 
 
+class ConnGroup:
+    """The open connections of one listener: each end is reported (for the listener's
+    connection limit) and all of them drain together on shutdown."""
+
+    def __init__(self, on_release: Callable[[], None] | None = None) -> None:
+        self.conns: set[DownstreamConn] = set()
+        self.on_release = on_release
+        self.draining = False
+        self._empty: asyncio.Event | None = None
+
+    def add(self, conn: DownstreamConn) -> None:
+        """A connection is up (its TLS handshake done)."""
+        self.conns.add(conn)
+
+    def discard(self, conn: DownstreamConn) -> None:
+        """A connection is gone."""
+        if conn in self.conns:
+            self.conns.remove(conn)
+            if self.on_release is not None:
+                self.on_release()
+            if self._empty is not None and not self.conns:
+                self._empty.set()
+
+    def drain(self) -> None:
+        """Close idle connections now; busy ones after their current response, which
+        says `Connection: close`."""
+        self.draining = True
+        for conn in list(self.conns):
+            conn.drain()
+
+    async def wait_closed(self, timeout: float) -> int:
+        """Wait until every connection has closed, at most `timeout` seconds; then close
+        what is left (a request still running is cut off). The number cut off."""
+        if self.conns:
+            self._empty = asyncio.Event()
+            try:
+                await asyncio.wait_for(self._empty.wait(), timeout)
+            except TimeoutError:
+                pass
+        left = len(self.conns)
+        for conn in list(self.conns):
+            if conn.transport is not None:
+                conn.transport.abort()
+        return left
+
+
 @dataclass
 class Limits:
     """Per-listener limits and timeouts (seconds)."""
@@ -379,8 +425,16 @@ class Limits:
 class DownstreamConn(asyncio.Protocol):
     """A client connection: parses requests, drives exchanges one at a time, in order."""
 
-    def __init__(self, router: Router, limits: Limits, access_log: AccessLog | None) -> None:
+    def __init__(
+        self,
+        router: Router,
+        limits: Limits,
+        access_log: AccessLog | None,
+        group: ConnGroup | None = None,
+    ) -> None:
         self.router = router
+        self.group = group
+        self.draining = False
         self.limits = limits
         self.access_log = access_log
         self.transport: asyncio.Transport | None = None
@@ -392,6 +446,7 @@ class DownstreamConn(asyncio.Protocol):
         self.queue: collections.deque[Exchange] = collections.deque()
         self.closed = False
         self._url = bytearray()
+        self._in_head = False  # a request head has begun and is not complete
         self._headers: Headers = []
         self._head_bytes = 0
         self.deadline = 0.0
@@ -407,6 +462,10 @@ class DownstreamConn(asyncio.Protocol):
         """Check the peer (router), then wait for the first request head."""
         self.transport = transport  # type: ignore[assignment]
         DEADLINES.add(self)
+        if self.group is not None:
+            self.group.add(self)
+            if self.group.draining:
+                self.draining = True
         try:
             self.router.accept(self)
         except ProxyError as e:
@@ -421,12 +480,22 @@ class DownstreamConn(asyncio.Protocol):
         self.closed = True
         self._disarm()
         DEADLINES.discard(self)
+        if self.group is not None:
+            self.group.discard(self)
         self.router.release(self)
         ex = self.active
         if ex is not None and not ex.finished and ex.upstream is not None:
             ex.upstream.abort()
         self.active = None
         self.queue.clear()
+
+    def drain(self) -> None:
+        """Shutting down: close now if idle, else after the response in progress."""
+        self.draining = True
+        idle = self.active is None and self.parsing is None and not self._in_head
+        if idle and not self.closed and self.transport is not None:
+            self._close()  # TLS close_notify, then FIN
+            self.closed = True
 
     def pause_writing(self) -> None:
         """The client reads slower than the app writes: stop reading from the app."""
@@ -497,6 +566,7 @@ class DownstreamConn(asyncio.Protocol):
     # -- parser callbacks ----------------------------------------------
 
     def on_message_begin(self) -> None:
+        self._in_head = True
         self._arm(self.limits.header_timeout, self._header_timeout)
         self._url.clear()
         self._headers = []
@@ -515,6 +585,7 @@ class DownstreamConn(asyncio.Protocol):
         self._headers.append((name, value))
 
     def on_headers_complete(self) -> None:
+        self._in_head = False
         self._disarm()
         p = self.parser
         version = p.get_http_version()
@@ -669,7 +740,7 @@ class DownstreamConn(asyncio.Protocol):
         ex.response_started = True
         headers = strip_hop_by_hop(headers)
         headers = self.router.response_headers(self, ex, headers)
-        close = not ex.keep_alive or not ex.body_done
+        close = not ex.keep_alive or not ex.body_done or self.draining
         lines = [b"HTTP/1.1 %d %s\r\n" % (status, reason or _REASONS.get(status, "").encode())]
         lines += [b"%s: %s\r\n" % (k, v) for k, v in headers]
         if has_body_framing == "none":
@@ -721,7 +792,7 @@ class DownstreamConn(asyncio.Protocol):
     def _finish_with_error(self, ex: Exchange, err: ProxyError) -> None:
         if self.transport is None or self.closed:
             return
-        close = err.close or not ex.body_done or not ex.keep_alive
+        close = err.close or not ex.body_done or not ex.keep_alive or self.draining
         ex.status = err.status
         ex.info.setdefault("error", err.code)
         ex.keep_alive = ex.keep_alive and not close
@@ -750,7 +821,7 @@ class DownstreamConn(asyncio.Protocol):
             ex.upstream.detach(ex)
         if self.closed or self.transport is None:
             return
-        if not ex.keep_alive:
+        if not ex.keep_alive or self.draining:
             self._close()
             self.closed = True
             return
