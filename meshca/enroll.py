@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from cryptography import x509
 
-from meshca import pki, store
+from meshca import pki, store, svid
 from meshca.authority import Authority
 from meshca.credentials import JoinTokens, K8sTokens, peek_issuer
 from meshca.errors import (
@@ -220,32 +220,26 @@ class Enroller:
         Returns the ID and the DNS names; Unauthenticated / Forbidden otherwise.
         """
         try:
-            sid = pki.spiffe_id_of(cert)
-        except ValueError:
-            raise Unauthenticated(
-                "client certificate is not an X.509-SVID", code="bad_certificate"
+            sid = svid.verify_peer(cert, self.authority.trust_domain, now=now)
+        except svid.SvidError as e:
+            if e.code == "not_svid":
+                raise Unauthenticated(
+                    "client certificate is not an X.509-SVID", code="bad_certificate"
+                ) from None
+            if e.code == "not_valid_now":
+                raise Unauthenticated(
+                    "client certificate is not valid now", code="bad_certificate"
+                ) from None
+            raise Forbidden(
+                "client certificate is not a workload SVID of this trust domain"
             ) from None
-        try:
-            usage = cert.extensions.get_extension_for_class(x509.KeyUsage).value
-            signs = usage.key_cert_sign or usage.crl_sign  # X.509-SVID 4.3: never on a leaf
-        except x509.ExtensionNotFound:
-            signs = False
-        if pki.is_ca(cert) or signs or sid.trust_domain != self.authority.trust_domain:
-            raise Forbidden("client certificate is not a workload SVID of this trust domain")
-        if not cert.not_valid_before_utc <= now < cert.not_valid_after_utc:
-            raise Unauthenticated("client certificate is not valid now", code="bad_certificate")
         record = self.ledger.certificate(pki.serial_hex(cert))
         if record is None:
             raise Forbidden("client certificate was not issued by this CA")
         if record.revoked_at is not None:
             raise Forbidden("client certificate has been revoked", code="revoked")
         self.check_not_blocked(sid)
-        try:
-            san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-            dns = tuple(san.get_values_for_type(x509.DNSName))
-        except x509.ExtensionNotFound:
-            dns = ()
-        return sid, dns
+        return sid, svid.dns_sans(cert)
 
     def _issue(self, caller: _Caller, public_key: pki.LeafPublicKey) -> Issued:
         assert caller.spiffe_id is not None

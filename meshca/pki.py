@@ -20,6 +20,9 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from meshca.errors import BadRequest
 from meshca.spiffe import SpiffeId
+from meshca.svid import is_ca, serial_hex, spiffe_id_of, uri_sans
+
+__all__ = ["is_ca", "serial_hex", "spiffe_id_of", "uri_sans"]  # X.509-SVID rules: meshca.svid
 
 ROOT_LIFETIME = dt.timedelta(days=3650)
 INTERMEDIATE_LIFETIME = dt.timedelta(days=365)
@@ -49,12 +52,6 @@ def key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
 def cert_pem(cert: x509.Certificate) -> bytes:
     """PEM of one certificate."""
     return cert.public_bytes(serialization.Encoding.PEM)
-
-
-def serial_hex(cert: x509.Certificate) -> str:
-    """The serial number as lowercase hex of whole bytes, as `openssl x509 -serial` (lowercased)."""
-    text = format(cert.serial_number, "x")
-    return "0" + text if len(text) % 2 else text
 
 
 def fingerprint(cert: x509.Certificate) -> str:
@@ -295,31 +292,6 @@ def check_csr(pem: str | bytes) -> LeafPublicKey:
     if not valid:
         raise BadRequest("csr signature does not verify", code="bad_csr_signature")
     return key
-
-
-def uri_sans(cert: x509.Certificate) -> list[str]:
-    """All URI SANs of a certificate (an SVID has exactly one)."""
-    try:
-        ext = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
-    except x509.ExtensionNotFound:
-        return []
-    return ext.value.get_values_for_type(x509.UniformResourceIdentifier)
-
-
-def spiffe_id_of(cert: x509.Certificate) -> SpiffeId:
-    """The SPIFFE ID of an SVID; ValueError unless it has exactly one valid URI SAN."""
-    uris = uri_sans(cert)
-    if len(uris) != 1:
-        raise ValueError(f"certificate has {len(uris)} URI SANs, an SVID has exactly one")
-    return SpiffeId.parse(uris[0])
-
-
-def is_ca(cert: x509.Certificate) -> bool:
-    """True when basicConstraints says CA:TRUE."""
-    try:
-        return cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
-    except x509.ExtensionNotFound:
-        return False
 
 
 def describe(cert: x509.Certificate) -> dict[str, str]:

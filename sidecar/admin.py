@@ -21,15 +21,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from meshca.client import CAError
+from meshca.svid import SvidError, serial_hex, spiffe_id_of, verify_peer
 from sidecar.bundlewatch import BundleWatcher
 from sidecar.certmanager import CertManager
-from sidecar.creds import (
-    CredentialError,
-    Credentials,
-    CredentialStore,
-    leaf_problem,
-    spiffe_id_of,
-)
+from sidecar.creds import Credentials, CredentialStore
 from sidecar.policyholder import PolicyHolder
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -67,7 +62,12 @@ async def _peer_cert(host: str, port: int, ctx: ssl.SSLContext) -> x509.Certific
 
 
 async def check_peer(
-    creds: Credentials, host: str, port: int, expect: str | None, now: dt.datetime
+    creds: Credentials,
+    host: str,
+    port: int,
+    expect: str | None,
+    now: dt.datetime,
+    revoked: frozenset[str] = frozenset(),
 ) -> dict[str, object]:
     """Handshake with the pod's certificate; report the peer's ID, chain and validity."""
     doc: dict[str, object] = {"target": f"{host}:{port}", "expected": expect}
@@ -92,15 +92,14 @@ async def check_peer(
         return doc
     try:
         doc["spiffe_id"] = str(spiffe_id_of(cert))
-    except CredentialError as e:
-        doc["spiffe_id"] = None
-        doc["error"] = str(e)
-    problem = leaf_problem(cert)
-    if problem is not None:
-        doc["error"] = problem  # what inbound and outbound would refuse too
+        # The checks inbound and outbound make (the chain was verified, or said above).
+        verify_peer(cert, creds.spiffe_id.trust_domain, revoked)
+    except SvidError as e:
+        doc.setdefault("spiffe_id", None)
+        doc["error"] = e.detail
     nb, na = cert.not_valid_before_utc, cert.not_valid_after_utc
     doc.update(
-        serial=format(cert.serial_number, "x"),
+        serial=serial_hex(cert),
         issuer=cert.issuer.rfc4514_string(),
         not_before=nb.strftime("%Y-%m-%dT%H:%M:%SZ"),
         not_after=na.strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -189,7 +188,9 @@ class Admin:
         creds = self.store.current
         if creds is None:
             return _json({"error": "not_ready", "detail": "no certificate yet"}, 503)
-        doc = await check_peer(creds, host.strip("[]"), int(port), expect, self.manager.clock())
+        doc = await check_peer(
+            creds, host.strip("[]"), int(port), expect, self.manager.clock(), self.store.revoked
+        )
         return _json(doc)
 
     def admin_app(self) -> web.Application:

@@ -23,57 +23,19 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.x509 import verification as xv
 
 from meshca import tlsutil
-from meshca.spiffe import InvalidSpiffeId, SpiffeId
+from meshca.spiffe import SpiffeId
+from meshca.svid import SvidError, leaf_problem, serial_hex, spiffe_id_of
 from meshca.tlsutil import no_resumption
 from sidecar.trust import TrustBundle, TrustStore
 
 log = logging.getLogger("sidecar.creds")
 
 
+__all__ = ["leaf_problem", "serial_hex", "spiffe_id_of"]  # X.509-SVID rules: meshca.svid
+
+
 class CredentialError(ValueError):
     """A certificate, chain or bundle is unusable; the message says which and why."""
-
-
-def serial_hex(cert: x509.Certificate) -> str:
-    """Serial as lowercase hex of whole bytes (the form the CA's bundle lists)."""
-    text = format(cert.serial_number, "x")
-    return "0" + text if len(text) % 2 else text
-
-
-def spiffe_id_of(cert: x509.Certificate) -> SpiffeId:
-    """The single SPIFFE URI SAN of an SVID; CredentialError otherwise."""
-    try:
-        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except x509.ExtensionNotFound:
-        raise CredentialError("certificate has no subjectAltName") from None
-    uris = san.get_values_for_type(x509.UniformResourceIdentifier)
-    if len(uris) != 1:
-        raise CredentialError(f"certificate has {len(uris)} URI SANs, an SVID has exactly one")
-    try:
-        return SpiffeId.parse(uris[0])
-    except InvalidSpiffeId as e:
-        raise CredentialError(f"certificate URI SAN is not a SPIFFE ID: {e}") from None
-
-
-def leaf_problem(cert: x509.Certificate) -> str | None:
-    """Why `cert` cannot be a workload's leaf certificate, or None.
-
-    The X.509-SVID spec (sections 4.1, 4.3) requires a leaf to be CA:FALSE and
-    without keyCertSign or cRLSign. The TLS handshake does not check this: a
-    CA:TRUE certificate signed by a trusted intermediate verifies as a leaf.
-    """
-    try:
-        if cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca:
-            return "certificate is a CA (basicConstraints CA:TRUE), not a workload leaf"
-    except x509.ExtensionNotFound:
-        pass
-    try:
-        usage = cert.extensions.get_extension_for_class(x509.KeyUsage).value
-    except x509.ExtensionNotFound:
-        return None
-    if usage.key_cert_sign or usage.crl_sign:
-        return "certificate may sign certificates or CRLs (keyCertSign/cRLSign), not a leaf"
-    return None
 
 
 def chain_valid(
@@ -129,7 +91,10 @@ class Credentials:
         except ValueError:
             raise CredentialError("chain or bundle is not PEM certificates") from None
         leaf, intermediates = certs[0], certs[1:]
-        sid = spiffe_id_of(leaf)
+        try:
+            sid = spiffe_id_of(leaf)
+        except SvidError as e:
+            raise CredentialError(str(e)) from None
         if sid.trust_domain != trust_domain:
             raise CredentialError(f"certificate ID {sid} is not in trust domain {trust_domain}")
         key = serialization.load_pem_private_key(key_pem, password=None)
@@ -187,8 +152,7 @@ class Credentials:
     @property
     def serial(self) -> str:
         """Serial as lowercase hex of whole bytes."""
-        text = format(self.leaf.serial_number, "x")
-        return "0" + text if len(text) % 2 else text
+        return serial_hex(self.leaf)
 
     def describe(self, now: dt.datetime) -> dict[str, object]:
         """What `GET /identity` and `sidecar identity` show."""

@@ -25,10 +25,11 @@ import logging
 
 from cryptography import x509
 
+from meshca.svid import SvidError, serial_hex, verify_peer
 from sidecar.authn import Authenticator, InvalidToken, NeedKeys, claims_header_value
 from sidecar.authz import Request
 from sidecar.config import InboundConfig
-from sidecar.creds import CredentialError, CredentialStore, leaf_problem, serial_hex, spiffe_id_of
+from sidecar.creds import CredentialStore
 from sidecar.pathnorm import PathError, normalize
 from sidecar.policyholder import PolicyHolder
 from sidecar.proxy import (
@@ -45,6 +46,9 @@ from sidecar.proxy import (
 )
 
 log = logging.getLogger("sidecar.inbound")
+
+# What a refused client is told, by the X.509-SVID rule its certificate broke.
+_INBOUND_CODES = {"revoked": "revoked", "foreign_trust_domain": "foreign_trust_domain"}
 
 # Headers only the sidecar may set for the app; a client's copies are removed first.
 SIDECAR_HEADERS = frozenset({b"x-forwarded-client-cert", b"x-forwarded-proto"})
@@ -128,17 +132,14 @@ class InboundRouter(Router):
             raise ProxyError(400, "no_client_certificate", "a client certificate is required")
         try:
             cert = x509.load_der_x509_certificate(der)
-            peer = spiffe_id_of(cert)
-        except (CredentialError, ValueError) as e:
+            peer = verify_peer(cert, self.store.trust_domain, self.store.revoked)
+        except SvidError as e:
+            raise ProxyError(
+                403, _INBOUND_CODES.get(e.code, "bad_peer_certificate"), e.detail
+            ) from None
+        except ValueError as e:
             raise ProxyError(403, "bad_peer_certificate", str(e)) from None
-        problem = leaf_problem(cert)
-        if problem is not None:
-            raise ProxyError(403, "bad_peer_certificate", f"{peer}: {problem}")
         serial = serial_hex(cert)
-        if serial in self.store.revoked:
-            raise ProxyError(403, "revoked", f"{peer}: certificate {serial} is revoked")
-        if peer.trust_domain != self.store.trust_domain:
-            raise ProxyError(403, "foreign_trust_domain", f"{peer} is not in our trust domain")
         creds = self.store.current
         own = str(creds.spiffe_id) if creds is not None else ""
         conn.peer = {"spiffe_id": str(peer), "xfcc": xfcc(own, der, str(peer)), "serial": serial}

@@ -22,8 +22,9 @@ import httptools
 from cryptography import x509
 
 from meshca.client import CAError, EnrollmentClient
+from meshca.svid import SvidError, serial_hex, verify_peer
 from sidecar.config import OutboundConfig, Service
-from sidecar.creds import CredentialError, CredentialStore, leaf_problem, serial_hex, spiffe_id_of
+from sidecar.creds import CredentialStore
 from sidecar.proxy import (
     DownstreamConn,
     Exchange,
@@ -36,6 +37,9 @@ from sidecar.proxy import (
 )
 
 log = logging.getLogger("sidecar.outbound")
+
+# What the app is told when the server's certificate breaks an X.509-SVID rule.
+_OUTBOUND_CODES = {"not_leaf": "peer_verification_failed", "revoked": "peer_revoked"}
 
 _SUFFIXES = (".svc.cluster.local", ".svc")
 SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h
@@ -168,38 +172,19 @@ class OutboundRouter(Router):
             der = transport.get_extra_info("ssl_object").getpeercert(binary_form=True)
             try:
                 cert = x509.load_der_x509_certificate(der)
-                peer = spiffe_id_of(cert)
-            except (CredentialError, ValueError) as e:
+                peer = verify_peer(
+                    cert, svc.identity.trust_domain, self.store.revoked, svc.identity
+                )
+            except SvidError as e:
+                transport.abort()
+                log.warning("%s at %s:%d: %s", svc.name, host, port, e.detail)
+                code = _OUTBOUND_CODES.get(e.code, "peer_identity_mismatch")
+                raise ProxyError(502, code, f"{svc.name}: {e.detail}") from None
+            except ValueError as e:
                 transport.abort()
                 raise ProxyError(502, "peer_identity_mismatch", f"{svc.name}: {e}") from None
-            problem = leaf_problem(cert)
-            if problem is not None:
-                transport.abort()
-                log.warning("%s at %s:%d presented a bad leaf: %s", svc.name, host, port, problem)
-                raise ProxyError(502, "peer_verification_failed", f"{svc.name}: {problem}")
-            serial = serial_hex(cert)
-            if serial in self.store.revoked:
-                transport.abort()
-                raise ProxyError(
-                    502, "peer_revoked", f"{svc.name}: certificate {serial} is revoked"
-                )
-            if peer != svc.identity:
-                transport.abort()
-                log.warning(
-                    "%s at %s:%d presented %s, expected %s",
-                    svc.name,
-                    host,
-                    port,
-                    peer,
-                    svc.identity,
-                )
-                raise ProxyError(
-                    502,
-                    "peer_identity_mismatch",
-                    f"{svc.name} presented {peer}, expected {svc.identity}",
-                )
             conn.peer_info["spiffe_id"] = str(peer)
-            conn.peer_info["serial"] = serial
+            conn.peer_info["serial"] = serial_hex(cert)
             return conn
 
         return connect
