@@ -4,7 +4,9 @@ Adds the sidecar as a native sidecar (an init container with `restartPolicy:
 Always`, so the app starts after the sidecar is ready and Jobs still complete),
 a projected ServiceAccount token for the CA, the CA's bootstrap bundle, the
 sidecar's configuration (in an environment variable), readiness on the health
-port 15021, and `HTTP_PROXY` for the app containers. Injecting twice equals
+port 15021, `HTTP_PROXY` for the app containers, and a termination grace period
+long enough for the sidecar's drain (`drain_timeout` plus a margin; a longer one
+the pod already has is kept). Injecting twice equals
 injecting once; everything else in the object is kept as it was; the pod
 annotation `meshca.io/inject: "false"` opts out.
 """
@@ -33,6 +35,8 @@ TOKEN_DIR = "/var/run/secrets/meshca"  # noqa: S105 (a path)
 BUNDLE_DIR = "/var/run/meshca"
 CONFIG_ENV = "MESHCA_SIDECAR_CONFIG"
 SIDECAR_UID = 1337  # the sidecar's own traffic is told apart by this uid (init-net)
+DEFAULT_GRACE = 30  # Kubernetes' default terminationGracePeriodSeconds
+GRACE_MARGIN = 10  # seconds of the grace period beyond the sidecar's drain_timeout
 
 # Where the pod template lives, per kind.
 _TEMPLATE_PATHS = {
@@ -60,6 +64,7 @@ class InjectOptions:
     bundle_configmap: str = "meshca-bundle"
     audience: str = "meshca"
     token_seconds: int = 3600
+    drain_seconds: int = 20  # the sidecar's drain_timeout: in-flight requests after SIGTERM
 
 
 def sidecar_config(opts: InjectOptions, app_port: int | None, services: dict | None = None) -> str:
@@ -74,6 +79,7 @@ def sidecar_config(opts: InjectOptions, app_port: int | None, services: dict | N
         "outbound": {"listen": "127.0.0.1:15001", "services": services or {}},
         "admin": {"listen": "127.0.0.1:15000"},
         "health": {"listen": "0.0.0.0:15021"},
+        "drain_timeout": opts.drain_seconds,
     }
     if app_port is not None:
         doc["inbound"] = {"listen": "0.0.0.0:15006", "app": f"127.0.0.1:{app_port}"}
@@ -229,6 +235,15 @@ def inject_pod_template(meta: dict, spec: dict, opts: InjectOptions) -> bool:
         added.insert(0, _init_net_container(opts, app_port))
     spec["initContainers"] = [*added, *(spec.get("initContainers") or [])]
     spec["volumes"] = [*(spec.get("volumes") or []), *_volumes(opts)]
+    # SIGKILL must not come before the sidecar's drain is over. A native sidecar gets its
+    # SIGTERM once the app containers have exited (so it needs no preStop hook to keep
+    # serving the app's last outbound calls); a plain container gets it with the app.
+    grace = spec.get("terminationGracePeriodSeconds")
+    need = opts.drain_seconds + GRACE_MARGIN
+    if not isinstance(grace, int) or grace < need:
+        spec["terminationGracePeriodSeconds"] = max(
+            need, grace if isinstance(grace, int) else DEFAULT_GRACE
+        )
     for c in spec["containers"]:
         env = c.setdefault("env", [])
         have = {e.get("name") for e in env}

@@ -604,6 +604,32 @@ class CAServer:
         self.ledger.close()
 
 
+async def _drain(server: web.Server, timeout: float) -> None:
+    """Close idle kept-alive connections now; give busy ones up to `timeout` seconds to
+    answer (the answer closes the connection: `close_after` in `serve`).
+
+    aiohttp's own graceful shutdown alone would not do: from its first step it drops
+    whatever a client still sends (RequestHandler.data_received returns once the
+    handler is closing), so a request whose body was still arriving could never finish.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        busy = 0
+        for handler in server.connections:
+            if getattr(handler, "_request_in_progress", False):
+                busy += 1
+            else:
+                # Idle: close the transport now (TLS close_notify). close() alone only
+                # cancels the wait for a next request and leaves the socket open.
+                handler.force_close()
+        if not busy or loop.time() >= deadline:
+            if busy:
+                log.warning("drain time over: %d request(s) still running are cut off", busy)
+            return
+        await asyncio.sleep(0.05)
+
+
 async def serve(config: ServeConfig, ready: Callable[[str], None] | None = None) -> None:
     """Run the CA until SIGTERM or SIGINT; `ready` gets the bound URL once listening.
 
@@ -617,12 +643,13 @@ async def serve(config: ServeConfig, ready: Callable[[str], None] | None = None)
 
     async def close_after(_request: web.Request, response: web.StreamResponse) -> None:
         if stopping.is_set():
-            response.force_close()  # `Connection: close`: the client reconnects elsewhere
+            # The headers are computed before this hook runs (aiohttp 3.14): say it here.
+            response.headers["Connection"] = "close"
+            response.force_close()  # and close after this response
 
     app.on_response_prepare.append(close_after)
-    runner = web.AppRunner(
-        app, access_log=None, handle_signals=False, shutdown_timeout=config.drain_timeout
-    )
+    # What _drain leaves is given a moment more by aiohttp's own shutdown, then cancelled.
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
     await runner.setup()
     sock = listener.bind(config.listen.host, config.listen.port, backlog=1024)
     server = runner.server
@@ -669,8 +696,7 @@ async def serve(config: ServeConfig, ready: Callable[[str], None] | None = None)
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        # aiohttp's graceful shutdown: idle connections close now, in-flight requests get
-        # up to shutdown_timeout (drain_timeout), then their handlers are cancelled.
+        await _drain(server, config.drain_timeout)
         await runner.cleanup()
         await ca.close()
         log.info("stopped")

@@ -120,3 +120,26 @@ def test_intercept_annotation_adds_init_net_first():
     assert init["args"] == ["init-net", "--uid", "1337", "--app-port", "9090"]
     assert "NET_ADMIN" in init["securityContext"]["capabilities"]["add"]
     assert "restartPolicy" not in init, "a plain init container: runs once, before the sidecar"
+
+
+@pytest.mark.parametrize(
+    "existing,expected",
+    [(None, 30), (5, 30), (30, 30), (120, 120)],
+)
+def test_grace_period_covers_the_sidecar_drain(existing, expected):
+    """The injected sidecar drains for `drain_timeout` s after SIGTERM; the pod's grace
+    period leaves it that long plus a margin (a longer one is kept)."""
+    obj = copy.deepcopy(docs()[0])
+    _, spec = pod_spec(obj)
+    spec.pop("terminationGracePeriodSeconds", None)
+    if existing is not None:
+        spec["terminationGracePeriodSeconds"] = existing
+    out = inject_object(obj, OPTS)
+    _, spec = pod_spec(out)
+    assert spec["terminationGracePeriodSeconds"] == expected
+    config = yaml.safe_load(spec["initContainers"][0]["env"][0]["value"])
+    assert config["drain_timeout"] == OPTS.drain_seconds == 20
+    assert expected >= config["drain_timeout"] + 10
+    validate(out)
+    longer = inject_object(obj, InjectOptions(drain_seconds=60))
+    assert pod_spec(longer)[1]["terminationGracePeriodSeconds"] == max(70, existing or 0)
