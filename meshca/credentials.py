@@ -24,6 +24,7 @@ import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from meshca import jwtcore
 from meshca.errors import BadRequest, Unauthenticated
 from meshca.jwks import JwksSource
 from meshca.spiffe import InvalidSpiffeId, SpiffeId
@@ -61,51 +62,29 @@ def peek_issuer(token: str) -> str:
 
 
 def _decode(
-    token: str, key: Any, algorithms: Sequence[str], audience: str | Sequence[str], issuer: str
+    token: str,
+    key: Any,
+    alg: str,
+    audience: str | Sequence[str],
+    issuer: str,
+    now: dt.datetime,
+    leeway: dt.timedelta,
 ) -> dict[str, Any]:
-    """Verify signature, algorithm, audience and issuer; times are checked by the caller."""
+    """Verify signature, algorithm, audience, issuer and times (meshca.jwtcore)."""
     try:
-        return jwt.decode(
+        return jwtcore.decode(
             token,
             key,
-            algorithms=list(algorithms),
-            audience=audience,
-            issuer=issuer,
-            options={
-                "verify_exp": False,
-                "verify_nbf": False,
-                "verify_iat": False,
-                "require": ["exp", "iat", "sub"],
-            },
+            alg,
+            [audience] if isinstance(audience, str) else audience,
+            issuer,
+            now.timestamp(),
+            leeway.total_seconds(),
+            require=("exp", "iat", "sub"),
+            malformed="bearer token is not a valid JWT",
         )
-    except jwt.InvalidSignatureError:
-        raise _invalid("token signature does not verify") from None
-    except jwt.InvalidAudienceError:
-        raise _invalid("token audience is not accepted") from None
-    except jwt.InvalidIssuerError:
-        raise _invalid("token issuer is not trusted") from None
-    except jwt.InvalidAlgorithmError:
-        raise _invalid("token algorithm is not accepted") from None
-    except jwt.MissingRequiredClaimError as e:
-        raise _invalid(f"token lacks the {e.claim!r} claim") from None
-    except (jwt.PyJWTError, TypeError, ValueError):
-        raise _invalid("bearer token is not a valid JWT") from None
-
-
-def _check_times(claims: dict[str, Any], now: dt.datetime, leeway: dt.timedelta) -> None:
-    """Check exp / nbf / iat against the injected clock, with `leeway` for clock skew."""
-    ts = now.timestamp()
-    skew = leeway.total_seconds()
-    try:
-        exp = float(claims["exp"])
-        iat = float(claims["iat"])
-        nbf = float(claims.get("nbf", iat))
-    except (TypeError, ValueError):
-        raise _invalid("token time claims are not numbers") from None
-    if exp <= ts - skew:
-        raise _invalid("token has expired")
-    if nbf > ts + skew or iat > ts + skew:
-        raise _invalid("token is not valid yet")
+    except jwtcore.TokenError as e:
+        raise _invalid(str(e)) from None
 
 
 def key_id(public_key: ec.EllipticCurvePublicKey) -> str:
@@ -181,9 +160,10 @@ class JoinTokens:
 
     def verify(self, token: str, now: dt.datetime) -> JoinClaims:
         """Check signature, audience, issuer, times and the bound ID; not single use (ledger)."""
-        claims = _decode(token, self._public, ["ES256"], JOIN_AUDIENCE, self.issuer)
         # The CA minted it on its own clock: no skew to allow for.
-        _check_times(claims, now, dt.timedelta(0))
+        claims = _decode(
+            token, self._public, "ES256", JOIN_AUDIENCE, self.issuer, now, dt.timedelta(0)
+        )
         jti = claims.get("jti")
         if not isinstance(jti, str) or not jti:
             raise _invalid("token lacks the 'jti' claim")
@@ -197,9 +177,6 @@ class JoinTokens:
         if not isinstance(dns, list) or not all(isinstance(d, str) for d in dns):
             raise _invalid("token 'dns' claim must be a list of names")
         return JoinClaims(sid, jti, tuple(dns))
-
-
-_KEY_TYPE_OF_ALG = {"RS": "RSA", "PS": "RSA", "ES": "EC", "Ed": "OKP"}
 
 
 class K8sTokens:
@@ -232,10 +209,9 @@ class K8sTokens:
         if jwk is None:
             raise _invalid("token signing key is not in the cluster's JWKS")
         alg = header["alg"]
-        if _KEY_TYPE_OF_ALG.get(alg[:2]) != jwk.key_type:
+        if not jwtcore.key_fits(alg, jwk.key_type):
             raise _invalid("token algorithm does not match its signing key")
-        claims = _decode(token, jwk.key, [alg], self.audiences, self.issuer)
-        _check_times(claims, now, CLOCK_LEEWAY)
+        claims = _decode(token, jwk.key, alg, self.audiences, self.issuer, now, CLOCK_LEEWAY)
         k8s = claims.get("kubernetes.io")
         try:
             namespace = k8s["namespace"]
