@@ -77,7 +77,7 @@ class Authority:
         roots = tuple(_load_cert(home / f"{name}.crt") for name in state.roots)
         intermediate = _load_cert(home / f"{state.intermediate}.crt")
         key = load_ec_key(home / f"{state.intermediate}.key")
-        if key.public_key().public_numbers() != intermediate.public_key().public_numbers():
+        if key.public_key() != intermediate.public_key():
             raise StateError(f"{state.intermediate}.key does not match {state.intermediate}.crt")
         issuing_root = roots[state.roots.index(state.issuing_root)]
         try:

@@ -212,7 +212,7 @@ class K8sTokens:
         if not jwtcore.key_fits(alg, jwk.key_type):
             raise _invalid("token algorithm does not match its signing key")
         claims = _decode(token, jwk.key, alg, self.audiences, self.issuer, now, CLOCK_LEEWAY)
-        k8s = claims.get("kubernetes.io")
+        k8s: Any = claims.get("kubernetes.io")
         try:
             namespace = k8s["namespace"]
             account = k8s["serviceaccount"]["name"]

@@ -49,7 +49,7 @@ class Issued:
     expires_at: dt.datetime
     bundle_sequence: int = 0
 
-    def to_json(self) -> dict[str, str]:
+    def to_json(self) -> dict[str, str | int]:
         """The 200 answer of POST /v1/certificates."""
         return {
             "spiffe_id": str(self.spiffe_id),

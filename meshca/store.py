@@ -17,6 +17,7 @@ a directory without it holds no CA, and a half-written one is never read.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as dt
 import fcntl
 import json
@@ -210,7 +211,8 @@ def check_empty_for_init(home: Path) -> list[Path]:
         raise StateError(
             f"a CA already exists in {home}; refusing to overwrite it (nothing was changed)"
         )
-    leftovers, foreign = [], []
+    leftovers: list[Path] = []
+    foreign: list[Path] = []
     for entry in sorted(home.iterdir()):
         if entry.name in _IGNORED_ENTRIES or entry.name == LOCK_FILE:
             continue
@@ -449,7 +451,7 @@ class Ledger:
                 "AND revoked_at IS NULL",
                 (now, spiffe_id, now),
             )
-        return [IssuedRecord(*r[:-1], revoked_at=now) for r in rows]
+        return [dataclasses.replace(IssuedRecord(*r), revoked_at=now) for r in rows]
 
     def ban_of(self, spiffe_id: str) -> tuple[str, str | None] | None:
         """(banned_at, until) if new certificates for `spiffe_id` are refused now, else None."""
@@ -520,7 +522,7 @@ class Ledger:
         self, spiffe_id: str | None = None, active_only: bool = False, limit: int | None = None
     ) -> list[IssuedRecord]:
         """Issued certificates, newest first, optionally filtered."""
-        sql, args = "SELECT * FROM certificates WHERE 1=1", []
+        sql, args = "SELECT * FROM certificates WHERE 1=1", list[str | int]()
         if spiffe_id:
             sql += " AND spiffe_id = ?"
             args.append(spiffe_id)

@@ -124,7 +124,7 @@ class CertManager:
             and now < current.leaf.not_valid_after_utc
             and current.chains_now(now)
         )
-        if usable:
+        if usable and current is not None:
             try:
                 got = await self.client.renew(csr, current.chain_pem, current.key_pem)
             except CARefused as e:

@@ -268,6 +268,7 @@ class OutboundRouter(Router):
                         raise ProxyError(
                             503, "no_jwt", f"cannot get a JWT-SVID for audience {aud!r} from the CA"
                         )
-                    raise RouteLater(lambda: self.jwts.fetch(aud))
+                    jwts = self.jwts
+                    raise RouteLater(lambda: jwts.fetch(aud))
                 lines.append(b"authorization: Bearer %s\r\n" % token)
         return pool, b"".join(lines)

@@ -177,8 +177,8 @@ class TrustStore:
             for fn in self._roots_listeners:
                 self._tell(fn, bundle)
         if revoked_changed:
-            for fn in self._revoked_listeners:
-                self._tell(fn, bundle.revoked)
+            for tell in self._revoked_listeners:
+                self._tell(tell, bundle.revoked)
         return roots_changed or revoked_changed
 
     @staticmethod
