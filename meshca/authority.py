@@ -15,43 +15,20 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from meshca import pki, store
 from meshca.errors import StateError
+from meshca.store import load_ec_key
+
+__all__ = ["Authority", "ca_name", "ensure_jwt_key", "init_ca", "load_ec_key"]
 from meshca.spiffe import InvalidSpiffeId, SpiffeId, validate_trust_domain
 
 
-def _tag(cert: x509.Certificate) -> str:
+def ca_name(kind: str, cert: x509.Certificate) -> str:
+    """The base name a CA certificate is stored under: `<kind>-<first 8 hex of its SKI>`."""
     ski = cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
-    return ski.digest.hex()[:8]
-
-
-def _load_cert(path: Path) -> x509.Certificate:
-    try:
-        return x509.load_pem_x509_certificate(path.read_bytes())
-    except FileNotFoundError:
-        raise StateError(f"missing {path}") from None
-    except OSError as e:
-        raise StateError(f"cannot read {path}: {e.strerror}") from None
-    except ValueError:
-        raise StateError(f"{path} is not a PEM certificate") from None
-
-
-def load_ec_key(path: Path) -> ec.EllipticCurvePrivateKey:
-    """Load an unencrypted PEM EC private key; StateError (never the key text) on failure."""
-    try:
-        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
-    except FileNotFoundError:
-        raise StateError(f"missing {path}") from None
-    except OSError as e:
-        raise StateError(f"cannot read {path}: {e.strerror}") from None
-    except (ValueError, TypeError):
-        raise StateError(f"{path} is not an unencrypted PEM private key") from None
-    if not isinstance(key, ec.EllipticCurvePrivateKey):
-        raise StateError(f"{path} is not an EC private key")
-    return key
+    return f"{kind}-{ski.digest.hex()[:8]}"
 
 
 @dataclass(frozen=True)
@@ -73,10 +50,11 @@ class Authority:
     @classmethod
     def load(cls, home: Path) -> Authority:
         """Read state.json and the files it names; StateError naming what is missing or bad."""
-        state = store.read_state(home)
-        roots = tuple(_load_cert(home / f"{name}.crt") for name in state.roots)
-        intermediate = _load_cert(home / f"{state.intermediate}.crt")
-        key = load_ec_key(home / f"{state.intermediate}.key")
+        sd = store.StateDir(home)
+        state = sd.read_state()
+        roots = tuple(sd.cert(name) for name in state.roots)
+        intermediate = sd.cert(state.intermediate)
+        key = sd.key(state.intermediate)
         if key.public_key() != intermediate.public_key():
             raise StateError(f"{state.intermediate}.key does not match {state.intermediate}.crt")
         issuing_root = roots[state.roots.index(state.issuing_root)]
@@ -87,7 +65,7 @@ class Authority:
                 f"{state.intermediate}.crt is not signed by {state.issuing_root}.crt "
                 f"({type(e).__name__})"
             ) from None
-        endorsements = tuple(_load_cert(home / f"{name}.crt") for name in state.endorsements)
+        endorsements = tuple(sd.cert(name) for name in state.endorsements)
         return cls(home, state, roots, intermediate, key, endorsements)
 
     def issue(
@@ -152,14 +130,13 @@ def init_ca(
         root = pki.build_root(root_key, now)
         int_key = pki.new_key()
         intermediate = pki.build_intermediate(int_key, root, root_key, now)
-        root_name, int_name = f"root-{_tag(root)}", f"issuing-{_tag(intermediate)}"
-        store.create_exclusive(home / f"{root_name}.key", pki.key_pem(root_key))
-        store.create_exclusive(home / f"{root_name}.crt", pki.cert_pem(root), 0o644)
-        store.create_exclusive(home / f"{int_name}.key", pki.key_pem(int_key))
-        store.create_exclusive(home / f"{int_name}.crt", pki.cert_pem(intermediate), 0o644)
-        store.create_exclusive(home / store.TOKEN_KEY_FILE, pki.key_pem(pki.new_key()))
-        store.create_exclusive(home / store.JWT_KEY_FILE, pki.key_pem(pki.new_key()))
-        ledger = store.Ledger(home / store.LEDGER_FILE, clock)
+        sd = store.StateDir(home)
+        root_name, int_name = ca_name("root", root), ca_name("issuing", intermediate)
+        sd.write_pair(root_name, pki.key_pem(root_key), pki.cert_pem(root))
+        sd.write_pair(int_name, pki.key_pem(int_key), pki.cert_pem(intermediate))
+        sd.write_key(store.TOKEN_KEY_FILE, pki.key_pem(pki.new_key()))
+        sd.write_key(store.JWT_KEY_FILE, pki.key_pem(pki.new_key()))
+        ledger = sd.ledger(clock)
         try:
             ledger.record_event(
                 "init",
@@ -179,16 +156,15 @@ def init_ca(
             sequence=1,
             created_at=pki.rfc3339(now),
         )
-        store.atomic_write(home / store.STATE_FILE, state.to_json(), 0o644)
+        sd.write_state(state)
         return state
 
 
 def ensure_jwt_key(home: Path) -> ec.EllipticCurvePrivateKey:
     """The JWT-SVID signing key; made once for a CA created before JWT-SVIDs existed."""
-    path = home / store.JWT_KEY_FILE
-    if not path.exists():
-        with store.locked(home):
-            if not path.exists():
-                store.create_exclusive(path, pki.key_pem(pki.new_key()))
-                store.fsync_dir(home)
-    return load_ec_key(path)
+    sd = store.StateDir(home)
+    if not sd.has(store.JWT_KEY_FILE):
+        with sd.locked():
+            if not sd.has(store.JWT_KEY_FILE):
+                sd.write_key(store.JWT_KEY_FILE, pki.key_pem(pki.new_key()))
+    return sd.key(store.JWT_KEY_FILE)

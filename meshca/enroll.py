@@ -103,7 +103,7 @@ class Enroller:
     def __init__(
         self,
         authority: Authority | Callable[[], Authority],
-        ledger: store.Ledger,
+        ledger: store.LedgerStore,
         join_tokens: JoinTokens,
         k8s: K8sTokens | None,
         limiter: RateLimiter,

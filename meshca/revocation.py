@@ -42,7 +42,7 @@ def revoke(
     if ban_for is not None and (serial is not None or ban_for.total_seconds() <= 0):
         raise BadRequest("ban_for: give a positive number of seconds, with a SPIFFE ID only")
     authority = Authority.load(home)
-    ledger = store.Ledger(home / store.LEDGER_FILE)
+    ledger = store.StateDir(home).ledger()
     try:
         if serial is not None:
             rec = ledger.revoke_serial(serial)
@@ -87,7 +87,7 @@ def unrevoke(home: Path, spiffe_id: str) -> dict[str, Any]:
     NotFound if it was not blocked, BadRequest for a bad or foreign ID."""
     authority = Authority.load(home)
     sid = _spiffe_id(authority, spiffe_id)
-    ledger = store.Ledger(home / store.LEDGER_FILE)
+    ledger = store.StateDir(home).ledger()
     try:
         if not ledger.unban(str(sid)):
             raise NotFound(f"{sid} is not blocked")

@@ -22,7 +22,7 @@ from typing import Any
 from cryptography import x509
 
 from meshca import pki, rotation, store
-from meshca.authority import Authority, _load_cert, _tag, load_ec_key
+from meshca.authority import Authority, ca_name
 from meshca.errors import StateError, Unavailable
 
 FAULT_ENV = "MESHCA_FAULT"  # fault injection for crash tests: "rotate:<point>"
@@ -43,71 +43,57 @@ def _parse_time(text: str) -> dt.datetime:
 _created: list[Path] = []
 
 
-def _write_pair(home: Path, kind: str, key: Any, cert: x509.Certificate) -> str:
-    name = f"{kind}-{_tag(cert)}"
-    for suffix, data, mode in (
-        (".key", pki.key_pem(key), 0o600),
-        (".crt", pki.cert_pem(cert), 0o644),
-    ):
-        path = home / f"{name}{suffix}"
-        if path.exists():
-            path.unlink()  # a leftover of an interrupted run with the same key: impossible in
-            # practice (fresh keys), but never let it block a rotation
-        _created.append(path)
-        store.create_exclusive(path, data, mode)
-    store.fsync_dir(home)
+def _write_pair(sd: store.StateDir, kind: str, key: Any, cert: x509.Certificate) -> str:
+    name = ca_name(kind, cert)
+    # replace: a leftover of an interrupted run with the same key is impossible in
+    # practice (fresh keys), but must never block a rotation.
+    _created.extend((sd.key_path(name), sd.cert_path(name)))  # before: a write may fail
+    sd.write_pair(name, pki.key_pem(key), pki.cert_pem(cert), replace=True)
     return name
 
 
-def _write_cert(home: Path, kind: str, cert: x509.Certificate) -> str:
-    name = f"{kind}-{_tag(cert)}-{pki.serial_hex(cert)[:8]}"
-    path = home / f"{name}.crt"
-    if path.exists():
-        path.unlink()  # a leftover of an interrupted run (see _write_pair)
-    _created.append(path)
-    store.create_exclusive(path, pki.cert_pem(cert), 0o644)
-    store.fsync_dir(home)
+def _write_cert(sd: store.StateDir, kind: str, cert: x509.Certificate) -> str:
+    name = f"{ca_name(kind, cert)}-{pki.serial_hex(cert)[:8]}"
+    _created.append(sd.cert_path(name))
+    sd.write_cert(name, pki.cert_pem(cert), replace=True)
     return name
 
 
-def _unexpired(home: Path, names: tuple[str, ...], now: dt.datetime) -> tuple[str, ...]:
+def _unexpired(sd: store.StateDir, names: tuple[str, ...], now: dt.datetime) -> tuple[str, ...]:
     """The endorsements still worth publishing (an unreadable one is dropped, not fatal)."""
     keep = []
     for name in names:
         try:
-            if _load_cert(home / f"{name}.crt").not_valid_after_utc > now:
+            if sd.cert(name).not_valid_after_utc > now:
                 keep.append(name)
         except StateError:
             continue
     return tuple(keep)
 
 
-def _intermediates_under(home: Path, root: x509.Certificate) -> list[str]:
-    return [
-        pki.serial_hex(cert)
-        for cert in (_load_cert(crt) for crt in home.glob("issuing-*.crt"))
-        if cert.issuer == root.subject
-    ]
+def _intermediates_under(sd: store.StateDir, root: x509.Certificate) -> list[str]:
+    return [pki.serial_hex(c) for c in sd.certs("issuing") if c.issuer == root.subject]
 
 
 def old_root_leaves_until(
-    home: Path, old_root: x509.Certificate, ledger: store.Ledger
+    home: Path, old_root: x509.Certificate, ledger: store.LedgerStore
 ) -> dt.datetime | None:
     """The latest not_after of unexpired, unrevoked workload leaves under `old_root`."""
-    latest = ledger.latest_not_after(_intermediates_under(home, old_root))
+    latest = ledger.latest_not_after(_intermediates_under(store.StateDir(home), old_root))
     return _parse_time(latest) if latest else None
 
 
-def facts_for(authority: Authority, ledger: store.Ledger, now: dt.datetime) -> rotation.Facts:
+def facts_for(authority: Authority, ledger: store.LedgerStore, now: dt.datetime) -> rotation.Facts:
     """What the pure planner needs, read from the state directory and the ledger."""
     state = authority.state
     rot = state.root_rotation
     issuing_root = authority.roots[state.roots.index(state.issuing_root)]
     until, count = None, 0
     if rot["stage"] == rotation.ACTIVATED:
-        old = _load_cert(authority.home / f"{rot['old_root']}.crt")
+        sd = store.StateDir(authority.home)
+        old = sd.cert(rot["old_root"])
         until = old_root_leaves_until(authority.home, old, ledger)
-        count = ledger.leaves_in_use(_intermediates_under(authority.home, old))
+        count = ledger.leaves_in_use(_intermediates_under(sd, old))
     return rotation.Facts(
         now=now,
         root_not_before=issuing_root.not_valid_before_utc,
@@ -133,9 +119,10 @@ def rotate(
 ) -> dict[str, Any]:
     """Take at most one step; a dict describing what was (or would be) done."""
     settings = settings or rotation.Settings()
-    with store.locked(home, wait=wait_for_lock):
+    sd = store.StateDir(home)
+    with sd.locked(wait=wait_for_lock):
         authority = Authority.load(home)
-        ledger = store.Ledger(home / store.LEDGER_FILE, clock)
+        ledger = sd.ledger(clock)
         try:
             now = clock()
             p = rotation.plan(
@@ -151,7 +138,7 @@ def rotate(
                 "dry_run": dry_run,
                 "stage_before": authority.state.root_rotation["stage"],
             }
-            if p.action == "none" or dry_run:
+            if p.action == rotation.Action.NONE or dry_run:
                 result["stage"] = result["stage_before"]
                 result["next_due"] = pki.rfc3339(p.next_due) if p.next_due else None
                 return result
@@ -159,7 +146,7 @@ def rotate(
             try:
                 new_state, details = _apply(p.action, authority, now)
                 _fault("before-state")
-                store.atomic_write(home / store.STATE_FILE, new_state.to_json(), 0o644)
+                sd.write_state(new_state)
             except OSError as e:
                 for path in _created:
                     with contextlib.suppress(OSError):
@@ -183,31 +170,29 @@ def rotate(
 
 
 def _apply(action: str, authority: Authority, now: dt.datetime) -> tuple[store.State, dict]:
-    home, state = authority.home, authority.state
+    sd, state = store.StateDir(authority.home), authority.state
     rot = state.root_rotation
-    if action == "rotate_intermediate":
+    if action == rotation.Action.ROTATE_INTERMEDIATE:
         root_name = state.issuing_root
-        root = _load_cert(home / f"{root_name}.crt")
-        root_key = load_ec_key(home / f"{root_name}.key")
+        root, root_key = sd.cert(root_name), sd.key(root_name)
         key = pki.new_key()
         cert = pki.build_intermediate(key, root, root_key, now)
-        name = _write_pair(home, "issuing", key, cert)
+        name = _write_pair(sd, "issuing", key, cert)
         return dataclasses.replace(state, intermediate=name), {
             "intermediate": pki.serial_hex(cert),
             "under_root": root_name,
             "old_intermediate": pki.serial_hex(authority.intermediate),
         }
-    if action == "prepare_root":
+    if action == rotation.Action.PREPARE_ROOT:
         key = pki.new_key()
         cert = pki.build_root(key, now)
-        name = _write_pair(home, "root", key, cert)
+        name = _write_pair(sd, "root", key, cert)
         # The old root endorses the new one, so that clients whose bootstrap bundle still
         # holds only the old root can accept the new one (meshca.trust.endorsed_roots).
-        old_root = _load_cert(home / f"{state.issuing_root}.crt")
         endorsement = pki.build_endorsement(
-            cert, old_root, load_ec_key(home / f"{state.issuing_root}.key"), now
+            cert, sd.cert(state.issuing_root), sd.key(state.issuing_root), now
         )
-        end_name = _write_cert(home, "endorse", endorsement)
+        end_name = _write_cert(sd, "endorse", endorsement)
         rec = {
             "stage": rotation.PREPARED,
             "old_root": state.issuing_root,
@@ -219,29 +204,31 @@ def _apply(action: str, authority: Authority, now: dt.datetime) -> tuple[store.S
             roots=(*state.roots, name),
             sequence=state.sequence + 1,
             rotation=tuple(rec.items()),
-            endorsements=(*_unexpired(home, state.endorsements, now), end_name),
+            endorsements=(*_unexpired(sd, state.endorsements, now), end_name),
         ), {
             "new_root": pki.serial_hex(cert),
             "new_root_sha256": pki.fingerprint(cert),
             "endorsed_by": state.issuing_root,
         }
-    if action == "activate_root":
+    if action == rotation.Action.ACTIVATE_ROOT:
         new_name = rot["new_root"]
-        root = _load_cert(home / f"{new_name}.crt")
-        root_key = load_ec_key(home / f"{new_name}.key")
+        root, root_key = sd.cert(new_name), sd.key(new_name)
         key = pki.new_key()
         cert = pki.build_intermediate(key, root, root_key, now)
-        name = _write_pair(home, "issuing", key, cert)
+        name = _write_pair(sd, "issuing", key, cert)
         rec = {**rot, "stage": rotation.ACTIVATED, "since": pki.rfc3339(now)}
         return dataclasses.replace(
             state, issuing_root=new_name, intermediate=name, rotation=tuple(rec.items())
         ), {"intermediate": pki.serial_hex(cert), "under_root": new_name}
-    if action == "retire_root":
+    if action == rotation.Action.RETIRE_ROOT:
         old = rot["old_root"]
         roots = tuple(r for r in state.roots if r != old)
         if not roots or state.issuing_root == old:
             raise StateError("refusing to retire the root that issues")
         return dataclasses.replace(
-            state, roots=roots, sequence=state.sequence + 1, rotation=(("stage", "none"),)
+            state,
+            roots=roots,
+            sequence=state.sequence + 1,
+            rotation=(("stage", rotation.Stage.NONE.value),),
         ), {"retired_root": old}
     raise ValueError(f"unknown action {action}")

@@ -21,13 +21,32 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass
+from enum import StrEnum
 
 DEFAULT_SHARE = 2 / 3
 DEFAULT_PROPAGATION_WAIT = dt.timedelta(hours=1)
 DEFAULT_RETIRE_WAIT = dt.timedelta(hours=25)  # 24 h leaves + 1 h margin
 
-NONE, PREPARED, ACTIVATED = "none", "prepared", "activated"
-STAGES = (NONE, PREPARED, ACTIVATED)
+class Stage(StrEnum):
+    """Where a root rotation stands (the value is what state.json and the API say)."""
+
+    NONE = "none"
+    PREPARED = "prepared"
+    ACTIVATED = "activated"
+
+
+class Action(StrEnum):
+    """One step `meshca rotate` may take."""
+
+    NONE = "none"
+    ROTATE_INTERMEDIATE = "rotate_intermediate"
+    PREPARE_ROOT = "prepare_root"
+    ACTIVATE_ROOT = "activate_root"
+    RETIRE_ROOT = "retire_root"
+
+
+NONE, PREPARED, ACTIVATED = Stage.NONE, Stage.PREPARED, Stage.ACTIVATED
+STAGES = tuple(Stage)
 
 
 @dataclass(frozen=True)
@@ -59,7 +78,7 @@ class Facts:
 class Plan:
     """One step (or none), why, and when the next step is due."""
 
-    action: str  # none | rotate_intermediate | prepare_root | activate_root | retire_root
+    action: Action
     reason: str
     next_due: dt.datetime | None = None
 
@@ -86,42 +105,42 @@ def plan(
     holders of those leaves lose trust at once and must enroll again.
     """
     if force_intermediate:
-        return Plan("rotate_intermediate", "forced (--force-intermediate)")
+        return Plan(Action.ROTATE_INTERMEDIATE, "forced (--force-intermediate)")
     if force_retire:
         if f.stage != ACTIVATED:
-            return Plan("none", f"--force-retire: nothing to retire in the {f.stage} stage")
+            return Plan(Action.NONE, f"--force-retire: nothing to retire in the {f.stage} stage")
         why = "forced (--force-retire)"
         if f.old_root_leaves:
             why += f"; {f.old_root_leaves} unexpired leaf certificate(s) lose trust"
-        return Plan("retire_root", why)
+        return Plan(Action.RETIRE_ROOT, why)
     if f.stage == PREPARED:
         assert f.stage_since is not None
         due = f.stage_since + s.propagation_wait
         if f.now >= due:
-            return Plan("activate_root", "the new root has had its propagation wait")
-        return Plan("none", "new root published; waiting for it to propagate", due)
+            return Plan(Action.ACTIVATE_ROOT, "the new root has had its propagation wait")
+        return Plan(Action.NONE, "new root published; waiting for it to propagate", due)
     if f.stage == ACTIVATED:
         assert f.stage_since is not None
         due = f.stage_since + s.retire_wait
         if f.old_root_leaves_until is not None and f.old_root_leaves_until > due:
             due = f.old_root_leaves_until
         if f.now >= due:
-            return Plan("retire_root", "no certificate in use needs the old root any more")
+            return Plan(Action.RETIRE_ROOT, "no certificate in use needs the old root any more")
         why = "issuing under the new root; the old root stays trusted until its leaves expire"
-        return Plan("none", why, due)
+        return Plan(Action.NONE, why, due)
     if start_root_rotation:
-        return Plan("prepare_root", "started (--start-root-rotation)")
+        return Plan(Action.PREPARE_ROOT, "started (--start-root-rotation)")
     if _past_share(f.root_not_before, f.root_not_after, f.now, s.root_share):
-        return Plan("prepare_root", f"the root is past {s.root_share:.0%} of its lifetime")
+        return Plan(Action.PREPARE_ROOT, f"the root is past {s.root_share:.0%} of its lifetime")
     if _past_share(
         f.intermediate_not_before, f.intermediate_not_after, f.now, s.intermediate_share
     ):
         return Plan(
-            "rotate_intermediate",
+            Action.ROTATE_INTERMEDIATE,
             f"the intermediate is past {s.intermediate_share:.0%} of its lifetime",
         )
     due = min(
         _share_point(f.root_not_before, f.root_not_after, s.root_share),
         _share_point(f.intermediate_not_before, f.intermediate_not_after, s.intermediate_share),
     )
-    return Plan("none", "nothing is due", due)
+    return Plan(Action.NONE, "nothing is due", due)

@@ -29,7 +29,11 @@ import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from meshca.errors import StateError, Unavailable
 
@@ -107,6 +111,120 @@ def locked(home: Path, wait: bool = True) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # closing releases the lock
+
+
+def load_cert(path: Path) -> x509.Certificate:
+    """A PEM certificate file; StateError naming the file (never its content) otherwise."""
+    try:
+        return x509.load_pem_x509_certificate(path.read_bytes())
+    except FileNotFoundError:
+        raise StateError(f"missing {path}") from None
+    except OSError as e:
+        raise StateError(f"cannot read {path}: {e.strerror}") from None
+    except ValueError:
+        raise StateError(f"{path} is not a PEM certificate") from None
+
+
+def load_ec_key(path: Path) -> ec.EllipticCurvePrivateKey:
+    """An unencrypted PEM EC private key; StateError (never the key text) on failure."""
+    try:
+        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    except FileNotFoundError:
+        raise StateError(f"missing {path}") from None
+    except OSError as e:
+        raise StateError(f"cannot read {path}: {e.strerror}") from None
+    except (ValueError, TypeError):
+        raise StateError(f"{path} is not an unencrypted PEM private key") from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise StateError(f"{path} is not an EC private key")
+    return key
+
+
+class StateDir:
+    """The CA's state directory (`--home`): the only code that knows its file names and how
+    they are written (keys 0600, certificates 0644, new files durable before they are
+    named, state.json last and atomically). CA certificates and keys are named by their
+    base name (`root-<tag>`, `issuing-<tag>`, `endorse-<tag>-<serial>`)."""
+
+    def __init__(self, home: Path) -> None:
+        self.home = home
+
+    def cert_path(self, name: str) -> Path:
+        """Where the certificate `name` lives."""
+        return self.home / f"{name}.crt"
+
+    def key_path(self, name: str) -> Path:
+        """Where the private key of `name` lives."""
+        return self.home / f"{name}.key"
+
+    def cert(self, name: str) -> x509.Certificate:
+        """The certificate `name`; StateError if it is missing or bad."""
+        return load_cert(self.cert_path(name))
+
+    def key(self, name: str) -> ec.EllipticCurvePrivateKey:
+        """The private key of `name` (a CA certificate's, or a signing key file's)."""
+        path = self.home / (name if name.endswith(".key") else f"{name}.key")
+        return load_ec_key(path)
+
+    def token_key(self) -> ec.EllipticCurvePrivateKey:
+        """The join-token signing key."""
+        return load_ec_key(self.home / TOKEN_KEY_FILE)
+
+    def certs(self, kind: str) -> list[x509.Certificate]:
+        """Every certificate of a kind (`root`, `issuing`, `endorse`) in the directory."""
+        return [load_cert(p) for p in sorted(self.home.glob(f"{kind}-*.crt"))]
+
+    def write_pair(
+        self, name: str, key_pem: bytes, cert_pem: bytes, replace: bool = False
+    ) -> list[Path]:
+        """A new key (0600) and certificate (0644) under `name`, durable; the paths written.
+
+        `replace` removes a leftover of the same name first (an interrupted run)."""
+        written = []
+        for path, data, mode in (
+            (self.key_path(name), key_pem, 0o600),
+            (self.cert_path(name), cert_pem, 0o644),
+        ):
+            if replace and path.exists():
+                path.unlink()
+            written.append(path)
+            create_exclusive(path, data, mode)
+        fsync_dir(self.home)
+        return written
+
+    def write_cert(self, name: str, cert_pem: bytes, replace: bool = False) -> Path:
+        """A new certificate (0644) under `name`, durable."""
+        path = self.cert_path(name)
+        if replace and path.exists():
+            path.unlink()
+        create_exclusive(path, cert_pem, 0o644)
+        fsync_dir(self.home)
+        return path
+
+    def write_key(self, filename: str, key_pem: bytes) -> None:
+        """A new signing key file (0600), durable."""
+        create_exclusive(self.home / filename, key_pem)
+        fsync_dir(self.home)
+
+    def has(self, filename: str) -> bool:
+        """Is there a file of that name?"""
+        return (self.home / filename).exists()
+
+    def read_state(self) -> State:
+        """state.json, parsed (StateError naming what is wrong)."""
+        return read_state(self.home)
+
+    def write_state(self, state: State) -> None:
+        """Replace state.json atomically (the last write of any change)."""
+        atomic_write(self.home / STATE_FILE, state.to_json(), 0o644)
+
+    def ledger(self, clock: Clock = utcnow) -> Ledger:
+        """The issuance ledger (open it once per thread)."""
+        return Ledger(self.home / LEDGER_FILE, clock)
+
+    def locked(self, wait: bool = True) -> contextlib.AbstractContextManager[None]:
+        """The directory's exclusive lock."""
+        return locked(self.home, wait)
 
 
 @dataclass(frozen=True)
@@ -296,6 +414,34 @@ class IssuedRecord:
     def to_json(self) -> dict[str, Any]:
         """The dict `meshca certs --json` prints."""
         return dict(self.__dict__)
+
+
+class LedgerStore(Protocol):
+    """What the CA needs from its record of issuances, refusals, join tokens, revocations
+    and blocked identities. `Ledger` (SQLite in the state directory) implements it; a
+    shared database for several CA replicas is a second implementation."""
+
+    def record_issued(self, rec: IssuedRecord, token_jti: str | None = None) -> None: ...
+    def record_refusal(
+        self, spiffe_id: str | None, credential: str, code: str, reason: str, peer: str | None
+    ) -> None: ...
+    def record_event(self, kind: str, detail: dict[str, Any]) -> None: ...
+    def add_join_token(self, jti: str, spiffe_id: str, expires_at: dt.datetime) -> None: ...
+    def join_token_status(self, jti: str) -> str: ...
+    def revoke_serial(self, serial: str) -> IssuedRecord | None: ...
+    def revoke_id(
+        self, spiffe_id: str, ban: bool = False, until: dt.datetime | None = None
+    ) -> list[IssuedRecord]: ...
+    def ban_of(self, spiffe_id: str) -> tuple[str, str | None] | None: ...
+    def unban(self, spiffe_id: str) -> bool: ...
+    def bans(self) -> list[dict[str, Any]]: ...
+    def latest_not_after(self, issuers: list[str]) -> str | None: ...
+    def leaves_in_use(self, issuers: list[str]) -> int: ...
+    def revoked_serials(self) -> list[str]: ...
+    def certificate(self, serial: str) -> IssuedRecord | None: ...
+    def refusals(self, limit: int = 100) -> list[dict[str, Any]]: ...
+    def counts(self) -> dict[str, int]: ...
+    def close(self) -> None: ...
 
 
 class Ledger:
