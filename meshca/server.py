@@ -604,7 +604,7 @@ class CAServer:
         self.ledger.close()
 
 
-async def _drain(server: web.Server, timeout: float) -> None:
+async def _drain_connections(server: web.Server, timeout: float) -> None:
     """Close idle kept-alive connections now; give busy ones up to `timeout` seconds to
     answer (the answer closes the connection: `close_after` in `serve`).
 
@@ -696,7 +696,7 @@ async def serve(config: ServeConfig, ready: Callable[[str], None] | None = None)
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        await _drain(server, config.drain_timeout)
+        await _drain_connections(server, config.drain_timeout)
         await runner.cleanup()
         await ca.close()
         log.info("stopped")
