@@ -39,7 +39,8 @@ async def _start_site(app: Any, host: str, port: int) -> tuple[Any, str]:
     site = web.TCPSite(runner, host, port)
     await site.start()
     server = site._server
-    sock = server.sockets[0] if server and server.sockets else None
+    sockets = getattr(server, "sockets", None)  # an asyncio.Server once started
+    sock = sockets[0] if sockets else None
     bound = sock.getsockname()[1] if sock else port
     return runner, f"http://{host}:{bound}"
 
@@ -111,6 +112,7 @@ async def run(config: SidecarConfig) -> None:
                 max_body_bytes=ib.max_body_bytes,
             )
             in_router = InboundRouter(ib, store, authn, policy)
+            assert policy is not None  # made whenever there is an inbound listener
             background.append(asyncio.create_task(policy.watch()))
             in_group = ConnGroup()
             lst = Listener(
@@ -160,6 +162,7 @@ async def run(config: SidecarConfig) -> None:
         task = asyncio.create_task(manager.run())
         try:
             await stop.wait()
+            runners.remove(health_runner)  # drain closes it first
             await drain(listeners, groups, health_runner, config.drain_timeout)
         finally:
             for t in (task, *background):

@@ -27,7 +27,7 @@ import json
 import json.encoder
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -111,7 +111,7 @@ class ProxyError(Exception):
         code: str,
         detail: str,
         close: bool = False,
-        headers: Headers = (),
+        headers: Sequence[tuple[bytes, bytes]] = (),
         extra: dict[str, str] | None = None,
     ) -> None:
         super().__init__(detail)
@@ -209,7 +209,7 @@ def error_bytes(
     code: str,
     detail: str,
     close: bool,
-    extra: Headers = (),
+    extra: Sequence[tuple[bytes, bytes]] = (),
     fields: dict[str, str] | None = None,
     head_only: bool = False,
 ) -> bytes:
