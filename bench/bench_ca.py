@@ -33,8 +33,8 @@ from cryptography.x509.oid import NameOID
 
 from meshca import pki, store
 from meshca.authority import Authority, init_ca, load_ec_key
-from meshca.credentials import JoinTokens
 from meshca.spiffe import SpiffeId
+from meshca.tokens import JoinTokens
 
 
 def make_csrs(n: int) -> list[str]:

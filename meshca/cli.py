@@ -19,9 +19,9 @@ from typing import Any
 from meshca import pki, store
 from meshca.authority import Authority, init_ca, load_ec_key
 from meshca.config import ConfigError, build_serve_config
-from meshca.credentials import JoinTokens
 from meshca.errors import MeshcaError
 from meshca.spiffe import DEFAULT_TRUST_DOMAIN, InvalidSpiffeId, SpiffeId
+from meshca.tokens import JoinTokens
 
 
 class CLIError(Exception):
@@ -190,7 +190,7 @@ def cmd_unrevoke(args: argparse.Namespace) -> int:
 
 
 def _rotation_settings(args: argparse.Namespace) -> Any:
-    from meshca import rotation
+    from meshca import rotation_plan as rotation
 
     for flag in ("intermediate_share", "root_share"):
         v = getattr(args, flag)
@@ -391,7 +391,7 @@ def status_doc(home: Path, settings: Any = None) -> dict[str, Any]:
         counts = ledger.counts()
     finally:
         ledger.close()
-    from meshca import rotation
+    from meshca import rotation_plan as rotation
     from meshca.rotate import facts_for
 
     ledger = store.Ledger(home / store.LEDGER_FILE)

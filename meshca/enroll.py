@@ -20,7 +20,6 @@ from cryptography import x509
 
 from meshca import pki, store, svid
 from meshca.authority import Authority
-from meshca.credentials import JoinTokens, K8sTokens, peek_issuer
 from meshca.errors import (
     BadRequest,
     Forbidden,
@@ -31,6 +30,7 @@ from meshca.errors import (
 )
 from meshca.ratelimit import RateLimiter
 from meshca.spiffe import SpiffeId
+from meshca.tokens import JoinTokens, K8sTokens, peek_issuer
 
 log = logging.getLogger("meshca.enroll")
 

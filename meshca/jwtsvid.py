@@ -18,9 +18,9 @@ from typing import Any
 import jwt
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from meshca.credentials import key_id
 from meshca.errors import BadRequest
 from meshca.spiffe import SpiffeId
+from meshca.tokens import key_id
 
 DEFAULT_TTL = dt.timedelta(minutes=5)
 MAX_TTL = dt.timedelta(hours=1)

@@ -21,7 +21,8 @@ from typing import Any
 
 from cryptography import x509
 
-from meshca import pki, rotation, store
+from meshca import pki, store
+from meshca import rotation_plan as rotation
 from meshca.authority import Authority, ca_name
 from meshca.errors import StateError, Unavailable
 

@@ -28,7 +28,6 @@ from cryptography import x509
 from meshca import listener, pki, store, tlsutil
 from meshca.authority import Authority, ensure_jwt_key, load_ec_key
 from meshca.config import ServeConfig
-from meshca.credentials import JoinTokens, K8sTokens, peek_issuer
 from meshca.enroll import NONE, Enroller, json_object
 from meshca.errors import (
     BadRequest,
@@ -43,6 +42,7 @@ from meshca.jwks import FileJwks, JwksSource, UrlJwks
 from meshca.jwtsvid import DEFAULT_TTL, JwtIssuer, check_audience
 from meshca.ratelimit import RateLimiter
 from meshca.spiffe import SpiffeId
+from meshca.tokens import JoinTokens, K8sTokens, peek_issuer
 
 log = logging.getLogger("meshca.server")
 access_log = logging.getLogger("meshca.access")
@@ -440,7 +440,7 @@ class CAServer:
 
     async def post_admin_rotate(self, request: web.Request) -> web.Response:
         """POST /v1/admin/rotate: one rotation step, as `meshca rotate --home` would take."""
-        from meshca import rotation
+        from meshca import rotation_plan as rotation
         from meshca.rotate import rotate
 
         who = await self.admin_identity(request)

@@ -9,10 +9,10 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from meshca.credentials import JoinTokens, K8sTokens, peek_issuer
 from meshca.errors import BadRequest, Unauthenticated
 from meshca.jwks import FileJwks
 from meshca.spiffe import SpiffeId
+from meshca.tokens import JoinTokens, K8sTokens, peek_issuer
 
 NOW = dt.datetime(2026, 11, 26, 12, 0, tzinfo=dt.UTC)
 WEB = SpiffeId.parse("spiffe://cluster.local/ns/default/sa/web")

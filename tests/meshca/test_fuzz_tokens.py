@@ -15,10 +15,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from meshca.credentials import JoinTokens, K8sTokens, peek_issuer
 from meshca.errors import MeshcaError
 from meshca.jwks import JwksSource
 from meshca.spiffe import SpiffeId
+from meshca.tokens import JoinTokens, K8sTokens, peek_issuer
 
 NOW = dt.datetime(2026, 11, 26, 12, 0, tzinfo=dt.UTC)
 TS = int(NOW.timestamp())

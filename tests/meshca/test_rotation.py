@@ -4,7 +4,7 @@ import datetime as dt
 
 import pytest
 
-from meshca.rotation import ACTIVATED, NONE, PREPARED, Facts, Settings, plan
+from meshca.rotation_plan import ACTIVATED, NONE, PREPARED, Facts, Settings, plan
 
 T = dt.datetime(2030, 1, 1, tzinfo=dt.UTC)
 DAY = dt.timedelta(days=1)

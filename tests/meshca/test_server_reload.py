@@ -5,7 +5,8 @@ nothing at all."""
 import asyncio
 import os
 
-from meshca import rotation, store
+from meshca import rotation_plan as rotation
+from meshca import store
 from meshca.authority import init_ca
 from meshca.config import build_serve_config
 from meshca.rotate import rotate

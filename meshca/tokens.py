@@ -29,7 +29,7 @@ from meshca.errors import BadRequest, Unauthenticated
 from meshca.jwks import JwksSource
 from meshca.spiffe import InvalidSpiffeId, SpiffeId
 
-log = logging.getLogger("meshca.credentials")
+log = logging.getLogger("meshca.tokens")
 
 JOIN_AUDIENCE = "meshca"
 MAX_JOIN_TTL = dt.timedelta(hours=24)

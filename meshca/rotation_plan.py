@@ -27,6 +27,7 @@ DEFAULT_SHARE = 2 / 3
 DEFAULT_PROPAGATION_WAIT = dt.timedelta(hours=1)
 DEFAULT_RETIRE_WAIT = dt.timedelta(hours=25)  # 24 h leaves + 1 h margin
 
+
 class Stage(StrEnum):
     """Where a root rotation stands (the value is what state.json and the API say)."""
 
