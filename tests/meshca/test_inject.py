@@ -143,3 +143,34 @@ def test_grace_period_covers_the_sidecar_drain(existing, expected):
     validate(out)
     longer = inject_object(obj, InjectOptions(drain_seconds=60))
     assert pod_spec(longer)[1]["terminationGracePeriodSeconds"] == max(70, existing or 0)
+
+
+@pytest.mark.parametrize("index", range(6))  # every workload kind in the file
+def test_generated_sidecar_config_is_what_the_sidecar_reads(index, tmp_path):
+    """The configuration injection writes is parsed by `sidecar.config` without a problem:
+    the contract between `meshca inject` and `sidecar run --config-env`."""
+    from sidecar.config import load_config
+
+    _, spec = pod_spec(inject_object(docs()[index], OPTS))
+    sidecar = spec["initContainers"][0]
+    assert sidecar["name"] == SIDECAR_NAME
+    assert sidecar["args"][-2:] == ["--config-env", "MESHCA_SIDECAR_CONFIG"]
+    text = {e["name"]: e.get("value") for e in sidecar["env"]}["MESHCA_SIDECAR_CONFIG"]
+    # The files it names are the pod's mounted volumes: made here under a stand-in root.
+    doc = yaml.safe_load(text)
+    mounts = {m["mountPath"] for m in sidecar["volumeMounts"]}
+    for key in ("bundle", "token_file"):
+        path = Path(doc["ca"][key])
+        assert any(str(path).startswith(m + "/") for m in mounts), (key, path, mounts)
+        local = tmp_path / path.relative_to("/")
+        local.parent.mkdir(parents=True, exist_ok=True)
+        local.write_text("x")
+        text = text.replace(str(path), str(local))
+    config = load_config(tmp_path / "$MESHCA_SIDECAR_CONFIG", text)
+    assert config.trust_domain == OPTS.trust_domain
+    assert config.ca.url == OPTS.ca_url
+    assert (config.admin.port, config.health.port) == (15000, 15021)
+    if config.outbound is not None:
+        assert config.outbound.listen.port == 15001
+    if config.inbound is not None:
+        assert config.inbound.listen.port == 15006
