@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: all deps venv test test-unit test-e2e demo demo-pods lint bench bench-ca bench-sidecar k8s-demo clean
+.PHONY: all deps venv test test-unit test-e2e demo demo-pods lint bench bench-ca bench-sidecar soak k8s-demo clean
 
 all: test
 
@@ -61,6 +61,12 @@ bench-sidecar: deps bench-deps venv
 
 bench-ca: deps venv
 	$(BIN)/python bench/bench_ca.py
+
+# A bounded soak, not part of `make test`: steady traffic through two sidecars with
+# renewals and CA rotations; prints each sidecar's RSS at the start and the end.
+SOAK_SECONDS ?= 180
+soak: deps venv
+	$(BIN)/python tests/soak.py --seconds $(SOAK_SECONDS)
 
 # Regenerate the demo overlay's injected manifests from their plain sources.
 k8s-demo: venv

@@ -72,6 +72,87 @@ def measure(pid: int, hostport: str, seconds: int, ca: Path, cert: Path | None) 
     return n / (t1 - t0), (c1 - c0) / max(n, 1) * 1000
 
 
+def start_pair(tmp: Path, code: Path, procs: list, inbound_extra: dict | None = None) -> dict:
+    """A CA and a sidecar (inbound only, no app behind it) from `code`; a client certificate.
+
+    Returns the processes' pids, where they listen, the bundle and the client PEM."""
+    py = sys.executable
+    env = {**os.environ, "PYTHONPATH": str(code)}
+
+    def meshca(*args: str) -> str:
+        return subprocess.run(
+            [py, "-m", "meshca", *args],
+            check=True,
+            capture_output=True,
+            text=True,
+            cwd=code,
+            env=env,
+        ).stdout
+
+    home = tmp / "ca"
+    meshca("init", "--home", str(home))
+    ca = spawn(
+        [py, "-m", "meshca", "serve", "--home", str(home), "--listen", "127.0.0.1:0"],
+        tmp / "ca.log",
+        code,
+    )
+    procs.append(ca)
+    ca_url = wait_for(tmp / "ca.log", r"serving on (https://\S+)")
+    bundle = tmp / "bundle.pem"
+    bundle.write_text(meshca("bundle", "--home", str(home)))
+
+    def token(sid: str) -> str:
+        return meshca("token", "--home", str(home), "--spiffe-id", sid).strip()
+
+    (tmp / "token").write_text(token("spiffe://cluster.local/ns/default/sa/backend"))
+    cfg = {
+        "ca": {"url": ca_url, "bundle": str(bundle), "token_file": str(tmp / "token")},
+        "inbound": {"listen": "127.0.0.1:0", "app": "127.0.0.1:9", **(inbound_extra or {})},
+        "admin": {"listen": "127.0.0.1:0"},
+        "health": {"listen": "127.0.0.1:0"},
+    }
+    (tmp / "sidecar.yaml").write_text(yaml.safe_dump(cfg))
+    sc = spawn(
+        [py, "-m", "sidecar", "run", "--config", str(tmp / "sidecar.yaml")],
+        tmp / "sidecar.log",
+        code,
+    )
+    procs.append(sc)
+    inbound = wait_for(tmp / "sidecar.log", r"inbound listening on https://(\S+)")
+    admin = wait_for(tmp / "sidecar.log", r"admin listening on (http://\S+)")
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(admin + "/ready", timeout=2) as r:  # noqa: S310
+                if r.status == 200:
+                    break
+        except OSError:
+            pass
+        time.sleep(0.1)
+    key, csr = new_key_and_csr()
+    got = asyncio.run(
+        EnrollmentClient(ca_url, bundle.read_text()).enroll(
+            csr, token("spiffe://cluster.local/ns/default/sa/client")
+        )
+    )
+    client = tmp / "client.pem"
+    client.write_bytes(got.chain_pem.encode() + private_key_pem(key))
+    return {
+        "ca_pid": ca.pid,
+        "ca": ca_url.removeprefix("https://"),
+        "sidecar_pid": sc.pid,
+        "inbound": inbound,
+        "bundle": bundle,
+        "client": client,
+    }
+
+
+def stop_all(procs: list) -> None:
+    for p in procs:
+        p.terminate()
+        p.wait(timeout=30)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seconds", type=int, default=10)
@@ -79,96 +160,25 @@ def main() -> None:
     ap.add_argument("--code", type=Path, default=Path(__file__).resolve().parent.parent)
     args = ap.parse_args()
     code = args.code.resolve()
-    py = sys.executable
     procs: list[subprocess.Popen] = []
     with tempfile.TemporaryDirectory(prefix="bench-hs-") as t:
-        tmp = Path(t)
         try:
-            home = tmp / "ca"
-            subprocess.run(
-                [py, "-m", "meshca", "init", "--home", str(home)],
-                check=True,
-                capture_output=True,
-                cwd=code,
-                env={**os.environ, "PYTHONPATH": str(code)},
-            )
-            ca = spawn(
-                [py, "-m", "meshca", "serve", "--home", str(home), "--listen", "127.0.0.1:0"],
-                tmp / "ca.log",
-                code,
-            )
-            procs.append(ca)
-            ca_url = wait_for(tmp / "ca.log", r"serving on (https://\S+)")
-            bundle = tmp / "bundle.pem"
-            bundle.write_text(
-                subprocess.run(
-                    [py, "-m", "meshca", "bundle", "--home", str(home)],
-                    check=True,
-                    capture_output=True,
-                    text=True,
-                    cwd=code,
-                ).stdout
-            )
-
-            def token(sid: str) -> str:
-                return subprocess.run(
-                    [py, "-m", "meshca", "token", "--home", str(home), "--spiffe-id", sid],
-                    check=True,
-                    capture_output=True,
-                    text=True,
-                    cwd=code,
-                ).stdout.strip()
-
-            (tmp / "token").write_text(token("spiffe://cluster.local/ns/default/sa/backend"))
-            cfg = {
-                "ca": {"url": ca_url, "bundle": str(bundle), "token_file": str(tmp / "token")},
-                "inbound": {"listen": "127.0.0.1:0", "app": "127.0.0.1:9"},
-                "admin": {"listen": "127.0.0.1:0"},
-                "health": {"listen": "127.0.0.1:0"},
-            }
-            (tmp / "sidecar.yaml").write_text(yaml.safe_dump(cfg))
-            sc = spawn(
-                [py, "-m", "sidecar", "run", "--config", str(tmp / "sidecar.yaml")],
-                tmp / "sidecar.log",
-                code,
-            )
-            procs.append(sc)
-            inbound = wait_for(tmp / "sidecar.log", r"inbound listening on https://(\S+)")
-            admin = wait_for(tmp / "sidecar.log", r"admin listening on (http://\S+)")
-            deadline = time.monotonic() + 30
-            while time.monotonic() < deadline:
-                try:
-                    with urllib.request.urlopen(admin + "/ready", timeout=2) as r:  # noqa: S310
-                        if r.status == 200:
-                            break
-                except OSError:
-                    pass
-                time.sleep(0.1)
-            key, csr = new_key_and_csr()
-            got = asyncio.run(
-                EnrollmentClient(ca_url, bundle.read_text()).enroll(
-                    csr, token("spiffe://cluster.local/ns/default/sa/client")
-                )
-            )
-            client = tmp / "client.pem"
-            client.write_bytes(got.chain_pem.encode() + private_key_pem(key))
+            pair = start_pair(Path(t), code, procs)
             targets = {
-                "ca": (ca.pid, ca_url.removeprefix("https://"), None),
-                "inbound (mTLS)": (sc.pid, inbound, client),
+                "ca": (pair["ca_pid"], pair["ca"], None),
+                "inbound (mTLS)": (pair["sidecar_pid"], pair["inbound"], pair["client"]),
             }
             results: dict[str, list[tuple[float, float]]] = {k: [] for k in targets}
             for _ in range(args.rounds):
                 for name, (pid, hp, cert) in targets.items():
-                    results[name].append(measure(pid, hp, args.seconds, bundle, cert))
+                    results[name].append(measure(pid, hp, args.seconds, pair["bundle"], cert))
             print(f"code: {code}  ({args.rounds} rounds of {args.seconds} s, medians)")
             for name, rows in results.items():
                 rate = statistics.median(r[0] for r in rows)
                 cpu = statistics.median(r[1] for r in rows)
                 print(f"{name:16s} {rate:8.0f} handshakes/s   {cpu:6.3f} ms server CPU each")
         finally:
-            for p in procs:
-                p.terminate()
-                p.wait(timeout=30)
+            stop_all(procs)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ from typing import Any
 log = logging.getLogger("meshca.listener")
 
 PEEK_BYTES = 11  # record header (5) + handshake header (4) + client_version (2)
+LIMIT_LOG_EVERY = 10.0  # seconds between two "at the limit" warnings
 LINGER = 2.0  # seconds to wait for a refused legacy client to close after the alert
 _FD_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
@@ -101,8 +102,17 @@ class Listener:
         self.legacy_refused = 0
         self.limit_reached = 0  # times accepting paused at the limit
         self.loop = asyncio.get_running_loop()
+        if ssl_context is not None and hasattr(socket, "TCP_DEFER_ACCEPT"):
+            # Linux: accept only once the client has sent something (its ClientHello), so
+            # the peek nearly never has to wait for readability (most connections did, at
+            # accept time), and a connection that never sends holds no descriptor here.
+            with contextlib.suppress(OSError):
+                sock.setsockopt(
+                    socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, max(1, int(handshake_timeout))
+                )
         self._accepting = False
         self._closed = False
+        self._warned_at = -LIMIT_LOG_EVERY
         self._waiting: dict[socket.socket, asyncio.TimerHandle] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
 
@@ -173,11 +183,14 @@ class Listener:
             else:
                 self._peek(conn)
         self.limit_reached += 1
-        log.warning(
-            "%s: %d connections open (the limit): new connections wait in the backlog",
-            self.name,
-            self.open,
-        )
+        now = self.loop.time()
+        if now - self._warned_at >= LIMIT_LOG_EVERY:  # once per episode, not per freed slot
+            self._warned_at = now
+            log.warning(
+                "%s: %d connections open (the limit): new connections wait in the backlog",
+                self.name,
+                self.open,
+            )
         self._pause()
 
     def _drop(self, conn: socket.socket) -> None:

@@ -18,12 +18,14 @@ import urllib.parse
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from meshca.listener import Listener, bind
 from sidecar import __version__
 from sidecar.config import ConfigError, SidecarConfig, load_config
-from sidecar.proxy import ConnGroup
+
+if TYPE_CHECKING:
+    from sidecar.proxy import ConnGroup
 
 log = logging.getLogger("sidecar")
 DEFAULT_ADMIN = "127.0.0.1:15000"
@@ -63,7 +65,7 @@ async def run(config: SidecarConfig) -> None:
     from sidecar.inbound import InboundRouter
     from sidecar.outbound import JwtSvids, OutboundRouter
     from sidecar.policyholder import PolicyHolder
-    from sidecar.proxy import AccessLog, DownstreamConn, Limits
+    from sidecar.proxy import AccessLog, ConnGroup, DownstreamConn, Limits
     from sidecar.trust import TrustBundle, TrustStore
 
     loop = asyncio.get_running_loop()

@@ -34,7 +34,7 @@ def doc_with(**changes):
 
 def test_defaults(folder):
     cfg = parse_config(BASE, folder / "sidecar.yaml")
-    assert cfg.inbound.max_connections == 4096
+    assert cfg.inbound.max_connections == 2048
     assert cfg.outbound.max_connections == 1024
     assert cfg.drain_timeout == 20
 
