@@ -48,6 +48,7 @@ demo-pods: deps venv
 
 lint: venv
 	$(BIN)/ruff check .
+	$(BIN)/mypy
 
 # ApacheBench drives the sidecar benchmark (installed only when missing).
 bench-deps:

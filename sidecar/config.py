@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from meshca import jwtcore
 from meshca.config import Listen, parse_listen
 from meshca.spiffe import InvalidSpiffeId, SpiffeId, validate_trust_domain
 
@@ -454,21 +455,7 @@ _ISSUER_KEYS = {
     "jwks_refresh",
     "jwks_min_interval",
 }
-_KNOWN_ALGS = {
-    "ES256",
-    "ES384",
-    "ES512",
-    "RS256",
-    "RS384",
-    "RS512",
-    "PS256",
-    "PS384",
-    "PS512",
-    "EdDSA",
-    "HS256",
-    "HS384",
-    "HS512",
-}
+_KNOWN_ALGS = jwtcore.KNOWN
 
 
 # A header the sidecar reads or writes for the app is spelled with '-': apps that
