@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from meshca import pki, store
+from meshca import defaults, pki, store
 from meshca.authority import Authority, init_ca, load_ec_key
 from meshca.config import ConfigError, build_serve_config
 from meshca.errors import MeshcaError
@@ -488,14 +488,14 @@ def _add_rotation_args(s: argparse.ArgumentParser) -> None:
     s.add_argument(
         "--propagation-wait",
         type=float,
-        default=3600.0,
-        help="seconds between prepare and activate (default 3600)",
+        default=defaults.PROPAGATION_WAIT.total_seconds(),
+        help="seconds between prepare and activate (default %(default)g)",
     )
     s.add_argument(
         "--retire-wait",
         type=float,
-        default=90000.0,
-        help="seconds between activate and retire (default 90000: 24 h leaves + 1 h)",
+        default=defaults.RETIRE_WAIT.total_seconds(),
+        help="seconds between activate and retire (default %(default)g: 24 h leaves + 1 h)",
     )
     s.add_argument(
         "--intermediate-share",
@@ -533,8 +533,8 @@ def parser() -> argparse.ArgumentParser:
     s = cmd("serve", "serve the enrollment API over HTTPS")
     s.add_argument(
         "--listen",
-        default="127.0.0.1:8443",
-        help="HOST:PORT (default 127.0.0.1:8443; port 0 picks a free one)",
+        default=defaults.CA_LISTEN,
+        help="HOST:PORT (default %(default)s; port 0 picks a free one)",
     )
     s.add_argument(
         "--cert-ttl",
@@ -615,12 +615,12 @@ def parser() -> argparse.ArgumentParser:
     )
     s.add_argument(
         "--inject-image",
-        default="meshca:latest",
+        default=defaults.IMAGE,
         help="the sidecar image the /v1/inject webhook adds",
     )
     s.add_argument(
         "--inject-ca-url",
-        default="https://meshca.mesh-system.svc:8443",
+        default=defaults.IN_CLUSTER_CA_URL,
         help="the CA's URL as injected pods see it",
     )
     s.add_argument(
@@ -741,10 +741,10 @@ def parser() -> argparse.ArgumentParser:
         "CronJob; other objects are printed unchanged.",
     )
     s.add_argument("-f", "--file", required=True, help="a YAML file, or - for stdin")
-    s.add_argument("--image", default="meshca:latest", help="the sidecar image")
+    s.add_argument("--image", default=defaults.IMAGE, help="the sidecar image")
     s.add_argument(
         "--ca-url",
-        default="https://meshca.mesh-system.svc:8443",
+        default=defaults.IN_CLUSTER_CA_URL,
         help="the CA's URL as seen from pods",
     )
     s.add_argument("--trust-domain", default=DEFAULT_TRUST_DOMAIN, help="the trust domain")

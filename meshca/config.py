@@ -11,6 +11,7 @@ import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
 
+from meshca import defaults
 from meshca.spiffe import InvalidSpiffeId, SpiffeId
 
 
@@ -50,7 +51,7 @@ class ServeConfig:
     """Everything `meshca serve` needs to run."""
 
     home: Path
-    listen: Listen = Listen("127.0.0.1", 8443)
+    listen: Listen = Listen("127.0.0.1", defaults.CA_PORT)
     cert_ttl: dt.timedelta = dt.timedelta(hours=24)
     rate: float = 10.0
     burst: int = 20
@@ -67,8 +68,8 @@ class ServeConfig:
     k8s_jwks_min_interval: float = 10.0
     reload_interval: float = 2.0
     admin_ids: tuple[str, ...] = ()
-    inject_image: str = "meshca:latest"
-    inject_ca_url: str = "https://meshca.mesh-system.svc:8443"
+    inject_image: str = defaults.IMAGE
+    inject_ca_url: str = defaults.IN_CLUSTER_CA_URL
     inject_fail_open: bool = False
     max_connections: int = 4096  # open connections; past it new ones wait in the backlog
     drain_timeout: float = 20.0  # seconds in-flight requests get after SIGTERM
@@ -97,7 +98,7 @@ def _is_ip(text: str) -> bool:
 
 def build_serve_config(
     home: str,
-    listen: str = "127.0.0.1:8443",
+    listen: str = defaults.CA_LISTEN,
     cert_ttl: float = 86400,
     rate: float = 10.0,
     burst: int = 20,
@@ -114,8 +115,8 @@ def build_serve_config(
     k8s_jwks_min_interval: float = 10.0,
     reload_interval: float = 2.0,
     admin_ids: tuple[str, ...] = (),
-    inject_image: str = "meshca:latest",
-    inject_ca_url: str = "https://meshca.mesh-system.svc:8443",
+    inject_image: str = defaults.IMAGE,
+    inject_ca_url: str = defaults.IN_CLUSTER_CA_URL,
     inject_fail_open: bool = False,
     max_connections: int = 4096,
     drain_timeout: float = 20.0,
@@ -126,7 +127,7 @@ def build_serve_config(
         where = parse_listen(listen)
     except ValueError as e:
         problems.append(f"--listen: {e}")
-        where = Listen("127.0.0.1", 8443)
+        where = Listen("127.0.0.1", defaults.CA_PORT)
     if not 1 <= cert_ttl <= 365 * 86400:
         problems.append("--cert-ttl: must be between 1 and 31536000 seconds")
     if rate <= 0:

@@ -22,6 +22,8 @@ from typing import Any
 
 import yaml
 
+from meshca import defaults
+
 SIDECAR_NAME = "sidecar"  # as in: kubectl exec POD -c sidecar -- sidecar identity
 STATUS_ANNOTATION = "meshca.io/status"
 INJECT_ANNOTATION = "meshca.io/inject"
@@ -34,7 +36,7 @@ BUNDLE_VOLUME = "meshca-bundle"
 TOKEN_DIR = "/var/run/secrets/meshca"  # noqa: S105 (a path)
 BUNDLE_DIR = "/var/run/meshca"
 CONFIG_ENV = "MESHCA_SIDECAR_CONFIG"
-SIDECAR_UID = 1337  # the sidecar's own traffic is told apart by this uid (init-net)
+SIDECAR_UID = defaults.SIDECAR_UID  # its own traffic is told apart by this uid (init-net)
 DEFAULT_GRACE = 30  # Kubernetes' default terminationGracePeriodSeconds
 GRACE_MARGIN = 10  # seconds of the grace period beyond the sidecar's drain_timeout
 
@@ -58,8 +60,8 @@ class InjectError(ValueError):
 class InjectOptions:
     """What the injected sidecar looks like."""
 
-    image: str = "meshca:latest"
-    ca_url: str = "https://meshca.mesh-system.svc:8443"
+    image: str = defaults.IMAGE
+    ca_url: str = defaults.IN_CLUSTER_CA_URL
     trust_domain: str = "cluster.local"
     bundle_configmap: str = "meshca-bundle"
     audience: str = "meshca"
@@ -76,13 +78,16 @@ def sidecar_config(opts: InjectOptions, app_port: int | None, services: dict | N
             "bundle": f"{BUNDLE_DIR}/ca-root.pem",
             "token_file": f"{TOKEN_DIR}/token",
         },
-        "outbound": {"listen": "127.0.0.1:15001", "services": services or {}},
-        "admin": {"listen": "127.0.0.1:15000"},
-        "health": {"listen": "0.0.0.0:15021"},
+        "outbound": {"listen": f"127.0.0.1:{defaults.OUTBOUND_PORT}", "services": services or {}},
+        "admin": {"listen": f"127.0.0.1:{defaults.ADMIN_PORT}"},
+        "health": {"listen": f"0.0.0.0:{defaults.HEALTH_PORT}"},
         "drain_timeout": opts.drain_seconds,
     }
     if app_port is not None:
-        doc["inbound"] = {"listen": "0.0.0.0:15006", "app": f"127.0.0.1:{app_port}"}
+        doc["inbound"] = {
+            "listen": f"0.0.0.0:{defaults.INBOUND_PORT}",
+            "app": f"127.0.0.1:{app_port}",
+        }
     return yaml.safe_dump(doc, sort_keys=False)
 
 
@@ -124,13 +129,15 @@ def _sidecar_container(
     opts: InjectOptions, app_port: int | None, services: dict | None = None
 ) -> dict:
     probe = {
-        "httpGet": {"path": "/healthz/ready", "port": 15021},
+        "httpGet": {"path": "/healthz/ready", "port": defaults.HEALTH_PORT},
         "periodSeconds": 2,
         "failureThreshold": 30,
     }
-    ports = [{"name": "meshca-health", "containerPort": 15021, "protocol": "TCP"}]
+    ports = [{"name": "meshca-health", "containerPort": defaults.HEALTH_PORT, "protocol": "TCP"}]
     if app_port is not None:
-        ports.insert(0, {"name": "meshca-inbound", "containerPort": 15006, "protocol": "TCP"})
+        ports.insert(
+            0, {"name": "meshca-inbound", "containerPort": defaults.INBOUND_PORT, "protocol": "TCP"}
+        )
     return {
         "name": SIDECAR_NAME,
         "image": opts.image,
@@ -248,7 +255,7 @@ def inject_pod_template(meta: dict, spec: dict, opts: InjectOptions) -> bool:
         env = c.setdefault("env", [])
         have = {e.get("name") for e in env}
         for name, value in (
-            ("HTTP_PROXY", "http://127.0.0.1:15001"),
+            ("HTTP_PROXY", f"http://127.0.0.1:{defaults.OUTBOUND_PORT}"),
             ("NO_PROXY", "localhost,127.0.0.1"),
         ):
             if name not in have:

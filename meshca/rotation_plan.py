@@ -23,9 +23,11 @@ import datetime as dt
 from dataclasses import dataclass
 from enum import StrEnum
 
-DEFAULT_SHARE = 2 / 3
-DEFAULT_PROPAGATION_WAIT = dt.timedelta(hours=1)
-DEFAULT_RETIRE_WAIT = dt.timedelta(hours=25)  # 24 h leaves + 1 h margin
+from meshca import defaults
+
+DEFAULT_SHARE = defaults.ROTATION_SHARE
+DEFAULT_PROPAGATION_WAIT = defaults.PROPAGATION_WAIT
+DEFAULT_RETIRE_WAIT = defaults.RETIRE_WAIT
 
 
 class Stage(StrEnum):

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from meshca import defaults
 from meshca.listener import Listener, bind
 from sidecar import __version__
 from sidecar.config import ConfigError, SidecarConfig, load_config
@@ -28,7 +29,7 @@ if TYPE_CHECKING:
     from sidecar.proxy import ConnGroup
 
 log = logging.getLogger("sidecar")
-DEFAULT_ADMIN = "127.0.0.1:15000"
+DEFAULT_ADMIN = f"127.0.0.1:{defaults.ADMIN_PORT}"
 BACKLOG = 1024  # connections the kernel queues while a listener is at its limit
 FD_RESERVE = 256  # descriptors for everything but proxied connections
 
@@ -437,13 +438,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="PORT",
         help="app port(s) whose incoming traffic goes to the inbound port",
     )
-    s.add_argument("--inbound-port", type=int, default=15006)
-    s.add_argument("--outbound-port", type=int, default=15001)
+    s.add_argument("--inbound-port", type=int, default=defaults.INBOUND_PORT)
+    s.add_argument("--outbound-port", type=int, default=defaults.OUTBOUND_PORT)
     s.add_argument(
         "--uid",
         type=int,
-        default=1337,
-        help="the sidecar's uid (its own traffic is not intercepted; default 1337)",
+        default=defaults.SIDECAR_UID,
+        help="the sidecar's uid (its own traffic is not intercepted; default %(default)s)",
     )
     s.add_argument(
         "--exclude-outbound-port",

@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from meshca import jwtcore
+from meshca import defaults, jwtcore
 from meshca.config import Listen, parse_listen
 from meshca.spiffe import InvalidSpiffeId, SpiffeId, validate_trust_domain
 
@@ -299,7 +299,7 @@ def parse_config(doc: Any, source: Path) -> SidecarConfig:
         False,
     )
     if i is not None:
-        listen = r.listen(i, "listen", "inbound.listen", "0.0.0.0:15006")
+        listen = r.listen(i, "listen", "inbound.listen", f"0.0.0.0:{defaults.INBOUND_PORT}")
         app = r.listen(i, "app", "inbound.app")
         if app is not None and not _loopback(app):
             r.problems.append("inbound.app: the app must listen on loopback (127.0.0.1)")
@@ -352,7 +352,7 @@ def parse_config(doc: Any, source: Path) -> SidecarConfig:
         False,
     )
     if o is not None:
-        listen = r.listen(o, "listen", "outbound.listen", "127.0.0.1:15001")
+        listen = r.listen(o, "listen", "outbound.listen", f"127.0.0.1:{defaults.OUTBOUND_PORT}")
         if listen is not None and not _loopback(listen):
             r.problems.append("outbound.listen: must be a loopback address (only the app calls it)")
         services: dict[str, Service] = {}
@@ -414,11 +414,11 @@ def parse_config(doc: Any, source: Path) -> SidecarConfig:
             )
 
     a = r.section(doc, "admin", {"listen"}, False) or {}
-    admin = r.listen(a, "listen", "admin.listen", "127.0.0.1:15000")
+    admin = r.listen(a, "listen", "admin.listen", f"127.0.0.1:{defaults.ADMIN_PORT}")
     if admin is not None and not _loopback(admin):
         r.problems.append("admin.listen: must be a loopback address")
     h = r.section(doc, "health", {"listen"}, False) or {}
-    health = r.listen(h, "listen", "health.listen", "0.0.0.0:15021")
+    health = r.listen(h, "listen", "health.listen", f"0.0.0.0:{defaults.HEALTH_PORT}")
 
     jwt_cfg = _parse_jwt(r, doc)
     policy = None

@@ -19,6 +19,8 @@ import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from meshca import defaults
+
 INBOUND_CHAIN = "MESHCA_INBOUND"
 OUTPUT_CHAIN = "MESHCA_OUTPUT"
 
@@ -32,9 +34,9 @@ class NetPlan:
     """What to intercept."""
 
     app_ports: tuple[int, ...] = ()
-    inbound_port: int = 15006
-    outbound_port: int = 15001
-    sidecar_uid: int = 1337
+    inbound_port: int = defaults.INBOUND_PORT
+    outbound_port: int = defaults.OUTBOUND_PORT
+    sidecar_uid: int = defaults.SIDECAR_UID
     exclude_outbound_ports: tuple[int, ...] = ()
 
 
