@@ -74,7 +74,12 @@ def gave_up(
     what: str, proc: subprocess.Popen, timeout: float, logs: dict[str, Lines | list[str]]
 ) -> str:
     """Stop `proc` and say why a wait for it failed, with the last lines of each of its logs."""
-    code = proc.poll()
+    try:
+        # A process whose output just ended may not be reaped yet: give it a moment, so
+        # that an exit is reported as an exit (with its status), not as a timeout.
+        code: int | None = proc.wait(timeout=3)
+    except subprocess.TimeoutExpired:
+        code = None
     why = f"exited with status {code}" if code is not None else f"not ready after {timeout:g} s"
     if proc.poll() is None:
         proc.kill()
