@@ -12,33 +12,13 @@ import time
 
 import pytest
 from helpers import start_ca
+from tlsclient import read_response
 
 
 def connect(ca) -> ssl.SSLSocket:
     ctx = ssl.create_default_context(cafile=str(ca.bundle))
     raw = socket.create_connection(ca.host_port, timeout=30)
     return ctx.wrap_socket(raw, server_hostname="localhost", suppress_ragged_eofs=False)
-
-
-def read_response(s: ssl.SSLSocket) -> tuple[bytes, bytes]:
-    buf = b""
-    while b"\r\n\r\n" not in buf:
-        chunk = s.recv(65536)
-        assert chunk, f"closed before a response head: {buf!r}"
-        buf += chunk
-    head, _, body = buf.partition(b"\r\n\r\n")
-    length = int(
-        next(
-            line.split(b":", 1)[1]
-            for line in head.split(b"\r\n")
-            if line.lower().startswith(b"content-length:")
-        )
-    )
-    while len(body) < length:
-        chunk = s.recv(65536)
-        assert chunk, "closed in the middle of a body"
-        body += chunk
-    return head, body
 
 
 def test_in_flight_finishes_idle_closes_cleanly_exit_0(ca_home):
