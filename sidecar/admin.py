@@ -22,10 +22,10 @@ from cryptography.hazmat.primitives import serialization
 
 from meshca.client import CAError
 from meshca.svid import SvidError, serial_hex, spiffe_id_of, verify_peer
-from sidecar.bundlewatch import BundleWatcher
-from sidecar.certmanager import CertManager
-from sidecar.creds import Credentials, CredentialStore
-from sidecar.policyholder import PolicyHolder
+from sidecar.identity.bundlewatch import BundleWatcher
+from sidecar.identity.certmanager import CertManager
+from sidecar.identity.creds import Credentials, CredentialStore
+from sidecar.policy.holder import PolicyHolder
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 

@@ -26,7 +26,7 @@ from sidecar import __version__
 from sidecar.config import ConfigError, SidecarConfig, load_config
 
 if TYPE_CHECKING:
-    from sidecar.proxy import ConnGroup
+    from sidecar.engines.base import ConnGroup
 
 log = logging.getLogger("sidecar")
 DEFAULT_ADMIN = f"127.0.0.1:{defaults.ADMIN_PORT}"
@@ -59,15 +59,17 @@ async def run(config: SidecarConfig) -> None:
     from meshca.client import EnrollmentClient
     from meshca.trust import BundleError
     from sidecar.admin import Admin
-    from sidecar.authn import from_config as authn_from_config
-    from sidecar.bundlewatch import BundleWatcher
-    from sidecar.certmanager import CertManager
-    from sidecar.creds import CredentialStore
-    from sidecar.inbound import InboundRouter
-    from sidecar.outbound import JwtSvids, OutboundRouter
-    from sidecar.policyholder import PolicyHolder
-    from sidecar.proxy import AccessLog, ConnGroup, DownstreamConn, Limits
-    from sidecar.trust import TrustBundle, TrustStore
+    from sidecar.engines.base import ConnGroup, Limits
+    from sidecar.engines.http1.downstream import DownstreamConn
+    from sidecar.identity.bundlewatch import BundleWatcher
+    from sidecar.identity.certmanager import CertManager
+    from sidecar.identity.creds import CredentialStore
+    from sidecar.identity.trust import TrustBundle, TrustStore
+    from sidecar.policy.authn import from_config as authn_from_config
+    from sidecar.policy.holder import PolicyHolder
+    from sidecar.routing.inbound import InboundRouter
+    from sidecar.routing.outbound import JwtSvids, OutboundRouter
+    from sidecar.telemetry.accesslog import AccessLog
 
     loop = asyncio.get_running_loop()
     try:
@@ -250,7 +252,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         runner = asyncio.run
     else:
         runner = uvloop.run
-    from sidecar.authz import PolicyError
+    from sidecar.policy.authz import PolicyError
 
     try:
         runner(run(config))

@@ -11,7 +11,7 @@ from meshca.enroll import json_object
 from meshca.errors import BadRequest, StateError
 from meshca.jwks import parse_jwks
 from meshca.trust import BundleDoc, BundleError
-from sidecar.authn import InvalidToken, _b64json
+from sidecar.policy.authn import InvalidToken, _b64json
 
 DEEP = b"[" * 20_000
 

@@ -8,7 +8,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from meshca.jwks import FileJwks
-from sidecar.authn import Authenticator, InvalidToken, IssuerRule, NeedKeys
+from sidecar.policy.authn import Authenticator, InvalidToken, IssuerRule, NeedKeys
 
 ISS = "https://issuer.test"
 

@@ -2,8 +2,8 @@
 
 import pytest
 
-from sidecar.authz import Pattern, PolicyError, Request, parse_policy
-from sidecar.pathnorm import normalize
+from sidecar.policy.authz import Pattern, PolicyError, Request, parse_policy
+from sidecar.policy.pathnorm import normalize
 
 FRONT = "spiffe://cluster.local/ns/default/sa/frontend"
 OTHER = "spiffe://cluster.local/ns/shop/sa/orders"

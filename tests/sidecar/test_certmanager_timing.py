@@ -4,7 +4,7 @@ import datetime as dt
 
 import pytest
 
-from sidecar.certmanager import backoff, renew_delay
+from sidecar.identity.certmanager import backoff, renew_delay
 
 T0 = dt.datetime(2026, 11, 26, tzinfo=dt.UTC)
 DAY = dt.timedelta(hours=24)

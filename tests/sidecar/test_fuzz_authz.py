@@ -7,7 +7,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sidecar.authz import Request, parse_policy
+from sidecar.policy.authz import Request, parse_policy
 
 PRINCIPALS = [
     "spiffe://cluster.local/ns/a/sa/x",

@@ -9,8 +9,8 @@ from urllib.parse import unquote_to_bytes
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from sidecar.authz import Request, parse_policy
-from sidecar.pathnorm import PathError, normalize
+from sidecar.policy.authz import Request, parse_policy
+from sidecar.policy.pathnorm import PathError, normalize
 
 # Pieces that matter to normalization, mixed with arbitrary bytes.
 PIECES = [

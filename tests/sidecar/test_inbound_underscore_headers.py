@@ -13,10 +13,13 @@ import jwt
 import pytest
 
 from meshca.config import parse_listen
-from sidecar.authn import Authenticator, IssuerRule
 from sidecar.config import InboundConfig
-from sidecar.inbound import InboundRouter, owned_headers
-from sidecar.proxy import Exchange, ProxyError
+from sidecar.engines.http1.exchange import Exchange
+from sidecar.errors import SidecarError
+from sidecar.identity.peer import Peer, Verdict
+from sidecar.policy.authn import Authenticator, IssuerRule
+from sidecar.routing.inbound import InboundRouter, owned_headers
+from sidecar.telemetry.record import ExchangeRecord
 
 SECRET = b"s" * 32
 
@@ -24,7 +27,9 @@ SECRET = b"s" * 32
 class Store:
     """The little of CredentialStore the router reads."""
 
-    current = None
+    class current:  # noqa: N801 (the attribute CredentialStore has)
+        spiffe_id = "spiffe://cluster.local/ns/b/sa/me"
+
     revoked: frozenset[str] = frozenset()
     trust_domain = "cluster.local"
 
@@ -33,7 +38,7 @@ class Store:
 
 
 class Conn:
-    peer = {"spiffe_id": "spiffe://cluster.local/ns/a/sa/caller", "xfcc": b"By=me;URI=caller"}
+    peer = Peer("spiffe://cluster.local/ns/a/sa/caller", Verdict.VERIFIED, "01", "feed")
 
 
 def router(mode: str | None = None) -> InboundRouter:
@@ -58,7 +63,7 @@ def router(mode: str | None = None) -> InboundRouter:
 
 def forwarded(r: InboundRouter, headers) -> list[tuple[str, str]]:
     """The header lines of the head the app would receive."""
-    ex = Exchange(b"GET", b"/x", list(headers), "1.1", True)
+    ex = Exchange(b"GET", b"/x", list(headers), "1.1", True, ExchangeRecord("inbound"))
     _, head = r.route(Conn(), ex)
     lines = head.decode().split("\r\n")[1:]
     return [tuple(line.split(": ", 1)) for line in lines if line]
@@ -89,7 +94,9 @@ def test_owned_header_spellings_never_reach_the_app(mode):
     got = forwarded(router(mode), [(b"Host", b"a"), *FORGED, (b"X-Jwt-Token", token().encode())])
     names = [k.lower().replace("_", "-") for k, _ in got]
     assert names.count("x-forwarded-client-cert") == 1
-    assert dict(got)["x-forwarded-client-cert"] == "By=me;URI=caller"
+    assert dict(got)["x-forwarded-client-cert"] == (
+        "By=spiffe://cluster.local/ns/b/sa/me;Hash=feed;URI=spiffe://cluster.local/ns/a/sa/caller"
+    )
     assert names.count("x-forwarded-proto") == 1 and dict(got)["x-forwarded-proto"] == "https"
     assert names.count("x-jwt-claims") == 1
     assert dict(got)["x-jwt-claims"] != "eyJzdWIiOiJhZG1pbiJ9"  # the sidecar's own
@@ -101,7 +108,7 @@ def test_owned_header_spellings_never_reach_the_app(mode):
 def test_reject_request_mode_refuses_any_underscore_header():
     r = router("REJECT_REQUEST")
     for name, value in [*FORGED, (b"X_Custom", b"1")]:
-        with pytest.raises(ProxyError) as e:
+        with pytest.raises(SidecarError) as e:
             forwarded(r, [(b"Host", b"a"), (name, value)])
         assert e.value.status == 400 and e.value.code == "underscore_in_header_name"
     assert ("X-Custom", "1") in forwarded(r, [(b"Host", b"a"), (b"X-Custom", b"1")])

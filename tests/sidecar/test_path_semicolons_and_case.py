@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import pytest
 
-from sidecar.authz import Request, parse_policy
-from sidecar.pathnorm import PathError, normalize
+from sidecar.policy.authz import Request, parse_policy
+from sidecar.policy.pathnorm import PathError, normalize
 
 PEER = "spiffe://cluster.local/ns/default/sa/frontend"
 DENY_ADMIN = parse_policy(

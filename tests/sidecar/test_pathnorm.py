@@ -2,7 +2,7 @@
 
 import pytest
 
-from sidecar.pathnorm import PathError, normalize
+from sidecar.policy.pathnorm import PathError, normalize
 
 OK = [
     (b"/", b"/", b""),

@@ -4,9 +4,11 @@ import json
 
 import pytest
 
-from sidecar.inbound import xfcc
-from sidecar.outbound import service_name
-from sidecar.proxy import error_bytes, strip_hop_by_hop
+from sidecar.engines.http1.framing import error_response, strip_hop_by_hop
+from sidecar.errors import SidecarError
+from sidecar.identity.peer import Peer, Verdict
+from sidecar.routing.inbound import xfcc
+from sidecar.routing.outbound import service_name
 
 
 def test_strip_hop_by_hop_and_connection_tokens():
@@ -42,16 +44,13 @@ def test_service_name(authority, name):
 
 
 def test_xfcc_format():
-    v = xfcc("spiffe://td/ns/a/sa/b", b"DER", "spiffe://td/ns/c/sa/d")
-    assert v == (
-        b"By=spiffe://td/ns/a/sa/b;Hash="
-        + __import__("hashlib").sha256(b"DER").hexdigest().encode()
-        + b";URI=spiffe://td/ns/c/sa/d"
-    )
+    peer = Peer("spiffe://td/ns/c/sa/d", Verdict.VERIFIED, "01", "ab12")
+    v = xfcc("spiffe://td/ns/a/sa/b", peer)
+    assert v == b"By=spiffe://td/ns/a/sa/b;Hash=ab12;URI=spiffe://td/ns/c/sa/d"
 
 
-def test_error_bytes():
-    raw = error_bytes(503, "app_unavailable", "app is unavailable", close=True)
+def test_error_response():
+    raw = error_response(SidecarError("app_unavailable", "app is unavailable"), close=True)
     head, body = raw.split(b"\r\n\r\n", 1)
     assert head.startswith(b"HTTP/1.1 503 Service Unavailable")
     assert b"connection: close" in head and b"content-length: %d" % len(body) in head
@@ -63,7 +62,7 @@ def test_credentials_repr_hides_the_key():
 
     from meshca import pki
     from meshca.spiffe import SpiffeId
-    from sidecar.creds import Credentials
+    from sidecar.identity.creds import Credentials
 
     now = dt.datetime.now(dt.UTC)
     root_key = pki.new_key()

@@ -12,14 +12,11 @@ import json
 
 import pytest
 
-from sidecar.proxy import (
-    DownstreamConn,
-    Limits,
-    ProxyError,
-    Router,
-    check_transfer_encoding,
-    check_version,
-)
+from sidecar.engines.base import Limits
+from sidecar.engines.http1.downstream import DownstreamConn
+from sidecar.engines.http1.framing import check_transfer_encoding, check_version
+from sidecar.engines.http1.router import Router
+from sidecar.errors import SidecarError
 
 
 class FakeTransport(asyncio.Transport):
@@ -59,7 +56,7 @@ class RecordingRouter(Router):
 
     def route(self, conn, ex):
         self.routed.append(ex.target)
-        raise ProxyError(418, "routed", "routed")
+        raise SidecarError("method_not_allowed", "routed")
 
 
 def feed(*pieces: bytes) -> tuple[RecordingRouter, bytes, bool]:
@@ -183,7 +180,7 @@ def test_http_09_on_a_kept_alive_connection_is_refused_when_its_head_ends():
 )
 def test_http_10_and_11_are_routed(pieces):
     router, out, _ = feed(*pieces)
-    assert len(router.routed) == 1 and out.startswith(b"HTTP/1.1 418 ")
+    assert len(router.routed) == 1 and out.startswith(b"HTTP/1.1 405 ")
 
 
 @pytest.mark.parametrize("version", ["1.0", "1.1"])
@@ -193,17 +190,17 @@ def test_check_version_accepts_http1(version):
 
 @pytest.mark.parametrize("version,status", [("0.9", 400), ("2.0", 505), ("0.0", 505)])
 def test_check_version_refuses(version, status):
-    with pytest.raises(ProxyError) as e:
+    with pytest.raises(SidecarError) as e:
         check_version(version)
     assert e.value.status == status and e.value.close
 
 
 def test_check_transfer_encoding_table():
     check_transfer_encoding(b"chunked", "1.1")
-    with pytest.raises(ProxyError) as e:
+    with pytest.raises(SidecarError) as e:
         check_transfer_encoding(b"chunked", "1.0")
     assert e.value.status == 400
-    with pytest.raises(ProxyError) as e:
+    with pytest.raises(SidecarError) as e:
         check_transfer_encoding(b"xchunked", "1.1")
     assert e.value.status == 501 and "xchunked" in e.value.detail
 
@@ -217,4 +214,4 @@ def test_a_bad_head_after_an_upgrade_request_is_refused_not_an_internal_error(af
     router, out, _ = feed(b"CONNECT a:1 HTTP/1.1\r\nHost: a\r\n\r\n" + after)
     assert router.routed == [b"a:1"]
     assert b" 500 " not in out and out.count(b"HTTP/1.1 ") == 2, out
-    assert out.startswith(b"HTTP/1.1 418 ")
+    assert out.startswith(b"HTTP/1.1 405 ")

@@ -5,7 +5,7 @@ could name either is refused when the policy loads, naming the rule."""
 
 import pytest
 
-from sidecar.authz import Pattern, PolicyError, PrincipalPattern, Request, parse_policy
+from sidecar.policy.authz import Pattern, PolicyError, PrincipalPattern, Request, parse_policy
 
 A, B = "https://a", "https://a/b"
 ISSUERS = (A, B, "meshca/cluster.local")

@@ -10,7 +10,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from sidecar.creds import leaf_problem
+from sidecar.identity.creds import leaf_problem
 
 NOW = dt.datetime.now(dt.UTC)
 

@@ -10,8 +10,8 @@ from meshca import pki
 from meshca.client import EnrollmentClient
 from meshca.spiffe import SpiffeId
 from meshca.trust import BundleError
-from sidecar.creds import Credentials, CredentialStore
-from sidecar.trust import TrustBundle, TrustStore
+from sidecar.identity.creds import Credentials, CredentialStore
+from sidecar.identity.trust import TrustBundle, TrustStore
 
 NOW = dt.datetime.now(dt.UTC)
 ID = SpiffeId.parse("spiffe://cluster.local/ns/a/sa/b")
@@ -186,7 +186,7 @@ def test_the_poll_follows_a_restored_ca_only_after_it_insists(world):
     """A CA restored from a backup serves an older sequence on every poll: after three polls
     in a row the sidecar follows it; a single stale answer never moves it."""
     from meshca.trust import BundleDoc
-    from sidecar.bundlewatch import ROLLBACK_POLLS, BundleWatcher
+    from sidecar.identity.bundlewatch import ROLLBACK_POLLS, BundleWatcher
 
     (old_root, _, _), (new_root, _, _), trust = world
     trust.offer(pki.pem_join([old_root, new_root]), NOW, sequence=7)

@@ -2,7 +2,7 @@
 
 The writer (the certificate manager) builds and checks a complete new
 `Credentials` before publishing it with one assignment; every new handshake
-reads the latest. The trusted roots come from the TrustStore (sidecar.trust),
+reads the latest. The trusted roots come from the TrustStore (sidecar.identity.trust),
 and a change there republishes the same key and chain with new contexts.
 Inbound listeners get it through an SNI callback that swaps in the current
 context per handshake, so a renewal or a new bundle takes effect
@@ -26,7 +26,7 @@ from meshca import tlsutil
 from meshca.spiffe import SpiffeId
 from meshca.svid import SvidError, leaf_problem, serial_hex, spiffe_id_of
 from meshca.tlsutil import no_resumption
-from sidecar.trust import TrustBundle, TrustStore
+from sidecar.identity.trust import TrustBundle, TrustStore
 
 log = logging.getLogger("sidecar.creds")
 

@@ -12,8 +12,8 @@ import logging
 import time
 from typing import Any
 
-from sidecar.authz import Policy, PolicyError, load_policy
 from sidecar.config import PolicyConfig
+from sidecar.policy.authz import Policy, PolicyError, load_policy
 
 log = logging.getLogger("sidecar.policy")
 

@@ -21,7 +21,7 @@ from collections.abc import Callable
 
 from meshca.client import CAError, fetch_bundle
 from meshca.trust import BundleDoc, BundleError
-from sidecar.trust import TrustStore
+from sidecar.identity.trust import TrustStore
 
 log = logging.getLogger("sidecar.bundle")
 

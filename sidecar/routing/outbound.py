@@ -19,22 +19,19 @@ import ssl
 import time
 
 import httptools
-from cryptography import x509
 
 from meshca.client import CAError, EnrollmentClient
-from meshca.svid import SvidError, serial_hex, verify_peer
+from meshca.svid import SvidError
 from sidecar.config import OutboundConfig, Service
-from sidecar.creds import CredentialStore
-from sidecar.proxy import (
-    DownstreamConn,
-    Exchange,
-    ProxyError,
-    RouteLater,
-    Router,
-    UpstreamConn,
-    UpstreamPool,
-    strip_hop_by_hop,
-)
+from sidecar.engines.http1.downstream import DownstreamConn
+from sidecar.engines.http1.exchange import Exchange
+from sidecar.engines.http1.framing import header_value, strip_hop_by_hop
+from sidecar.engines.http1.router import RouteLater, Router
+from sidecar.engines.http1.upstream import UpstreamConn
+from sidecar.errors import SidecarError
+from sidecar.identity.creds import CredentialStore
+from sidecar.identity.peer import LOCAL_APP, Peer, verify_der
+from sidecar.upstream.pool import UpstreamPool
 
 log = logging.getLogger("sidecar.outbound")
 
@@ -145,14 +142,14 @@ class OutboundRouter(Router):
                 [(ep.host, ep.port) for ep in svc.endpoints],
                 self._connector(svc),
                 cfg.connect_timeout,
-                unavailable=(503, "service_unavailable"),
+                unavailable="service_unavailable",
             )
 
     def _connector(self, svc: Service):  # noqa: ANN202 (a closure for UpstreamPool)
         async def connect(pool: UpstreamPool, host: str, port: int) -> UpstreamConn:
             creds = self.store.current
             if creds is None:
-                raise ProxyError(503, "not_ready", "the sidecar has no certificate yet")
+                raise SidecarError("not_ready", "the sidecar has no certificate yet")
             loop = asyncio.get_running_loop()
             try:
                 transport, conn = await loop.create_connection(
@@ -163,89 +160,79 @@ class OutboundRouter(Router):
                     server_hostname=svc.name,
                 )
             except ssl.SSLCertVerificationError as e:
-                raise ProxyError(
-                    502,
+                raise SidecarError(
                     "peer_verification_failed",
                     f"{svc.name} at {host}:{port}: certificate does not verify "
                     f"({e.verify_message})",
                 ) from None
             der = transport.get_extra_info("ssl_object").getpeercert(binary_form=True)
             try:
-                cert = x509.load_der_x509_certificate(der)
-                peer = verify_peer(
-                    cert, svc.identity.trust_domain, self.store.revoked, svc.identity
+                conn.peer = verify_der(
+                    der, svc.identity.trust_domain, self.store.revoked, svc.identity
                 )
             except SvidError as e:
                 transport.abort()
                 log.warning("%s at %s:%d: %s", svc.name, host, port, e.detail)
                 code = _OUTBOUND_CODES.get(e.code, "peer_identity_mismatch")
-                raise ProxyError(502, code, f"{svc.name}: {e.detail}") from None
+                raise SidecarError(code, f"{svc.name}: {e.detail}") from None
             except ValueError as e:
                 transport.abort()
-                raise ProxyError(502, "peer_identity_mismatch", f"{svc.name}: {e}") from None
-            conn.peer_info["spiffe_id"] = str(peer)
-            conn.peer_info["serial"] = serial_hex(cert)
+                raise SidecarError("peer_identity_mismatch", f"{svc.name}: {e}") from None
             return conn
 
         return connect
 
     def _close_revoked(self, revoked: frozenset[str]) -> None:
         for pool in self.pools.values():
-            n = pool.abort_where(lambda c: c.peer_info.get("serial") in revoked)
+            n = pool.abort_where(lambda c: c.peer.serial in revoked)
             if n:
                 log.warning("closed %d connection(s) to %s: certificate revoked", n, pool.label)
 
-    def accept(self, conn: DownstreamConn) -> None:
+    def accept(self, conn: DownstreamConn) -> Peer:
         """The app is the only client; note where it meant to go if it was redirected here."""
-        conn.peer = {"spiffe_id": None}
         if self.by_address and conn.transport is not None:
             original = original_destination(conn.transport)
             if original is not None:
-                conn.peer["original_dst"] = original
+                return Peer(None, original_dst=original)
+        return LOCAL_APP
 
     def route(self, conn: DownstreamConn, ex: Exchange) -> tuple[UpstreamPool, bytes]:
         """Find the service from the absolute URL or the Host header."""
         if ex.method == b"CONNECT":
-            raise ProxyError(
-                405,
+            raise SidecarError(
                 "method_not_allowed",
                 "CONNECT tunnels are not supported: call http://<service>/ (the sidecar adds mTLS)",
             )
         target = ex.target
         authority = None
-        original = conn.peer.get("original_dst")
+        original = conn.peer.original_dst
         if original is not None and target.startswith(b"/"):
             # Intercepted transparently: the destination the app dialled names the service.
             name = self.by_address.get(original)
             if name is None:
-                raise ProxyError(404, "unknown_service", f"no outbound service for {original}")
+                raise SidecarError("unknown_service", f"no outbound service for {original}")
             return self._forward(ex, name, target, original.encode())
         if target[:7].lower() == b"http://":
             try:
                 url = httptools.parse_url(target)
             except httptools.HttpParserInvalidURLError:
-                raise ProxyError(400, "bad_request_target", "request target is not a URL") from None
+                raise SidecarError("bad_request_target", "request target is not a URL") from None
             authority = target[7:].split(b"/", 1)[0].split(b"?", 1)[0]
             path = url.path or b"/"
             target = path + (b"?" + url.query if url.query else b"")
         elif target[:8].lower() == b"https://":
-            raise ProxyError(
-                400, "use_plain_http", "call http://<service>/: the sidecar adds mutual TLS itself"
+            raise SidecarError(
+                "use_plain_http", "call http://<service>/: the sidecar adds mutual TLS itself"
             )
         elif not target.startswith(b"/"):
-            raise ProxyError(400, "bad_request_target", "request target must be a URL or a path")
+            raise SidecarError("bad_request_target", "request target must be a URL or a path")
         if authority is None:
-            for k, v in ex.headers:
-                if k.lower() == b"host":
-                    authority = v
-                    break
+            authority = header_value(ex.headers, b"host")
         if not authority:
-            raise ProxyError(
-                400, "no_host", "no service named: send a Host header or an absolute URL"
-            )
+            raise SidecarError("no_host", "no service named: send a Host header or an absolute URL")
         name = service_name(authority)
         if name not in self.pools:
-            raise ProxyError(404, "unknown_service", f"no outbound service named {name!r}")
+            raise SidecarError("unknown_service", f"no outbound service named {name!r}")
         return self._forward(ex, name, target, authority)
 
     def _forward(
@@ -253,20 +240,21 @@ class OutboundRouter(Router):
     ) -> tuple[UpstreamPool, bytes]:
         pool = self.pools[name]
         svc = self.cfg.services[name]
-        ex.info["service"] = name
-        ex.info["path"] = target.split(b"?", 1)[0].decode("latin-1")
-        ex.info["peer"] = str(svc.identity)
+        rec = ex.record
+        rec.service = name
+        rec.path = target.split(b"?", 1)[0].decode("latin-1")
+        rec.peer = str(svc.identity)
         headers = strip_hop_by_hop(ex.headers, frozenset({b"host"}))
         lines = [b"%s %s HTTP/1.1\r\n" % (ex.method, target), b"host: %s\r\n" % authority]
         lines += [b"%s: %s\r\n" % (k, v) for k, v in headers]
         aud = svc.jwt_audience
         if aud is not None and self.jwts is not None:
-            if not any(k.lower() == b"authorization" for k, _ in headers):
+            if header_value(headers, b"authorization") is None:
                 token = self.jwts.get(aud)
                 if token is None:
                     if ex.rerouted:
-                        raise ProxyError(
-                            503, "no_jwt", f"cannot get a JWT-SVID for audience {aud!r} from the CA"
+                        raise SidecarError(
+                            "no_jwt", f"cannot get a JWT-SVID for audience {aud!r} from the CA"
                         )
                     jwts = self.jwts
                     raise RouteLater(lambda: jwts.fetch(aud))

@@ -28,7 +28,7 @@ from meshca.client import (
 )
 from meshca.trust import BundleError
 from sidecar.config import CAConfig
-from sidecar.creds import CredentialError, Credentials, CredentialStore, chain_valid
+from sidecar.identity.creds import CredentialError, Credentials, CredentialStore, chain_valid
 
 log = logging.getLogger("sidecar.certmanager")
 

@@ -20,30 +20,23 @@ the token headers it verifies, hop-by-hop and framing headers) is dropped.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 
-from cryptography import x509
-
-from meshca.svid import SvidError, serial_hex, verify_peer
-from sidecar.authn import Authenticator, InvalidToken, NeedKeys, claims_header_value
-from sidecar.authz import Request
+from meshca.svid import SvidError
 from sidecar.config import InboundConfig
-from sidecar.creds import CredentialStore
-from sidecar.pathnorm import PathError, normalize
-from sidecar.policyholder import PolicyHolder
-from sidecar.proxy import (
-    FRAMING,
-    HOP_BY_HOP,
-    DownstreamConn,
-    Exchange,
-    ProxyError,
-    RouteLater,
-    Router,
-    UpstreamConn,
-    UpstreamPool,
-    connection_tokens,
-)
+from sidecar.engines.http1.downstream import DownstreamConn
+from sidecar.engines.http1.exchange import Exchange
+from sidecar.engines.http1.framing import FRAMING_HEADERS, HOP_BY_HOP, connection_tokens
+from sidecar.engines.http1.router import RouteLater, Router
+from sidecar.engines.http1.upstream import UpstreamConn
+from sidecar.errors import SidecarError
+from sidecar.identity.creds import CredentialStore
+from sidecar.identity.peer import Peer, verify_der
+from sidecar.policy.authn import Authenticator, InvalidToken, NeedKeys, claims_header_value
+from sidecar.policy.authz import Request
+from sidecar.policy.holder import PolicyHolder
+from sidecar.policy.pathnorm import PathError, normalize
+from sidecar.upstream.pool import UpstreamPool
 
 log = logging.getLogger("sidecar.inbound")
 
@@ -57,17 +50,16 @@ ALLOW, REJECT_REQUEST, DROP_HEADER = "ALLOW", "REJECT_REQUEST", "DROP_HEADER"
 
 def owned_headers(authn: Authenticator | None) -> frozenset[bytes]:
     """Names (lowercase, `-` for `_`) whose `_` spellings never reach the app, in any mode."""
-    names = set(SIDECAR_HEADERS | HOP_BY_HOP | FRAMING)
+    names = set(SIDECAR_HEADERS | HOP_BY_HOP | FRAMING_HEADERS)
     if authn is not None:
         names |= authn.strip  # claims headers the sidecar writes
         names |= {name for name, _prefix in authn.sources}  # token headers it verifies
     return frozenset(n.replace(b"_", b"-") for n in names)
 
 
-def xfcc(own_id: str, peer_der: bytes, peer_id: str) -> bytes:
+def xfcc(own_id: str, peer: Peer) -> bytes:
     """`By=<own id>;Hash=<sha256 hex of the peer certificate DER>;URI=<peer id>`."""
-    digest = hashlib.sha256(peer_der).hexdigest()
-    return f"By={own_id};Hash={digest};URI={peer_id}".encode()
+    return f"By={own_id};Hash={peer.cert_sha256};URI={peer.spiffe_id}".encode()
 
 
 class InboundRouter(Router):
@@ -88,7 +80,7 @@ class InboundRouter(Router):
         self.policy = policy or PolicyHolder(None)
         self.strip = SIDECAR_HEADERS | (authn.strip if authn else frozenset())
         # Removed from every request before it goes to the app.
-        self.skip = HOP_BY_HOP | FRAMING | self.strip
+        self.skip = HOP_BY_HOP | FRAMING_HEADERS | self.strip
         self.owned = owned_headers(authn)
         self.underscores = cfg.headers_with_underscores_action
         self.reject_semicolons = cfg.path_with_semicolons_action == REJECT_REQUEST
@@ -99,17 +91,17 @@ class InboundRouter(Router):
             [(cfg.app.host, cfg.app.port)],
             self._connect,
             cfg.connect_timeout,
-            unavailable=(503, "app_unavailable"),
+            unavailable="app_unavailable",
         )
         self._default_host = f"{cfg.app.host}:{cfg.app.port}".encode()
 
     def _close_revoked(self, revoked: frozenset[str]) -> None:
         """Close open connections from peers whose certificate was just revoked."""
-        for conn in [c for c in self.conns if c.peer.get("serial") in revoked]:
+        for conn in [c for c in self.conns if c.peer.serial in revoked]:
             log.warning(
                 "closing a connection from %s: certificate %s revoked",
-                conn.peer.get("spiffe_id"),
-                conn.peer.get("serial"),
+                conn.peer.spiffe_id,
+                conn.peer.serial,
             )
             if conn.transport is not None:
                 conn.transport.abort()
@@ -123,41 +115,38 @@ class InboundRouter(Router):
         _, conn = await loop.create_connection(lambda: UpstreamConn(pool), host, port)
         return conn
 
-    def accept(self, conn: DownstreamConn) -> None:
+    def accept(self, conn: DownstreamConn) -> Peer:
         """Require a leaf with one SPIFFE ID in our trust domain (TLS verified the chain)."""
         assert conn.transport is not None
         sslobj = conn.transport.get_extra_info("ssl_object")
         der = sslobj.getpeercert(binary_form=True) if sslobj is not None else None
         if not der:
-            raise ProxyError(400, "no_client_certificate", "a client certificate is required")
+            raise SidecarError("no_client_certificate", "a client certificate is required")
         try:
-            cert = x509.load_der_x509_certificate(der)
-            peer = verify_peer(cert, self.store.trust_domain, self.store.revoked)
+            peer = verify_der(der, self.store.trust_domain, self.store.revoked)
         except SvidError as e:
-            raise ProxyError(
-                403, _INBOUND_CODES.get(e.code, "bad_peer_certificate"), e.detail
+            raise SidecarError(
+                _INBOUND_CODES.get(e.code, "bad_peer_certificate"), e.detail
             ) from None
         except ValueError as e:
-            raise ProxyError(403, "bad_peer_certificate", str(e)) from None
-        serial = serial_hex(cert)
-        creds = self.store.current
-        own = str(creds.spiffe_id) if creds is not None else ""
-        conn.peer = {"spiffe_id": str(peer), "xfcc": xfcc(own, der, str(peer)), "serial": serial}
+            raise SidecarError("bad_peer_certificate", str(e)) from None
         self.conns.add(conn)
+        return peer
 
     def route(self, conn: DownstreamConn, ex: Exchange) -> tuple[UpstreamPool, bytes]:
         """Normalize, authenticate, authorize; then the request for the app."""
         if ex.method == b"CONNECT":
-            raise ProxyError(405, "method_not_allowed", "CONNECT is not supported")
+            raise SidecarError("method_not_allowed", "CONNECT is not supported")
         if ex.target == b"*" and ex.method == b"OPTIONS":
             path, query = b"*", b""
         else:
             try:
                 path, query = normalize(ex.target, self.reject_semicolons)
             except PathError as e:
-                raise ProxyError(400, "bad_path", str(e)) from None
+                raise SidecarError("bad_path", str(e)) from None
         path_text = path.decode("latin-1")
-        ex.info["path"] = path_text
+        rec = ex.record
+        rec.path = path_text
         ident = None
         token = None
         if self.authn is not None:
@@ -170,7 +159,7 @@ class InboundRouter(Router):
                 if ex.rerouted:  # refreshed once already: the key is not there
                     raise _unauthorized("token signing key is not in the issuer's JWKS") from None
                 raise RouteLater(e.source.refresh) from None
-        peer = conn.peer.get("spiffe_id")
+        peer = conn.peer.spiffe_id
         method = ex.method.decode("latin-1")
         # The decision depends only on these: memoize it (a token fixes its claims).
         decision = self.policy.current.decide_cached(
@@ -183,18 +172,16 @@ class InboundRouter(Router):
                 ident.claims if ident else None,
             ),
         )
-        ex.info["decision"] = "allow" if decision.allowed else "deny"
+        rec.decision = "allow" if decision.allowed else "deny"
         if decision.rule:
-            ex.info["rule"] = decision.rule
-        if decision.dry_run:
-            ex.info["dry_run"] = list(decision.dry_run)
-        if decision.audit:
-            ex.info["audit"] = list(decision.audit)
+            rec.rule = decision.rule
+        rec.dry_run = decision.dry_run
+        rec.audit = decision.audit
         if ident is not None:
-            ex.info["request_principal"] = ident.request_principal
+            rec.request_principal = ident.request_principal
         if not decision.allowed:
-            extra = {"rule": decision.rule} if decision.rule else {}
-            raise ProxyError(403, "forbidden", decision.reason, extra=extra)
+            fields = {"rule": decision.rule} if decision.rule else {}
+            raise SidecarError("forbidden", decision.reason, fields=fields)
 
         skip = self.skip
         if ident is not None and not ident.issuer.forward:
@@ -209,8 +196,7 @@ class InboundRouter(Router):
                 continue
             if b"_" in lk:
                 if underscores == REJECT_REQUEST:
-                    raise ProxyError(
-                        400,
+                    raise SidecarError(
                         "underscore_in_header_name",
                         f"header names with '_' are refused: {k.decode('latin-1')}",
                     )
@@ -221,7 +207,9 @@ class InboundRouter(Router):
             lines.append(b"%s: %s\r\n" % (k, v))
         if not has_host:
             lines.append(b"host: %s\r\n" % self._default_host)
-        lines.append(b"x-forwarded-client-cert: %s\r\n" % conn.peer["xfcc"])
+        creds = self.store.current
+        own = str(creds.spiffe_id) if creds is not None else ""
+        lines.append(b"x-forwarded-client-cert: %s\r\n" % xfcc(own, conn.peer))
         lines.append(b"x-forwarded-proto: https\r\n")
         if ident is not None and ident.issuer.claims_header:
             lines.append(
@@ -230,8 +218,8 @@ class InboundRouter(Router):
         return self.pool, b"".join(lines)
 
 
-def _unauthorized(reason: str) -> ProxyError:
+def _unauthorized(reason: str) -> SidecarError:
     """401 with RFC 6750's challenge; the reason never contains the token."""
     safe = reason.replace('"', "'").encode("ascii", "replace")
     challenge = b'Bearer error="invalid_token", error_description="%s"' % safe
-    return ProxyError(401, "invalid_token", reason, headers=[(b"www-authenticate", challenge)])
+    return SidecarError("invalid_token", reason, headers=[(b"www-authenticate", challenge)])

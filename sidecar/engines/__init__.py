@@ -1,0 +1,1 @@
+"""Engines: the protocols the sidecar's listeners speak (HTTP/1.1 today, in `http1`)."""

@@ -1,0 +1,523 @@
+"""The HTTP/1.1 server side: one client connection, its requests parsed and answered in order.
+
+Protocol-level and streaming: llhttp parses each request head in one C call,
+bodies are forwarded piece by piece with flow control in both directions (a
+1 GiB upload is never held in memory), and upstream connections come from the
+router's pool and are kept alive. Requests on one connection are handled one at
+a time: a pipelined request waits (and reading pauses) until the one before it
+has its answer. What differs between inbound and outbound (who may connect,
+where a request goes, which headers change) is the router's; framing rules are
+in `framing`; this module drives the exchange.
+
+Checked when a head is complete, before the router runs, so a refused request
+never sends a byte upstream: the version, the transfer coding, the body limit.
+`Expect: 100-continue` is answered here, as Envoy does, and not forwarded.
+Trailers are dropped. Upgrades (WebSocket, h2c) are not offered: the request is
+forwarded as plain HTTP/1.1 without its upgrade headers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from collections.abc import Callable
+from typing import Protocol
+
+import httptools
+
+from sidecar.engines.base import DEADLINES, ConnGroup, Limits
+from sidecar.engines.http1.exchange import Exchange
+from sidecar.engines.http1.framing import (
+    LAST_CHUNK,
+    Framing,
+    Headers,
+    Kind,
+    check_version,
+    chunk,
+    error_response,
+    request_framing,
+    response_head,
+    strip_hop_by_hop,
+    to_client,
+)
+from sidecar.engines.http1.router import RouteLater, Router
+from sidecar.engines.http1.upstream import UpstreamConn
+from sidecar.errors import SidecarError
+from sidecar.identity.peer import LOCAL_APP, Peer
+from sidecar.telemetry.record import ExchangeRecord
+
+log = logging.getLogger("sidecar.proxy")
+
+PENDING_LIMIT = 1 << 20  # body bytes buffered before an upstream connection is ready
+
+
+class RecordSink(Protocol):
+    """Where finished exchanges are recorded (the access log)."""
+
+    def write(self, rec: ExchangeRecord) -> None:
+        """Record one exchange."""
+
+
+class DownstreamConn(asyncio.Protocol):
+    """A client connection: parses requests, drives exchanges one at a time, in order."""
+
+    def __init__(
+        self,
+        router: Router,
+        limits: Limits,
+        access_log: RecordSink | None = None,
+        group: ConnGroup | None = None,
+    ) -> None:
+        self.router = router
+        self.group = group
+        self.draining = False
+        self.limits = limits
+        self.access_log = access_log
+        self.transport: asyncio.Transport | None = None
+        self.loop = asyncio.get_event_loop()
+        self.parser = httptools.HttpRequestParser(self)
+        self.peer: Peer = LOCAL_APP  # what the router's accept() found
+        self.parsing: Exchange | None = None
+        self.active: Exchange | None = None
+        self.queue: collections.deque[Exchange] = collections.deque()
+        self.closed = False
+        self._url = bytearray()
+        self._in_head = False  # a request head has begun and is not complete
+        self._headers: Headers = []
+        self._head_bytes = 0
+        self._head_fed = 0  # bytes read while one head was incomplete (a line still arriving)
+        self._begins = 0  # messages begun on this connection
+        self.deadline = 0.0
+        self.on_deadline: Callable[[], None] | None = None
+        self._cork: list[bytes] | None = None
+        self._reading_paused = False
+        self._writing_paused = False
+        self._paused_upstream: UpstreamConn | None = None
+
+    # -- connection ----------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """Check the peer (router), then wait for the first request head."""
+        self.transport = transport  # type: ignore[assignment]
+        DEADLINES.add(self)
+        if self.group is not None:
+            self.group.add(self)
+            if self.group.draining:
+                self.draining = True
+        try:
+            self.peer = self.router.accept(self)
+        except SidecarError as e:
+            log.info("%s connection refused: %s", self.router.direction, e.detail)
+            transport.close()
+            self.closed = True
+            return
+        self._arm(self.limits.header_timeout, self._header_timeout)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        """Abandon whatever was in flight; the upstream connection is not reused."""
+        self.closed = True
+        self._disarm()
+        DEADLINES.discard(self)
+        if self.group is not None:
+            self.group.discard(self)
+        self.router.release(self)
+        ex = self.active
+        if ex is not None and not ex.finished and ex.upstream is not None:
+            ex.upstream.abort()
+        self.active = None
+        self.queue.clear()
+
+    def drain(self) -> None:
+        """Shutting down: close now if idle, else after the response in progress."""
+        self.draining = True
+        idle = self.active is None and self.parsing is None and not self._in_head
+        if idle and not self.closed and self.transport is not None:
+            self._close()  # TLS close_notify, then FIN
+            self.closed = True
+
+    def pause_writing(self) -> None:
+        """The client reads slower than the app writes: stop reading from the app."""
+        self._writing_paused = True
+        ex = self.active
+        if ex is not None and ex.upstream is not None:
+            ex.upstream.pause_reading()
+            self._paused_upstream = ex.upstream
+
+    def resume_writing(self) -> None:
+        """The client caught up."""
+        self._writing_paused = False
+        up, self._paused_upstream = self._paused_upstream, None
+        if up is not None:
+            up.resume_reading()
+
+    def pause_reading(self) -> None:
+        """Stop reading requests from the client (upstream is slower, or a request is queued)."""
+        if not self._reading_paused and self.transport is not None:
+            self._reading_paused = True
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        """Read from the client again."""
+        if self._reading_paused and self.transport is not None and not self.closed:
+            self._reading_paused = False
+            self.transport.resume_reading()
+
+    def data_received(self, data: bytes) -> None:
+        """Feed the parser; a parse error answers 400 (431 for a head over the limit)."""
+        rest = b""
+        begins = self._begins
+        try:
+            self.parser.feed_data(data)
+            if self._in_head and self._begins == begins:
+                # All of `data` belongs to one unfinished head: llhttp holds a header
+                # line until it ends, so its size is counted here, as it arrives.
+                self._head_fed += len(data)
+                if self._head_fed > self.limits.max_header_bytes:
+                    raise SidecarError(
+                        "headers_too_large", "request head is over the limit", close=True
+                    )
+            if (
+                not self._headers
+                and self.parsing is None
+                and self._url
+                and data[-1:] == b"\n"
+                and self.parser.get_http_version() == "0.0"
+            ):
+                # A request line that ended with no version (HTTP/0.9): llhttp would
+                # wait for headers, and an HTTP/0.9 client sends none, so answer now.
+                # (A version is recorded as soon as one is parsed; on a kept-alive
+                # connection it is the last one's, and the head is refused when it
+                # completes, or times out.)
+                check_version("0.9")
+        except httptools.HttpParserUpgrade as e:
+            # Upgrades are not offered: the request was forwarded as plain HTTP;
+            # whatever follows its head is parsed as the next request (below, out
+            # of this handler, so that a callback's SidecarError stays the context
+            # of the parser's error instead of this upgrade).
+            rest = data[e.args[0] :]
+        except SidecarError as e:
+            self._reply_error(e)
+        except httptools.HttpParserCallbackError as e:
+            cause = e.__context__
+            if isinstance(cause, SidecarError):
+                self._reply_error(cause)
+            else:
+                log.exception("parser callback failed")
+                self._reply_error(SidecarError("internal", "internal error"))
+        except httptools.HttpParserError as e:
+            detail = str(e) or "malformed HTTP request"
+            self._reply_error(SidecarError("bad_request", f"malformed HTTP request: {detail}"))
+        if rest and not self.closed:
+            self.data_received(rest)
+
+    # -- parser callbacks ----------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._in_head = True
+        self._begins += 1
+        self._head_fed = 0
+        self._arm(self.limits.header_timeout, self._header_timeout)
+        self._url.clear()
+        self._headers = []
+        self._head_bytes = 0
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        self._head_bytes += len(url)
+        if self._head_bytes > self.limits.max_header_bytes:
+            raise SidecarError("headers_too_large", "request head is over the limit", close=True)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._head_bytes += len(name) + len(value) + 4
+        if self._head_bytes > self.limits.max_header_bytes:
+            raise SidecarError("headers_too_large", "request head is over the limit", close=True)
+        self._headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        self._disarm()
+        p = self.parser
+        version = p.get_http_version()
+        check_version(version)
+        framing, expect_continue = request_framing(self._headers, version)
+        # RFC 9110 10.1.1: an HTTP/1.0 client knows no interim answers; a request with
+        # no body needs no go-ahead.
+        expect_continue = expect_continue and version == "1.1" and framing.has_body
+        # Expect is the sidecar's to answer (100-continue) or ignore: never forwarded.
+        headers = [(k, v) for k, v in self._headers if k.lower() != b"expect"]
+        method = p.get_method()
+        ex = Exchange(
+            method=method,
+            target=bytes(self._url),
+            headers=headers,
+            version=version,
+            keep_alive=p.should_keep_alive(),
+            record=ExchangeRecord(self.router.direction, peer=self.peer.spiffe_id),
+            framing=framing,
+        )
+        limit = self.limits.max_body_bytes
+        if limit is not None and framing.kind is Kind.LENGTH and framing.length > limit:
+            raise SidecarError(
+                "too_large", f"request body is over the {limit}-byte limit", close=True
+            )
+        if not framing.has_body:
+            ex.body_done = True
+        self.parsing = ex
+        ex.continue_pending = expect_continue
+        if self.active is None:
+            self._activate(ex)
+        else:
+            # Its 100 Continue waits too: the answer in progress must not be cut into.
+            self.queue.append(ex)
+            self.pause_reading()  # one request in flight at a time; bound what is buffered
+
+    def on_body(self, data: bytes) -> None:
+        ex = self.parsing
+        if ex is None:
+            return
+        ex.bytes_in += len(data)
+        limit = self.limits.max_body_bytes
+        if limit is not None and ex.bytes_in > limit:
+            raise SidecarError(
+                "too_large", f"request body is over the {limit}-byte limit", close=True
+            )
+        up = ex.upstream
+        if up is not None and ex is self.active:
+            up.send_body(ex, data)
+        else:
+            ex.body.append(data)
+            ex.buffered += len(data)
+            if ex.buffered > PENDING_LIMIT:
+                self.pause_reading()
+
+    def on_message_complete(self) -> None:
+        ex = self.parsing
+        if ex is None:
+            return
+        ex.body_done = True
+        self.parsing = None
+        if ex is self.active and ex.upstream is not None:
+            ex.upstream.end_request(ex)
+
+    # -- exchanges -----------------------------------------------------
+
+    def _activate(self, ex: Exchange) -> None:
+        self.active = ex
+        if ex.continue_pending:
+            ex.continue_pending = False
+            if not ex.body_done:
+                self._write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        try:
+            ex.pool, ex.head = self.router.route(self, ex)
+        except SidecarError as e:
+            self._finish_with_error(ex, e)
+            return
+        except RouteLater as later:
+            if ex.rerouted:
+                self._finish_with_error(ex, SidecarError("internal", "internal error"))
+            else:
+                self.loop.create_task(self._route_later(ex, later))
+            return
+        up = ex.pool.take_idle()
+        if up is not None:
+            self._send_on(ex, up)  # the common case: no task, no await
+        else:
+            self.loop.create_task(self._connect_and_send(ex))
+
+    async def _route_later(self, ex: Exchange, later: RouteLater) -> None:
+        try:
+            await later.wait()
+        except Exception:  # the router decides again either way
+            log.exception("waiting to route failed")
+        ex.rerouted = True
+        if not self.closed and ex is self.active:
+            self._activate(ex)
+
+    async def _connect_and_send(self, ex: Exchange) -> None:
+        assert ex.pool is not None
+        try:
+            up = await ex.pool.connect_new()
+        except SidecarError as e:
+            self._finish_with_error(ex, e)
+            return
+        if self.closed or ex is not self.active:
+            ex.pool.release(up)
+            return
+        self._send_on(ex, up)
+
+    def _send_on(self, ex: Exchange, up: UpstreamConn) -> None:
+        up.send_request(ex, self, self.limits.upstream_timeout)
+        if self._writing_paused:  # the client has not drained the last answer yet
+            up.pause_reading()
+            self._paused_upstream = up
+        if self._reading_paused and not self.queue:
+            self.resume_reading()
+
+    # -- what the upstream connection calls (its ResponseSink) ----------
+
+    def retry(self, ex: Exchange) -> None:
+        """A kept-alive connection the app had closed meanwhile: once more, on a new one."""
+        ex.retried = True
+        ex.upstream = None
+        if not self.closed and ex is self.active:
+            log.debug("reused upstream connection was closed; retrying on a new one")
+            self.loop.create_task(self._connect_and_send(ex))
+
+    def response_head(
+        self, ex: Exchange, status: int, reason: bytes, headers: Headers, framing: Framing
+    ) -> None:
+        """The response head is complete: rewrite it for the client and send it."""
+        if self.closed or self.transport is None:
+            return
+        ex.status = status
+        ex.response_started = True
+        headers = strip_hop_by_hop(headers)
+        headers = self.router.response_headers(self, ex, headers)
+        ex.response = out = to_client(framing, ex.version)
+        close = not ex.keep_alive or not ex.body_done or self.draining or out.kind is Kind.CLOSE
+        if close:
+            ex.keep_alive = False
+        self._write(response_head(status, reason, headers, out, close, ex.version))
+
+    def response_body(self, ex: Exchange, data: bytes) -> None:
+        """A piece of the response body from upstream."""
+        if self.closed or self.transport is None:
+            return
+        ex.bytes_out += len(data)
+        if ex.response.kind is Kind.CHUNKED:
+            self._write(chunk(data))
+        else:
+            self._write(data)
+
+    def response_done(self, ex: Exchange) -> None:
+        """The upstream response is complete."""
+        if ex.response.kind is Kind.CHUNKED and self.transport is not None and not self.closed:
+            self._write(LAST_CHUNK)
+        self._complete(ex)
+
+    def upstream_failed(self, ex: Exchange, err: SidecarError) -> None:
+        """The upstream died or timed out; answer if we still can, else cut the client off."""
+        if ex.finished:
+            return
+        if ex.response_started:
+            ex.finished = True
+            self._record(ex)
+            if self.transport is not None:
+                self._close()
+            return
+        self._finish_with_error(ex, err)
+
+    # -- endings -------------------------------------------------------
+
+    def _finish_with_error(self, ex: Exchange, err: SidecarError) -> None:
+        if self.transport is None or self.closed:
+            return
+        close = err.close or not ex.body_done or not ex.keep_alive or self.draining
+        ex.status = err.status
+        if ex.record.error is None:
+            ex.record.error = err.code
+        ex.keep_alive = ex.keep_alive and not close
+        self._write(error_response(err, close, head_only=ex.method == b"HEAD"))
+        if not ex.body_done:
+            # The rest of the request body will not be read: stop parsing this connection.
+            self.parsing = None
+        self._complete(ex)
+
+    def _complete(self, ex: Exchange) -> None:
+        if ex.finished:
+            return
+        ex.finished = True
+        self._record(ex)
+        if ex.upstream is not None:
+            ex.upstream.detach(ex)
+        if self.closed or self.transport is None:
+            return
+        if not ex.keep_alive or self.draining:
+            self._close()
+            self.closed = True
+            return
+        self.active = None
+        if self.queue:
+            nxt = self.queue.popleft()
+            self._activate(nxt)
+        else:
+            self.resume_reading()
+            self._arm(self.limits.idle_timeout, self._idle_timeout)
+
+    def _record(self, ex: Exchange) -> None:
+        if self.access_log is None:
+            return
+        rec = ex.record
+        rec.method = ex.method.decode("latin-1")
+        if rec.path is None:
+            rec.path = ex.target.split(b"?", 1)[0].decode("latin-1")
+        rec.status = ex.status
+        rec.ms = (time.perf_counter() - ex.start) * 1000
+        rec.bytes_in = ex.bytes_in
+        rec.bytes_out = ex.bytes_out
+        self.access_log.write(rec)
+
+    def _reply_error(self, err: SidecarError) -> None:
+        """A request the parser could not go on with: answer it and close the connection."""
+        err.close = True
+        ex = self.active or self.parsing
+        if ex is not None and not ex.finished:
+            if ex.response_started:
+                ex.finished = True
+                if self.transport is not None:
+                    self._close()
+                return
+            if ex.upstream is not None:
+                ex.upstream.abort()
+            self._finish_with_error(ex, err)
+            return
+        if self.transport is not None and not self.closed:
+            self.transport.write(error_response(err, close=True))
+            self._close()
+            self.closed = True
+
+    # -- output: writes made while the upstream's data is parsed go out as one --
+
+    def _write(self, data: bytes) -> None:
+        if self._cork is not None:
+            self._cork.append(data)
+        elif self.transport is not None:
+            self.transport.write(data)
+
+    def cork(self) -> None:
+        """Collect writes (one TLS record and one syscall for head, body and end)."""
+        if self._cork is None:
+            self._cork = []
+
+    def uncork(self) -> None:
+        """Send what was collected."""
+        buf, self._cork = self._cork, None
+        if buf and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(buf[0] if len(buf) == 1 else b"".join(buf))
+
+    def _close(self) -> None:
+        self.uncork()
+        if self.transport is not None:
+            self.transport.close()
+
+    # -- timers --------------------------------------------------------
+
+    def _arm(self, seconds: float, fn: Callable[[], None]) -> None:
+        self.deadline = self.loop.time() + seconds
+        self.on_deadline = fn
+
+    def _disarm(self) -> None:
+        self.on_deadline = None
+
+    def _header_timeout(self) -> None:
+        if self.parsing is None and not self._url and not self._headers:
+            if self.transport is not None:
+                self._close()  # nothing was sent: just close
+            return
+        self._reply_error(SidecarError("request_timeout", "request head not received in time"))
+
+    def _idle_timeout(self) -> None:
+        if self.active is None and self.transport is not None:
+            self._close()

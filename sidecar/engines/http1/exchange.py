@@ -1,0 +1,49 @@
+"""One HTTP/1.1 request and its answer on a downstream connection: the state both ends share."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from sidecar.engines.http1.framing import NO_BODY, Framing, Headers
+from sidecar.telemetry.record import ExchangeRecord
+
+if TYPE_CHECKING:
+    from sidecar.engines.http1.upstream import UpstreamConn
+    from sidecar.upstream.pool import UpstreamPool
+
+
+@dataclass(slots=True, eq=False)
+class Exchange:
+    """A request as parsed (method, target, headers, framing), its body until an upstream
+    connection takes it, and how far its answer has got."""
+
+    method: bytes
+    target: bytes
+    headers: Headers
+    version: str
+    keep_alive: bool
+    record: ExchangeRecord
+    framing: Framing = NO_BODY
+    start: float = field(default_factory=time.perf_counter)
+    body: list[bytes] = field(default_factory=list)  # buffered until an upstream is attached
+    buffered: int = 0
+    body_done: bool = False
+    bytes_in: int = 0
+    bytes_out: int = 0
+    pool: UpstreamPool | None = None
+    head: bytes = b""  # the request head the router built (no framing, no final CRLF)
+    upstream: UpstreamConn | None = None
+    status: int = 0
+    response: Framing = NO_BODY  # how the answer is framed to the client
+    response_started: bool = False
+    finished: bool = False
+    retried: bool = False
+    continue_pending: bool = False  # `100 Continue` is owed once this exchange is active
+    rerouted: bool = False
+
+    @property
+    def has_body(self) -> bool:
+        """Whether the request carries a body (so it cannot be replayed)."""
+        return self.framing.has_body

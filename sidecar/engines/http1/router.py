@@ -1,0 +1,50 @@
+"""What a router decides for the HTTP/1.1 engine: who may connect, where a request goes,
+how its head looks. The engine asks; `inbound` and `outbound` answer."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from sidecar.engines.http1.framing import Headers
+from sidecar.identity.peer import LOCAL_APP, Peer
+
+if TYPE_CHECKING:
+    from sidecar.engines.http1.downstream import DownstreamConn
+    from sidecar.engines.http1.exchange import Exchange
+    from sidecar.upstream.pool import UpstreamPool
+
+
+class RouteLater(Exception):  # noqa: N818 (a signal, not an error)
+    """The router needs to await something (a JWKS refresh) before it can decide.
+
+    The request is held (nothing is sent upstream), `wait()` is awaited, then
+    routing runs once more with `Exchange.rerouted` set.
+    """
+
+    def __init__(self, wait: Callable[[], Awaitable[Any]]) -> None:
+        super().__init__("route later")
+        self.wait = wait
+
+
+class Router:
+    """The base answers for a local client with nowhere to go; routers override."""
+
+    direction = "?"
+
+    def accept(self, conn: DownstreamConn) -> Peer:
+        """Called once the connection (and TLS handshake) is up: the peer, or SidecarError
+        to refuse the connection."""
+        return LOCAL_APP
+
+    def release(self, conn: DownstreamConn) -> None:
+        """Called when an accepted connection is gone."""
+
+    def route(self, conn: DownstreamConn, ex: Exchange) -> tuple[UpstreamPool, bytes]:
+        """The pool to use and the request head (without framing or final CRLF); fills in
+        `ex.record`. SidecarError answers the request; RouteLater holds it."""
+        raise NotImplementedError
+
+    def response_headers(self, conn: DownstreamConn, ex: Exchange, headers: Headers) -> Headers:
+        """Headers sent back downstream (after hop-by-hop removal)."""
+        return headers

@@ -1,0 +1,1 @@
+"""What a request may do: JWT authentication, the authorization policy, path normalization."""

@@ -1,0 +1,1 @@
+"""Where a request goes and how its head looks: the inbound and outbound routers."""

@@ -1,0 +1,32 @@
+"""The record of one exchange: what the access log writes (and what metrics will count).
+
+The router fills in what it decided (the path it checked, the peer, the
+service, the policy verdict), the engine what happened (status, bytes, time,
+the error code of an answer it gave itself). Only these fields exist, so no
+query string, body, token or key can reach a log through a record.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(slots=True)
+class ExchangeRecord:
+    """One request and its answer, as observed by a listener."""
+
+    direction: str  # "inbound" or "outbound"
+    method: str = ""
+    path: str | None = None  # normalized, without the query
+    status: int = 0
+    peer: str | None = None  # the peer's SPIFFE ID (outbound: the one expected)
+    ms: float = 0.0
+    bytes_in: int = 0  # request body bytes
+    bytes_out: int = 0  # response body bytes
+    service: str | None = None  # outbound: the service called
+    decision: str | None = None  # inbound: "allow" or "deny"
+    rule: str | None = None  # the policy rule that decided
+    dry_run: tuple[str, ...] = ()  # dry-run rules that would have refused
+    audit: tuple[str, ...] = ()  # audit rules that matched
+    request_principal: str | None = None  # issuer/subject of a verified JWT
+    error: str | None = None  # the code of an answer the sidecar gave itself
