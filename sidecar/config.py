@@ -8,6 +8,7 @@ documented in docs/sidecar.md.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -19,6 +20,8 @@ import yaml
 from meshca import defaults, jwtcore
 from meshca.config import Listen, parse_listen
 from meshca.spiffe import InvalidSpiffeId, SpiffeId, validate_trust_domain
+from sidecar import trafficconfig
+from sidecar.trafficconfig import TrafficConfig
 
 
 class ConfigError(ValueError):
@@ -74,10 +77,15 @@ class Service:
     """An outbound destination: where it runs and who it must be."""
 
     name: str
-    endpoints: tuple[Listen, ...]
     identity: SpiffeId
+    traffic: TrafficConfig  # endpoints (or how to find them), balancing, retries, routes
     jwt_audience: str | None = None  # attach a JWT-SVID from the CA for this audience
     addresses: tuple[str, ...] = ()  # IP:PORT the app dials (transparent interception)
+
+    @property
+    def endpoints(self) -> tuple[Listen, ...]:
+        """The statically listed endpoints' addresses."""
+        return tuple(ep.address for ep in self.traffic.endpoints)
 
 
 @dataclass(frozen=True)
@@ -368,17 +376,15 @@ def parse_config(doc: Any, source: Path) -> SidecarConfig:
             if not isinstance(svc, dict):
                 r.problems.append(f"{where}: must be a mapping")
                 continue
-            r.unknown(svc, {"endpoints", "identity", "jwt_audience", "addresses"}, where + ".")
-            eps = svc.get("endpoints")
-            endpoints: list[Listen] = []
-            if not isinstance(eps, list) or not eps:
-                r.problems.append(f"{where}.endpoints: must be a non-empty list of HOST:PORT")
-            else:
-                for n, ep in enumerate(eps):
-                    try:
-                        endpoints.append(parse_listen(str(ep)))
-                    except ValueError as e:
-                        r.problems.append(f"{where}.endpoints[{n}]: {e}")
+            r.unknown(
+                svc, {"identity", "jwt_audience", "addresses"} | trafficconfig.KEYS, where + "."
+            )
+            traffic, problems = trafficconfig.parse_traffic(svc, where)
+            r.problems += problems
+            if traffic.endpoints_file is not None:
+                efile = Path(traffic.endpoints_file)
+                efile = efile if efile.is_absolute() else r.base / efile
+                traffic = dataclasses.replace(traffic, endpoints_file=str(efile))
             ident = None
             text = r.string(svc, "identity", f"{where}.identity")
             if text:
@@ -395,10 +401,8 @@ def parse_config(doc: Any, source: Path) -> SidecarConfig:
                     addrs.append(str(parse_listen(str(a))))
                 except ValueError as e:
                     r.problems.append(f"{where}.addresses[{n}]: {e}")
-            if endpoints and ident:
-                services[name.lower()] = Service(
-                    name.lower(), tuple(endpoints), ident, aud, tuple(addrs)
-                )
+            if ident and not problems:
+                services[name.lower()] = Service(name.lower(), ident, traffic, aud, tuple(addrs))
         out_max = r.whole(o, "max_connections", "outbound.max_connections", 1024, 1, 1_000_000)
         if listen:
             outbound = OutboundConfig(

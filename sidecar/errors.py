@@ -47,6 +47,8 @@ STATUS: dict[str, int] = {
     "service_unavailable": 503,
     "not_ready": 503,
     "no_jwt": 503,
+    "overloaded": 503,
+    "fault_abort": 503,
     "upstream_timeout": 504,
     "http_version_not_supported": 505,
 }
@@ -57,7 +59,8 @@ class SidecarError(Exception):
 
     `close` ends the connection after the answer (the framing can no longer be
     trusted); `headers` are added to the answer (a `WWW-Authenticate` challenge),
-    `fields` to its JSON body (the policy rule that refused).
+    `fields` to its JSON body (the policy rule that refused). Only an injected fault
+    (`fault_abort`) sets its own `status`, the one its route configures.
     """
 
     __slots__ = ("code", "detail", "status", "close", "headers", "fields")
@@ -70,10 +73,13 @@ class SidecarError(Exception):
         close: bool = False,
         headers: Sequence[tuple[bytes, bytes]] = (),
         fields: dict[str, str] | None = None,
+        status: int | None = None,
     ) -> None:
         super().__init__(detail)
         self.code = code
         self.status = STATUS[code]  # an unknown code is a bug, caught by the tests
+        if status is not None and code == "fault_abort":
+            self.status = status
         self.detail = detail
         self.close = close
         self.headers = headers

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import socket
 import ssl
 import time
@@ -31,7 +32,9 @@ from sidecar.engines.http1.upstream import UpstreamConn
 from sidecar.errors import SidecarError
 from sidecar.identity.creds import CredentialStore
 from sidecar.identity.peer import LOCAL_APP, Peer, verify_der
+from sidecar.routing.routes import FAULT_HEADER, decide
 from sidecar.upstream.pool import UpstreamPool
+from sidecar.upstream.retry import RetryPolicy
 
 log = logging.getLogger("sidecar.outbound")
 
@@ -39,6 +42,7 @@ log = logging.getLogger("sidecar.outbound")
 _OUTBOUND_CODES = {"not_leaf": "peer_verification_failed", "revoked": "peer_revoked"}
 
 _SUFFIXES = (".svc.cluster.local", ".svc")
+_NOT_FORWARDED = frozenset({b"host", FAULT_HEADER})
 SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h
 
 
@@ -136,13 +140,22 @@ class OutboundRouter(Router):
         self.pools: dict[str, UpstreamPool] = {}
         store.on_revoked(self._close_revoked)
         self.by_address = {a: name for name, svc in cfg.services.items() for a in svc.addresses}
+        self.rng = random.Random()  # noqa: S311 (traffic splits, not secrets)
         for name, svc in cfg.services.items():
+            t = svc.traffic
             self.pools[name] = UpstreamPool(
                 name,
-                [(ep.host, ep.port) for ep in svc.endpoints],
+                t.endpoints,
                 self._connector(svc),
                 cfg.connect_timeout,
                 unavailable="service_unavailable",
+                retry=RetryPolicy(t.retries),
+                lb=t.lb,
+                breaker=t.circuit_breaker,
+                outlier=t.outlier_detection,
+                subsets=t.subsets,
+                timeout=t.timeout,
+                per_try_timeout=t.retries.per_try_timeout,
             )
 
     def _connector(self, svc: Service):  # noqa: ANN202 (a closure for UpstreamPool)
@@ -242,9 +255,22 @@ class OutboundRouter(Router):
         svc = self.cfg.services[name]
         rec = ex.record
         rec.service = name
-        rec.path = target.split(b"?", 1)[0].decode("latin-1")
+        path = target.split(b"?", 1)[0]
+        rec.path = path.decode("latin-1")
         rec.peer = str(svc.identity)
-        headers = strip_hop_by_hop(ex.headers, frozenset({b"host"}))
+        routes = svc.traffic.routes
+        if routes:
+            d = decide(routes, ex.method, path, ex.headers, self.rng)
+            ex.subset = d.subset
+            if d.abort is not None:
+                rec.fault = "abort"
+                raise SidecarError(
+                    "fault_abort", f"fault injected by route {d.route!r}", status=d.abort
+                )
+            if d.delay:
+                rec.fault = "delay"
+                ex.delay = d.delay
+        headers = strip_hop_by_hop(ex.headers, _NOT_FORWARDED)
         lines = [b"%s %s HTTP/1.1\r\n" % (ex.method, target), b"host: %s\r\n" % authority]
         lines += [b"%s: %s\r\n" % (k, v) for k, v in headers]
         aud = svc.jwt_audience

@@ -56,6 +56,12 @@ class AccessLog:
             line += f',"request_principal":{_quote(rec.request_principal)}'
         if rec.error is not None:
             line += f',"error":{_quote(rec.error)}'
+        if rec.upstream is not None:
+            line += f',"upstream":{_quote(rec.upstream)}'
+        if rec.retries:
+            line += f',"retries":{json.dumps(list(rec.retries))}'
+        if rec.fault is not None:
+            line += f',"fault":{_quote(rec.fault)}'
         self.stream.write(line + "}\n")
         if not self._dirty:
             self._dirty = True

@@ -30,3 +30,6 @@ class ExchangeRecord:
     audit: tuple[str, ...] = ()  # audit rules that matched
     request_principal: str | None = None  # issuer/subject of a verified JWT
     error: str | None = None  # the code of an answer the sidecar gave itself
+    upstream: str | None = None  # outbound: the endpoint that answered (or was tried last)
+    retries: tuple[str, ...] = ()  # outbound: "ENDPOINT CAUSE" for each try given up on
+    fault: str | None = None  # an injected fault: "delay" or "abort"

@@ -1,22 +1,30 @@
-"""Kept-alive connections to one destination (the app, or one outbound service).
+"""One destination (the app, or one outbound service): its endpoints, their kept-alive
+connections, and the policies that choose among them and limit them.
 
-A request takes an idle connection when there is one (no task, no await: the
-common case) or a new one, dialled through the pool's `connect` at the
-endpoint its balancer names; a dial that fails moves on to the next endpoint.
-The pool also carries the destination's retry policy, which the engine asks
-when a reused connection dies before answering.
+Per request, the engine asks the pool to admit it (the circuit breaker's
+`max_requests`), to pick an endpoint (subset, outlier state, balancer), then takes an idle
+connection to that endpoint or dials one (past `max_connections` the request waits for a
+released one, at most `max_pending` of them). Answers and failures are reported back, so
+the outlier detector can eject an endpoint and the retry budget knows what is in flight.
+A discovery update (`set_endpoints`) keeps what it still lists, with its state; endpoints
+it drops take no new requests and their connections close once idle.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
-from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from sidecar.errors import SidecarError
-from sidecar.upstream.balancer import Endpoint, RoundRobin
-from sidecar.upstream.retry import RetryPolicy
+from sidecar.trafficconfig import CircuitBreakerConfig, EndpointSpec, OutlierConfig
+from sidecar.upstream import balancer
+from sidecar.upstream.endpoint import Endpoint
+from sidecar.upstream.outlier import OutlierDetector
+from sidecar.upstream.retry import RetryBudget, RetryPolicy
 
 if TYPE_CHECKING:
     from sidecar.engines.http1.upstream import UpstreamConn
@@ -25,67 +33,211 @@ log = logging.getLogger("sidecar.upstream")
 
 Connect = Callable[["UpstreamPool", str, int], Awaitable["UpstreamConn"]]
 
+UNLIMITED = CircuitBreakerConfig(1 << 30, 1 << 30, 1 << 30)
+
+
+def _now() -> float:
+    return time.monotonic()
+
 
 class UpstreamPool:
-    """Idle and busy connections to one destination, opened on demand."""
+    """Endpoints of one destination and connections to them, opened on demand."""
 
     def __init__(
         self,
         label: str,
-        endpoints: list[Endpoint],
+        endpoints: Iterable[EndpointSpec | tuple[str, int]],
         connect: Connect,
         connect_timeout: float = 5.0,
         max_idle: int = 128,
         unavailable: str = "upstream_unavailable",
         retry: RetryPolicy | None = None,
+        lb: str = "least_request",
+        breaker: CircuitBreakerConfig | None = None,
+        outlier: OutlierConfig | None = None,
+        subsets: Mapping[str, Mapping[str, str]] | None = None,
+        timeout: float | None = None,
+        per_try_timeout: float | None = None,
     ) -> None:
         self.label = label
-        self.balancer = RoundRobin(endpoints)
-        self.retry = retry or RetryPolicy()
         self._connect = connect
         self.connect_timeout = connect_timeout
-        self.max_idle = max_idle
+        self.max_idle = max_idle  # per endpoint
         self.unavailable = unavailable  # the error code when no endpoint can be reached
-        self.idle: list[UpstreamConn] = []
-        self.conns: set[UpstreamConn] = set()
+        self.retry = retry or RetryPolicy()
+        self.budget = RetryBudget(self.retry.cfg.budget_percent, self.retry.cfg.min_retries)
+        self.balancer = balancer.make(lb)
+        self.lb = lb
+        self.breaker = breaker or UNLIMITED
+        self.outlier = OutlierDetector(outlier or OutlierConfig(enabled=False))
+        self.subsets: Mapping[str, Mapping[str, str]] = subsets or {}
+        self.timeout = timeout  # whole request, all tries (None: no limit but per try)
+        self.per_try_timeout = per_try_timeout  # None: the listener's upstream_timeout
+        self.endpoints: list[Endpoint] = []
+        self._by_subset: dict[str | None, list[Endpoint]] = {}
+        self.conns: set[UpstreamConn] = set()  # every open connection, idle or busy
+        self.connecting = 0
+        self.waiters: collections.deque[asyncio.Future[UpstreamConn]] = collections.deque()
+        self.active_requests = 0
+        self.overloaded = 0  # requests refused by the breaker, all time
+        self.clock: Callable[[], float] = _now
+        self.set_endpoints(endpoints)
 
-    def take_idle(self) -> UpstreamConn | None:
-        """A kept-alive connection, if one is idle and open."""
-        while self.idle:
-            conn = self.idle.pop()
+    # -- discovery -----------------------------------------------------------
+
+    def set_endpoints(self, specs: Iterable[EndpointSpec | tuple[str, int]]) -> None:
+        """Replace the endpoint set; what stays keeps its state, what goes drains."""
+        old = {ep.key: ep for ep in self.endpoints}
+        new: list[Endpoint] = []
+        for spec in specs:
+            if isinstance(spec, EndpointSpec):
+                host, port = spec.address.host, spec.address.port
+                labels, weight = spec.labels, spec.weight
+            else:
+                (host, port), labels, weight = spec, {}, 1
+            ep = old.pop((host, port), None)
+            if ep is None:
+                ep = Endpoint(host, port, labels, weight)
+            else:
+                ep.labels, ep.weight = labels, weight
+            new.append(ep)
+        for gone in old.values():
+            gone.removed = True
+            for conn in gone.idle:
+                conn.abort()
+            gone.idle.clear()
+        self.endpoints = new
+        self._by_subset = {}
+
+    def candidates(self, subset: str | None) -> list[Endpoint]:
+        """The endpoints of `subset` (None: all)."""
+        got = self._by_subset.get(subset)
+        if got is None:
+            if subset is None:
+                got = list(self.endpoints)
+            else:
+                labels = self.subsets.get(subset, {})
+                got = [ep for ep in self.endpoints if ep.matches(labels)]
+            self._by_subset[subset] = got
+        return got
+
+    # -- a request -------------------------------------------------------------
+
+    def admit(self) -> bool:
+        """Whether one more request may be in flight (the breaker's `max_requests`)."""
+        if self.active_requests >= self.breaker.max_requests:
+            self.overloaded += 1
+            return False
+        self.active_requests += 1
+        self.budget.active_requests = self.active_requests
+        return True
+
+    def done(self, retried: bool) -> None:
+        """An admitted request is over (`retried`: it had started a retry)."""
+        self.active_requests -= 1
+        self.budget.active_requests = self.active_requests
+        if retried:
+            self.budget.active_retries -= 1
+
+    def pick(self, subset: str | None, tried: Sequence[Endpoint] = ()) -> Endpoint | None:
+        """An endpoint for the next try: in service, not tried yet if another is left."""
+        cands = self.candidates(subset)
+        if not cands:
+            return None
+        usable = self.outlier.usable(cands, self.clock())
+        if tried:
+            fresh = [ep for ep in usable if ep not in tried]
+            usable = fresh or usable
+        return self.balancer.pick(usable)
+
+    def take_idle(self, ep: Endpoint) -> UpstreamConn | None:
+        """A kept-alive connection to `ep`, if one is idle and open."""
+        idle = ep.idle
+        while idle:
+            conn = idle.pop()
             if conn.transport is not None and not conn.transport.is_closing():
                 return conn
         return None
 
-    async def connect_new(self) -> UpstreamConn:
-        """A new connection; SidecarError (`unavailable`, or the connector's own refusal)."""
-        last = "no endpoints"
-        for host, port in self.balancer.candidates():
+    async def connect(self, ep: Endpoint) -> UpstreamConn:
+        """A new connection to `ep` (or, past `max_connections`, the next one released).
+
+        SidecarError `overloaded` when too many wait already, or the connector's own
+        refusal; OSError or TimeoutError when `ep` cannot be reached."""
+        if len(self.conns) + self.connecting >= self.breaker.max_connections:
+            if len(self.waiters) >= self.breaker.max_pending:
+                self.overloaded += 1
+                raise SidecarError("overloaded", f"{self.label}: too many requests waiting")
+            fut: asyncio.Future[UpstreamConn] = asyncio.get_running_loop().create_future()
+            self.waiters.append(fut)
             try:
-                conn = await asyncio.wait_for(self._connect(self, host, port), self.connect_timeout)
-                self.conns.add(conn)
-                return conn
-            except SidecarError:
-                raise
-            except (OSError, TimeoutError) as e:
-                last = f"{type(e).__name__}"
-                log.warning("cannot connect to %s at %s:%d: %s", self.label, host, port, e)
-        raise SidecarError(self.unavailable, f"{self.label} is unavailable ({last})")
+                return await asyncio.wait_for(fut, self.connect_timeout)
+            except TimeoutError:
+                self.overloaded += 1
+                raise SidecarError(
+                    "overloaded", f"{self.label}: no connection free in time"
+                ) from None
+            finally:
+                if fut in self.waiters:
+                    self.waiters.remove(fut)
+        self.connecting += 1
+        try:
+            conn = await asyncio.wait_for(
+                self._connect(self, ep.host, ep.port), self.connect_timeout
+            )
+        finally:
+            self.connecting -= 1
+        conn.endpoint = ep
+        self.conns.add(conn)
+        ep.conns.add(conn)
+        return conn
+
+    # -- outcomes --------------------------------------------------------------
+
+    def answered(self, ep: Endpoint, status: int) -> None:
+        """An answer's status came back from `ep` (5xx counts against it)."""
+        ep.requests += 1
+        if status >= 500:
+            self.failed(ep)
+        else:
+            self.outlier.success(ep)
+
+    def failed(self, ep: Endpoint) -> None:
+        """`ep` could not be reached, reset, timed out or answered 5xx."""
+        if self.outlier.failure(ep, self.endpoints, self.clock()):
+            log.warning(
+                "%s: endpoint %s ejected for %.0f s after %d errors in a row",
+                self.label,
+                ep,
+                ep.ejected_until - self.clock(),
+                self.outlier.cfg.consecutive_errors,
+            )
+
+    # -- connections -------------------------------------------------------------
 
     def release(self, conn: UpstreamConn) -> None:
-        """Return a healthy, idle connection."""
-        if len(self.idle) < self.max_idle and conn.transport is not None:
-            self.idle.append(conn)
+        """A healthy connection whose exchange is over: to a waiting request, or idle."""
+        while self.waiters:
+            fut = self.waiters.popleft()
+            if not fut.done():
+                fut.set_result(conn)
+                return
+        ep = conn.endpoint
+        if ep is not None and not ep.removed and len(ep.idle) < self.max_idle:
+            ep.idle.append(conn)
         else:
             conn.abort()
 
     def discard(self, conn: UpstreamConn) -> None:
         """Forget a connection that closed."""
         self.conns.discard(conn)
-        try:
-            self.idle.remove(conn)
-        except ValueError:
-            pass
+        ep = conn.endpoint
+        if ep is not None:
+            ep.conns.discard(conn)
+            try:
+                ep.idle.remove(conn)
+            except ValueError:
+                pass
 
     def abort_where(self, predicate: Callable[[UpstreamConn], bool]) -> int:
         """Abort every connection (idle or busy) for which `predicate` holds."""
@@ -96,6 +248,32 @@ class UpstreamPool:
 
     def close(self) -> None:
         """Close every idle connection."""
-        for conn in self.idle:
-            conn.abort()
-        self.idle.clear()
+        for ep in self.endpoints:
+            for conn in ep.idle:
+                conn.abort()
+            ep.idle.clear()
+
+    def describe(self) -> dict[str, Any]:
+        """What `GET /endpoints` shows for this destination."""
+        now = self.clock()
+        return {
+            "lb": self.lb,
+            "active_requests": self.active_requests,
+            "connections": len(self.conns),
+            "overloaded": self.overloaded,
+            "endpoints": [
+                {
+                    "address": str(ep),
+                    "labels": dict(ep.labels),
+                    "weight": ep.weight,
+                    "healthy": not self.outlier.ejected(ep, now),
+                    "ejected_for": round(max(0.0, ep.ejected_until - now), 1),
+                    "ejections": ep.ejections,
+                    "active_requests": ep.active,
+                    "connections": len(ep.conns),
+                    "requests": ep.requests,
+                    "failures": ep.failures,
+                }
+                for ep in self.endpoints
+            ],
+        }

@@ -101,7 +101,9 @@ def run(pieces: list[bytes]) -> list[tuple[bytes, bytes]]:
         app = Transport()
         up = UpstreamConn(router.pool)
         up.transport = app
-        router.pool.idle.append(up)
+        (endpoint,) = router.pool.endpoints
+        up.endpoint = endpoint
+        endpoint.idle.append(up)
 
         async def no_second_connection(pool, host, port):
             raise ConnectionRefusedError

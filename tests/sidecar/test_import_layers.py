@@ -10,19 +10,20 @@ import pathlib
 ROOT = pathlib.Path(__file__).resolve().parents[2] / "sidecar"
 
 LAYERS = {
-    "errors": 0,
-    "config": 0,
-    "identity": 1,
-    "policy": 1,
-    "upstream": 1,
-    "telemetry": 1,
-    "initnet": 1,
-    "engines": 2,
-    "routing": 3,
-    "admin": 4,
-    "cli": 5,
-    "__main__": 6,
     "__init__": 0,
+    "errors": 0,
+    "trafficconfig": 0,
+    "config": 1,
+    "identity": 2,
+    "policy": 2,
+    "upstream": 2,
+    "telemetry": 2,
+    "initnet": 2,
+    "engines": 3,
+    "routing": 4,
+    "admin": 5,
+    "cli": 6,
+    "__main__": 7,
 }
 
 

@@ -47,10 +47,14 @@ from sidecar.engines.http1.upstream import UpstreamConn
 from sidecar.errors import SidecarError
 from sidecar.identity.peer import LOCAL_APP, Peer
 from sidecar.telemetry.record import ExchangeRecord
+from sidecar.upstream.endpoint import Endpoint
+from sidecar.upstream.retry import CONNECT_FAILURE, replayable
 
 log = logging.getLogger("sidecar.proxy")
 
 PENDING_LIMIT = 1 << 20  # body bytes buffered before an upstream connection is ready
+# A connector's refusals that mean the endpoint is not who it must be (tried elsewhere).
+PEER_FAILURES = frozenset({"peer_verification_failed", "peer_identity_mismatch", "peer_revoked"})
 
 
 class RecordSink(Protocol):
@@ -124,8 +128,10 @@ class DownstreamConn(asyncio.Protocol):
             self.group.discard(self)
         self.router.release(self)
         ex = self.active
-        if ex is not None and not ex.finished and ex.upstream is not None:
-            ex.upstream.abort()
+        if ex is not None and not ex.finished:
+            if ex.upstream is not None:
+                ex.upstream.abort()
+            self._release(ex)
         self.active = None
         self.queue.clear()
 
@@ -310,7 +316,7 @@ class DownstreamConn(asyncio.Protocol):
             if not ex.body_done:
                 self._write(b"HTTP/1.1 100 Continue\r\n\r\n")
         try:
-            ex.pool, ex.head = self.router.route(self, ex)
+            ex.pool, ex.head = pool, _ = self.router.route(self, ex)
         except SidecarError as e:
             self._finish_with_error(ex, e)
             return
@@ -320,11 +326,39 @@ class DownstreamConn(asyncio.Protocol):
             else:
                 self.loop.create_task(self._route_later(ex, later))
             return
-        up = ex.pool.take_idle()
+        if not pool.admit():
+            self._finish_with_error(
+                ex, SidecarError("overloaded", f"{pool.label}: too many requests in flight")
+            )
+            return
+        ex.admitted = True
+        if pool.timeout is not None:
+            ex.deadline_at = self.loop.time() + pool.timeout
+        if ex.delay:
+            self.loop.call_later(ex.delay, self._after_delay, ex)
+        else:
+            self._dispatch(ex)
+
+    def _after_delay(self, ex: Exchange) -> None:
+        if not self.closed and ex is self.active and not ex.finished:
+            self._dispatch(ex)
+
+    def _dispatch(self, ex: Exchange) -> None:
+        """Pick an endpoint for the next try; send on an idle connection or dial one."""
+        pool = ex.pool
+        assert pool is not None
+        ep = pool.pick(ex.subset, ex.tried)
+        if ep is None:
+            where = f" (subset {ex.subset})" if ex.subset else ""
+            self._finish_with_error(
+                ex, SidecarError(pool.unavailable, f"{pool.label} has no endpoints{where}")
+            )
+            return
+        up = pool.take_idle(ep)
         if up is not None:
             self._send_on(ex, up)  # the common case: no task, no await
         else:
-            self.loop.create_task(self._connect_and_send(ex))
+            self.loop.create_task(self._connect_and_send(ex, ep))
 
     async def _route_later(self, ex: Exchange, later: RouteLater) -> None:
         try:
@@ -335,20 +369,44 @@ class DownstreamConn(asyncio.Protocol):
         if not self.closed and ex is self.active:
             self._activate(ex)
 
-    async def _connect_and_send(self, ex: Exchange) -> None:
-        assert ex.pool is not None
+    async def _connect_and_send(self, ex: Exchange, ep: Endpoint) -> None:
+        pool = ex.pool
+        assert pool is not None
         try:
-            up = await ex.pool.connect_new()
+            up = await pool.connect(ep)
         except SidecarError as e:
+            if e.code in PEER_FAILURES:  # the endpoint is not who it must be: try another
+                pool.failed(ep)
+                if self._may_retry(ex, CONNECT_FAILURE, ep):
+                    self._dispatch(ex)
+                    return
             self._finish_with_error(ex, e)
             return
+        except (OSError, TimeoutError) as e:
+            log.warning("cannot connect to %s at %s: %s", pool.label, ep, e or type(e).__name__)
+            pool.failed(ep)
+            if self.closed or ex is not self.active:
+                return
+            if self._may_retry(ex, CONNECT_FAILURE, ep):
+                self._dispatch(ex)
+                return
+            self._finish_with_error(
+                ex,
+                SidecarError(pool.unavailable, f"{pool.label} is unavailable ({type(e).__name__})"),
+            )
+            return
         if self.closed or ex is not self.active:
-            ex.pool.release(up)
+            pool.release(up)
             return
         self._send_on(ex, up)
 
     def _send_on(self, ex: Exchange, up: UpstreamConn) -> None:
-        up.send_request(ex, self, self.limits.upstream_timeout)
+        pool = ex.pool
+        assert pool is not None
+        timeout = pool.per_try_timeout or self.limits.upstream_timeout
+        if ex.deadline_at:
+            timeout = min(timeout, ex.deadline_at - self.loop.time())
+        up.send_request(ex, self, timeout)
         if self._writing_paused:  # the client has not drained the last answer yet
             up.pause_reading()
             self._paused_upstream = up
@@ -363,7 +421,60 @@ class DownstreamConn(asyncio.Protocol):
         ex.upstream = None
         if not self.closed and ex is self.active:
             log.debug("reused upstream connection was closed; retrying on a new one")
-            self.loop.create_task(self._connect_and_send(ex))
+            pool = ex.pool
+            assert pool is not None
+            ep = pool.pick(ex.subset, ex.tried)
+            if ep is None:
+                self._finish_with_error(ex, SidecarError(pool.unavailable, f"{pool.label} is gone"))
+                return
+            self.loop.create_task(self._connect_and_send(ex, ep))
+
+    def retry_status(self, ex: Exchange, status: int) -> bool:
+        """An answer with a status the service retries on: drop it and try elsewhere."""
+        pool = ex.pool
+        up = ex.upstream
+        if pool is None or up is None or ex.response_started:
+            return False
+        if not pool.retry.retries_status(status):
+            return False
+        if not self._may_retry(ex, str(status), up.endpoint):
+            return False
+        ex.upstream = None
+        self.loop.call_soon(self._redispatch, ex)
+        return True
+
+    def _redispatch(self, ex: Exchange) -> None:
+        if not self.closed and ex is self.active and not ex.finished:
+            self._dispatch(ex)
+
+    def _may_retry(self, ex: Exchange, cause: str, ep: Endpoint | None) -> bool:
+        """Whether the exchange may go out once more after `cause` at `ep`; if so, it is
+        counted (attempts, budget, access log) and `ep` is avoided."""
+        pool = ex.pool
+        if pool is None or ex.finished or self.closed or ex is not self.active:
+            return False
+        policy = pool.retry
+        if ex.retries >= policy.cfg.attempts:
+            return False
+        if cause == CONNECT_FAILURE:
+            if not policy.retries_on(cause):
+                return False
+        elif not replayable(ex.method, ex.has_body):
+            return False
+        elif not cause.isdigit() and not policy.retries_on(cause):
+            return False
+        if ex.deadline_at and self.loop.time() >= ex.deadline_at:
+            return False
+        if not ex.retrying:
+            if not pool.budget.allows():
+                return False
+            pool.budget.active_retries += 1
+            ex.retrying = True
+        ex.retries += 1
+        if ep is not None:
+            ex.tried.append(ep)
+            ex.record.retries += (f"{ep} {cause}",)
+        return True
 
     def response_head(
         self, ex: Exchange, status: int, reason: bytes, headers: Headers, framing: Framing
@@ -397,10 +508,18 @@ class DownstreamConn(asyncio.Protocol):
             self._write(LAST_CHUNK)
         self._complete(ex)
 
-    def upstream_failed(self, ex: Exchange, err: SidecarError) -> None:
-        """The upstream died or timed out; answer if we still can, else cut the client off."""
+    def upstream_failed(self, ex: Exchange, err: SidecarError, cause: str | None = None) -> None:
+        """The upstream died or timed out: retry if allowed, else answer if we still can,
+        else cut the client off."""
         if ex.finished:
             return
+        up = ex.upstream
+        if cause is not None and not ex.response_started:
+            ep = up.endpoint if up is not None else None
+            if self._may_retry(ex, cause, ep):
+                ex.upstream = None
+                self._dispatch(ex)
+                return
         if ex.response_started:
             ex.finished = True
             self._record(ex)
@@ -425,10 +544,18 @@ class DownstreamConn(asyncio.Protocol):
             self.parsing = None
         self._complete(ex)
 
+    def _release(self, ex: Exchange) -> None:
+        """The pool stops counting the exchange (in flight, retrying)."""
+        if ex.admitted:
+            ex.admitted = False
+            assert ex.pool is not None
+            ex.pool.done(ex.retrying)
+
     def _complete(self, ex: Exchange) -> None:
         if ex.finished:
             return
         ex.finished = True
+        self._release(ex)
         self._record(ex)
         if ex.upstream is not None:
             ex.upstream.detach(ex)
@@ -457,6 +584,10 @@ class DownstreamConn(asyncio.Protocol):
         rec.ms = (time.perf_counter() - ex.start) * 1000
         rec.bytes_in = ex.bytes_in
         rec.bytes_out = ex.bytes_out
+        up = ex.upstream
+        if up is not None and up.endpoint is not None and ex.pool is not None:
+            if len(ex.pool.endpoints) > 1 or rec.retries:
+                rec.upstream = str(up.endpoint)
         self.access_log.write(rec)
 
     def _reply_error(self, err: SidecarError) -> None:

@@ -11,6 +11,7 @@ from sidecar.telemetry.record import ExchangeRecord
 
 if TYPE_CHECKING:
     from sidecar.engines.http1.upstream import UpstreamConn
+    from sidecar.upstream.endpoint import Endpoint
     from sidecar.upstream.pool import UpstreamPool
 
 
@@ -41,6 +42,16 @@ class Exchange:
     finished: bool = False
     retried: bool = False
     continue_pending: bool = False  # `100 Continue` is owed once this exchange is active
+    # Set by the router: the subset of the pool's endpoints, an injected delay (seconds).
+    subset: str | None = None
+    delay: float = 0.0
+    # Tries: the endpoints given up on, the retries made, whether the pool counts this
+    # exchange (admitted) and its retries (retrying), the deadline of all tries (loop time).
+    tried: list[Endpoint] = field(default_factory=list)
+    retries: int = 0
+    admitted: bool = False
+    retrying: bool = False
+    deadline_at: float = 0.0
     rerouted: bool = False
 
     @property

@@ -34,7 +34,11 @@ from sidecar.identity.peer import LOCAL_APP, Peer
 if TYPE_CHECKING:
     from collections.abc import Callable
 
+    from sidecar.upstream.endpoint import Endpoint
     from sidecar.upstream.pool import UpstreamPool
+
+RESET = "reset"  # causes of a failed try (sidecar.upstream.retry names the same)
+TIMEOUT = "timeout"
 
 
 class ResponseSink(Protocol):
@@ -51,11 +55,16 @@ class ResponseSink(Protocol):
     def response_done(self, ex: Exchange) -> None:
         """The response is complete."""
 
-    def upstream_failed(self, ex: Exchange, err: SidecarError) -> None:
-        """The upstream died, timed out or answered garbage."""
+    def upstream_failed(self, ex: Exchange, err: SidecarError, cause: str | None) -> None:
+        """The upstream died (cause `reset`), timed out (`timeout`) or answered garbage
+        (None); the connection is already given up."""
 
     def retry(self, ex: Exchange) -> None:
-        """Send the request again on a new connection (the retry policy allowed it)."""
+        """A kept-alive connection was dead before it answered: send the request again."""
+
+    def retry_status(self, ex: Exchange, status: int) -> bool:
+        """Whether an answer with `status` is dropped and the request sent elsewhere
+        (True: the downstream has taken the request back)."""
 
     def pause_reading(self) -> None:
         """Stop reading the request (upstream is slower than the client)."""
@@ -75,6 +84,7 @@ class UpstreamConn(asyncio.Protocol):
 
     def __init__(self, pool: UpstreamPool) -> None:
         self.pool = pool
+        self.endpoint: Endpoint | None = None  # set by the pool once connected
         self.transport: asyncio.Transport | None = None
         self.peer: Peer = LOCAL_APP  # outbound: the verified server
         self.parser = httptools.HttpResponseParser(self)
@@ -113,6 +123,8 @@ class UpstreamConn(asyncio.Protocol):
         assert self.transport is not None
         self.ex, self.down = ex, down
         ex.upstream = self
+        if self.endpoint is not None:
+            self.endpoint.active += 1
         self.requests += 1
         self.parser = httptools.HttpResponseParser(self)
         self._gen += 1
@@ -161,7 +173,7 @@ class UpstreamConn(asyncio.Protocol):
         self._disarm()
         if self.ex is not ex:
             return
-        self.ex, self.down = None, None
+        self._unbind()
         if self._paused_down is not None:
             self._paused_down.resume_reading()
             self._paused_down = None
@@ -189,14 +201,26 @@ class UpstreamConn(asyncio.Protocol):
     def _disarm(self) -> None:
         self.on_deadline = None
 
-    def _timeout(self) -> None:
-        self._fail(SidecarError("upstream_timeout", f"{self.pool.label} did not answer in time"))
+    def _unbind(self) -> None:
+        """This connection no longer serves its exchange."""
+        if self.ex is not None and self.endpoint is not None:
+            self.endpoint.active -= 1
+        self.ex, self.down = None, None
 
-    def _fail(self, err: SidecarError) -> None:
+    def _timeout(self) -> None:
+        if self.endpoint is not None:
+            self.pool.failed(self.endpoint)
+        err = SidecarError("upstream_timeout", f"{self.pool.label} did not answer in time")
+        self._fail(err, TIMEOUT)
+
+    def _fail(self, err: SidecarError, cause: str | None) -> None:
+        """Give the connection up and tell the exchange (it may retry elsewhere)."""
         ex, down = self.ex, self.down
+        self._unbind()
+        self._gen += 1  # whatever the parser still reports is not for anyone
         self.abort()
         if ex is not None and down is not None:
-            down.upstream_failed(ex, err)
+            down.upstream_failed(ex, err, cause)
 
     def pause_writing(self) -> None:
         """The upstream reads slower than the client sends: stop reading the client."""
@@ -225,10 +249,13 @@ class UpstreamConn(asyncio.Protocol):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError:
+            if self.endpoint is not None:
+                self.pool.failed(self.endpoint)
             self._fail(
                 SidecarError(
                     "bad_upstream_response", f"{self.pool.label} sent a malformed response"
-                )
+                ),
+                None,
             )
         finally:
             if corked is not None:
@@ -249,7 +276,7 @@ class UpstreamConn(asyncio.Protocol):
         ):
             # A kept-alive connection the app closed while idle, or after it took the
             # request, without a byte of an answer.
-            self.ex = self.down = None
+            self._unbind()
             down.retry(ex)
             return
         if self._head_done and self._framing.kind is Kind.CLOSE:
@@ -257,8 +284,13 @@ class UpstreamConn(asyncio.Protocol):
             self.keep_alive = False
             down.response_done(ex)
             return
+        if self.endpoint is not None and not self._head_done:
+            self.pool.failed(self.endpoint)
+        self._unbind()
         down.upstream_failed(
-            ex, SidecarError("upstream_reset", f"{self.pool.label} closed the connection")
+            ex,
+            SidecarError("upstream_reset", f"{self.pool.label} closed the connection"),
+            None if self._head_done else RESET,
         )
 
     # parser callbacks
@@ -280,6 +312,14 @@ class UpstreamConn(asyncio.Protocol):
             return
         if status < 200:  # interim (100, 103): not forwarded; wait for the final answer
             self._headers, self._reason = [], b""
+            return
+        if self.endpoint is not None:
+            self.pool.answered(self.endpoint, status)
+        if status >= 500 and down.retry_status(ex, status):
+            # Dropped: the request went elsewhere; this connection's answer is unread.
+            self._unbind()
+            self._gen += 1
+            self.abort()
             return
         self._head_done = True
         self.keep_alive = self.parser.should_keep_alive()

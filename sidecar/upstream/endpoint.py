@@ -1,0 +1,63 @@
+"""One endpoint of a destination, as the pool tracks it: its address, labels and weight, the
+requests in flight to it, its kept-alive connections and its outlier state."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from sidecar.engines.http1.upstream import UpstreamConn
+
+
+class Endpoint:
+    """An address the pool dials, and what it knows about it."""
+
+    __slots__ = (
+        "host",
+        "port",
+        "labels",
+        "weight",
+        "active",
+        "idle",
+        "conns",
+        "consecutive_errors",
+        "ejected_until",
+        "ejections",
+        "removed",
+        "requests",
+        "failures",
+    )
+
+    def __init__(
+        self, host: str, port: int, labels: Mapping[str, str] | None = None, weight: int = 1
+    ) -> None:
+        self.host = host
+        self.port = port
+        self.labels: Mapping[str, str] = labels or {}
+        self.weight = weight
+        self.active = 0  # requests in flight
+        self.idle: list[UpstreamConn] = []  # kept-alive connections, most recent last
+        self.conns: set[UpstreamConn] = set()
+        self.consecutive_errors = 0
+        self.ejected_until = 0.0  # loop time; ejected while now < this
+        self.ejections = 0  # how many times in a row (the ejection time grows with it)
+        self.removed = False  # no longer discovered: its connections drain
+        self.requests = 0  # answered, all time
+        self.failures = 0  # 5xx answers and failed connects, all time
+
+    @property
+    def key(self) -> tuple[str, int]:
+        """What identifies the endpoint across discovery updates."""
+        return (self.host, self.port)
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    def __repr__(self) -> str:
+        return f"Endpoint({self}, weight={self.weight}, active={self.active})"
+
+    def matches(self, labels: Mapping[str, str]) -> bool:
+        """Whether the endpoint carries every label in `labels` (a subset's selector)."""
+        mine = self.labels
+        return all(mine.get(k) == v for k, v in labels.items())
