@@ -15,6 +15,7 @@ import hashlib
 import json
 import ssl
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from aiohttp import web
 from cryptography import x509
@@ -119,11 +120,13 @@ class Admin:
         manager: CertManager,
         policy: PolicyHolder | None = None,
         bundle: BundleWatcher | None = None,
+        endpoints: Callable[[], dict[str, Any]] | None = None,
     ) -> None:
         self.store = store
         self.manager = manager
         self.policy = policy
         self.bundle = bundle
+        self.endpoints_doc = endpoints  # each outbound service's endpoints and their state
 
     async def healthz(self, request: web.Request) -> web.Response:
         """Liveness: the process answers."""
@@ -168,6 +171,12 @@ class Admin:
         doc["bundle"] = bundle
         return _json(doc)
 
+    async def endpoints(self, request: web.Request) -> web.Response:
+        """Each outbound service's endpoints: labels, weight, health, ejection, requests."""
+        if self.endpoints_doc is None:
+            return _json({"error": "no_outbound", "detail": "no outbound listener"}, 404)
+        return _json({"services": self.endpoints_doc()})
+
     async def rotate(self, request: web.Request) -> web.Response:
         """Renew now; answers with the new serial, or 502 with why the CA did not."""
         try:
@@ -203,6 +212,7 @@ class Admin:
         app.router.add_post("/rotate", self.rotate)
         app.router.add_post("/check", self.check)
         app.router.add_get("/policy", self.policy_status)
+        app.router.add_get("/endpoints", self.endpoints)
         return app
 
     def health_app(self) -> web.Application:

@@ -138,6 +138,7 @@ async def run(config: SidecarConfig) -> None:
             out_limits = Limits(upstream_timeout=ob.upstream_timeout)
             jwts = JwtSvids(store, manager.client)
             out_router = OutboundRouter(ob, store, jwts)
+            admin.endpoints_doc = out_router.describe
             out_group = ConnGroup()
             lst = Listener(
                 bind(ob.listen.host, ob.listen.port, BACKLOG),
@@ -319,6 +320,33 @@ def cmd_identity(args: argparse.Namespace) -> int:
     return 0 if doc["chain_valid"] and not doc["expired"] else 1
 
 
+def cmd_endpoints(args: argparse.Namespace) -> int:
+    """sidecar endpoints: each outbound service's endpoints and their state."""
+    status, doc = _admin_call(args.admin, "GET", "/endpoints")
+    if status != 200:
+        print(f"sidecar endpoints: {doc.get('detail', doc)}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(doc, indent=2))
+        return 0
+    for name, svc in sorted(doc["services"].items()):
+        print(
+            f"{name}  (lb {svc['lb']}, {svc['active_requests']} in flight, "
+            f"{svc['connections']} connections, {svc['overloaded']} overloaded)"
+        )
+        if not svc["endpoints"]:
+            print("  (no endpoints)")
+        for ep in svc["endpoints"]:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(ep["labels"].items())) or "-"
+            state = "healthy" if ep["healthy"] else f"EJECTED {ep['ejected_for']:g}s"
+            print(
+                f"  {ep['address']:<24} {state:<16} weight {ep['weight']:<4} "
+                f"active {ep['active_requests']:<4} requests {ep['requests']:<7} "
+                f"failures {ep['failures']:<5} {labels}"
+            )
+    return 0
+
+
 def cmd_rotate(args: argparse.Namespace) -> int:
     """sidecar rotate: renew now, print the new serial."""
     status, doc = _admin_call(args.admin, "POST", "/rotate")
@@ -413,6 +441,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     s.add_argument("--json", action="store_true", help="machine-readable output")
     s.set_defaults(func=cmd_identity)
+
+    s = sub.add_parser("endpoints", help="show each outbound service's endpoints and health")
+    s.add_argument(
+        "--admin", default=DEFAULT_ADMIN, help=f"admin HOST:PORT (default {DEFAULT_ADMIN})"
+    )
+    s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.set_defaults(func=cmd_endpoints)
 
     s = sub.add_parser("rotate", help="renew the certificate now and print the new serial")
     s.add_argument(

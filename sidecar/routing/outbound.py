@@ -18,6 +18,7 @@ import random
 import socket
 import ssl
 import time
+from typing import Any
 
 import httptools
 
@@ -194,6 +195,10 @@ class OutboundRouter(Router):
             return conn
 
         return connect
+
+    def describe(self) -> dict[str, Any]:
+        """Each service's pool as `GET /endpoints` shows it."""
+        return {name: pool.describe() for name, pool in self.pools.items()}
 
     def _close_revoked(self, revoked: frozenset[str]) -> None:
         for pool in self.pools.values():
