@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # `make demo`: a CA on loopback, a "pod" that enrolls with a join token using only
 # openssl and curl and renews over mTLS; then two plain-HTTP apps behind sidecars
-# calling each other over mutual TLS; then the rotation CronJob step by step (intermediate,
+# calling each other over mutual TLS; then a canary split and an injected fault on the outbound
+# path; then the rotation CronJob step by step (intermediate,
 # root prepare, activate, retire) with calls after each step. Cleans up after itself.
 set -euo pipefail
 
@@ -70,6 +71,8 @@ echo "renewed: $(json_field "$work/renew-resp.json" spiffe_id)   serial: $(json_
 
 # shellcheck source=deploy/local/demo-mesh.sh
 . "$(dirname "$0")/demo-mesh.sh"
+# shellcheck source=deploy/local/demo-traffic.sh
+. "$(dirname "$0")/demo-traffic.sh"
 # shellcheck source=deploy/local/demo-rotation.sh
 . "$(dirname "$0")/demo-rotation.sh"
 
