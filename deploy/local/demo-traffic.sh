@@ -59,7 +59,10 @@ for _ in range(n):
         with opener.open(req, timeout=10) as r:
             statuses[r.status] += 1
     except urllib.error.HTTPError as e:
-        statuses[f"{e.code} {json.load(e)['error']}"] += 1
+        try:
+            statuses[f"{e.code} {json.load(e)['error']}"] += 1
+        except ValueError:  # not the sidecar's JSON: the app's own answer
+            statuses[f"{e.code} from the app"] += 1
 lines = [json.loads(l) for l in open(log).read().splitlines()[before:] if l.startswith("{")]
 versions = collections.Counter(
     ("v1" if l.get("upstream") == v1 else "v2") for l in lines if l.get("status") == 200
