@@ -160,18 +160,23 @@ class UpstreamPool:
         return None
 
     async def connect(self, ep: Endpoint) -> UpstreamConn:
-        """A new connection to `ep` (or, past `max_connections`, the next one released).
+        """A new connection to `ep` (or, at `max_connections`, an idle one to any endpoint, or
+        the next one released).
 
         SidecarError `overloaded` when too many wait already, or the connector's own
         refusal; OSError or TimeoutError when `ep` cannot be reached."""
-        if len(self.conns) + self.connecting >= self.breaker.max_connections:
+        while len(self.conns) + self.connecting >= self.breaker.max_connections:
+            for other in self.endpoints:  # at the limit, an idle connection anywhere will do
+                idle = self.take_idle(other)
+                if idle is not None:
+                    return idle
             if len(self.waiters) >= self.breaker.max_pending:
                 self.overloaded += 1
                 raise SidecarError("overloaded", f"{self.label}: too many requests waiting")
             fut: asyncio.Future[UpstreamConn] = asyncio.get_running_loop().create_future()
             self.waiters.append(fut)
             try:
-                return await asyncio.wait_for(fut, self.connect_timeout)
+                handed = await asyncio.wait_for(fut, self.connect_timeout)
             except TimeoutError:
                 self.overloaded += 1
                 raise SidecarError(
@@ -180,6 +185,9 @@ class UpstreamPool:
             finally:
                 if fut in self.waiters:
                     self.waiters.remove(fut)
+            if handed.transport is not None and not handed.transport.is_closing():
+                return handed
+            # it closed on the way: look again (a place may be free now)
         self.connecting += 1
         try:
             conn = await asyncio.wait_for(
