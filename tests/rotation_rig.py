@@ -63,23 +63,27 @@ class Rig:
         self.failed: list[str] = []
         self.next_audience = dict.fromkeys(IDS, 1)  # per sidecar: its JWT-SVID cache is its own
         run_meshca("init", "--home", str(self.home))
-        self.ca = start_ca(
-            self.home,
-            *("--cert-ttl", LEAF_TTL, "--reload-interval", "0.2", "--burst", "100"),
-            *("--admin-id", ROTATOR),
-        )
-        self.procs.append(self.ca)
-        self.ports = {name: free_port() for name in IDS}
         self.apps = {}
         self.configs: dict[str, Path] = {}
         self.sidecars: dict[str, Proc] = {}
-        for name in IDS:
-            app = start_echo(root / f"{name}-app.log")
-            self.procs.append(app)
-            self.apps[name] = app
-        for name in IDS:
-            self.configs[name] = self._config(name)
-            self.sidecars[name] = self._start(name)
+        try:  # the test's own `finally` cannot stop what a failed constructor started
+            self.ca = start_ca(
+                self.home,
+                *("--cert-ttl", LEAF_TTL, "--reload-interval", "0.2", "--burst", "100"),
+                *("--admin-id", ROTATOR),
+            )
+            self.procs.append(self.ca)
+            self.ports = {name: free_port() for name in IDS}
+            for name in IDS:
+                app = start_echo(root / f"{name}-app.log")
+                self.procs.append(app)
+                self.apps[name] = app
+            for name in IDS:
+                self.configs[name] = self._config(name)
+                self.sidecars[name] = self._start(name)
+        except BaseException:
+            self.stop()
+            raise
 
     # -- set-up ---------------------------------------------------------------
 
