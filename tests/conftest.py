@@ -55,10 +55,17 @@ class Mesh:
     def __init__(
         self, root: Path, ca_args: tuple[str, ...] = (), inbound_extra=None, ca_extra=None
     ):
-        from mesh import hostport, sidecar_config, start_echo, start_sidecar
-
         self.root = root
         self.procs = []
+        try:  # a failed start-up stops what it started (no fixture teardown runs then)
+            self._start(root, ca_args, inbound_extra, ca_extra)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self, root: Path, ca_args: tuple[str, ...], inbound_extra, ca_extra) -> None:
+        from mesh import hostport, sidecar_config, start_echo, start_sidecar
+
         home = root / "ca"
         run_meshca("init", "--home", str(home))
         self.ca = start_ca(home, *ca_args)
