@@ -16,7 +16,7 @@ import sys
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -104,6 +104,7 @@ async def run(config: SidecarConfig) -> None:
     runners: list[Any] = []
     listeners: list[Listener] = []
     groups: list[ConnGroup] = []
+    stoppers: list[Callable[[], Awaitable[None]]] = []
     access_log = AccessLog(sys.stdout)
     raise_fd_limit(config)
     try:
@@ -138,7 +139,22 @@ async def run(config: SidecarConfig) -> None:
             out_limits = Limits(upstream_timeout=ob.upstream_timeout)
             jwts = JwtSvids(store, manager.client)
             out_router = OutboundRouter(ob, store, jwts)
-            admin.endpoints_doc = out_router.describe
+            if any(svc.traffic.dns or svc.traffic.endpoints_file for svc in ob.services.values()):
+                from sidecar.upstream.discovery import Discovery
+
+                discovery = Discovery(ob.services, out_router.pools)
+                await discovery.start()
+                stoppers.append(discovery.stop)
+
+                def endpoints_doc() -> dict[str, Any]:
+                    doc = out_router.describe()
+                    for name, found in discovery.describe().items():
+                        doc[name]["discovery"] = found
+                    return doc
+
+                admin.endpoints_doc = endpoints_doc
+            else:
+                admin.endpoints_doc = out_router.describe
             out_group = ConnGroup()
             lst = Listener(
                 bind(ob.listen.host, ob.listen.port, BACKLOG),
@@ -178,6 +194,8 @@ async def run(config: SidecarConfig) -> None:
     finally:
         for lst in listeners:
             lst.close()
+        for stop_it in stoppers:
+            await stop_it()
         for r in runners:
             await r.cleanup()
         sys.stdout.flush()

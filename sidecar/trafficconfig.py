@@ -120,7 +120,7 @@ class FaultConfig:
     delay_percent: float = 0.0
     delay_seconds: float = 0.0
     abort_percent: float = 0.0
-    abort_status: int = 503
+    abort_status: int | None = None  # None: the route has no abort (only a delay)
 
 
 @dataclass(frozen=True)
@@ -317,7 +317,7 @@ def _fault(problems: list[str], doc: Any, where: str) -> FaultConfig | None:
     if d is None:
         return None
     delay_pct = delay_s = abort_pct = 0.0
-    status = 503
+    status: int | None = None
     if "delay" in d:
         dd = _mapping(problems, d["delay"], f"{where}.delay", {"percent", "seconds"})
         if dd is not None:

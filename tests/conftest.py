@@ -11,6 +11,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from dnsserver import dns_server  # noqa: E402, F401 (a fixture for the tests that need DNS)
 from helpers import CAProcess, mint_token, run_meshca, start_ca  # noqa: E402
 
 try:

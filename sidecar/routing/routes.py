@@ -6,8 +6,9 @@ request to every endpoint. A match holds when every header condition holds (exac
 prefix or regex on the first value), the path matches (exact or prefix, on the path
 without the query) and the method is listed (if any are). The draw for a weighted
 split and for fault percentages comes from the random source passed in, so tests can
-fix it. A request may force a route's faults with `x-sidecar-fault: abort`, `delay` or
-`abort, delay` (for resilience tests); the header is never forwarded.
+fix it. A request may force a route's configured faults with `x-sidecar-fault: abort`,
+`delay` or `abort, delay`, whatever their percentages (for resilience tests, 0 % gives
+faults on demand only); the header is never forwarded.
 """
 
 from __future__ import annotations
@@ -91,12 +92,14 @@ def decide(
         f = route.fault
         if f is None:
             return Decision(route.name, subset)
-        forced = forced_faults(headers) if f.abort_percent or f.delay_percent else frozenset()
+        forced = forced_faults(headers)  # even at 0 %: faults on demand only
         delay = 0.0
         if f.delay_seconds and ("delay" in forced or rng.random() * 100 < f.delay_percent):
             delay = f.delay_seconds
         abort = None
-        if "abort" in forced or rng.random() * 100 < f.abort_percent:
+        if f.abort_status is not None and (
+            "abort" in forced or rng.random() * 100 < f.abort_percent
+        ):
             abort = f.abort_status
         return Decision(route.name, subset, delay, abort)
     return NO_ROUTE

@@ -77,7 +77,10 @@ class UpstreamPool:
         self._by_subset: dict[str | None, list[Endpoint]] = {}
         self.conns: set[UpstreamConn] = set()  # every open connection, idle or busy
         self.connecting = 0
-        self.waiters: collections.deque[asyncio.Future[UpstreamConn]] = collections.deque()
+        # Requests waiting at max_connections: for a connection to their endpoint, or a place.
+        self.waiters: collections.deque[tuple[Endpoint, asyncio.Future[UpstreamConn | None]]] = (
+            collections.deque()
+        )
         self.active_requests = 0
         self.overloaded = 0  # requests refused by the breaker, all time
         self.clock: Callable[[], float] = _now
@@ -166,15 +169,16 @@ class UpstreamPool:
         SidecarError `overloaded` when too many wait already, or the connector's own
         refusal; OSError or TimeoutError when `ep` cannot be reached."""
         while len(self.conns) + self.connecting >= self.breaker.max_connections:
-            for other in self.endpoints:  # at the limit, an idle connection anywhere will do
-                idle = self.take_idle(other)
-                if idle is not None:
-                    return idle
+            victim = self._idle_elsewhere(ep)  # room is made by closing an idle connection
+            if victim is not None:
+                self._drop(victim)
+                continue
             if len(self.waiters) >= self.breaker.max_pending:
                 self.overloaded += 1
                 raise SidecarError("overloaded", f"{self.label}: too many requests waiting")
-            fut: asyncio.Future[UpstreamConn] = asyncio.get_running_loop().create_future()
-            self.waiters.append(fut)
+            fut: asyncio.Future[UpstreamConn | None] = asyncio.get_running_loop().create_future()
+            waiter = (ep, fut)
+            self.waiters.append(waiter)
             try:
                 handed = await asyncio.wait_for(fut, self.connect_timeout)
             except TimeoutError:
@@ -183,11 +187,13 @@ class UpstreamPool:
                     "overloaded", f"{self.label}: no connection free in time"
                 ) from None
             finally:
-                if fut in self.waiters:
-                    self.waiters.remove(fut)
-            if handed.transport is not None and not handed.transport.is_closing():
-                return handed
-            # it closed on the way: look again (a place may be free now)
+                if waiter in self.waiters:
+                    self.waiters.remove(waiter)
+            if handed is not None:
+                if handed.transport is not None and not handed.transport.is_closing():
+                    return handed
+                self._drop(handed)
+            # a place is free (or the handed connection closed on the way): look again
         self.connecting += 1
         try:
             conn = await asyncio.wait_for(
@@ -224,20 +230,27 @@ class UpstreamPool:
     # -- connections -------------------------------------------------------------
 
     def release(self, conn: UpstreamConn) -> None:
-        """A healthy connection whose exchange is over: to a waiting request, or idle."""
-        while self.waiters:
-            fut = self.waiters.popleft()
-            if not fut.done():
+        """A healthy connection whose exchange is over: to a request waiting for its endpoint,
+        else idle (closed instead when a request waits for another endpoint: its place)."""
+        ep = conn.endpoint
+        for waiter in self.waiters:
+            wep, fut = waiter
+            if wep is ep and not fut.done():
+                self.waiters.remove(waiter)
                 fut.set_result(conn)
                 return
-        ep = conn.endpoint
+        if any(not fut.done() for _, fut in self.waiters):
+            self._drop(conn)  # its place goes to a request for another endpoint
+            return
         if ep is not None and not ep.removed and len(ep.idle) < self.max_idle:
             ep.idle.append(conn)
         else:
             conn.abort()
 
     def discard(self, conn: UpstreamConn) -> None:
-        """Forget a connection that closed."""
+        """Forget a connection that closed; a request waiting for a place may dial."""
+        if conn not in self.conns:
+            return
         self.conns.discard(conn)
         ep = conn.endpoint
         if ep is not None:
@@ -246,6 +259,21 @@ class UpstreamPool:
                 ep.idle.remove(conn)
             except ValueError:
                 pass
+        while self.waiters:
+            _, fut = self.waiters.popleft()
+            if not fut.done():
+                fut.set_result(None)
+                break
+
+    def _drop(self, conn: UpstreamConn) -> None:
+        self.discard(conn)
+        conn.abort()
+
+    def _idle_elsewhere(self, ep: Endpoint) -> UpstreamConn | None:
+        for other in self.endpoints:
+            if other is not ep and other.idle:
+                return other.idle.pop(0)  # the oldest
+        return None
 
     def abort_where(self, predicate: Callable[[UpstreamConn], bool]) -> int:
         """Abort every connection (idle or busy) for which `predicate` holds."""

@@ -239,11 +239,6 @@ def test_circuit_breaker_refuses_past_max_requests_and_recovers(mesh):
     assert [r.status for r in after] == [200] * 4
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="DownstreamConn.upstream_failed, once the answer has started, never releases the "
-    "exchange from the pool: each answer cut short keeps a max_requests place forever",
-)
 def test_answers_cut_short_give_their_breaker_place_back(mesh, client):
     """max_requests 2; two answers break off halfway (the app drops the connection), one
     after the other: then nothing is in flight, and the next requests are admitted."""
@@ -283,11 +278,6 @@ def test_per_try_timeout_moves_on_from_a_slow_endpoint(mesh, client):
     assert all("retries" not in lines[p] for p in set(replies) - on_c)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="at max_connections, UpstreamPool.connect takes an idle connection to any endpoint, "
-    "outside the request's subset",
-)
 def test_at_max_connections_the_canary_still_goes_to_v2_only(mesh, client):
     first = client.call("pinned.default", "/pinned/v1")  # the one connection: to v1, then idle
     assert (first.status, first.name in ("a", "b")) == (200, True)

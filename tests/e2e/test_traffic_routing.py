@@ -189,10 +189,6 @@ def test_forced_abort_and_the_header_never_reaches_the_app(mesh, client):
     assert received(mesh, "/delay/forced").total() == received(mesh, "/plain/forced").total() == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="routes.decide ignores x-sidecar-fault when the route's percentages are all 0",
-)
 def test_forced_abort_on_a_route_whose_fault_is_at_0_percent(mesh, client):
     """docs/sidecar.md: the header gets the route's configured faults "regardless of the
     percentages"; a fault at 0 % is the way to inject it only on demand."""
@@ -200,10 +196,6 @@ def test_forced_abort_on_a_route_whose_fault_is_at_0_percent(mesh, client):
     assert (r.status, r.doc.get("error")) == (500, "fault_abort"), (r.status, r.body)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="routes.decide aborts a forced request on a route that configures only a delay",
-)
 def test_forced_abort_on_a_route_with_only_a_delay(mesh, client):
     """docs/sidecar.md: the header gets "the route's configured faults"; this route
     configures a delay and no abort, so the request is delayed and forwarded."""

@@ -522,6 +522,7 @@ class DownstreamConn(asyncio.Protocol):
                 return
         if ex.response_started:
             ex.finished = True
+            self._release(ex)
             self._record(ex)
             if self.transport is not None:
                 self._close()
@@ -597,6 +598,9 @@ class DownstreamConn(asyncio.Protocol):
         if ex is not None and not ex.finished:
             if ex.response_started:
                 ex.finished = True
+                self._release(ex)
+                if ex.upstream is not None:
+                    ex.upstream.abort()
                 if self.transport is not None:
                     self._close()
                 return
