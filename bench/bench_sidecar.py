@@ -92,6 +92,16 @@ def ten_rule_policy(frontend_id: str) -> dict:
     return {"rules": rules}
 
 
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU time of these processes so far (from /proc)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
+    return total / tick
+
+
 def ten_routes() -> list[dict]:
     """Nine routes the benchmark's requests do not match, then one that sends them everywhere."""
     routes: list[dict] = [
@@ -355,13 +365,18 @@ def main() -> None:
             for spy in spies:
                 spy.wait()
         results: dict[str, list[dict]] = {k: [] for k in paths}
+        sidecars = [bp.pid, sp.pid, fp.pid]
         for rnd in range(args.rounds):
             for name, (url, extra) in paths.items():
+                cpu0 = cpu_seconds(sidecars)
                 r = run_ab(url, args.n, args.c, extra)
+                # CPU the sidecars spent per request: steadier than req/s on a busy machine
+                r["cpu_us"] = (cpu_seconds(sidecars) - cpu0) * 1e6 / args.n
                 results[name].append(r)
                 print(
                     f"round {rnd + 1} {name:24} {r['rps']:8.0f} req/s  p50 {r['p50']:.0f} ms  "
-                    f"p99 {r['p99']:.0f} ms  failed {r['failed']}",
+                    f"p99 {r['p99']:.0f} ms  sidecar CPU {r['cpu_us']:.0f} us/req  "
+                    f"failed {r['failed']}",
                     flush=True,
                 )
         direct = statistics.median(r["rps"] for r in results["direct (app)"])
@@ -369,20 +384,24 @@ def main() -> None:
             f"\n{args.rounds} rounds x {args.n} requests, {args.c} keep-alive connections, "
             f"ab; medians:\n"
         )
-        print(f"{'path':26} {'req/s':>8} {'ratio':>6} {'p50 ms':>7} {'p99 ms':>7} {'failed':>7}")
+        print(
+            f"{'path':30} {'req/s':>8} {'ratio':>6} {'p50 ms':>7} {'p99 ms':>7} "
+            f"{'CPU us/req':>10} {'failed':>7}"
+        )
         for name, rs in results.items():
             rps = statistics.median(r["rps"] for r in rs)
             print(
-                f"{name:26} {rps:8.0f} {rps / direct:6.2f} "
+                f"{name:30} {rps:8.0f} {rps / direct:6.2f} "
                 f"{statistics.median(r['p50'] for r in rs):7.0f} "
                 f"{statistics.median(r['p99'] for r in rs):7.0f} "
+                f"{statistics.median(r['cpu_us'] for r in rs):10.0f} "
                 f"{sum(r['failed'] for r in rs):7d}"
             )
-        one = statistics.median(r["rps"] for r in results["both sidecars"])
-        three = statistics.median(r["rps"] for r in results["both, 3 endpoints, 10 routes"])
+        one = statistics.median(r["cpu_us"] for r in results["both sidecars"])
+        three = statistics.median(r["cpu_us"] for r in results["both, 3 endpoints, 10 routes"])
         print(
             f"\nbalancing over 3 endpoints with a 10-route table costs "
-            f"{(one / three - 1) * 100:+.1f} % against one endpoint (req/s medians, same run)"
+            f"{(three / one - 1) * 100:+.1f} % sidecar CPU per request against one endpoint"
         )
         both = statistics.median(r["rps"] for r in results["both sidecars"])
         secured = statistics.median(r["rps"] for r in results["both + JWT + 10-rule policy"])

@@ -369,8 +369,10 @@ def _match(problems: list[str], doc: Any, where: str) -> RouteMatch:
     for key in ("path_exact", "path_prefix"):
         if key in d:
             v = d[key]
-            if not isinstance(v, str) or not v.startswith("/"):
-                problems.append(f"{where}.{key}: must be a path starting with /")
+            if not isinstance(v, str) or not re.fullmatch(r"/[!-~]*", v) or "?" in v:
+                problems.append(
+                    f"{where}.{key}: must be a path starting with / (printable ASCII, no query)"
+                )
             elif key == "path_exact":
                 exact = v
             else:
