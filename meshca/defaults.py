@@ -16,6 +16,7 @@ ADMIN_PORT = 15000  # loopback only
 OUTBOUND_PORT = 15001  # the app's HTTP proxy
 INBOUND_PORT = 15006  # mTLS from other pods
 HEALTH_PORT = 15021  # the kubelet's readiness probe
+METRICS_PORT = 15090  # Prometheus scrapes /metrics (and /stats/prometheus), as on Istio's Envoy
 SIDECAR_UID = 1337
 
 # Rotation (`meshca rotate`).

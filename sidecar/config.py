@@ -136,6 +136,26 @@ class OutboundConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    """The Prometheus endpoint (`/metrics`, `/stats/prometheus`) and this pod's names in it."""
+
+    listen: Listen
+    workload: str | None = None  # default: $SIDECAR_WORKLOAD, else the service account
+    namespace: str | None = None  # default: $POD_NAMESPACE, else the SPIFFE ID's namespace
+
+
+@dataclass(frozen=True)
+class TracingConfig:
+    """W3C trace context: how many new traces are sampled, and where spans go (optional)."""
+
+    sampling: float = 0.01  # share of traces started here that are sampled (Istio's 1 %)
+    otlp_endpoint: str | None = None  # OTLP/HTTP collector URL (…/v1/traces); None: no export
+    otlp_batch: int = 512  # spans per export request
+    otlp_interval: float = 2.0  # seconds between exports
+    otlp_queue: int = 8192  # spans held for export; past it they are dropped (and counted)
+
+
+@dataclass(frozen=True)
 class SidecarConfig:
     """The whole configuration."""
 
@@ -149,6 +169,8 @@ class SidecarConfig:
     jwt: JwtConfig | None = None
     policy: PolicyConfig | None = None
     drain_timeout: float = 20.0  # seconds in-flight requests get after SIGTERM
+    metrics: MetricsConfig | None = None  # None: no metrics listener
+    tracing: TracingConfig = TracingConfig()
 
 
 class _Reader:
@@ -257,6 +279,8 @@ def parse_config(doc: Any, source: Path) -> SidecarConfig:
             "jwt",
             "policy",
             "drain_timeout",
+            "metrics",
+            "tracing",
         },
     )
     drain = r.number(doc, "drain_timeout", "drain_timeout", 20.0, 0, 3600)
@@ -435,11 +459,51 @@ def parse_config(doc: Any, source: Path) -> SidecarConfig:
     if (jwt_cfg or policy) and inbound is None:
         r.problems.append("jwt, policy: they apply to inbound requests; configure inbound too")
 
+    metrics = None
+    m = r.section(doc, "metrics", {"listen", "workload", "namespace"}, False)
+    if m is not None:
+        mlisten = r.listen(m, "listen", "metrics.listen", f"0.0.0.0:{defaults.METRICS_PORT}")
+        workload = r.string(m, "workload", "metrics.workload") if "workload" in m else None
+        mns = r.string(m, "namespace", "metrics.namespace") if "namespace" in m else None
+        if mlisten is not None:
+            metrics = MetricsConfig(mlisten, workload, mns)
+    tracing = TracingConfig()
+    t = r.section(
+        doc,
+        "tracing",
+        {"sampling", "otlp_endpoint", "otlp_batch", "otlp_interval", "otlp_queue"},
+        False,
+    )
+    if t is not None:
+        endpoint = None
+        if t.get("otlp_endpoint") is not None:
+            endpoint = r.string(t, "otlp_endpoint", "tracing.otlp_endpoint")
+            if endpoint and not endpoint.startswith(("http://", "https://")):
+                r.problems.append("tracing.otlp_endpoint: must be an http:// or https:// URL")
+        tracing = TracingConfig(
+            sampling=r.number(t, "sampling", "tracing.sampling", 0.01, 0, 1),
+            otlp_endpoint=endpoint,
+            otlp_batch=r.whole(t, "otlp_batch", "tracing.otlp_batch", 512, 1, 100_000),
+            otlp_interval=r.number(t, "otlp_interval", "tracing.otlp_interval", 2.0, 0.1, 600),
+            otlp_queue=r.whole(t, "otlp_queue", "tracing.otlp_queue", 8192, 1, 1_000_000),
+        )
+
     if r.problems:
         raise ConfigError(r.problems)
     assert ca is not None and admin is not None and health is not None
     return SidecarConfig(
-        trust_domain, ca, inbound, outbound, admin, health, source, jwt_cfg, policy, drain
+        trust_domain,
+        ca,
+        inbound,
+        outbound,
+        admin,
+        health,
+        source,
+        jwt_cfg,
+        policy,
+        drain,
+        metrics,
+        tracing,
     )
 
 

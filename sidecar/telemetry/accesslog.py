@@ -62,6 +62,10 @@ class AccessLog:
             line += f',"retries":{json.dumps(list(rec.retries))}'
         if rec.fault is not None:
             line += f',"fault":{_quote(rec.fault)}'
+        if rec.trace_id is not None:
+            line += f',"trace_id":"{rec.trace_id}"'  # hex digits only (checked when parsed)
+        if rec.request_id is not None:
+            line += f',"request_id":{_quote(rec.request_id)}'
         self.stream.write(line + "}\n")
         if not self._dirty:
             self._dirty = True

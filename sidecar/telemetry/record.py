@@ -33,3 +33,5 @@ class ExchangeRecord:
     upstream: str | None = None  # outbound: the endpoint that answered (or was tried last)
     retries: tuple[str, ...] = ()  # outbound: "ENDPOINT CAUSE" for each try given up on
     fault: str | None = None  # an injected fault: "delay" or "abort"
+    trace_id: str | None = None  # W3C trace id (32 hex digits) of the request
+    request_id: str | None = None  # x-request-id (the client's, or one made here)
