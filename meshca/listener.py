@@ -79,6 +79,29 @@ def bind(host: str, port: int, backlog: int) -> socket.socket:
     return sock
 
 
+def handshake_failure_reason(exc: BaseException) -> str:
+    """A short, bounded name for why a TLS handshake failed (for metrics)."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        message = (exc.verify_message or "").lower()
+        if "expired" in message:
+            return "expired"
+        if "not yet valid" in message:
+            return "not_yet_valid"
+        if "issuer" in message or "self-signed" in message or "self signed" in message:
+            return "unknown_ca"
+        return "bad_certificate"
+    if isinstance(exc, ssl.SSLError):
+        reason = (exc.reason or "").upper()
+        if reason == "PEER_DID_NOT_RETURN_A_CERTIFICATE":
+            return "no_certificate"
+        if "VERSION" in reason or "PROTOCOL" in reason:
+            return "protocol_version"
+        return "tls_error"
+    if isinstance(exc, TimeoutError):
+        return "timeout"
+    return "reset"
+
+
 class Listener:
     """A listening socket: accept up to `max_connections`, refuse legacy TLS, hand over the rest."""
 
@@ -91,8 +114,10 @@ class Listener:
         max_connections: int = 4096,
         handshake_timeout: float = 10.0,
         name: str = "listener",
+        on_handshake_failure: Callable[[str], None] | None = None,
     ) -> None:
         self.sock = sock
+        self.on_handshake_failure = on_handshake_failure  # called with a reason name
         self.protocol_factory = protocol_factory
         self.ssl_context = ssl_context
         self.max_connections = max_connections
@@ -235,6 +260,8 @@ class Listener:
 
     def _refuse_legacy(self, conn: socket.socket, version: bytes) -> None:
         self.legacy_refused += 1
+        if self.on_handshake_failure is not None:
+            self.on_handshake_failure("protocol_version")
         log.info(
             "%s: refused a TLS %s ClientHello (protocol_version alert; TLS 1.2 or newer only)",
             self.name,
@@ -285,6 +312,8 @@ class Listener:
             # the transport has closed the socket; the protocol never saw it.
             log.debug("%s: handshake failed: %s", self.name, e)
             self.release()
+            if self.on_handshake_failure is not None:
+                self.on_handshake_failure(handshake_failure_reason(e))
         except Exception:
             log.exception("%s: handing over a connection failed", self.name)
             with contextlib.suppress(OSError):

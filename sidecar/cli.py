@@ -70,6 +70,7 @@ async def run(config: SidecarConfig) -> None:
     from sidecar.routing.inbound import InboundRouter
     from sidecar.routing.outbound import JwtSvids, OutboundRouter
     from sidecar.telemetry.accesslog import AccessLog
+    from sidecar.telemetry.sink import Telemetry
 
     loop = asyncio.get_running_loop()
     try:
@@ -106,6 +107,42 @@ async def run(config: SidecarConfig) -> None:
     groups: list[ConnGroup] = []
     stoppers: list[Callable[[], Awaitable[None]]] = []
     access_log = AccessLog(sys.stdout)
+    metrics = None
+    pools: dict[str, Any] = {}
+    if config.metrics is not None:
+        from sidecar.telemetry.metrics import SidecarMetrics, Sources
+
+        def not_after() -> float | None:
+            creds = store.current
+            return creds.leaf.not_valid_after_utc.timestamp() if creds is not None else None
+
+        def last_poll() -> float | None:
+            when = watcher.last_success
+            if when is None:
+                return None
+            return (
+                dt.datetime.strptime(when, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.UTC).timestamp()
+            )
+
+        metrics = SidecarMetrics(
+            lambda: str(store.current.spiffe_id) if store.current is not None else None,
+            config.metrics.workload,
+            config.metrics.namespace,
+            Sources(
+                not_after=not_after,
+                renewals=lambda: (manager.status.renewals, manager.status.failures),
+                bundle_sequence=lambda: trust.current.sequence,
+                last_poll=last_poll,
+                pools=lambda: pools,
+            ),
+        )
+    telemetry = Telemetry(access_log, metrics)
+
+    def handshake_failed(direction: str) -> Callable[[str], None] | None:
+        if metrics is None:
+            return None
+        return lambda reason: metrics.refused(direction, reason)
+
     raise_fd_limit(config)
     try:
         if config.inbound is not None:
@@ -123,11 +160,12 @@ async def run(config: SidecarConfig) -> None:
             in_group = ConnGroup()
             lst = Listener(
                 bind(ib.listen.host, ib.listen.port, BACKLOG),
-                lambda: DownstreamConn(in_router, in_limits, access_log, in_group),
+                lambda: DownstreamConn(in_router, in_limits, telemetry, in_group),
                 ssl_context=store.listener_context(),
                 max_connections=ib.max_connections,
                 handshake_timeout=ib.header_timeout,
                 name="inbound",
+                on_handshake_failure=handshake_failed("inbound"),
             )
             in_group.on_release = lst.release
             lst.start()
@@ -139,6 +177,7 @@ async def run(config: SidecarConfig) -> None:
             out_limits = Limits(upstream_timeout=ob.upstream_timeout)
             jwts = JwtSvids(store, manager.client)
             out_router = OutboundRouter(ob, store, jwts)
+            pools.update(out_router.pools)
             if any(svc.traffic.dns or svc.traffic.endpoints_file for svc in ob.services.values()):
                 from sidecar.upstream.discovery import Discovery
 
@@ -158,7 +197,7 @@ async def run(config: SidecarConfig) -> None:
             out_group = ConnGroup()
             lst = Listener(
                 bind(ob.listen.host, ob.listen.port, BACKLOG),
-                lambda: DownstreamConn(out_router, out_limits, access_log, out_group),
+                lambda: DownstreamConn(out_router, out_limits, telemetry, out_group),
                 max_connections=ob.max_connections,
                 name="outbound",
             )
@@ -175,6 +214,19 @@ async def run(config: SidecarConfig) -> None:
             admin.health_app(), config.health.host, config.health.port
         )
         runners.append(health_runner)
+        if metrics is not None:
+            from prometheus_client import CollectorRegistry
+
+            from sidecar.telemetry.endpoint import metrics_app
+
+            assert config.metrics is not None
+            registry = CollectorRegistry()
+            registry.register(metrics)
+            metrics_runner, metrics_url = await _start_site(
+                metrics_app(registry), config.metrics.listen.host, config.metrics.listen.port
+            )
+            runners.append(metrics_runner)
+            print(f"sidecar: metrics listening on {metrics_url}", flush=True)
         print(f"sidecar: admin listening on {admin_url}", flush=True)
         print(f"sidecar: health listening on {health_url}", flush=True)
 

@@ -83,6 +83,7 @@ class UpstreamPool:
         )
         self.active_requests = 0
         self.overloaded = 0  # requests refused by the breaker, all time
+        self.ejected_total = 0  # outlier ejections, all time
         self.clock: Callable[[], float] = _now
         self.set_endpoints(endpoints)
 
@@ -219,6 +220,7 @@ class UpstreamPool:
     def failed(self, ep: Endpoint) -> None:
         """`ep` could not be reached, reset, timed out or answered 5xx."""
         if self.outlier.failure(ep, self.endpoints, self.clock()):
+            self.ejected_total += 1
             log.warning(
                 "%s: endpoint %s ejected for %.0f s after %d errors in a row",
                 self.label,

@@ -114,6 +114,9 @@ class DownstreamConn(asyncio.Protocol):
             self.peer = self.router.accept(self)
         except SidecarError as e:
             log.info("%s connection refused: %s", self.router.direction, e.detail)
+            refused = getattr(self.access_log, "refused", None)
+            if refused is not None:
+                refused(self.router.direction, e.code)
             transport.close()
             self.closed = True
             return
