@@ -69,6 +69,14 @@ class InjectOptions:
     drain_seconds: int = 20  # the sidecar's drain_timeout: in-flight requests after SIGTERM
 
 
+# Where Prometheus (with the usual pod annotations) scrapes the sidecar, as on Istio.
+SCRAPE_ANNOTATIONS = {
+    "prometheus.io/scrape": "true",
+    "prometheus.io/port": str(defaults.METRICS_PORT),
+    "prometheus.io/path": "/stats/prometheus",
+}
+
+
 def sidecar_config(opts: InjectOptions, app_port: int | None, services: dict | None = None) -> str:
     """The sidecar's YAML configuration for a pod."""
     doc: dict[str, Any] = {
@@ -81,6 +89,7 @@ def sidecar_config(opts: InjectOptions, app_port: int | None, services: dict | N
         "outbound": {"listen": f"127.0.0.1:{defaults.OUTBOUND_PORT}", "services": services or {}},
         "admin": {"listen": f"127.0.0.1:{defaults.ADMIN_PORT}"},
         "health": {"listen": f"0.0.0.0:{defaults.HEALTH_PORT}"},
+        "metrics": {"listen": f"0.0.0.0:{defaults.METRICS_PORT}"},
         "drain_timeout": opts.drain_seconds,
     }
     if app_port is not None:
@@ -133,7 +142,10 @@ def _sidecar_container(
         "periodSeconds": 2,
         "failureThreshold": 30,
     }
-    ports = [{"name": "meshca-health", "containerPort": defaults.HEALTH_PORT, "protocol": "TCP"}]
+    ports = [
+        {"name": "meshca-health", "containerPort": defaults.HEALTH_PORT, "protocol": "TCP"},
+        {"name": "meshca-metrics", "containerPort": defaults.METRICS_PORT, "protocol": "TCP"},
+    ]
     if app_port is not None:
         ports.insert(
             0, {"name": "meshca-inbound", "containerPort": defaults.INBOUND_PORT, "protocol": "TCP"}
@@ -145,7 +157,18 @@ def _sidecar_container(
         "restartPolicy": "Always",  # a native sidecar: starts first, stops last
         "args": ["run", "--config-env", CONFIG_ENV],
         "command": ["sidecar"],
-        "env": [{"name": CONFIG_ENV, "value": sidecar_config(opts, app_port, services)}],
+        "env": [
+            {"name": CONFIG_ENV, "value": sidecar_config(opts, app_port, services)},
+            # the pod's names in the metrics' workload labels (downward API)
+            {
+                "name": "POD_NAMESPACE",
+                "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}},
+            },
+            {
+                "name": "SIDECAR_WORKLOAD",
+                "valueFrom": {"fieldRef": {"fieldPath": "metadata.labels['app']"}},
+            },
+        ],
         "ports": ports,
         "startupProbe": probe,
         "readinessProbe": {**probe, "failureThreshold": 3},
@@ -260,7 +283,10 @@ def inject_pod_template(meta: dict, spec: dict, opts: InjectOptions) -> bool:
         ):
             if name not in have:
                 env.append({"name": name, "value": value})
-    meta.setdefault("annotations", {})[STATUS_ANNOTATION] = "injected"
+    ann = meta.setdefault("annotations", {})
+    ann[STATUS_ANNOTATION] = "injected"
+    if not any(k.startswith("prometheus.io/") for k in ann):  # the app's own scrape wins
+        ann.update(SCRAPE_ANNOTATIONS)
     return True
 
 

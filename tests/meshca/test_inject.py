@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from meshca.inject import (
+    SCRAPE_ANNOTATIONS,
     SIDECAR_NAME,
     InjectError,
     InjectOptions,
@@ -63,9 +64,17 @@ def test_inject_each_kind(index):
     o_meta, o_spec = pod_spec(original)
     assert [c["image"] for c in spec["containers"]] == [c["image"] for c in o_spec["containers"]]
     assert spec["initContainers"][1:] == o_spec.get("initContainers", [])
-    assert {
-        k: v for k, v in meta.get("annotations", {}).items() if k != "meshca.io/status"
-    } == o_meta.get("annotations", {})
+    o_ann, ann = o_meta.get("annotations", {}), meta["annotations"]
+    assert all(ann[k] == v for k, v in o_ann.items())  # the app's annotations are kept
+    added = set(ann) - set(o_ann) - {"meshca.io/status"}
+    # Prometheus scrapes the sidecar, unless the app has scrape annotations of its own
+    if any(k.startswith("prometheus.io/") for k in o_ann):
+        assert added == set()
+    else:
+        assert {k: ann[k] for k in added} == SCRAPE_ANNOTATIONS
+    assert {"name": "meshca-metrics", "containerPort": 15090, "protocol": "TCP"} in sidecar["ports"]
+    config = yaml.safe_load(sidecar["env"][0]["value"])
+    assert config["metrics"] == {"listen": "0.0.0.0:15090"}
     assert original == docs()[index], "the input object is not modified"
 
 
