@@ -270,6 +270,31 @@ def main() -> None:
                 "policy": {"file": "policy.yaml"},
             },
         )
+        # The same pair with metrics on (both ends count every request), for the cost of metrics.
+        mbp, mburls = sidecar(
+            "backend-metrics",
+            backend_id,
+            {
+                "inbound": {"listen": "127.0.0.1:0", "app": f"127.0.0.1:{app_port}"},
+                "metrics": {"listen": "127.0.0.1:0"},
+            },
+        )
+        mfp, mfurls = sidecar(
+            "frontend-metrics",
+            frontend_id,
+            {
+                "outbound": {
+                    "listen": "127.0.0.1:0",
+                    "services": {
+                        "backend.default": {
+                            "endpoints": [mburls["inbound"]],
+                            "identity": backend_id,
+                        }
+                    },
+                },
+                "metrics": {"listen": "127.0.0.1:0"},
+            },
+        )
         fp, furls = sidecar(
             "frontend",
             frontend_id,
@@ -333,6 +358,10 @@ def main() -> None:
                 f"http://{furls['outbound']}/",
                 ["-H", "Host: balanced.default"],
             ),
+            "both sidecars, metrics on": (
+                f"http://{mfurls['outbound']}/",
+                ["-H", "Host: backend.default"],
+            ),
         }
         for url, extra in paths.values():  # warm-up: pools, JIT-free but caches
             run_ab(url, 2000, args.c, extra)
@@ -365,7 +394,7 @@ def main() -> None:
             for spy in spies:
                 spy.wait()
         results: dict[str, list[dict]] = {k: [] for k in paths}
-        sidecars = [bp.pid, sp.pid, fp.pid]
+        sidecars = [bp.pid, sp.pid, fp.pid, mbp.pid, mfp.pid]
         for rnd in range(args.rounds):
             for name, (url, extra) in paths.items():
                 cpu0 = cpu_seconds(sidecars)
@@ -402,6 +431,11 @@ def main() -> None:
         print(
             f"\nbalancing over 3 endpoints with a 10-route table costs "
             f"{(three / one - 1) * 100:+.1f} % sidecar CPU per request against one endpoint"
+        )
+        metered = statistics.median(r["cpu_us"] for r in results["both sidecars, metrics on"])
+        print(
+            f"metrics (Istio's request metrics at both ends) cost "
+            f"{(metered / one - 1) * 100:+.1f} % sidecar CPU per request"
         )
         both = statistics.median(r["rps"] for r in results["both sidecars"])
         secured = statistics.median(r["rps"] for r in results["both + JWT + 10-rule policy"])

@@ -127,6 +127,7 @@ class Admin:
         self.policy = policy
         self.bundle = bundle
         self.endpoints_doc = endpoints  # each outbound service's endpoints and their state
+        self.window: Any = None  # sidecar.telemetry.window.Window, the last minute of traffic
 
     async def healthz(self, request: web.Request) -> web.Response:
         """Liveness: the process answers."""
@@ -177,6 +178,12 @@ class Admin:
             return _json({"error": "no_outbound", "detail": "no outbound listener"}, 404)
         return _json({"services": self.endpoints_doc()})
 
+    async def stats(self, request: web.Request) -> web.Response:
+        """The last minute per peer and direction, as `sidecar stats` shows it."""
+        if self.window is None:
+            return _json({"error": "not_ready", "detail": "no listener yet"}, 503)
+        return _json(self.window.snapshot())
+
     async def rotate(self, request: web.Request) -> web.Response:
         """Renew now; answers with the new serial, or 502 with why the CA did not."""
         try:
@@ -213,6 +220,7 @@ class Admin:
         app.router.add_post("/check", self.check)
         app.router.add_get("/policy", self.policy_status)
         app.router.add_get("/endpoints", self.endpoints)
+        app.router.add_get("/stats", self.stats)
         return app
 
     def health_app(self) -> web.Application:

@@ -13,6 +13,7 @@ import json
 import logging
 import signal
 import sys
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -71,6 +72,7 @@ async def run(config: SidecarConfig) -> None:
     from sidecar.routing.outbound import JwtSvids, OutboundRouter
     from sidecar.telemetry.accesslog import AccessLog
     from sidecar.telemetry.sink import Telemetry
+    from sidecar.telemetry.window import Window
 
     loop = asyncio.get_running_loop()
     try:
@@ -136,12 +138,12 @@ async def run(config: SidecarConfig) -> None:
                 pools=lambda: pools,
             ),
         )
-    telemetry = Telemetry(access_log, metrics)
+    window = Window(time.monotonic)  # the last minute, for `sidecar stats`
+    admin.window = window
+    telemetry = Telemetry(access_log, metrics, window)
 
-    def handshake_failed(direction: str) -> Callable[[str], None] | None:
-        if metrics is None:
-            return None
-        return lambda reason: metrics.refused(direction, reason)
+    def handshake_failed(direction: str) -> Callable[[str], None]:
+        return lambda reason: telemetry.refused(direction, reason)
 
     raise_fd_limit(config)
     try:
@@ -417,6 +419,53 @@ def cmd_endpoints(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ms(x: float | None) -> str:
+    return "-" if x is None else f"{x:.1f}ms"
+
+
+def stats_table(doc: dict) -> str:
+    """The last minute per peer, as `sidecar stats` prints it."""
+    lines = [
+        f"{'DIRECTION':<9} {'PEER':<48} {'SUCCESS':>8} {'RPS':>7} {'P50':>9} {'P95':>9} "
+        f"{'P99':>9} {'DENIED':>6}"
+    ]
+    for r in doc["peers"]:
+        lines.append(
+            f"{r['direction']:<9} {r['peer']:<48} {r['success_rate'] * 100:7.2f}% "
+            f"{r['rps']:7.2f} {_ms(r['p50_ms']):>9} {_ms(r['p95_ms']):>9} "
+            f"{_ms(r['p99_ms']):>9} {r['authz_denials']:>6}"
+        )
+    if not doc["peers"]:
+        lines.append("(no requests in the last minute)")
+    refused = doc.get("tls_handshake_failures") or {}
+    failed = ", ".join(f"{d} {n}" for d, n in sorted(refused.items())) or "none"
+    lines.append(f"TLS handshakes refused in the last {doc['window_seconds']} s: {failed}")
+    return "\n".join(lines)
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    """sidecar stats: success rate, request rate and latency per peer over the last minute."""
+    import time
+
+    while True:
+        status, doc = _admin_call(args.admin, "GET", "/stats")
+        if status != 200:
+            print(f"sidecar stats: {doc.get('detail', doc)}", file=sys.stderr)
+            return 2
+        if args.json:
+            print(json.dumps(doc, indent=2), flush=True)
+        else:
+            if args.watch:
+                print("\033[H\033[2J", end="")  # clear the screen, top left
+            print(stats_table(doc), flush=True)
+        if not args.watch:
+            return 0
+        try:
+            time.sleep(args.interval)
+        except KeyboardInterrupt:
+            return 0
+
+
 def cmd_rotate(args: argparse.Namespace) -> int:
     """sidecar rotate: renew now, print the new serial."""
     status, doc = _admin_call(args.admin, "POST", "/rotate")
@@ -518,6 +567,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     s.add_argument("--json", action="store_true", help="machine-readable output")
     s.set_defaults(func=cmd_endpoints)
+
+    s = sub.add_parser("stats", help="success rate, requests/s and latency per peer (last minute)")
+    s.add_argument(
+        "--admin", default=DEFAULT_ADMIN, help=f"admin HOST:PORT (default {DEFAULT_ADMIN})"
+    )
+    s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.add_argument("--watch", action="store_true", help="refresh in place until interrupted")
+    s.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes")
+    s.set_defaults(func=cmd_stats)
 
     s = sub.add_parser("rotate", help="renew the certificate now and print the new serial")
     s.add_argument(

@@ -1,5 +1,6 @@
 """Where the engines report: every finished exchange, every connection refused at its
-handshake. One `Telemetry` fans out to the access log and the metrics (either optional)."""
+handshake. One `Telemetry` fans out to the access log, the metrics and the last-minute
+window of `sidecar stats` (each optional)."""
 
 from __future__ import annotations
 
@@ -15,21 +16,12 @@ class Recorder(Protocol):
         """Record one exchange."""
 
 
-class RefusalCounter(Protocol):
-    """Something that counts refused connections."""
-
-    def refused(self, direction: str, reason: str) -> None:
-        """A connection was refused at (or right after) its handshake, for `reason`."""
-
-
 class Telemetry:
-    """The access log and the metrics, as one sink."""
+    """The sinks, as one."""
 
-    def __init__(
-        self, access_log: Recorder | None = None, metrics: (Recorder | None) = None
-    ) -> None:
-        self.sinks = tuple(s for s in (access_log, metrics) if s is not None)
-        self.metrics = metrics
+    def __init__(self, *sinks: Recorder | None) -> None:
+        self.sinks = tuple(s for s in sinks if s is not None)
+        self._counters = tuple(s for s in self.sinks if hasattr(s, "refused"))
 
     def write(self, rec: ExchangeRecord) -> None:
         """Hand one record to each sink."""
@@ -37,7 +29,6 @@ class Telemetry:
             sink.write(rec)
 
     def refused(self, direction: str, reason: str) -> None:
-        """Count a refused connection (the access log has no line for it)."""
-        counter = self.metrics
-        if counter is not None and hasattr(counter, "refused"):
+        """A connection refused at (or right after) its handshake (no access-log line)."""
+        for counter in self._counters:
             counter.refused(direction, reason)

@@ -230,3 +230,44 @@ def test_openmetrics_and_promtool(pair):
             if line.strip() and "istio_request_duration_milliseconds" not in line
         ]  # fmt: skip
         assert problems == [], out.stdout + out.stderr
+
+
+def test_sidecar_stats_for_a_person(pair):
+    """`kubectl exec POD -c sidecar -- sidecar stats`: the last minute per peer."""
+    import json
+    import sys
+
+    backend, frontend = pair
+    for n in range(30):
+        assert proxy_get(frontend, f"http://backend.default/{n}")[0] == 200
+    assert proxy_get(frontend, "http://backend.default/admin")[0] == 403
+    host, port = hostport(backend.urls["inbound"]).rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=5) as raw:  # no client certificate
+        ctx = ssl.create_default_context()
+        ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+        try:
+            with ctx.wrap_socket(raw) as tls:
+                tls.recv(1)
+        except (ssl.SSLError, OSError):
+            pass
+
+    def stats(p, *extra: str) -> str:
+        cmd = [sys.executable, "-m", "sidecar", "stats", "--admin", hostport(p.urls["admin"])]
+        return subprocess.run(cmd + list(extra), capture_output=True, text=True, check=True).stdout
+
+    doc = json.loads(stats(backend, "--json"))
+    (row,) = doc["peers"]
+    assert (row["direction"], row["peer"], row["requests"]) == ("inbound", FRONT, 31)
+    assert row["success_rate"] == 1.0 and row["authz_denials"] == 1
+    assert 0 < row["p50_ms"] <= row["p95_ms"] <= row["p99_ms"]
+    assert doc["tls_handshake_failures"] == {"inbound": 1}
+    front = json.loads(stats(frontend, "--json"))
+    assert [(r["direction"], r["peer"], r["requests"]) for r in front["peers"]] == [
+        ("outbound", "backend.default", 31)
+    ]
+    text = stats(backend)
+    assert text.splitlines()[0].split() == [
+        "DIRECTION", "PEER", "SUCCESS", "RPS", "P50", "P95", "P99", "DENIED",
+    ]  # fmt: skip
+    assert f"inbound   {FRONT}" in text and "100.00%" in text
+    assert "TLS handshakes refused in the last 60 s: inbound 1" in text
