@@ -9,13 +9,15 @@ STAMP := $(VENV)/.installed
 all: test
 
 # Debian tools the tests and the demos use: real clients (openssl, curl), a DNS server for
-# the discovery test (dnsmasq-base: the binary, without the system service) and, for the pod
-# tests, network namespaces and iptables (installed only when missing).
+# the discovery test (dnsmasq-base: the binary, without the system service), promtool (in
+# prometheus) to lint the metrics pages and, for the pod tests, network namespaces and
+# iptables (installed only when missing).
 deps:
 	@missing=""; \
 	command -v openssl >/dev/null || missing="$$missing openssl"; \
 	command -v curl >/dev/null || missing="$$missing curl"; \
 	command -v dnsmasq >/dev/null || missing="$$missing dnsmasq-base"; \
+	command -v promtool >/dev/null || missing="$$missing prometheus"; \
 	command -v ip >/dev/null || missing="$$missing iproute2"; \
 	command -v iptables >/dev/null || missing="$$missing iptables"; \
 	command -v setpriv >/dev/null || missing="$$missing util-linux"; \

@@ -18,7 +18,7 @@ from typing import Any
 
 from meshca import defaults, pki, store
 from meshca.authority import Authority, init_ca, load_ec_key
-from meshca.config import ConfigError, build_serve_config
+from meshca.config import CA_METRICS_PORT, ConfigError, build_serve_config
 from meshca.errors import MeshcaError
 from meshca.spiffe import DEFAULT_TRUST_DOMAIN, InvalidSpiffeId, SpiffeId
 from meshca.tokens import JoinTokens
@@ -79,6 +79,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             inject_fail_open=args.inject_fail_open,
             max_connections=args.max_connections,
             drain_timeout=args.drain_timeout,
+            metrics_listen=args.metrics_listen,
         )
     except ConfigError as e:
         raise CLIError(str(e)) from None
@@ -90,12 +91,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     def ready(url: str) -> None:
         print(f"meshca: serving on {url}", flush=True)
 
+    def metrics_ready(url: str) -> None:
+        print(f"meshca: metrics listening on {url}", flush=True)
+
     try:
         import uvloop  # optional, faster event loop (pip install meshca[fast])
     except ImportError:
-        asyncio.run(serve(config, ready))
+        asyncio.run(serve(config, ready, metrics_ready))
     else:
-        uvloop.run(serve(config, ready))
+        uvloop.run(serve(config, ready, metrics_ready))
     return 0
 
 
@@ -642,6 +646,13 @@ def parser() -> argparse.ArgumentParser:
         default=20.0,
         help="on SIGTERM: seconds in-flight requests get to finish before the CA exits "
         "(default 20)",
+    )
+    s.add_argument(
+        "--metrics-listen",
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics over plain HTTP at http://HOST:PORT/metrics "
+        f"(default: off; the conventional port is {CA_METRICS_PORT}, e.g. "
+        f"0.0.0.0:{CA_METRICS_PORT}; port 0 picks a free one)",
     )
     s.add_argument(
         "--init-if-missing",

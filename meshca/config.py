@@ -14,6 +14,9 @@ from pathlib import Path
 from meshca import defaults
 from meshca.spiffe import InvalidSpiffeId, SpiffeId
 
+# The conventional port of `meshca serve --metrics-listen` (next to the sidecar's 15090).
+CA_METRICS_PORT = 15091
+
 
 class ConfigError(ValueError):
     """One or more settings are invalid; the message names each flag."""
@@ -73,6 +76,7 @@ class ServeConfig:
     inject_fail_open: bool = False
     max_connections: int = 4096  # open connections; past it new ones wait in the backlog
     drain_timeout: float = 20.0  # seconds in-flight requests get after SIGTERM
+    metrics_listen: Listen | None = None  # plain-HTTP Prometheus /metrics; None: not served
 
     @property
     def server_dns_names(self) -> tuple[str, ...]:
@@ -120,6 +124,7 @@ def build_serve_config(
     inject_fail_open: bool = False,
     max_connections: int = 4096,
     drain_timeout: float = 20.0,
+    metrics_listen: str | None = None,
 ) -> ServeConfig:
     """Validate every setting; ConfigError listing each problem by flag."""
     problems: list[str] = []
@@ -174,6 +179,15 @@ def build_serve_config(
         problems.append("--max-connections: must be between 1 and 1000000")
     if not 0 <= drain_timeout <= 3600:
         problems.append("--drain-timeout: must be between 0 and 3600 seconds")
+    metrics_where = None
+    if metrics_listen is not None:
+        try:
+            metrics_where = parse_listen(metrics_listen)
+        except ValueError as e:
+            problems.append(f"--metrics-listen: {e}")
+        else:
+            if metrics_where == where and where.port != 0:
+                problems.append(f"--metrics-listen: {metrics_where} is the API's --listen")
     if problems:
         raise ConfigError("; ".join(problems))
     return ServeConfig(
@@ -200,4 +214,5 @@ def build_serve_config(
         inject_fail_open=inject_fail_open,
         max_connections=max_connections,
         drain_timeout=drain_timeout,
+        metrics_listen=metrics_where,
     )

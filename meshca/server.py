@@ -4,11 +4,14 @@ One middleware turns every exception into the JSON error `{"error", "detail"}`
 with its status and writes one JSON access-log line per request. The server's
 own TLS certificate is issued from the CA's intermediate at start and renewed
 in the background at half its lifetime; new handshakes pick it up at once.
+With `--metrics-listen`, a second, plain-HTTP listener serves `GET /metrics`
+(meshca/metrics.py); the outcomes it counts are counted here, where they are decided.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import datetime as dt
 import hashlib
@@ -24,10 +27,11 @@ from typing import Any
 
 from aiohttp import web
 from cryptography import x509
+from prometheus_client.exposition import choose_encoder
 
-from meshca import listener, pki, store, tlsutil
+from meshca import listener, metrics, pki, store, tlsutil
 from meshca.authority import Authority, ensure_jwt_key, load_ec_key
-from meshca.config import ServeConfig
+from meshca.config import Listen, ServeConfig
 from meshca.enroll import NONE, Enroller, json_object
 from meshca.errors import (
     BadRequest,
@@ -82,6 +86,7 @@ def error_response(err: MeshcaError) -> web.Response:
 
 
 AUTH_FAILURES = web.AppKey("auth_failures", RateLimiter)
+METRICS = web.AppKey("metrics", metrics.CaMetrics)
 
 
 def check_source(request: web.Request) -> None:
@@ -98,8 +103,10 @@ async def errors_and_access_log(request: web.Request, handler: Handler) -> web.S
     """Map exceptions to JSON errors; log one JSON line per request (never headers or bodies).
 
     Every 401 also costs the caller's source address a token of its failed-authentication
-    budget (`check_source` refuses it once spent)."""
+    budget (`check_source` refuses it once spent). Every error answered is counted in the
+    metrics by its code (`meshca_ca_refusals_total`), a rate limit also on its own."""
     start = time.perf_counter()
+    counts = request.app.get(METRICS)
     try:
         resp = await handler(request)
     except MeshcaError as err:
@@ -107,12 +114,20 @@ async def errors_and_access_log(request: web.Request, handler: Handler) -> web.S
         limiter = request.app.get(AUTH_FAILURES)
         if err.status == 401 and limiter is not None and request.remote:
             limiter.check(request.remote)
+        if counts is not None:
+            counts.refused(err.code)
+            if isinstance(err, RateLimited):
+                counts.rate_limited()
     except web.HTTPException as exc:
         code = _HTTP_CODES.get(exc.status, "http_error")
         resp = json_response({"error": code, "detail": exc.reason}, exc.status)
+        if counts is not None and exc.status >= 400:
+            counts.refused(code)
     except Exception:
         log.exception("internal error on %s %s", request.method, request.path)
         resp = json_response({"error": "internal", "detail": "internal error"}, 500)
+        if counts is not None:
+            counts.refused("internal")
     access_log.info(
         json.dumps(
             {
@@ -222,6 +237,13 @@ class CAServer:
         )
         self.jwt_issuer = JwtIssuer(ensure_jwt_key(config.home), authority.trust_domain)
         self.jwt_limiter = RateLimiter(config.rate, config.burst)
+        self.metrics = metrics.CaMetrics(lambda: self.active.authority)
+        # A scrape counts ledger rows on a thread of its own, with a connection of its own
+        # (a Ledger belongs to the thread that opened it), so the event loop never waits.
+        self._metrics_thread = concurrent.futures.ThreadPoolExecutor(
+            1, thread_name_prefix="meshca-metrics"
+        )
+        self._metrics_ledger: store.Ledger | None = None
         self.active = self._activate(authority)
         self._state_mtime = self._mtime()
         self.reloads = 0
@@ -376,16 +398,34 @@ class CAServer:
     async def post_certificates(self, request: web.Request) -> web.Response:
         """POST /v1/certificates: enroll with a token, or renew over mTLS."""
         peer = request.remote
+        start = time.perf_counter()
         try:
-            check_source(request)
-            body = await read_limited(request, self.config.max_body)
-            bearer = bearer_token(request)
-        except MeshcaError as err:
-            self.enroller.record_refusal(err, NONE, None, peer)
+            try:
+                check_source(request)
+                body = await read_limited(request, self.config.max_body)
+                bearer = bearer_token(request)
+            except MeshcaError as err:
+                self.enroller.record_refusal(err, NONE, None, peer)
+                raise
+            issued = await self.enroller.enroll(body, bearer, peer_certificate(request), peer)
+        except Exception:
+            self.metrics.enrollment(metrics.REFUSED, time.perf_counter() - start)
             raise
-        issued = await self.enroller.enroll(body, bearer, peer_certificate(request), peer)
+        self.metrics.enrollment(metrics.ISSUED, time.perf_counter() - start)
+        self.metrics.issued(self._credential_of(bearer))
         request["spiffe_id"] = str(issued.spiffe_id)
         return json_response(issued.to_json())
+
+    def _credential_of(self, bearer: str | None) -> str:
+        """The credential an enrollment that succeeded was authenticated with, by the
+        Enroller's rule: a bearer token if there is one (a join token if this CA issued
+        it, else a ServiceAccount token: no other issuer passes), else the client
+        certificate (a renewal)."""
+        if bearer is None:
+            return metrics.MTLS_RENEWAL
+        if peek_issuer(bearer) == self.enroller.join_tokens.issuer:
+            return metrics.JOIN_TOKEN
+        return metrics.K8S_TOKEN
 
     async def post_jwt(self, request: web.Request) -> web.Response:
         """POST /v1/jwt: a JWT-SVID for the mTLS caller's own ID, for the audience asked."""
@@ -409,6 +449,7 @@ class CAServer:
         if wait > 0:
             raise RateLimited(f"too many JWT requests for {sid}", retry_after=wait)
         minted = self.jwt_issuer.mint(sid, audience, now, dt.timedelta(seconds=ttl))
+        self.metrics.jwt_svid()
         return json_response({"token": minted.token, "expires_at": pki.rfc3339(minted.expires_at)})
 
     async def admin_identity(self, request: web.Request) -> SpiffeId:
@@ -580,12 +621,42 @@ class CAServer:
         """GET /healthz: liveness and readiness of the CA."""
         return json_response({"status": "ok", "trust_domain": self.authority.trust_domain})
 
+    def _ledger_counts(self) -> metrics.LedgerCounts:
+        """Runs on the metrics thread, which keeps its own connection to the ledger."""
+        if self._metrics_ledger is None:
+            self._metrics_ledger = store.Ledger(self.config.home / store.LEDGER_FILE, self.clock)
+        counts = self._metrics_ledger.counts()
+        return metrics.LedgerCounts(counts["issued"], counts["revoked"])
+
+    async def get_metrics(self, request: web.Request) -> web.Response:
+        """GET /metrics (the metrics listener): Prometheus text, or OpenMetrics if asked."""
+        loop = asyncio.get_running_loop()
+        try:
+            self.metrics.ledger = await loop.run_in_executor(
+                self._metrics_thread, self._ledger_counts
+            )
+        except Exception as e:
+            # Leave the ledger's gauges out of this scrape rather than report stale numbers.
+            log.warning("metrics: cannot count the ledger's rows: %s: %s", type(e).__name__, e)
+            self.metrics.ledger = None
+        encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
+        return web.Response(
+            body=encoder(self.metrics.registry), headers={"Content-Type": content_type}
+        )
+
+    def metrics_app(self) -> web.Application:
+        """The aiohttp application of the plain-HTTP metrics listener: GET /metrics only."""
+        app = web.Application()
+        app.router.add_get("/metrics", self.get_metrics)
+        return app
+
     def app(self) -> web.Application:
         """The aiohttp application with every route."""
         app = web.Application(
             middlewares=[errors_and_access_log], client_max_size=self.config.max_body
         )
         app[AUTH_FAILURES] = RateLimiter(self.config.auth_fail_rate, self.config.auth_fail_burst)
+        app[METRICS] = self.metrics
         app.router.add_post("/v1/certificates", self.post_certificates)
         app.router.add_get("/v1/bundle", self.get_bundle)
         app.router.add_post("/v1/jwt", self.post_jwt)
@@ -598,10 +669,16 @@ class CAServer:
         return app
 
     async def close(self) -> None:
-        """Release the ledger and any JWKS session."""
+        """Release the ledgers (the metrics thread's too) and any JWKS session."""
         if self.jwks is not None:
             await self.jwks.close()
         self.ledger.close()
+        metrics_ledger = self._metrics_ledger
+        if metrics_ledger is not None:
+            await asyncio.get_running_loop().run_in_executor(
+                self._metrics_thread, metrics_ledger.close
+            )
+        self._metrics_thread.shutdown(wait=False)
 
 
 async def _drain_connections(server: web.Server, timeout: float) -> None:
@@ -630,14 +707,43 @@ async def _drain_connections(server: web.Server, timeout: float) -> None:
         await asyncio.sleep(0.05)
 
 
-async def serve(config: ServeConfig, ready: Callable[[str], None] | None = None) -> None:
-    """Run the CA until SIGTERM or SIGINT; `ready` gets the bound URL once listening.
+def _url(scheme: str, host: str, port: int) -> str:
+    return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
+
+
+async def _start_metrics(ca: CAServer, where: Listen) -> tuple[web.AppRunner, str]:
+    """The plain-HTTP metrics listener (separate from the API: no TLS, nothing but /metrics)."""
+    runner = web.AppRunner(ca.metrics_app(), access_log=None, handle_signals=False)
+    await runner.setup()
+    try:
+        sock = listener.bind(where.host, where.port, backlog=128)
+        await web.SockSite(runner, sock).start()
+    except BaseException:
+        await runner.cleanup()
+        raise
+    return runner, _url("http", where.host, sock.getsockname()[1])
+
+
+async def serve(
+    config: ServeConfig,
+    ready: Callable[[str], None] | None = None,
+    metrics_ready: Callable[[str], None] | None = None,
+) -> None:
+    """Run the CA until SIGTERM or SIGINT; `ready` gets the bound URL once listening, and
+    `metrics_ready` the metrics listener's URL (with `config.metrics_listen`) just before.
 
     On the signal it stops accepting, lets in-flight requests finish (at most
     `drain_timeout` seconds; their responses say `Connection: close`), closes
     idle kept-alive connections, then returns.
     """
     ca = CAServer(config)
+    metrics_runner = None
+    if config.metrics_listen is not None:
+        # Bound first: a port already taken stops the start before the API is served.
+        metrics_runner, metrics_url = await _start_metrics(ca, config.metrics_listen)
+        log.info("metrics on %s/metrics", metrics_url)
+        if metrics_ready:
+            metrics_ready(metrics_url)
     app = ca.app()
     stopping = asyncio.Event()
 
@@ -671,9 +777,7 @@ async def serve(config: ServeConfig, ready: Callable[[str], None] | None = None)
 
     server.connection_lost = connection_lost  # type: ignore[method-assign]
     lst.start()
-    port = lst.port
-    host = config.listen.host
-    url = f"https://[{host}]:{port}" if ":" in host else f"https://{host}:{port}"
+    url = _url("https", config.listen.host, lst.port)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
@@ -698,5 +802,7 @@ async def serve(config: ServeConfig, ready: Callable[[str], None] | None = None)
                 await task
         await _drain_connections(server, config.drain_timeout)
         await runner.cleanup()
+        if metrics_runner is not None:  # scraped until the API has drained
+            await metrics_runner.cleanup()
         await ca.close()
         log.info("stopped")
