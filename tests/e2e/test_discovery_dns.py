@@ -26,6 +26,7 @@ from sidecar.upstream.pool import UpstreamPool
 
 pytestmark = pytest.mark.e2e
 
+
 async def until(what: str, check: Callable[[], bool], timeout: float, server: DnsServer) -> float:
     """Poll `check` until it holds (the seconds it took) or fail saying what did not happen."""
     t0 = time.monotonic()
