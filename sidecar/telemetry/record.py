@@ -34,4 +34,7 @@ class ExchangeRecord:
     retries: tuple[str, ...] = ()  # outbound: "ENDPOINT CAUSE" for each try given up on
     fault: str | None = None  # an injected fault: "delay" or "abort"
     trace_id: str | None = None  # W3C trace id (32 hex digits) of the request
+    span_id: str | None = None  # this hop's span id (16 hex digits), as sent on
+    parent_span_id: str | None = None  # the span id the request came with, if any
+    sampled: bool = False  # the trace's sampled flag (spans are exported only then)
     request_id: str | None = None  # x-request-id (the client's, or one made here)
