@@ -9,12 +9,19 @@ identity headers are removed, the sidecar's own `X-Forwarded-Client-Cert`
 (Envoy's format) and any verified-claims header are added, and the request
 goes to the app on loopback. A refused request never reaches the app.
 
+The app gets one `traceparent` (the caller's trace continued with a new span
+id, or a new trace sampled at `tracing.sampling`), the caller's `tracestate`
+when its `traceparent` was valid, and an `x-request-id` (the caller's, or a new
+UUID4); `telemetry/tracing` decides, and the access log records both ids, for a
+refused request too.
+
 Header names with `_` are handled as `inbound.headers_with_underscores_action`
 says (Envoy's option: ALLOW, REJECT_REQUEST, DROP_HEADER; DROP_HEADER by
 default), because CGI/WSGI servers give `X_Forwarded_Client_Cert` and
 `X-Forwarded-Client-Cert` the same name. In every mode a header that, lowercased
 with `_` read as `-`, names one the sidecar owns (identity headers it writes,
-the token headers it verifies, hop-by-hop and framing headers) is dropped.
+the token headers it verifies, the trace headers it rewrites, hop-by-hop and
+framing headers) is dropped.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ import asyncio
 import logging
 
 from meshca.svid import SvidError
-from sidecar.config import InboundConfig
+from sidecar.config import InboundConfig, TracingConfig
 from sidecar.engines.http1.downstream import DownstreamConn
 from sidecar.engines.http1.exchange import Exchange
 from sidecar.engines.http1.framing import FRAMING_HEADERS, HOP_BY_HOP, connection_tokens
@@ -36,6 +43,12 @@ from sidecar.policy.authn import Authenticator, InvalidToken, NeedKeys, claims_h
 from sidecar.policy.authz import Request
 from sidecar.policy.holder import PolicyHolder
 from sidecar.policy.pathnorm import PathError, normalize
+from sidecar.telemetry.tracing import (
+    TRACE_HEADERS,
+    log_ids,
+    next_hop,
+    sampling_threshold,
+)
 from sidecar.upstream.pool import UpstreamPool
 
 log = logging.getLogger("sidecar.inbound")
@@ -50,7 +63,7 @@ ALLOW, REJECT_REQUEST, DROP_HEADER = "ALLOW", "REJECT_REQUEST", "DROP_HEADER"
 
 def owned_headers(authn: Authenticator | None) -> frozenset[bytes]:
     """Names (lowercase, `-` for `_`) whose `_` spellings never reach the app, in any mode."""
-    names = set(SIDECAR_HEADERS | HOP_BY_HOP | FRAMING_HEADERS)
+    names = set(SIDECAR_HEADERS | TRACE_HEADERS | HOP_BY_HOP | FRAMING_HEADERS)
     if authn is not None:
         names |= authn.strip  # claims headers the sidecar writes
         names |= {name for name, _prefix in authn.sources}  # token headers it verifies
@@ -73,6 +86,7 @@ class InboundRouter(Router):
         store: CredentialStore,
         authn: Authenticator | None = None,
         policy: PolicyHolder | None = None,
+        tracing: TracingConfig | None = None,
     ) -> None:
         self.cfg = cfg
         self.store = store
@@ -94,6 +108,7 @@ class InboundRouter(Router):
             unavailable="app_unavailable",
         )
         self._default_host = f"{cfg.app.host}:{cfg.app.port}".encode()
+        self.sample_below = sampling_threshold((tracing or TracingConfig()).sampling)
 
     def _close_revoked(self, revoked: frozenset[str]) -> None:
         """Close open connections from peers whose certificate was just revoked."""
@@ -135,6 +150,14 @@ class InboundRouter(Router):
 
     def route(self, conn: DownstreamConn, ex: Exchange) -> tuple[UpstreamPool, bytes]:
         """Normalize, authenticate, authorize; then the request for the app."""
+        try:
+            return self._route(conn, ex)
+        except SidecarError:
+            if ex.record.trace_id is None:  # refused before the head was built: log the ids too
+                ex.record.trace_id, ex.record.request_id = log_ids(ex.headers, self.sample_below)
+            raise
+
+    def _route(self, conn: DownstreamConn, ex: Exchange) -> tuple[UpstreamPool, bytes]:
         if ex.method == b"CONNECT":
             raise SidecarError("method_not_allowed", "CONNECT is not supported")
         if ex.target == b"*" and ex.method == b"OPTIONS":
@@ -190,9 +213,13 @@ class InboundRouter(Router):
         underscores = self.underscores
         lines = [b"%s %s%s HTTP/1.1\r\n" % (ex.method, path, query)]
         has_host = False
-        for k, v in ex.headers:  # one pass: strip, check underscores, write
+        trace_headers = []
+        for k, v in ex.headers:  # one pass: strip, collect trace headers, check "_", write
             lk = k.lower()
             if lk in skip or lk in drop:
+                continue
+            if lk in TRACE_HEADERS:
+                trace_headers.append((lk, v))
                 continue
             if b"_" in lk:
                 if underscores == REJECT_REQUEST:
@@ -207,6 +234,9 @@ class InboundRouter(Router):
             lines.append(b"%s: %s\r\n" % (k, v))
         if not has_host:
             lines.append(b"host: %s\r\n" % self._default_host)
+        hop = next_hop(trace_headers, self.sample_below)
+        rec.trace_id, rec.request_id = hop.ids
+        lines.append(hop.header_lines())
         creds = self.store.current
         own = str(creds.spiffe_id) if creds is not None else ""
         lines.append(b"x-forwarded-client-cert: %s\r\n" % xfcc(own, conn.peer))

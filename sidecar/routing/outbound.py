@@ -8,6 +8,12 @@ CA) and its SPIFFE ID the configured one, or the call fails with 502 and
 nothing is sent. A service configured with
 `jwt_audience` also gets a JWT-SVID from the CA for that audience in
 `Authorization: Bearer` (unless the app sent its own Authorization).
+
+Every forwarded request carries one `traceparent` (the app's trace continued
+with a new span id, or a new trace sampled at `tracing.sampling`), the app's
+`tracestate` when its `traceparent` was valid, and an `x-request-id` (the
+app's, or a new UUID4): `telemetry/tracing` decides, the app's copies are
+replaced, and the access log records the trace and request ids.
 """
 
 from __future__ import annotations
@@ -24,16 +30,27 @@ import httptools
 
 from meshca.client import CAError, EnrollmentClient
 from meshca.svid import SvidError
-from sidecar.config import OutboundConfig, Service
+from sidecar.config import OutboundConfig, Service, TracingConfig
 from sidecar.engines.http1.downstream import DownstreamConn
 from sidecar.engines.http1.exchange import Exchange
-from sidecar.engines.http1.framing import header_value, strip_hop_by_hop
+from sidecar.engines.http1.framing import (
+    FRAMING_HEADERS,
+    HOP_BY_HOP,
+    connection_tokens,
+    header_value,
+)
 from sidecar.engines.http1.router import RouteLater, Router
 from sidecar.engines.http1.upstream import UpstreamConn
 from sidecar.errors import SidecarError
 from sidecar.identity.creds import CredentialStore
 from sidecar.identity.peer import LOCAL_APP, Peer, verify_der
 from sidecar.routing.routes import FAULT_HEADER, decide
+from sidecar.telemetry.tracing import (
+    TRACE_HEADERS,
+    log_ids,
+    next_hop,
+    sampling_threshold,
+)
 from sidecar.upstream.pool import UpstreamPool
 from sidecar.upstream.retry import RetryPolicy
 
@@ -44,6 +61,8 @@ _OUTBOUND_CODES = {"not_leaf": "peer_verification_failed", "revoked": "peer_revo
 
 _SUFFIXES = (".svc.cluster.local", ".svc")
 _NOT_FORWARDED = frozenset({b"host", FAULT_HEADER})
+# Not copied from the app's request: hop-by-hop, framing, the sidecar's own.
+_SKIP = HOP_BY_HOP | FRAMING_HEADERS | _NOT_FORWARDED
 SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h
 
 
@@ -133,11 +152,16 @@ class OutboundRouter(Router):
     direction = "outbound"
 
     def __init__(
-        self, cfg: OutboundConfig, store: CredentialStore, jwts: JwtSvids | None = None
+        self,
+        cfg: OutboundConfig,
+        store: CredentialStore,
+        jwts: JwtSvids | None = None,
+        tracing: TracingConfig | None = None,
     ) -> None:
         self.cfg = cfg
         self.store = store
         self.jwts = jwts
+        self.sample_below = sampling_threshold((tracing or TracingConfig()).sampling)
         self.pools: dict[str, UpstreamPool] = {}
         store.on_revoked(self._close_revoked)
         self.by_address = {a: name for name, svc in cfg.services.items() for a in svc.addresses}
@@ -216,6 +240,14 @@ class OutboundRouter(Router):
 
     def route(self, conn: DownstreamConn, ex: Exchange) -> tuple[UpstreamPool, bytes]:
         """Find the service from the absolute URL or the Host header."""
+        try:
+            return self._route(conn, ex)
+        except SidecarError:
+            if ex.record.trace_id is None:  # refused before the head was built: log the ids too
+                ex.record.trace_id, ex.record.request_id = log_ids(ex.headers, self.sample_below)
+            raise
+
+    def _route(self, conn: DownstreamConn, ex: Exchange) -> tuple[UpstreamPool, bytes]:
         if ex.method == b"CONNECT":
             raise SidecarError(
                 "method_not_allowed",
@@ -275,12 +307,26 @@ class OutboundRouter(Router):
             if d.delay:
                 rec.fault = "delay"
                 ex.delay = d.delay
-        headers = strip_hop_by_hop(ex.headers, _NOT_FORWARDED)
         lines = [b"%s %s HTTP/1.1\r\n" % (ex.method, target), b"host: %s\r\n" % authority]
-        lines += [b"%s: %s\r\n" % (k, v) for k, v in headers]
+        drop = connection_tokens(ex.headers)
+        trace_headers = []
+        has_authorization = False
+        for k, v in ex.headers:  # one pass: strip, collect the trace headers, write
+            lk = k.lower()
+            if lk in _SKIP or lk in drop:
+                continue
+            if lk in TRACE_HEADERS:
+                trace_headers.append((lk, v))
+                continue
+            if lk == b"authorization":
+                has_authorization = True
+            lines.append(b"%s: %s\r\n" % (k, v))
+        hop = next_hop(trace_headers, self.sample_below)
+        rec.trace_id, rec.request_id = hop.ids
+        lines.append(hop.header_lines())
         aud = svc.jwt_audience
         if aud is not None and self.jwts is not None:
-            if header_value(headers, b"authorization") is None:
+            if not has_authorization:
                 token = self.jwts.get(aud)
                 if token is None:
                     if ex.rerouted:
