@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import signal
 import sys
 import time
@@ -140,7 +141,21 @@ async def run(config: SidecarConfig) -> None:
         )
     window = Window(time.monotonic)  # the last minute, for `sidecar stats`
     admin.window = window
-    telemetry = Telemetry(access_log, metrics, window)
+    exporter = None
+    if config.tracing.otlp_endpoint is not None:
+        from sidecar.telemetry.metrics import workload_of
+        from sidecar.telemetry.otlp import OtlpExporter
+
+        def service_name() -> str:  # OTel's service.name: the pod's workload
+            named = config.metrics.workload if config.metrics is not None else None
+            named = named or os.environ.get("SIDECAR_WORKLOAD")
+            own = store.current
+            return named or workload_of(str(own.spiffe_id) if own else None)[0]
+
+        exporter = OtlpExporter(config.tracing, service_name)
+        if metrics is not None:
+            metrics.sources.spans = lambda: (exporter.exported, exporter.dropped)
+    telemetry = Telemetry(access_log, metrics, window, exporter)
 
     def handshake_failed(direction: str) -> Callable[[str], None]:
         return lambda reason: telemetry.refused(direction, reason)
@@ -156,7 +171,7 @@ async def run(config: SidecarConfig) -> None:
                 max_header_bytes=ib.max_header_bytes,
                 max_body_bytes=ib.max_body_bytes,
             )
-            in_router = InboundRouter(ib, store, authn, policy)
+            in_router = InboundRouter(ib, store, authn, policy, tracing=config.tracing)
             assert policy is not None  # made whenever there is an inbound listener
             background.append(asyncio.create_task(policy.watch()))
             in_group = ConnGroup()
@@ -178,7 +193,7 @@ async def run(config: SidecarConfig) -> None:
             ob = config.outbound
             out_limits = Limits(upstream_timeout=ob.upstream_timeout)
             jwts = JwtSvids(store, manager.client)
-            out_router = OutboundRouter(ob, store, jwts)
+            out_router = OutboundRouter(ob, store, jwts, tracing=config.tracing)
             pools.update(out_router.pools)
             if any(svc.traffic.dns or svc.traffic.endpoints_file for svc in ob.services.values()):
                 from sidecar.upstream.discovery import Discovery
@@ -235,6 +250,9 @@ async def run(config: SidecarConfig) -> None:
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        if exporter is not None:
+            exporter.start()
+            stoppers.append(exporter.stop)
         task = asyncio.create_task(manager.run())
         try:
             await stop.wait()

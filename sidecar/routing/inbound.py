@@ -236,6 +236,9 @@ class InboundRouter(Router):
             lines.append(b"host: %s\r\n" % self._default_host)
         hop = next_hop(trace_headers, self.sample_below)
         rec.trace_id, rec.request_id = hop.ids
+        rec.span_id = hop.span_id.decode("ascii")
+        rec.parent_span_id = hop.parent_id.decode("ascii") if hop.parent_id else None
+        rec.sampled = hop.sampled
         lines.append(hop.header_lines())
         creds = self.store.current
         own = str(creds.spiffe_id) if creds is not None else ""

@@ -323,6 +323,9 @@ class OutboundRouter(Router):
             lines.append(b"%s: %s\r\n" % (k, v))
         hop = next_hop(trace_headers, self.sample_below)
         rec.trace_id, rec.request_id = hop.ids
+        rec.span_id = hop.span_id.decode("ascii")
+        rec.parent_span_id = hop.parent_id.decode("ascii") if hop.parent_id else None
+        rec.sampled = hop.sampled
         lines.append(hop.header_lines())
         aud = svc.jwt_audience
         if aud is not None and self.jwts is not None:

@@ -126,6 +126,7 @@ class Sources:
     bundle_sequence: Callable[[], int | None] = lambda: None
     last_poll: Callable[[], float | None] = lambda: None  # epoch seconds
     pools: Callable[[], dict[str, Any]] = dict  # name -> UpstreamPool
+    spans: Callable[[], tuple[int, int] | None] = lambda: None  # (exported, dropped)
 
 
 class SidecarMetrics:
@@ -340,3 +341,11 @@ class SidecarMetrics:
         yield ejections
         yield overflows
         yield ejected
+        spans = src.spans()
+        if spans is not None:
+            c = CounterMetricFamily(
+                "meshca_sidecar_spans", "Spans for OTLP export, by result", labels=["result"]
+            )
+            c.add_metric(["exported"], spans[0])
+            c.add_metric(["dropped"], spans[1])
+            yield c

@@ -14,6 +14,7 @@ import asyncio
 import collections
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from sidecar.config import TracingConfig
@@ -29,7 +30,7 @@ Span = tuple[str, str, str | None, str, str, str | None, int, str | None, str | 
 class OtlpExporter:
     """Queues sampled exchanges as spans and exports them in batches."""
 
-    def __init__(self, cfg: TracingConfig, service_name: str) -> None:
+    def __init__(self, cfg: TracingConfig, service_name: str | Callable[[], str]) -> None:
         assert cfg.otlp_endpoint is not None
         self.cfg = cfg
         self.endpoint = cfg.otlp_endpoint
@@ -120,7 +121,8 @@ class OtlpExporter:
     async def _send(self, session: Any, batch: list[Span]) -> None:
         import aiohttp
 
-        body = encode(batch, self.service_name)
+        name = self.service_name if isinstance(self.service_name, str) else self.service_name()
+        body = encode(batch, name)
         try:
             async with session.post(
                 self.endpoint,
