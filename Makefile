@@ -13,7 +13,7 @@ all: test
 # prometheus) to lint the metrics pages and, for the pod tests, network namespaces and
 # iptables (installed only when missing).
 deps:
-	@missing=""; \
+	@export PATH="$$PATH:/usr/sbin:/sbin"; missing=""; \
 	command -v openssl >/dev/null || missing="$$missing openssl"; \
 	command -v curl >/dev/null || missing="$$missing curl"; \
 	command -v dnsmasq >/dev/null || missing="$$missing dnsmasq-base"; \
