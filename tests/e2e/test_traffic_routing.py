@@ -159,7 +159,7 @@ def test_delay_holds_every_request(mesh, client):
         [round(r.seconds, 3) for r in slow],
     )
     assert all(0.3 <= r.seconds < 2 for r in slow)
-    assert sorted(r.seconds for r in plain)[2] < 0.2  # without the route's delay: at once
+    assert sorted(r.seconds for r in plain)[2] < 0.3  # without the route's delay: at once
     lines = [
         r
         for r in mesh.outbound_log("/delay/", 3)
@@ -182,7 +182,9 @@ def test_forced_abort_and_the_header_never_reaches_the_app(mesh, client):
     r = client.call("faulty.default", "/delay/forced", headers={"x-sidecar-fault": "delay"})
     assert r.status == 200 and time.monotonic() - start >= 0.3
     r = client.call("faulty.default", "/plain/forced", headers={"x-sidecar-fault": "abort, delay"})
-    assert r.status == 200 and r.seconds < 0.3
+    assert r.status == 200
+    (line,) = mesh.outbound_log("/plain/forced", 1)
+    assert "fault" not in line  # neither delayed nor aborted (the access log says which)
     for b in mesh.backends.values():
         for rec in b.log():
             assert "x-sidecar-fault" not in rec["headers"], (b.name, rec)
