@@ -979,3 +979,38 @@ async def test_header_line_still_arriving_is_refused_once_over_the_limit():
     assert proxy.client.data.startswith(b"HTTP/1.1 431 ")
     assert proxy.client.closed
     await proxy.close()
+
+
+@in_loop
+async def test_upload_flushed_into_a_full_app_buffer_keeps_the_client_paused(monkeypatch):
+    """The app's connection comes up while 1 MiB of upload waits; flushing it fills the
+    app transport's buffer (pause_writing): the sidecar does not read more of the client
+    until the app drains (else a 50 MiB upload piles up in memory)."""
+    gate = asyncio.Event()
+    app = App(answer=None, gate=gate)
+    proxy = Proxy(app)
+    size = 50 * 1024 * 1024
+    proxy.send(request(b"POST", b"/upload", b"Content-Length: %d" % size))
+    piece = b"x" * 65536
+    sent = 0
+    while not proxy.client.paused:
+        proxy.send(piece)
+        sent += len(piece)
+    write = FakeTransport.write
+    buffered = {"n": 0, "full": False}
+
+    def slow_reader(self, data):  # an app transport over its high-water mark at 64 KiB
+        write(self, data)
+        if self is not proxy.client:
+            buffered["n"] += len(data)
+            if buffered["n"] > 65536 and not buffered["full"]:
+                buffered["full"] = True
+                self.protocol.pause_writing()
+
+    monkeypatch.setattr(FakeTransport, "write", slow_reader)
+    gate.set()
+    await settle()
+    assert buffered["full"] and proxy.client.paused
+    app.conns[0].transport.protocol.resume_writing()  # the app drained its buffer
+    assert not proxy.client.paused
+    await proxy.close()

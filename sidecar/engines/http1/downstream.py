@@ -413,7 +413,9 @@ class DownstreamConn(asyncio.Protocol):
         if self._writing_paused:  # the client has not drained the last answer yet
             up.pause_reading()
             self._paused_upstream = up
-        if self._reading_paused and not self.queue:
+        # Read the client again, unless a pipelined request waits or the body just sent
+        # filled the upstream's buffer (its resume_writing resumes the client then).
+        if self._reading_paused and not self.queue and not up.write_paused:
             self.resume_reading()
 
     # -- what the upstream connection calls (its ResponseSink) ----------

@@ -102,6 +102,7 @@ class UpstreamConn(asyncio.Protocol):
         self.deadline = 0.0
         self.on_deadline: Callable[[], None] | None = None
         self._got_bytes = False
+        self.write_paused = False  # its transport is over the high-water mark
         self._paused_down: ResponseSink | None = None
         # Which exchange's parser is being fed. A HEAD answer ends the exchange inside
         # feed_data; the next (pipelined) exchange may take this connection before the
@@ -224,12 +225,14 @@ class UpstreamConn(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         """The upstream reads slower than the client sends: stop reading the client."""
+        self.write_paused = True
         if self.down is not None:
             self.down.pause_reading()
             self._paused_down = self.down
 
     def resume_writing(self) -> None:
         """The upstream caught up."""
+        self.write_paused = False
         down, self._paused_down = self._paused_down, None
         if down is not None:
             down.resume_reading()
