@@ -1014,3 +1014,18 @@ async def test_upload_flushed_into_a_full_app_buffer_keeps_the_client_paused(mon
     app.conns[0].transport.protocol.resume_writing()  # the app drained its buffer
     assert not proxy.client.paused
     await proxy.close()
+
+
+@in_loop
+async def test_a_flood_of_pipelined_requests_is_bounded():
+    """Thousands of pipelined requests in one read: at most 32 wait behind the one in flight
+    (not the whole read); past that the client gets 400 and the connection closes."""
+    app = App(answer=None)
+    proxy = Proxy(app)
+    proxy.send(get(b"/x") * 2000)
+    await settle()
+    assert len(proxy.conn.queue) <= 32
+    (resp,) = proxy.responses()
+    assert resp.status == 400 and error_json(resp)["detail"] == "too many pipelined requests"
+    assert proxy.client.closed
+    await proxy.close()

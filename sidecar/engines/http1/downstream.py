@@ -53,6 +53,7 @@ from sidecar.upstream.retry import CONNECT_FAILURE, replayable
 log = logging.getLogger("sidecar.proxy")
 
 PENDING_LIMIT = 1 << 20  # body bytes buffered before an upstream connection is ready
+MAX_PIPELINED = 32  # requests queued behind the one in flight; past it, 400 and close
 # A connector's refusals that mean the endpoint is not who it must be (tried elsewhere).
 PEER_FAILURES = frozenset({"peer_verification_failed", "peer_identity_mismatch", "peer_revoked"})
 
@@ -141,7 +142,7 @@ class DownstreamConn(asyncio.Protocol):
     def drain(self) -> None:
         """Shutting down: close now if idle, else after the response in progress."""
         self.draining = True
-        idle = self.active is None and self.parsing is None and not self._in_head
+        idle = self.active is None and not self.queue and self.parsing is None and not self._in_head
         if idle and not self.closed and self.transport is not None:
             self._close()  # TLS close_notify, then FIN
             self.closed = True
@@ -275,9 +276,11 @@ class DownstreamConn(asyncio.Protocol):
             ex.body_done = True
         self.parsing = ex
         ex.continue_pending = expect_continue
-        if self.active is None:
+        if self.active is None and not self.queue:
             self._activate(ex)
         else:
+            if len(self.queue) >= MAX_PIPELINED:
+                raise SidecarError("bad_request", "too many pipelined requests", close=True)
             # Its 100 Continue waits too: the answer in progress must not be cut into.
             self.queue.append(ex)
             self.pause_reading()  # one request in flight at a time; bound what is buffered
@@ -573,11 +576,16 @@ class DownstreamConn(asyncio.Protocol):
             return
         self.active = None
         if self.queue:
-            nxt = self.queue.popleft()
-            self._activate(nxt)
+            # The next one on the next loop turn, not nested in this call: a long run of
+            # pipelined requests answered at once must not grow the stack.
+            self.loop.call_soon(self._activate_next)
         else:
             self.resume_reading()
             self._arm(self.limits.idle_timeout, self._idle_timeout)
+
+    def _activate_next(self) -> None:
+        if not self.closed and self.active is None and self.queue:
+            self._activate(self.queue.popleft())
 
     def _record(self, ex: Exchange) -> None:
         if self.access_log is None:
@@ -659,5 +667,5 @@ class DownstreamConn(asyncio.Protocol):
         self._reply_error(SidecarError("request_timeout", "request head not received in time"))
 
     def _idle_timeout(self) -> None:
-        if self.active is None and self.transport is not None:
+        if self.active is None and not self.queue and self.transport is not None:
             self._close()

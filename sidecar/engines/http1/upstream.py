@@ -11,6 +11,7 @@ by close is complete, anything else is a 502.
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import TYPE_CHECKING, Protocol
 
 import httptools
@@ -36,6 +37,8 @@ if TYPE_CHECKING:
 
     from sidecar.upstream.endpoint import Endpoint
     from sidecar.upstream.pool import UpstreamPool
+
+log = logging.getLogger("sidecar.proxy")
 
 RESET = "reset"  # causes of a failed try (sidecar.upstream.retry names the same)
 TIMEOUT = "timeout"
@@ -251,6 +254,11 @@ class UpstreamConn(asyncio.Protocol):
         self._feeding = self._gen
         try:
             self.parser.feed_data(data)
+        except httptools.HttpParserCallbackError:
+            # A fault of ours while handling the answer, not the upstream's: not counted
+            # against the endpoint; the exchange ends with a 500 (or the client is cut off).
+            log.exception("handling the answer of %s failed", self.pool.label)
+            self._fail(SidecarError("internal", "internal error"), None)
         except httptools.HttpParserError:
             if self.endpoint is not None:
                 self.pool.failed(self.endpoint)
