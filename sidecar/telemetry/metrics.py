@@ -15,7 +15,7 @@ collector). Labels follow Istio's, so its Grafana dashboards and Kiali work unch
   inbound, the pod's own workload in that form;
 - `request_protocol` `http`, `response_code`, `response_flags` (Envoy's: `UO` overflow,
   `UF` connect failure, `UH` no healthy endpoint, `UT` timeout, `UC` upstream reset,
-  `NR` no route, `FI` / `DI` injected abort / delay, `-` none) and
+  `NR` no route, `FI` / `DI` injected abort / delay, `DC` the client hung up, `-` none) and
   `connection_security_policy` `mutual_tls`.
 
 No path, query or header value is ever a label: the label values come from verified
@@ -57,6 +57,7 @@ FLAGS = {
     "bad_upstream_response": "UC",
     "unknown_service": "NR",
     "fault_abort": "FI",
+    "client_disconnected": "DC",
 }
 
 REQUEST_LABELS = (

@@ -1029,3 +1029,30 @@ async def test_a_flood_of_pipelined_requests_is_bounded():
     assert resp.status == 400 and error_json(resp)["detail"] == "too many pipelined requests"
     assert proxy.client.closed
     await proxy.close()
+
+
+@in_loop
+async def test_a_client_hanging_up_is_recorded_and_not_blamed_on_the_app():
+    """The client goes away before the app answers: the app connection is dropped, the
+    endpoint is not counted as failing (outlier detection would eject a healthy app), and
+    the exchange is still recorded, with `client_disconnected`."""
+    app = App(answer=None)
+    proxy = Proxy(app)
+    records = []
+
+    class Recorder:
+        def write(self, rec):
+            records.append(rec)
+
+    proxy.conn.access_log = Recorder()
+    proxy.send(get(b"/slow"))
+    await settle()
+    assert [r.target for r in app.requests] == [b"/slow"]
+    proxy.client.lose()
+    await settle()
+    assert app.conns[0].transport.aborted
+    (endpoint,) = proxy.pool.endpoints
+    assert endpoint.failures == 0 and endpoint.active == 0 and proxy.pool.active_requests == 0
+    (rec,) = records
+    assert (rec.path, rec.status, rec.error) == ("/slow", 0, "client_disconnected")
+    await proxy.close()

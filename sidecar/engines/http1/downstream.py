@@ -133,9 +133,14 @@ class DownstreamConn(asyncio.Protocol):
         self.router.release(self)
         ex = self.active
         if ex is not None and not ex.finished:
+            # The client hung up before its answer was complete: not the endpoint's fault
+            # (not counted against it), and recorded, as Envoy's DC.
             if ex.upstream is not None:
-                ex.upstream.abort()
+                ex.upstream.cancel()
+            ex.finished = True
             self._release(ex)
+            ex.record.error = "client_disconnected"
+            self._record(ex)
         self.active = None
         self.queue.clear()
 

@@ -193,6 +193,12 @@ class UpstreamConn(asyncio.Protocol):
         else:
             self.abort()
 
+    def cancel(self) -> None:
+        """The client is gone: drop the connection without counting it against the endpoint."""
+        self._unbind()
+        self._gen += 1
+        self.abort()
+
     def abort(self) -> None:
         """Drop the connection (never reused)."""
         self._disarm()
