@@ -1056,3 +1056,42 @@ async def test_a_client_hanging_up_is_recorded_and_not_blamed_on_the_app():
     (rec,) = records
     assert (rec.path, rec.status, rec.error) == ("/slow", 0, "client_disconnected")
     await proxy.close()
+
+
+@in_loop
+async def test_the_whole_request_timeout_covers_a_stalled_body():
+    """A service `timeout` is for the whole request: an app that sends its head and part of
+    the body, then stalls, is cut off when the time is up (the client's connection closes
+    and the request's place in the pool is given back)."""
+    app = App(answer=None)
+    proxy = Proxy(app)
+    proxy.pool.timeout = 0.5
+    proxy.send(get(b"/stall"))
+    await settle()
+    app.conns[0].send(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\npartial")
+    await settle()
+    assert proxy.pool.active_requests == 1 and not proxy.client.closed
+    await asyncio.sleep(1.0)  # the deadline sweep runs every 0.25 s
+    assert proxy.client.closed and proxy.pool.active_requests == 0
+    await proxy.close()
+
+
+@in_loop
+async def test_the_whole_request_timeout_starts_after_an_injected_delay():
+    """The request's time starts with its first try, after a route's injected delay (as in
+    Envoy): a 0.6 s delay on a 0.5 s timeout still reaches the app and is answered."""
+    app = App()
+
+    class Delaying(AppRouter):
+        def route(self, conn, ex):
+            ex.delay = 0.6
+            return super().route(conn, ex)
+
+    proxy = Proxy(app)
+    proxy.conn.router = Delaying(proxy.pool)
+    proxy.pool.timeout = 0.5
+    proxy.send(get(b"/late"))
+    await asyncio.sleep(1.0)
+    assert [r.status for r in proxy.responses()] == [200]
+    assert [r.target for r in app.requests] == [b"/late"]
+    await proxy.close()

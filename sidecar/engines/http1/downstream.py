@@ -343,8 +343,6 @@ class DownstreamConn(asyncio.Protocol):
             )
             return
         ex.admitted = True
-        if pool.timeout is not None:
-            ex.deadline_at = self.loop.time() + pool.timeout
         if ex.delay:
             self.loop.call_later(ex.delay, self._after_delay, ex)
         else:
@@ -358,6 +356,9 @@ class DownstreamConn(asyncio.Protocol):
         """Pick an endpoint for the next try; send on an idle connection or dial one."""
         pool = ex.pool
         assert pool is not None
+        if pool.timeout is not None and not ex.deadline_at:
+            # the whole request's time starts with its first try (after an injected delay)
+            ex.deadline_at = self.loop.time() + pool.timeout
         ep = pool.pick(ex.subset, ex.tried)
         if ep is None:
             where = f" (subset {ex.subset})" if ex.subset else ""
@@ -417,6 +418,11 @@ class DownstreamConn(asyncio.Protocol):
         timeout = pool.per_try_timeout or self.limits.upstream_timeout
         if ex.deadline_at:
             timeout = min(timeout, ex.deadline_at - self.loop.time())
+            if timeout <= 0:  # the request's time ran out waiting: nothing is sent
+                pool.release(up)
+                why = f"{pool.label} did not answer in time"
+                self._finish_with_error(ex, SidecarError("upstream_timeout", why))
+                return
         up.send_request(ex, self, timeout)
         if self._writing_paused:  # the client has not drained the last answer yet
             up.pause_reading()

@@ -223,6 +223,10 @@ class UpstreamConn(asyncio.Protocol):
         err = SidecarError("upstream_timeout", f"{self.pool.label} did not answer in time")
         self._fail(err, TIMEOUT)
 
+    def _body_timeout(self) -> None:
+        err = SidecarError("upstream_timeout", f"{self.pool.label} did not finish in time")
+        self._fail(err, None)  # the answer has started: the client is cut off
+
     def _fail(self, err: SidecarError, cause: str | None) -> None:
         """Give the connection up and tell the exchange (it may retry elsewhere)."""
         ex, down = self.ex, self.down
@@ -353,6 +357,9 @@ class UpstreamConn(asyncio.Protocol):
         self._framing = framing
         if framing.kind is Kind.CLOSE:
             self.keep_alive = False
+        if ex.deadline_at and framing.has_body:  # the whole request's time covers the body
+            self.deadline = ex.deadline_at
+            self.on_deadline = self._body_timeout
         down.response_head(ex, status, self._reason, self._headers, framing)
 
     def on_body(self, body: bytes) -> None:
