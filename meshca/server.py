@@ -189,6 +189,9 @@ async def _drain(request: web.Request) -> None:
                 break
 
 
+LEDGER_COUNT_TTL = 5.0  # seconds a count of the ledger's rows serves /metrics
+
+
 @dataclass(frozen=True)
 class Active:
     """One generation of the running CA: the signing material and the TLS context serving
@@ -244,6 +247,7 @@ class CAServer:
             1, thread_name_prefix="meshca-metrics"
         )
         self._metrics_ledger: store.Ledger | None = None
+        self._ledger_counted_at = float("-inf")  # loop time of the last ledger count
         self.active = self._activate(authority)
         self._state_mtime = self._mtime()
         self.reloads = 0
@@ -631,14 +635,19 @@ class CAServer:
     async def get_metrics(self, request: web.Request) -> web.Response:
         """GET /metrics (the metrics listener): Prometheus text, or OpenMetrics if asked."""
         loop = asyncio.get_running_loop()
-        try:
-            self.metrics.ledger = await loop.run_in_executor(
-                self._metrics_thread, self._ledger_counts
-            )
-        except Exception as e:
-            # Leave the ledger's gauges out of this scrape rather than report stale numbers.
-            log.warning("metrics: cannot count the ledger's rows: %s: %s", type(e).__name__, e)
-            self.metrics.ledger = None
+        # The counts scan tables: at most one scan every LEDGER_COUNT_TTL seconds, however
+        # often (or by whom) /metrics is asked; scrapes in between reuse the last counts.
+        now = loop.time()
+        if now - self._ledger_counted_at >= LEDGER_COUNT_TTL:
+            self._ledger_counted_at = now
+            try:
+                self.metrics.ledger = await loop.run_in_executor(
+                    self._metrics_thread, self._ledger_counts
+                )
+            except Exception as e:
+                # Leave the ledger's gauges out rather than report stale numbers.
+                log.warning("metrics: cannot count the ledger's rows: %s: %s", type(e).__name__, e)
+                self.metrics.ledger = None
         encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
         return web.Response(
             body=encoder(self.metrics.registry), headers={"Content-Type": content_type}

@@ -480,6 +480,9 @@ def parse_config(doc: Any, source: Path) -> SidecarConfig:
             endpoint = r.string(t, "otlp_endpoint", "tracing.otlp_endpoint")
             if endpoint and not endpoint.startswith(("http://", "https://")):
                 r.problems.append("tracing.otlp_endpoint: must be an http:// or https:// URL")
+            elif endpoint and "@" in endpoint.split("/", 3)[2]:
+                # it is logged when an export fails: no credentials in it
+                r.problems.append("tracing.otlp_endpoint: must not contain user:password@")
         tracing = TracingConfig(
             sampling=r.number(t, "sampling", "tracing.sampling", 0.01, 0, 1),
             otlp_endpoint=endpoint,

@@ -43,6 +43,7 @@ from sidecar.policy.authn import Authenticator, InvalidToken, NeedKeys, claims_h
 from sidecar.policy.authz import Request
 from sidecar.policy.holder import PolicyHolder
 from sidecar.policy.pathnorm import PathError, normalize
+from sidecar.routing.routes import FAULT_HEADER
 from sidecar.telemetry.tracing import (
     TRACE_HEADERS,
     log_ids,
@@ -57,7 +58,9 @@ log = logging.getLogger("sidecar.inbound")
 _INBOUND_CODES = {"revoked": "revoked", "foreign_trust_domain": "foreign_trust_domain"}
 
 # Headers only the sidecar may set for the app; a client's copies are removed first.
-SIDECAR_HEADERS = frozenset({b"x-forwarded-client-cert", b"x-forwarded-proto"})
+# (and the fault-forcing header: a peer must not force this pod's outbound faults through
+# an app that passes headers on)
+SIDECAR_HEADERS = frozenset({b"x-forwarded-client-cert", b"x-forwarded-proto", FAULT_HEADER})
 ALLOW, REJECT_REQUEST, DROP_HEADER = "ALLOW", "REJECT_REQUEST", "DROP_HEADER"
 
 

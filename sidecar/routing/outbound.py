@@ -304,9 +304,8 @@ class OutboundRouter(Router):
                 raise SidecarError(
                     "fault_abort", f"fault injected by route {d.route!r}", status=d.abort
                 )
-            if d.delay:
-                rec.fault = "delay"
-                ex.delay = d.delay
+            ex.delay = d.delay  # (a second pass, after a JWT-SVID fetch, decides afresh)
+            rec.fault = "delay" if d.delay else None
         lines = [b"%s %s HTTP/1.1\r\n" % (ex.method, target), b"host: %s\r\n" % authority]
         drop = connection_tokens(ex.headers)
         trace_headers = []

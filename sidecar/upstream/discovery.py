@@ -1,7 +1,7 @@
 """Keeps the pools of outbound services configured with `dns` or `endpoints_file` filled with
 their current endpoints.
 
-- `dns`: every A and AAAA record of the name, at the configured port, resolved with
+- `dns`: every A and AAAA record of the name (at most 1024), at the configured port, resolved with
   dnspython's asyncio resolver. Resolved again every `refresh` seconds, or sooner when the
   records' TTL is shorter, but never more often than every 0.5 s. A failed resolution
   (timeout, SERVFAIL, NXDOMAIN, no records) keeps the last good set, is logged once per
@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import yaml
 
 from meshca.config import Listen
-from sidecar.trafficconfig import EndpointSpec, parse_endpoints
+from sidecar.trafficconfig import MAX_ENDPOINTS, EndpointSpec, parse_endpoints
 from sidecar.upstream.pool import UpstreamPool
 
 if TYPE_CHECKING:
@@ -350,10 +350,8 @@ class Discovery:
             src.failures += 1
             self._fail(src, f"{dns.name}: {e}")
             return dns_delay(dns.refresh, None, src.failures)
-        specs = tuple(
-            EndpointSpec(Listen(a, dns.port))
-            for a in sorted(set(answer.addresses), key=address_order)
-        )
+        addresses = sorted(set(answer.addresses), key=address_order)[:MAX_ENDPOINTS]
+        specs = tuple(EndpointSpec(Listen(a, dns.port)) for a in addresses)
         problem = None if answer.problem is None else f"{dns.name}: {answer.problem}"
         self._apply(src, specs, f"DNS {dns.name}", problem)
         delay = dns_delay(dns.refresh, answer.ttl, 0)

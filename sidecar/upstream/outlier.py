@@ -21,6 +21,7 @@ class OutlierDetector:
 
     def __init__(self, cfg: OutlierConfig) -> None:
         self.cfg = cfg
+        self.latest_until = 0.0  # when the last ejection ends (nothing is out after it)
 
     def ejected(self, ep: Endpoint, now: float) -> bool:
         """Whether `ep` is out of service at `now`."""
@@ -45,6 +46,7 @@ class OutlierDetector:
             ep.ejections = max(0, ep.ejections - int((now - ep.ejected_until) / self.cfg.interval))
         ep.ejections += 1
         ep.ejected_until = now + self.cfg.base_ejection_time * ep.ejections
+        self.latest_until = max(self.latest_until, ep.ejected_until)
         ep.consecutive_errors = 0
         return True
 
@@ -57,5 +59,7 @@ class OutlierDetector:
 
     def usable(self, candidates: Sequence[Endpoint], now: float) -> Sequence[Endpoint]:
         """The candidates in service; all of them when none is (panic)."""
+        if now >= self.latest_until:  # nobody is ejected: the common case costs nothing
+            return candidates
         live = [ep for ep in candidates if now >= ep.ejected_until]
         return live or candidates

@@ -200,8 +200,11 @@ class UpstreamPool:
             conn = await asyncio.wait_for(
                 self._connect(self, ep.host, ep.port), self.connect_timeout
             )
-        finally:
+        except BaseException:
             self.connecting -= 1
+            self._wake_one()  # the place this dial held is free again
+            raise
+        self.connecting -= 1
         conn.endpoint = ep
         self.conns.add(conn)
         ep.conns.add(conn)
@@ -261,6 +264,10 @@ class UpstreamPool:
                 ep.idle.remove(conn)
             except ValueError:
                 pass
+        self._wake_one()
+
+    def _wake_one(self) -> None:
+        """A place is free: the first request waiting for one may dial."""
         while self.waiters:
             _, fut = self.waiters.popleft()
             if not fut.done():

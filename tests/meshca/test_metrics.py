@@ -437,12 +437,32 @@ async def test_a_ledger_that_cannot_be_read_leaves_its_gauges_out(home):
         def broken() -> metrics.LedgerCounts:
             raise OSError("disk I/O error")
 
+        ca._ledger_counted_at = float("-inf")  # the last count is older than the TTL
         with mock.patch.object(ca, "_ledger_counts", broken):
             page = samples((await _scrape(ca)).body.decode())
     finally:
         await ca.close()
     assert not any(n == "meshca_ca_ledger_certificates" for n, _ in page)
     assert value(page, "meshca_ca_bundle_sequence") == 1  # the rest of the scrape stands
+
+
+async def test_scrapes_within_the_ttl_count_the_ledger_once(home):
+    """Anyone can ask /metrics: the ledger's tables are scanned at most once per TTL."""
+    ca = CAServer(build_serve_config(str(home)))
+    calls = []
+    real = ca._ledger_counts
+
+    def counting() -> metrics.LedgerCounts:
+        calls.append(1)
+        return real()
+
+    try:
+        with mock.patch.object(ca, "_ledger_counts", counting):
+            pages = [samples((await _scrape(ca)).body.decode()) for _ in range(20)]
+    finally:
+        await ca.close()
+    assert len(calls) == 1
+    assert all(value(p, "meshca_ca_ledger_certificates") == 1 for p in pages)
 
 
 @pytest.mark.parametrize(

@@ -110,3 +110,25 @@ def test_load_config_file_errors(tmp_path):
     with pytest.raises(ConfigError, match="not valid YAML at line"):
         load_config(bad)
     assert Path(bad).exists()
+
+
+def test_metrics_and_tracing_settings(folder):
+    cfg = parse(folder, {**BASE, "metrics": {}, "tracing": {"sampling": 0.5}})
+    assert str(cfg.metrics.listen) == "0.0.0.0:15090" and cfg.tracing.sampling == 0.5
+    assert parse(folder, BASE).metrics is None and parse(folder, BASE).tracing.otlp_endpoint is None
+
+
+@pytest.mark.parametrize(
+    "tracing, problem",
+    [
+        ({"sampling": 2}, "tracing.sampling: must be a number between 0 and 1"),
+        ({"otlp_endpoint": "collector:4318"}, "tracing.otlp_endpoint: must be an http://"),
+        # logged when an export fails: credentials in it are refused at start
+        ({"otlp_endpoint": "https://u:tok@c/v1/traces"}, "must not contain user:password@"),
+        ({"otlp_queue": 0}, "tracing.otlp_queue: must be a whole number"),
+    ],
+)
+def test_bad_tracing_settings_name_their_key(folder, tracing, problem):
+    with pytest.raises(ConfigError) as e:
+        parse(folder, {**BASE, "tracing": tracing})
+    assert any(problem in p for p in e.value.problems), e.value.problems

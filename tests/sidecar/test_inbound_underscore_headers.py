@@ -125,3 +125,13 @@ def test_owned_names_are_normalized():
     assert b"x-forwarded-client-cert" in owned_headers(None)
     assert b"x-jwt-claims" not in owned_headers(None)
     assert {b"x-jwt-claims", b"x-jwt-token"} <= router().owned
+
+
+def test_a_peers_fault_forcing_header_never_reaches_the_app():
+    """`x-sidecar-fault` forces this pod's outbound faults: a peer's copy (any spelling) is
+    dropped, so an app that passes headers on cannot be made to force them."""
+    got = forwarded(
+        router("ALLOW"),
+        [(b"Host", b"a"), (b"X-Sidecar-Fault", b"abort"), (b"x_sidecar_fault", b"1")],
+    )
+    assert [k for k, _ in got if "fault" in k.lower()] == []
