@@ -11,7 +11,7 @@ all: test
 # Debian tools the tests and the demos use: real clients (openssl, curl), a DNS server for
 # the discovery test (dnsmasq-base: the binary, without the system service), promtool (in
 # prometheus) to lint the metrics pages and, for the pod tests, network namespaces and
-# iptables (installed only when missing).
+# iptables, and redis-server (with redis-cli) for the opaque-TCP test (installed only when missing).
 deps:
 	@export PATH="$$PATH:/usr/sbin:/sbin"; missing=""; \
 	command -v openssl >/dev/null || missing="$$missing openssl"; \
@@ -21,6 +21,7 @@ deps:
 	command -v ip >/dev/null || missing="$$missing iproute2"; \
 	command -v iptables >/dev/null || missing="$$missing iptables"; \
 	command -v setpriv >/dev/null || missing="$$missing util-linux"; \
+	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing$$missing"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
