@@ -1,0 +1,1 @@
+"""The opaque-TCP engine: `pipe` joins two connections and copies bytes both ways."""
