@@ -62,6 +62,7 @@ async def run(config: SidecarConfig) -> None:
     from meshca.trust import BundleError
     from sidecar.admin import Admin
     from sidecar.engines.base import ConnGroup, Limits
+    from sidecar.engines.h2.downstream import H2Downstream
     from sidecar.engines.http1.downstream import DownstreamConn
     from sidecar.identity.bundlewatch import BundleWatcher
     from sidecar.identity.certmanager import CertManager
@@ -69,8 +70,11 @@ async def run(config: SidecarConfig) -> None:
     from sidecar.identity.trust import TrustBundle, TrustStore
     from sidecar.policy.authn import from_config as authn_from_config
     from sidecar.policy.holder import PolicyHolder
+    from sidecar.protocols import HTTP, HTTP2, TCP, accepted_alpn
+    from sidecar.routing.dispatch import InboundDispatch
     from sidecar.routing.inbound import InboundRouter
     from sidecar.routing.outbound import JwtSvids, OutboundRouter
+    from sidecar.routing.tcp import TcpInbound
     from sidecar.telemetry.accesslog import AccessLog
     from sidecar.telemetry.sink import Telemetry
     from sidecar.telemetry.window import Window
@@ -89,7 +93,8 @@ async def run(config: SidecarConfig) -> None:
         raise ConfigError([str(e)]) from None
     # One owner of the trust bundle; everything that verifies a peer reads it per connection.
     trust = TrustStore(bootstrap, config.trust_domain)
-    store = CredentialStore(trust)
+    app_protocol = config.inbound.app_protocol if config.inbound is not None else HTTP
+    store = CredentialStore(trust, alpn=accepted_alpn(app_protocol))
     watcher = BundleWatcher(config.ca.url, trust, config.ca.bundle_poll)
     client = EnrollmentClient(
         config.ca.url, lambda: trust.pem, on_untrusted=watcher.catch_up, ca_id=watcher.ca_id
@@ -175,9 +180,15 @@ async def run(config: SidecarConfig) -> None:
             assert policy is not None  # made whenever there is an inbound listener
             background.append(asyncio.create_task(policy.watch()))
             in_group = ConnGroup()
+            engines = {
+                HTTP: lambda: DownstreamConn(in_router, in_limits, telemetry, in_group),
+                HTTP2: lambda: H2Downstream(in_router, in_limits, telemetry, in_group),
+                TCP: lambda: TcpInbound(in_router, ib.idle_timeout, telemetry, in_group),
+            }
+            refused_in = handshake_failed("inbound")
             lst = Listener(
                 bind(ib.listen.host, ib.listen.port, BACKLOG),
-                lambda: DownstreamConn(in_router, in_limits, telemetry, in_group),
+                lambda: InboundDispatch(engines, ib.app_protocol, in_group, refused_in),
                 ssl_context=store.listener_context(),
                 max_connections=ib.max_connections,
                 handshake_timeout=ib.header_timeout,
@@ -214,7 +225,7 @@ async def run(config: SidecarConfig) -> None:
             out_group = ConnGroup()
             lst = Listener(
                 bind(ob.listen.host, ob.listen.port, BACKLOG),
-                lambda: DownstreamConn(out_router, out_limits, telemetry, out_group),
+                lambda: out_router.engines(out_limits, telemetry, out_group),
                 max_connections=ob.max_connections,
                 name="outbound",
             )
@@ -223,6 +234,23 @@ async def run(config: SidecarConfig) -> None:
             listeners.append(lst)
             groups.append(out_group)
             print(f"sidecar: outbound listening on {_bound(lst, 'http')}", flush=True)
+            for name, svc in ob.services.items():
+                if svc.listen is None:
+                    continue
+                tcp_group = ConnGroup()
+                lst = Listener(
+                    bind(svc.listen.host, svc.listen.port, BACKLOG),
+                    lambda name=name, g=tcp_group: out_router.tcp_conn(  # type: ignore[misc]
+                        name, out_limits, telemetry, g
+                    ),
+                    max_connections=ob.max_connections,
+                    name=f"outbound {name}",
+                )
+                tcp_group.on_release = lst.release
+                lst.start()
+                listeners.append(lst)
+                groups.append(tcp_group)
+                print(f"sidecar: {name} listening on {_bound(lst, 'tcp')}", flush=True)
         admin_runner, admin_url = await _start_site(
             admin.admin_app(), config.admin.host, config.admin.port
         )

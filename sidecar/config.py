@@ -20,7 +20,7 @@ import yaml
 from meshca import defaults, jwtcore
 from meshca.config import Listen, parse_listen
 from meshca.spiffe import InvalidSpiffeId, SpiffeId, validate_trust_domain
-from sidecar import trafficconfig
+from sidecar import protocols, trafficconfig
 from sidecar.trafficconfig import TrafficConfig
 
 
@@ -55,6 +55,9 @@ class InboundConfig:
 
     listen: Listen
     app: Listen
+    # How the sidecar talks to the app: http (HTTP/1.1), http2 (h2c with prior knowledge,
+    # gRPC) or tcp (opaque bytes after the peer's identity and the policy are checked).
+    app_protocol: str = protocols.HTTP
     app_timeout: float = 30.0
     connect_timeout: float = 5.0
     header_timeout: float = 10.0
@@ -81,6 +84,8 @@ class Service:
     traffic: TrafficConfig  # endpoints (or how to find them), balancing, retries, routes
     jwt_audience: str | None = None  # attach a JWT-SVID from the CA for this audience
     addresses: tuple[str, ...] = ()  # IP:PORT the app dials (transparent interception)
+    protocol: str = protocols.HTTP  # what goes to the other sidecar: http, http2 or tcp
+    listen: Listen | None = None  # tcp: a loopback port of its own the app dials
 
     @property
     def endpoints(self) -> tuple[Listen, ...]:
@@ -262,6 +267,15 @@ def _loopback(listen: Listen) -> bool:
         return False
 
 
+def _protocol(r: _Reader, doc: dict, key: str, where: str) -> str:
+    value = doc.get(key, protocols.HTTP)
+    proto = protocols.ALIASES.get(value) if isinstance(value, str) else None
+    if proto is None:
+        r.problems.append(f"{where}: must be one of http, http2 (or grpc), tcp")
+        return protocols.HTTP
+    return proto
+
+
 def parse_config(doc: Any, source: Path) -> SidecarConfig:
     """Validate a parsed YAML document; ConfigError listing every problem."""
     r = _Reader(source.parent)
@@ -318,6 +332,7 @@ def parse_config(doc: Any, source: Path) -> SidecarConfig:
         {
             "listen",
             "app",
+            "app_protocol",
             "app_timeout",
             "connect_timeout",
             "header_timeout",
@@ -357,10 +372,12 @@ def parse_config(doc: Any, source: Path) -> SidecarConfig:
             SEMICOLON_ACTIONS,
         )
         in_max = r.whole(i, "max_connections", "inbound.max_connections", 2048, 1, 1_000_000)
+        app_protocol = _protocol(r, i, "app_protocol", "inbound.app_protocol")
         if listen and app:
             inbound = InboundConfig(
                 listen=listen,
                 app=app,
+                app_protocol=app_protocol,
                 app_timeout=r.number(i, "app_timeout", "inbound.app_timeout", 30, 0.1, 3600),
                 connect_timeout=r.number(
                     i, "connect_timeout", "inbound.connect_timeout", 5, 0.1, 60
@@ -401,8 +418,28 @@ def parse_config(doc: Any, source: Path) -> SidecarConfig:
                 r.problems.append(f"{where}: must be a mapping")
                 continue
             r.unknown(
-                svc, {"identity", "jwt_audience", "addresses"} | trafficconfig.KEYS, where + "."
+                svc,
+                {"identity", "jwt_audience", "addresses", "protocol", "listen"}
+                | trafficconfig.KEYS,
+                where + ".",
             )
+            proto = _protocol(r, svc, "protocol", f"{where}.protocol")
+            svc_listen = None
+            if "listen" in svc:
+                svc_listen = r.listen(svc, "listen", f"{where}.listen")
+                if proto != protocols.TCP:
+                    r.problems.append(
+                        f"{where}.listen: only a tcp service has a port of its own "
+                        "(HTTP goes through outbound.listen)"
+                    )
+                elif svc_listen is not None and not _loopback(svc_listen):
+                    r.problems.append(f"{where}.listen: must be a loopback address")
+            if proto == protocols.TCP:
+                for key in ("routes", "retries", "timeout", "jwt_audience"):
+                    if key in svc:
+                        r.problems.append(
+                            f"{where}.{key}: does not apply to protocol tcp (no requests to see)"
+                        )
             traffic, problems = trafficconfig.parse_traffic(svc, where)
             r.problems += problems
             if traffic.endpoints_file is not None:
@@ -426,7 +463,9 @@ def parse_config(doc: Any, source: Path) -> SidecarConfig:
                 except ValueError as e:
                     r.problems.append(f"{where}.addresses[{n}]: {e}")
             if ident and not problems:
-                services[name.lower()] = Service(name.lower(), ident, traffic, aud, tuple(addrs))
+                services[name.lower()] = Service(
+                    name.lower(), ident, traffic, aud, tuple(addrs), proto, svc_listen
+                )
         out_max = r.whole(o, "max_connections", "outbound.max_connections", 1024, 1, 1_000_000)
         if listen:
             outbound = OutboundConfig(

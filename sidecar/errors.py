@@ -24,6 +24,7 @@ STATUS: dict[str, int] = {
     "no_client_certificate": 400,
     # Authentication and authorization (inbound).
     "invalid_token": 401,
+    "jwt_required": 401,
     "forbidden": 403,
     "revoked": 403,
     "foreign_trust_domain": 403,
@@ -42,6 +43,7 @@ STATUS: dict[str, int] = {
     "peer_verification_failed": 502,
     "peer_identity_mismatch": 502,
     "peer_revoked": 502,
+    "upstream_protocol": 502,
     "app_unavailable": 503,
     "upstream_unavailable": 503,
     "service_unavailable": 503,
@@ -84,3 +86,23 @@ class SidecarError(Exception):
         self.close = close
         self.headers = headers
         self.fields = fields or {}
+
+
+# gRPC status codes for the sidecar's own answers to a gRPC call (grpc/doc/statuscodes.md),
+# from the HTTP status as gRPC maps it (doc/http-grpc-status-mapping.md), with the codes
+# that say more than their status.
+GRPC_BY_STATUS = {400: 13, 401: 16, 403: 7, 404: 12, 429: 14, 502: 14, 503: 14, 504: 14}
+GRPC_BY_CODE = {
+    "upstream_timeout": 4,  # DEADLINE_EXCEEDED
+    "request_timeout": 4,
+    "too_large": 8,  # RESOURCE_EXHAUSTED
+    "headers_too_large": 8,
+    "overloaded": 14,  # UNAVAILABLE (a client may retry elsewhere)
+    "method_not_allowed": 12,  # UNIMPLEMENTED
+    "internal": 13,  # INTERNAL
+}
+
+
+def grpc_status(err: SidecarError) -> int:
+    """The gRPC status a gRPC client gets for `err` (2, UNKNOWN, when nothing fits)."""
+    return GRPC_BY_CODE.get(err.code) or GRPC_BY_STATUS.get(err.status, 2)

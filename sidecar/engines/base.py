@@ -103,6 +103,11 @@ class ConnGroup:
         """A connection is up (its TLS handshake done)."""
         self.conns.add(conn)
 
+    def forget(self, conn: Member) -> None:
+        """`conn` handed its connection to another protocol (which adds itself): the
+        connection is not gone, its place is kept."""
+        self.conns.discard(conn)
+
     def discard(self, conn: Member) -> None:
         """A connection is gone."""
         if conn in self.conns:

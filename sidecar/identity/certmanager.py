@@ -135,7 +135,12 @@ class CertManager:
         now = self.clock()
         try:
             creds = Credentials.build(
-                key_pem, got.chain_pem, got.bundle_pem, self.store.trust_domain, now
+                key_pem,
+                got.chain_pem,
+                got.bundle_pem,
+                self.store.trust_domain,
+                now,
+                alpn=self.store.alpn,
             )
         except CredentialError as e:
             raise CAUnavailable(f"the CA's certificate is unusable: {e}") from None

@@ -27,6 +27,7 @@ from meshca.spiffe import SpiffeId
 from meshca.svid import SvidError, leaf_problem, serial_hex, spiffe_id_of
 from meshca.tlsutil import no_resumption
 from sidecar.identity.trust import TrustBundle, TrustStore
+from sidecar.protocols import CLIENT_ALPN, HTTP, accepted_alpn
 
 log = logging.getLogger("sidecar.creds")
 
@@ -67,7 +68,10 @@ class Credentials:
     bundle_pem: str = field(repr=False)
     key_pem: bytes = field(repr=False)
     server_context: ssl.SSLContext = field(repr=False)
-    client_context: ssl.SSLContext = field(repr=False)
+    client_context: ssl.SSLContext = field(repr=False)  # offers HTTP/1.1 (client_contexts[HTTP])
+    # Outbound, by the protocol spoken to the other sidecar (the ALPN names offered differ).
+    client_contexts: dict[str, ssl.SSLContext] = field(default_factory=dict, repr=False)
+    server_alpn: tuple[str, ...] = accepted_alpn(HTTP)
 
     @classmethod
     def build(
@@ -78,6 +82,7 @@ class Credentials:
         trust_domain: str,
         now: dt.datetime,
         require_chain: bool = True,
+        alpn: tuple[str, ...] = accepted_alpn(HTTP),
     ) -> Credentials:
         """Check everything, then build the contexts; CredentialError if anything is off.
 
@@ -112,16 +117,19 @@ class Credentials:
         server.verify_mode = ssl.CERT_REQUIRED
         no_resumption(server)
         server.load_verify_locations(cadata=bundle_pem)
-        server.set_alpn_protocols(["http/1.1"])
+        server.set_alpn_protocols(list(alpn))
         tlsutil.load_chain(server, chain_pem, key_pem)
 
-        client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        client.minimum_version = ssl.TLSVersion.TLSv1_2
-        client.check_hostname = False  # peers are checked by SPIFFE ID, not DNS name
-        client.verify_mode = ssl.CERT_REQUIRED
-        client.load_verify_locations(cadata=bundle_pem)
-        client.set_alpn_protocols(["http/1.1"])
-        tlsutil.load_chain(client, chain_pem, key_pem)
+        clients = {}
+        for proto, names in CLIENT_ALPN.items():
+            client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            client.minimum_version = ssl.TLSVersion.TLSv1_2
+            client.check_hostname = False  # peers are checked by SPIFFE ID, not DNS name
+            client.verify_mode = ssl.CERT_REQUIRED
+            client.load_verify_locations(cadata=bundle_pem)
+            client.set_alpn_protocols(list(names))
+            tlsutil.load_chain(client, chain_pem, key_pem)
+            clients[proto] = client
         return cls(
             sid,
             leaf,
@@ -131,7 +139,9 @@ class Credentials:
             bundle_pem,
             key_pem,
             server,
-            client,
+            clients[HTTP],
+            clients,
+            tuple(alpn),
         )
 
     def with_bundle(self, bundle_pem: str, now: dt.datetime) -> Credentials:
@@ -143,6 +153,7 @@ class Credentials:
             self.spiffe_id.trust_domain,
             now,
             require_chain=False,
+            alpn=self.server_alpn,
         )
 
     def chains_now(self, now: dt.datetime) -> bool:
@@ -184,8 +195,10 @@ class CredentialStore:
         self,
         trust: TrustStore,
         clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
+        alpn: tuple[str, ...] = accepted_alpn(HTTP),
     ) -> None:
         self.trust = trust
+        self.alpn = alpn  # what the inbound listener accepts (the app's protocol decides)
         self.trust_domain = trust.trust_domain
         self.clock = clock
         self._current: Credentials | None = None

@@ -28,6 +28,7 @@ evaluated and logged ("would deny"), and changes nothing.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -227,6 +228,30 @@ class Rule:
     not_methods: frozenset[str] | None = None
     when: tuple[Condition, ...] = ()
 
+    @property
+    def needs_http(self) -> bool:
+        """Whether the rule names something only an HTTP request has (paths, methods,
+        a JWT's principal or claims)."""
+        return (
+            self.paths is not None
+            or self.not_paths is not None
+            or self.methods is not None
+            or self.not_methods is not None
+            or self.request_principals is not None
+            or self.not_request_principals is not None
+            or bool(self.when)
+        )
+
+    def match_connection(self, principal: str | None, namespace: str | None) -> bool:
+        """The fields a TCP connection has (its principal and namespace) match."""
+        if self.principals is not None and not _any(self.principals, principal):
+            return False
+        if self.not_principals is not None and _any(self.not_principals, principal):
+            return False
+        if self.namespaces is not None and not _any(self.namespaces, namespace):
+            return False
+        return not (self.not_namespaces is not None and _any(self.not_namespaces, namespace))
+
     def match(self, r: Request) -> bool:
         """All named fields match."""
         if self.methods is not None and r.method not in self.methods:
@@ -305,6 +330,50 @@ class Policy:
                 cache.clear()  # simple bound; a policy's working set is small
             cache[key] = hit
         return hit
+
+    def allows_with_token(self, r: Request) -> str | None:
+        """The ALLOW rule that would match `r` (which has no JWT) if it carried a JWT
+        with the right principal or claims, or None: then the request lacks a token,
+        not a permission (a 401 rather than a 403)."""
+        for rule in self._allow:
+            if rule.request_principals is None and not rule.when:
+                continue
+            relaxed = dataclasses.replace(
+                rule, request_principals=None, not_request_principals=None, when=()
+            )
+            if relaxed.match(r):
+                return rule.name
+        return None
+
+    def decide_connection(self, principal: str | None) -> Decision:
+        """The decision for an opaque TCP connection, which has only the peer's principal
+        and namespace (Istio's rules for TCP): an ALLOW or AUDIT rule that names an HTTP
+        attribute never matches; a DENY rule that does is matched on its other fields
+        alone, so it refuses more rather than less."""
+        namespace = namespace_of(principal)
+        audit = tuple(
+            x.name
+            for x in self._audit
+            if not x.needs_http and x.match_connection(principal, namespace)
+        )
+        dry = tuple(
+            f"{x.name}: would {'deny' if x.action == 'DENY' else 'allow'}"
+            for x in self._dry
+            if (x.action == "DENY" or not x.needs_http) and x.match_connection(principal, namespace)
+        )
+        for rule in self._deny:
+            if rule.match_connection(principal, namespace):
+                return Decision(False, rule.name, f"denied by rule {rule.name!r}", audit, dry)
+        if self._allow:
+            for rule in self._allow:
+                if not rule.needs_http and rule.match_connection(principal, namespace):
+                    return Decision(True, rule.name, f"allowed by rule {rule.name!r}", audit, dry)
+            return Decision(False, None, "no ALLOW rule matched a TCP connection", audit, dry)
+        if self.default == "deny":
+            return Decision(False, None, "denied by default (no ALLOW rule)", audit, dry)
+        if principal:
+            return Decision(True, None, "authenticated peer (default)", audit, dry)
+        return Decision(False, None, "no authenticated peer (default)", audit, dry)
 
     def decide(self, r: Request) -> Decision:
         """DENY first, then ALLOW, then the default; dry-run and audit rules are noted."""

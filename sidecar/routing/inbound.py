@@ -31,6 +31,7 @@ import logging
 
 from meshca.svid import SvidError
 from sidecar.config import InboundConfig, TracingConfig
+from sidecar.engines.h2.upstream import H2Upstream
 from sidecar.engines.http1.downstream import DownstreamConn
 from sidecar.engines.http1.exchange import Exchange
 from sidecar.engines.http1.framing import FRAMING_HEADERS, HOP_BY_HOP, connection_tokens
@@ -43,6 +44,7 @@ from sidecar.policy.authn import Authenticator, InvalidToken, NeedKeys, claims_h
 from sidecar.policy.authz import Request
 from sidecar.policy.holder import PolicyHolder
 from sidecar.policy.pathnorm import PathError, normalize
+from sidecar.protocols import HTTP2
 from sidecar.routing.routes import FAULT_HEADER
 from sidecar.telemetry.tracing import (
     TRACE_HEADERS,
@@ -103,12 +105,14 @@ class InboundRouter(Router):
         self.reject_semicolons = cfg.path_with_semicolons_action == REJECT_REQUEST
         self.conns: set[DownstreamConn] = set()
         store.on_revoked(self._close_revoked)
+        h2 = cfg.app_protocol == HTTP2
         self.pool = UpstreamPool(
             "app",
             [(cfg.app.host, cfg.app.port)],
-            self._connect,
+            self._connect_h2 if h2 else self._connect,
             cfg.connect_timeout,
             unavailable="app_unavailable",
+            multiplexed=h2,
         )
         self._default_host = f"{cfg.app.host}:{cfg.app.port}".encode()
         self.sample_below = sampling_threshold((tracing or TracingConfig()).sampling)
@@ -131,6 +135,11 @@ class InboundRouter(Router):
     async def _connect(self, pool: UpstreamPool, host: str, port: int) -> UpstreamConn:
         loop = asyncio.get_running_loop()
         _, conn = await loop.create_connection(lambda: UpstreamConn(pool), host, port)
+        return conn
+
+    async def _connect_h2(self, pool: UpstreamPool, host: str, port: int) -> H2Upstream:
+        loop = asyncio.get_running_loop()
+        _, conn = await loop.create_connection(lambda: H2Upstream(pool, b"http"), host, port)
         return conn
 
     def accept(self, conn: DownstreamConn) -> Peer:
@@ -206,6 +215,18 @@ class InboundRouter(Router):
         if ident is not None:
             rec.request_principal = ident.request_principal
         if not decision.allowed:
+            if token is None and decision.rule is None and self.authn is not None:
+                # No DENY rule refused it, and a JWT would have let it through: the
+                # caller lacks a token, not a permission (RFC 6750 3.1: no error code).
+                needs = self.policy.current.allows_with_token(
+                    Request(peer, path_text, method, None, None)
+                )
+                if needs is not None:
+                    raise SidecarError(
+                        "jwt_required",
+                        f"a JWT is required (rule {needs!r} allows this request with one)",
+                        headers=[(b"www-authenticate", b"Bearer")],
+                    )
             fields = {"rule": decision.rule} if decision.rule else {}
             raise SidecarError("forbidden", decision.reason, fields=fields)
 

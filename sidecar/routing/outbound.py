@@ -31,12 +31,16 @@ import httptools
 from meshca.client import CAError, EnrollmentClient
 from meshca.svid import SvidError
 from sidecar.config import OutboundConfig, Service, TracingConfig
+from sidecar.engines.base import ConnGroup, Limits
+from sidecar.engines.h2.downstream import H2Downstream
+from sidecar.engines.h2.upstream import H2Upstream
 from sidecar.engines.http1.downstream import DownstreamConn
 from sidecar.engines.http1.exchange import Exchange
 from sidecar.engines.http1.framing import (
     FRAMING_HEADERS,
     HOP_BY_HOP,
     connection_tokens,
+    error_response,
     header_value,
 )
 from sidecar.engines.http1.router import RouteLater, Router
@@ -44,7 +48,10 @@ from sidecar.engines.http1.upstream import UpstreamConn
 from sidecar.errors import SidecarError
 from sidecar.identity.creds import CredentialStore
 from sidecar.identity.peer import LOCAL_APP, Peer, verify_der
+from sidecar.protocols import CLIENT_ALPN, HTTP, HTTP2, TCP
+from sidecar.routing.dispatch import OutboundDispatch
 from sidecar.routing.routes import FAULT_HEADER, decide
+from sidecar.routing.tcp import TcpOutbound, TcpUpstream
 from sidecar.telemetry.tracing import (
     TRACE_HEADERS,
     log_ids,
@@ -95,6 +102,16 @@ def service_name(authority: bytes) -> str:
         if host.endswith(suffix):
             return host[: -len(suffix)]
     return host
+
+
+ESTABLISHED = b"HTTP/1.1 200 Connection established\r\n\r\n"
+
+
+def _connect_answer(ok: bool, err: SidecarError | None) -> bytes:
+    """What a CONNECT client is told once the tunnel is up, or why it is not."""
+    if ok or err is None:
+        return ESTABLISHED
+    return error_response(err, close=True)
 
 
 class JwtSvids:
@@ -165,6 +182,9 @@ class OutboundRouter(Router):
         self.pools: dict[str, UpstreamPool] = {}
         store.on_revoked(self._close_revoked)
         self.by_address = {a: name for name, svc in cfg.services.items() for a in svc.addresses}
+        self.tcp_addresses = any(
+            svc.protocol == TCP and svc.addresses for svc in cfg.services.values()
+        )
         self.rng = random.Random()  # noqa: S311 (traffic splits, not secrets)
         for name, svc in cfg.services.items():
             t = svc.traffic
@@ -181,9 +201,14 @@ class OutboundRouter(Router):
                 subsets=t.subsets,
                 timeout=t.timeout,
                 per_try_timeout=t.retries.per_try_timeout,
+                multiplexed=svc.protocol == HTTP2,
             )
 
     def _connector(self, svc: Service):  # noqa: ANN202 (a closure for UpstreamPool)
+        proto = svc.protocol
+        make: Any = {HTTP: UpstreamConn, HTTP2: H2Upstream, TCP: TcpUpstream}[proto]
+        wanted = CLIENT_ALPN[proto][0]
+
         async def connect(pool: UpstreamPool, host: str, port: int) -> UpstreamConn:
             creds = self.store.current
             if creds is None:
@@ -191,10 +216,10 @@ class OutboundRouter(Router):
             loop = asyncio.get_running_loop()
             try:
                 transport, conn = await loop.create_connection(
-                    lambda: UpstreamConn(pool),
+                    lambda: make(pool),
                     host,
                     port,
-                    ssl=creds.client_context,
+                    ssl=creds.client_contexts[proto],
                     server_hostname=svc.name,
                 )
             except ssl.SSLCertVerificationError as e:
@@ -216,9 +241,68 @@ class OutboundRouter(Router):
             except ValueError as e:
                 transport.abort()
                 raise SidecarError("peer_identity_mismatch", f"{svc.name}: {e}") from None
+            chosen = transport.get_extra_info("ssl_object").selected_alpn_protocol()
+            if proto != HTTP and chosen != wanted:
+                # An HTTP/1.1-only peer (or an older sidecar) would misread what follows.
+                transport.abort()
+                raise SidecarError(
+                    "upstream_protocol",
+                    f"{svc.name} at {host}:{port} does not accept {proto} (ALPN {chosen!r})",
+                )
             return conn
 
         return connect
+
+    # -- connections that are not one request -----------------------------------
+
+    def tcp_conn(
+        self,
+        name: str,
+        limits: Limits,
+        sink: Any,
+        group: ConnGroup | None,
+        on_connected: Any = None,
+    ) -> TcpOutbound:
+        """The app's connection to the `tcp` service `name`, piped over mTLS."""
+        svc = self.cfg.services[name]
+        return TcpOutbound(
+            self.pools[name], str(svc.identity), limits.idle_timeout, sink, group, on_connected
+        )
+
+    def engines(self, limits: Limits, sink: Any, group: ConnGroup | None) -> OutboundDispatch:
+        """A connection from the app: HTTP/1.1 or HTTP/2 (a redirected `tcp` service's
+        connection is piped)."""
+
+        def tcp_for(transport: asyncio.BaseTransport) -> asyncio.Protocol | None:
+            original = original_destination(transport)  # type: ignore[arg-type]
+            name = self.by_address.get(original) if original is not None else None
+            if name is None or self.cfg.services[name].protocol != TCP:
+                return None
+            return self.tcp_conn(name, limits, sink, group)
+
+        return OutboundDispatch(
+            lambda: DownstreamConn(self, limits, sink, group),
+            lambda: H2Downstream(self, limits, sink, group),
+            tcp_for if self.tcp_addresses else None,
+            limits.header_timeout,
+            group,  # type: ignore[arg-type]
+        )
+
+    def tunnel(self, conn: DownstreamConn, ex: Exchange) -> Any:
+        """CONNECT host:port to a configured service: a `tcp` service's bytes are piped
+        over mTLS (200 once an endpoint is connected); an HTTP service's tunnel carries
+        HTTP/1.1 or HTTP/2 that is proxied like any other request (200 at once)."""
+        name = service_name(ex.target)
+        ex.record.service = name
+        if name not in self.pools:
+            raise SidecarError("unknown_service", f"no outbound service named {name!r}")
+        limits, sink, group = conn.limits, conn.access_log, conn.group
+        if self.cfg.services[name].protocol == TCP:
+            return lambda: self.tcp_conn(name, limits, sink, group, _connect_answer)
+        engines = self.engines(limits, sink, group)
+        engines.greeting = ESTABLISHED
+        engines.tcp_for = None
+        return lambda: engines
 
     def describe(self) -> dict[str, Any]:
         """Each service's pool as `GET /endpoints` shows it."""
@@ -248,11 +332,6 @@ class OutboundRouter(Router):
             raise
 
     def _route(self, conn: DownstreamConn, ex: Exchange) -> tuple[UpstreamPool, bytes]:
-        if ex.method == b"CONNECT":
-            raise SidecarError(
-                "method_not_allowed",
-                "CONNECT tunnels are not supported: call http://<service>/ (the sidecar adds mTLS)",
-            )
         target = ex.target
         authority = None
         original = conn.peer.original_dst

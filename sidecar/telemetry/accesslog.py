@@ -66,6 +66,10 @@ class AccessLog:
             line += f',"trace_id":"{rec.trace_id}"'  # hex digits only (checked when parsed)
         if rec.request_id is not None:
             line += f',"request_id":{_quote(rec.request_id)}'
+        if rec.protocol is not None:
+            line += f',"protocol":"{rec.protocol}"'  # one of the engine's own names
+        if rec.grpc_status is not None:
+            line += f',"grpc_status":{rec.grpc_status}'
         self.stream.write(line + "}\n")
         if not self._dirty:
             self._dirty = True

@@ -38,3 +38,5 @@ class ExchangeRecord:
     parent_span_id: str | None = None  # the span id the request came with, if any
     sampled: bool = False  # the trace's sampled flag (spans are exported only then)
     request_id: str | None = None  # x-request-id (the client's, or one made here)
+    protocol: str | None = None  # None: HTTP/1.1; "HTTP/2", "grpc", "websocket", "tcp"
+    grpc_status: int | None = None  # a gRPC call the sidecar answered itself: the status it gave

@@ -3,6 +3,7 @@ requests in flight to it, its kept-alive connections and its outlier state."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
@@ -27,6 +28,7 @@ class Endpoint:
         "removed",
         "requests",
         "failures",
+        "dialing",
     )
 
     def __init__(
@@ -45,6 +47,7 @@ class Endpoint:
         self.removed = False  # no longer discovered: its connections drain
         self.requests = 0  # answered, all time
         self.failures = 0  # 5xx answers and failed connects, all time
+        self.dialing: asyncio.Future[None] | None = None  # HTTP/2: the connection being dialled
 
     @property
     def key(self) -> tuple[str, int]:

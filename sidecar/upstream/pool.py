@@ -58,8 +58,11 @@ class UpstreamPool:
         subsets: Mapping[str, Mapping[str, str]] | None = None,
         timeout: float | None = None,
         per_try_timeout: float | None = None,
+        multiplexed: bool = False,
     ) -> None:
         self.label = label
+        # HTTP/2: a connection carries many exchanges at once; the pool hands out streams.
+        self.multiplexed = multiplexed
         self._connect = connect
         self.connect_timeout = connect_timeout
         self.max_idle = max_idle  # per endpoint
@@ -155,8 +158,14 @@ class UpstreamPool:
         return self.balancer.pick(usable)
 
     def take_idle(self, ep: Endpoint) -> UpstreamConn | None:
-        """A kept-alive connection to `ep`, if one is idle and open."""
+        """A kept-alive connection to `ep`, if one is idle and open (HTTP/2: a new stream on
+        a connection with room for one)."""
         idle = ep.idle
+        if self.multiplexed:
+            for conn in idle:
+                if conn.usable():
+                    return conn.open_stream()
+            return None
         while idle:
             conn = idle.pop()
             if conn.transport is not None and not conn.transport.is_closing():
@@ -169,6 +178,8 @@ class UpstreamPool:
 
         SidecarError `overloaded` when too many wait already, or the connector's own
         refusal; OSError or TimeoutError when `ep` cannot be reached."""
+        if self.multiplexed:
+            return await self._stream_to(ep)
         while len(self.conns) + self.connecting >= self.breaker.max_connections:
             victim = self._idle_elsewhere(ep)  # room is made by closing an idle connection
             if victim is not None:
@@ -210,6 +221,41 @@ class UpstreamPool:
         ep.conns.add(conn)
         return conn
 
+    async def _stream_to(self, ep: Endpoint) -> UpstreamConn:
+        """A stream on a connection to `ep`: one with room, the one being dialled (requests
+        arriving together share one dial), or a new one (at most `max_connections`)."""
+        while True:
+            for conn in ep.idle:
+                if conn.usable():
+                    return conn.open_stream()
+            dialing = ep.dialing
+            if dialing is None:
+                break
+            await asyncio.shield(dialing)  # its failure is ours too
+        if len(self.conns) + self.connecting >= self.breaker.max_connections:
+            self.overloaded += 1
+            raise SidecarError("overloaded", f"{self.label}: too many connections")
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        ep.dialing = fut
+        self.connecting += 1
+        try:
+            conn = await asyncio.wait_for(
+                self._connect(self, ep.host, ep.port), self.connect_timeout
+            )
+        except BaseException as e:
+            fut.set_exception(e)
+            fut.exception()  # retrieved: whoever waits gets it raised, nobody else cares
+            raise
+        finally:
+            self.connecting -= 1
+            ep.dialing = None
+        conn.endpoint = ep
+        self.conns.add(conn)
+        ep.conns.add(conn)
+        ep.idle.append(conn)  # shared while it has room for streams
+        fut.set_result(None)
+        return conn.open_stream()
+
     # -- outcomes --------------------------------------------------------------
 
     def answered(self, ep: Endpoint, status: int) -> None:
@@ -237,6 +283,8 @@ class UpstreamPool:
     def release(self, conn: UpstreamConn) -> None:
         """A healthy connection whose exchange is over: to a request waiting for its endpoint,
         else idle (closed instead when a request waits for another endpoint: its place)."""
+        if self.multiplexed:
+            return  # an HTTP/2 stream never used: its connection stays shared
         ep = conn.endpoint
         for waiter in self.waiters:
             wep, fut = waiter

@@ -179,7 +179,8 @@ def test_frontend_get_process_with_ca_jwt(env):
         ("frontend", "POST", "/process", 403, "no ALLOW rule matched"),
         ("frontend", "GET", "/other", 403, "no ALLOW rule matched"),
         ("other", "GET", "/process", 403, "no ALLOW rule matched"),
-        ("tokenless", "GET", "/process", 403, "no ALLOW rule matched"),
+        # no token, where one would be allowed: a missing credential, not a permission
+        ("tokenless", "GET", "/process", 401, "a JWT is required"),
         ("wrongaud", "GET", "/process", 401, "audience is not accepted"),
         ("frontend", "GET", "/admin", 403, "no-admin"),
     ],
@@ -195,7 +196,10 @@ def test_refused_calls_reach_nothing(env, who, method, path, status, why):
     assert got == status and why in doc["detail"] + json.dumps(doc), doc
     if status == 401:
         lower = {k.lower(): v for k, v in headers.items()}
-        assert lower["www-authenticate"].startswith('Bearer error="invalid_token"')
+        if who == "tokenless":  # RFC 6750 3.1: no credentials, no error code
+            assert lower["www-authenticate"] == "Bearer" and doc["error"] == "jwt_required"
+        else:
+            assert lower["www-authenticate"].startswith('Bearer error="invalid_token"')
     if "no-admin" in why:
         assert doc["rule"] == "no-admin"
     assert len(app_log(env["app_log"])) == before

@@ -13,6 +13,7 @@ LAYERS = {
     "__init__": 0,
     "errors": 0,
     "trafficconfig": 0,
+    "protocols": 0,
     "config": 1,
     "identity": 2,
     "policy": 2,

@@ -210,8 +210,20 @@ def test_check_transfer_encoding_table():
     [b"GET /\r\n\r\n", b"POST /x HTTP/1.1\r\nTransfer-Encoding: xchunked\r\n\r\n"],
 )
 def test_a_bad_head_after_an_upgrade_request_is_refused_not_an_internal_error(after):
-    """CONNECT/Upgrade stop llhttp; the bytes after that head are parsed as the next request."""
-    router, out, _ = feed(b"CONNECT a:1 HTTP/1.1\r\nHost: a\r\n\r\n" + after)
-    assert router.routed == [b"a:1"]
+    """An upgrade the sidecar does not offer (h2c) stops llhttp; the bytes after that head
+    are parsed as the next request."""
+    head = b"GET /up HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: h2c\r\n\r\n"
+    router, out, _ = feed(head + after)
+    assert router.routed[:1] == [b"/up"]
     assert b" 500 " not in out and out.count(b"HTTP/1.1 ") == 2, out
     assert out.startswith(b"HTTP/1.1 405 ")
+
+
+@pytest.mark.parametrize("after", [b"GET /smuggled HTTP/1.1\r\nHost: a\r\n\r\n", b"GET /\r\n\r\n"])
+def test_a_refused_connect_closes_and_what_follows_is_never_parsed(after):
+    """CONNECT where no tunnel is offered (the base router, the inbound side): one 405, the
+    connection closes, and the bytes meant for the tunnel are never read as requests."""
+    router, out, closed = feed(b"CONNECT a:1 HTTP/1.1\r\nHost: a\r\n\r\n" + after)
+    assert router.routed == []
+    assert out.startswith(b"HTTP/1.1 405 ") and out.count(b"HTTP/1.1 ") == 1, out
+    assert closed

@@ -12,8 +12,15 @@ in `framing`; this module drives the exchange.
 Checked when a head is complete, before the router runs, so a refused request
 never sends a byte upstream: the version, the transfer coding, the body limit.
 `Expect: 100-continue` is answered here, as Envoy does, and not forwarded.
-Trailers are dropped. Upgrades (WebSocket, h2c) are not offered: the request is
-forwarded as plain HTTP/1.1 without its upgrade headers.
+Trailers are dropped. A WebSocket upgrade (`GET` with `Connection: upgrade` and
+`Upgrade: websocket`) is routed like any request (authentication, policy) and
+forwarded with its upgrade headers; when the upstream answers `101`, both
+connections become one byte pipe (`engines.tcp.pipe`) until either side closes
+or nothing moves for `idle_timeout`; any other answer is passed on and the
+connection closes. Other upgrades (h2c) are not offered: the request is
+forwarded as plain HTTP/1.1 without its upgrade headers. `CONNECT` is the
+router's to accept (`Router.tunnel`); the protocol it names takes the
+connection over, with whatever bytes followed the request head.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ from sidecar.engines.http1.framing import (
     check_version,
     chunk,
     error_response,
+    header_value,
     request_framing,
     response_head,
     strip_hop_by_hop,
@@ -44,11 +52,12 @@ from sidecar.engines.http1.framing import (
 )
 from sidecar.engines.http1.router import RouteLater, Router
 from sidecar.engines.http1.upstream import UpstreamConn
+from sidecar.engines.tcp.pipe import Pipe, splice
 from sidecar.errors import SidecarError
 from sidecar.identity.peer import LOCAL_APP, Peer
 from sidecar.telemetry.record import ExchangeRecord
 from sidecar.upstream.endpoint import Endpoint
-from sidecar.upstream.retry import CONNECT_FAILURE, replayable
+from sidecar.upstream.retry import CONNECT_FAILURE
 
 log = logging.getLogger("sidecar.proxy")
 
@@ -100,6 +109,11 @@ class DownstreamConn(asyncio.Protocol):
         self._reading_paused = False
         self._writing_paused = False
         self._paused_upstream: UpstreamConn | None = None
+        # CONNECT accepted by the router: the protocol that takes the connection over once
+        # the bytes after the request head are known; an upgrade's early bytes until 101.
+        self._tunnel: Callable[[], asyncio.Protocol] | None = None
+        self._upgrade_rest = b""
+        self.pipe: Pipe | None = None
 
     # -- connection ----------------------------------------------------
 
@@ -145,8 +159,11 @@ class DownstreamConn(asyncio.Protocol):
         self.queue.clear()
 
     def drain(self) -> None:
-        """Shutting down: close now if idle, else after the response in progress."""
+        """Shutting down: close now if idle, else after the response in progress (a
+        WebSocket pipe may run until the drain time is over)."""
         self.draining = True
+        if self.pipe is not None:
+            return
         idle = self.active is None and not self.queue and self.parsing is None and not self._in_head
         if idle and not self.closed and self.transport is not None:
             self._close()  # TLS close_notify, then FIN
@@ -224,7 +241,9 @@ class DownstreamConn(asyncio.Protocol):
         except httptools.HttpParserError as e:
             detail = str(e) or "malformed HTTP request"
             self._reply_error(SidecarError("bad_request", f"malformed HTTP request: {detail}"))
-        if rest and not self.closed:
+        if self._tunnel is not None and not self.closed:
+            self._open_tunnel(b"")
+        elif rest and not self.closed:
             self.data_received(rest)
 
     # -- parser callbacks ----------------------------------------------
@@ -272,6 +291,11 @@ class DownstreamConn(asyncio.Protocol):
             record=ExchangeRecord(self.router.direction, peer=self.peer.spiffe_id),
             framing=framing,
         )
+        if p.should_upgrade() and method == b"GET":
+            wanted = (header_value(headers, b"upgrade") or b"").strip().lower()
+            if wanted == b"websocket":
+                ex.upgrade = wanted
+                ex.keep_alive = False  # after a refused upgrade the connection closes
         limit = self.limits.max_body_bytes
         if limit is not None and framing.kind is Kind.LENGTH and framing.length > limit:
             raise SidecarError(
@@ -326,6 +350,15 @@ class DownstreamConn(asyncio.Protocol):
             ex.continue_pending = False
             if not ex.body_done:
                 self._write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        if ex.method == b"CONNECT":
+            try:
+                if self.queue or self._begins > 1:
+                    raise SidecarError("bad_request", "CONNECT must be a connection's only request")
+                self._tunnel = self.router.tunnel(self, ex)
+            except SidecarError as e:
+                ex.keep_alive = False
+                self._finish_with_error(ex, e)
+            return  # taken over once the parser says where the head ends
         try:
             ex.pool, ex.head = pool, _ = self.router.route(self, ex)
         except SidecarError as e:
@@ -432,6 +465,63 @@ class DownstreamConn(asyncio.Protocol):
         if self._reading_paused and not self.queue and not up.write_paused:
             self.resume_reading()
 
+    # -- tunnels and upgrades ---------------------------------------------
+
+    def _open_tunnel(self, rest: bytes) -> None:
+        """CONNECT: the router's protocol takes the connection over (it answers the CONNECT)."""
+        make, self._tunnel = self._tunnel, None
+        assert make is not None and self.transport is not None
+        transport = self.transport
+        self.closed = True
+        self.active = None
+        self._disarm()
+        DEADLINES.discard(self)
+        self.router.release(self)
+        if self.group is not None:
+            self.group.forget(self)  # the new owner joins the group itself
+        proto = make()
+        transport.set_protocol(proto)
+        proto.connection_made(transport)
+        if rest and not transport.is_closing():
+            proto.data_received(rest)
+
+    def upgraded(self, ex: Exchange, headers: Headers, up: asyncio.Transport, rest: bytes) -> None:
+        """The upstream switched protocols (101): answer the client, then pipe the bytes."""
+        self.uncork()  # the 101 goes out before anything the pipe writes
+        if self.closed or self.transport is None or ex is not self.active:
+            up.abort()
+            return
+        ex.status = 101
+        ex.response_started = True
+        headers = strip_hop_by_hop(headers)
+        headers = self.router.response_headers(self, ex, headers)
+        lines = [b"HTTP/1.1 101 Switching Protocols\r\n"]
+        lines += [b"%s: %s\r\n" % (k, v) for k, v in headers]
+        lines.append(b"connection: upgrade\r\nupgrade: %s\r\n\r\n" % ex.upgrade)
+        self.transport.write(b"".join(lines))
+        ex.record.protocol = ex.upgrade.decode("ascii")
+        ex.finished = True
+        self._release(ex)
+        self._record(ex)
+        self.active = None
+        self._disarm()
+        DEADLINES.discard(self)
+        self.closed = True  # this object only keeps the connection's place in its group now
+        pending, self._upgrade_rest = self._upgrade_rest, b""
+        self.pipe = splice(
+            self.transport,
+            up,
+            idle_timeout=self.limits.idle_timeout,
+            a_pending=pending,
+            b_pending=rest,
+            on_close=self._pipe_closed,
+        )
+
+    def _pipe_closed(self, pipe: Pipe) -> None:
+        if self.group is not None:
+            self.group.discard(self)
+        self.router.release(self)
+
     # -- what the upstream connection calls (its ResponseSink) ----------
 
     def retry(self, ex: Exchange) -> None:
@@ -467,33 +557,10 @@ class DownstreamConn(asyncio.Protocol):
             self._dispatch(ex)
 
     def _may_retry(self, ex: Exchange, cause: str, ep: Endpoint | None) -> bool:
-        """Whether the exchange may go out once more after `cause` at `ep`; if so, it is
-        counted (attempts, budget, access log) and `ep` is avoided."""
-        pool = ex.pool
-        if pool is None or ex.finished or self.closed or ex is not self.active:
+        """Whether the exchange may go out once more after `cause` at `ep` (then counted)."""
+        if self.closed or ex is not self.active:
             return False
-        policy = pool.retry
-        if ex.retries >= policy.cfg.attempts:
-            return False
-        if cause == CONNECT_FAILURE:
-            if not policy.retries_on(cause):
-                return False
-        elif not replayable(ex.method, ex.has_body):
-            return False
-        elif not cause.isdigit() and not policy.retries_on(cause):
-            return False
-        if ex.deadline_at and self.loop.time() >= ex.deadline_at:
-            return False
-        if not ex.retrying:
-            if not pool.budget.allows():
-                return False
-            pool.budget.active_retries += 1
-            ex.retrying = True
-        ex.retries += 1
-        if ep is not None:
-            ex.tried.append(ep)
-            ex.record.retries += (f"{ep} {cause}",)
-        return True
+        return ex.may_retry(cause, ep, self.loop.time())
 
     def response_head(
         self, ex: Exchange, status: int, reason: bytes, headers: Headers, framing: Framing
@@ -520,6 +587,9 @@ class DownstreamConn(asyncio.Protocol):
             self._write(chunk(data))
         else:
             self._write(data)
+
+    def response_trailers(self, ex: Exchange, trailers: Headers) -> None:
+        """Trailers are not passed to an HTTP/1.1 client (see the module docstring)."""
 
     def response_done(self, ex: Exchange) -> None:
         """The upstream response is complete."""

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 from sidecar.engines.http1.framing import NO_BODY, Framing, Headers
 from sidecar.telemetry.record import ExchangeRecord
+from sidecar.upstream.retry import CONNECT_FAILURE, replayable
 
 if TYPE_CHECKING:
     from sidecar.engines.http1.upstream import UpstreamConn
@@ -53,8 +54,39 @@ class Exchange:
     retrying: bool = False
     deadline_at: float = 0.0
     rerouted: bool = False
+    upgrade: bytes = b""  # the protocol a WebSocket upgrade asks for (b"websocket")
 
     @property
     def has_body(self) -> bool:
         """Whether the request carries a body (so it cannot be replayed)."""
         return self.framing.has_body
+
+    def may_retry(self, cause: str, ep: Endpoint | None, now: float) -> bool:
+        """Whether this exchange may go out once more after `cause` (a status, `reset`,
+        `timeout`, `connect-failure`) at `ep`; if so the try is counted (attempts, the
+        pool's budget, the access log) and `ep` is avoided next."""
+        pool = self.pool
+        if pool is None or self.finished:
+            return False
+        policy = pool.retry
+        if self.retries >= policy.cfg.attempts:
+            return False
+        if cause == CONNECT_FAILURE:
+            if not policy.retries_on(cause):
+                return False
+        elif not replayable(self.method, self.has_body):
+            return False
+        elif not cause.isdigit() and not policy.retries_on(cause):
+            return False
+        if self.deadline_at and now >= self.deadline_at:
+            return False
+        if not self.retrying:
+            if not pool.budget.allows():
+                return False
+            pool.budget.active_retries += 1
+            self.retrying = True
+        self.retries += 1
+        if ep is not None:
+            self.tried.append(ep)
+            self.record.retries += (f"{ep} {cause}",)
+        return True

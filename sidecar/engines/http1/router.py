@@ -3,10 +3,12 @@ how its head looks. The engine asks; `inbound` and `outbound` answer."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from sidecar.engines.http1.framing import Headers
+from sidecar.errors import SidecarError
 from sidecar.identity.peer import LOCAL_APP, Peer
 
 if TYPE_CHECKING:
@@ -44,6 +46,11 @@ class Router:
         """The pool to use and the request head (without framing or final CRLF); fills in
         `ex.record`. SidecarError answers the request; RouteLater holds it."""
         raise NotImplementedError
+
+    def tunnel(self, conn: DownstreamConn, ex: Exchange) -> Callable[[], asyncio.Protocol]:
+        """CONNECT: the protocol that takes the connection over (it answers the client), or
+        SidecarError. The base refuses."""
+        raise SidecarError("method_not_allowed", "CONNECT is not supported here")
 
     def response_headers(self, conn: DownstreamConn, ex: Exchange, headers: Headers) -> Headers:
         """Headers sent back downstream (after hop-by-hop removal)."""

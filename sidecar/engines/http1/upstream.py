@@ -55,6 +55,12 @@ class ResponseSink(Protocol):
     def response_body(self, ex: Exchange, data: bytes) -> None:
         """A piece of the response body."""
 
+    def response_trailers(self, ex: Exchange, trailers: Headers) -> None:
+        """Trailers of the response (from an HTTP/2 upstream), before `response_done`."""
+
+    def upgraded(self, ex: Exchange, headers: Headers, up: asyncio.Transport, rest: bytes) -> None:
+        """The upstream answered 101 to an upgrade: `up` is handed over (`rest` followed)."""
+
     def response_done(self, ex: Exchange) -> None:
         """The response is complete."""
 
@@ -113,6 +119,7 @@ class UpstreamConn(asyncio.Protocol):
         # should not have sent) must not reach the new exchange.
         self._gen = 0
         self._feeding = 0
+        self._switching = False  # a 101 to an upgrade request: the rest is the new protocol
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         """Connected (and for TLS, handshaken)."""
@@ -136,7 +143,8 @@ class UpstreamConn(asyncio.Protocol):
         self.request_complete = self.response_complete = False
         self._got_bytes = False
         self._response_timeout = response_timeout
-        self.transport.write(ex.head + framing_header(ex.framing) + b"\r\n")
+        upgrade = b"connection: upgrade\r\nupgrade: %s\r\n" % ex.upgrade if ex.upgrade else b""
+        self.transport.write(ex.head + framing_header(ex.framing) + upgrade + b"\r\n")
         if ex.body:
             for piece in ex.body:
                 self.send_body(ex, piece)
@@ -264,6 +272,16 @@ class UpstreamConn(asyncio.Protocol):
         self._feeding = self._gen
         try:
             self.parser.feed_data(data)
+            if self._switching:
+                self._switch(b"")
+        except httptools.HttpParserUpgrade as e:
+            if self._switching:
+                self._switch(data[e.args[0] :])
+            else:  # an upgrade the request did not ask for: the answer is broken
+                self._fail(
+                    SidecarError("bad_upstream_response", f"{self.pool.label} switched protocols"),
+                    None,
+                )
         except httptools.HttpParserCallbackError:
             # A fault of ours while handling the answer, not the upstream's: not counted
             # against the endpoint; the exchange ends with a 500 (or the client is cut off).
@@ -281,6 +299,22 @@ class UpstreamConn(asyncio.Protocol):
         finally:
             if corked is not None:
                 corked.uncork()
+
+    def _switch(self, rest: bytes) -> None:
+        """The upstream switched protocols: the connection leaves the pool and the
+        downstream joins it with the client (`rest`: bytes that followed the 101)."""
+        ex, down, transport = self.ex, self.down, self.transport
+        self._switching = False
+        self._unbind()
+        self._disarm()
+        DEADLINES.discard(self)
+        self.pool.discard(self)
+        self.transport = None  # the pipe owns it now
+        if ex is None or down is None or transport is None:
+            if transport is not None:
+                transport.abort()
+            return
+        down.upgraded(ex, self._headers, transport, rest)
 
     def connection_lost(self, exc: Exception | None) -> None:
         """Retry, complete a close-delimited answer, or fail the exchange (502)."""
@@ -330,6 +364,11 @@ class UpstreamConn(asyncio.Protocol):
         ex, down = self.ex, self.down
         status = self.parser.get_status_code()
         if ex is None or down is None:
+            return
+        if status == 101 and ex.upgrade:
+            if self.endpoint is not None:
+                self.pool.answered(self.endpoint, status)
+            self._switching = True  # llhttp stops after this head; data_received switches
             return
         if status < 200:  # interim (100, 103): not forwarded; wait for the final answer
             self._headers, self._reason = [], b""
