@@ -12,8 +12,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 from dnsserver import dns_server  # noqa: E402, F401 (a fixture for the tests that need DNS)
-from redisserver import redis_server_fixture  # noqa: E402, F401 (the opaque-TCP tests' Redis)
 from helpers import CAProcess, mint_token, run_meshca, start_ca  # noqa: E402
+from redisserver import redis_server_fixture  # noqa: E402, F401 (the opaque-TCP tests' Redis)
 
 try:
     from hypothesis import settings

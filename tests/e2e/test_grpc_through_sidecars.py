@@ -24,10 +24,10 @@ import time
 import grpc
 import grpcclient as gc
 import pytest
+from e2e.protocol_rig import FRONTEND, INTRUDER, Rig, access_log, inbound_of, outbound_of, rss_kib
 from grpc_app import start_grpc_app, stream_message
 from helpers import curl_enroll, mint_token, openssl_csr
 from mesh import admin_get
-from e2e.protocol_rig import FRONTEND, INTRUDER, Rig, access_log, inbound_of, outbound_of, rss_kib
 from rotation_rig import free_port
 
 ORDERS = "spiffe://cluster.local/ns/shop/sa/orders"
