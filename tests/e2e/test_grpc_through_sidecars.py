@@ -255,3 +255,14 @@ def test_access_log_counts_every_call_once(env):
     lines = [r for r in access_log(env["front"], "outbound") if r.get("protocol") == "grpc"]
     assert lines and all(r["service"] == AUTHORITY for r in lines)
     json.dumps(lines)  # plain JSON
+
+
+def test_a_grpc_client_with_a_proxy_tunnels_through_connect(env):
+    """grpcio with `grpc.http_proxy` (as with `grpc_proxy`/`https_proxy` in its environment)
+    sends CONNECT orders.shop:80; the tunnel carries its h2c, proxied like any call."""
+    proxy = "http://" + outbound_of(env["front"])
+    with gc.channel(f"{AUTHORITY}:80", enable_http_proxy=1, http_proxy=proxy) as ch:
+        reply, _ = gc.unary(ch, b"through a tunnel")
+        seen = gc.whoami(ch)
+    assert reply == b"through a tunnel"
+    assert f"URI={FRONTEND}" in seen["x-forwarded-client-cert"]
