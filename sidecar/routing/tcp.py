@@ -119,6 +119,9 @@ class _TcpConn(asyncio.Protocol):
         """Join the client's transport with `up`."""
         assert self.transport is not None
         self.record.status = 200
+        opened = getattr(self.access_log, "opened", None)
+        if opened is not None:
+            opened(self.record)
         self.pipe = splice(
             self.transport,
             up,

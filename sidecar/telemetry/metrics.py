@@ -13,10 +13,20 @@ collector). Labels follow Istio's, so its Grafana dashboards and Kiali work unch
   / `metrics.namespace`, else $SIDECAR_WORKLOAD / $POD_NAMESPACE, else its SPIFFE ID;
 - `destination_service`: outbound, the service called as `NAME.NS.svc.cluster.local`;
   inbound, the pod's own workload in that form;
-- `request_protocol` `http`, `response_code`, `response_flags` (Envoy's: `UO` overflow,
+- `request_protocol` `http` or `grpc` (`tcp` on the TCP metrics), `response_code`
+  (for gRPC the HTTP status, 200 even for a call that failed), `grpc_response_status`
+  (gRPC's status from the answer's trailers, or the one the sidecar gave; empty for HTTP),
+  `response_flags` (Envoy's: `UO` overflow,
   `UF` connect failure, `UH` no healthy endpoint, `UT` timeout, `UC` upstream reset,
   `NR` no route, `FI` / `DI` injected abort / delay, `DC` the client hung up, `-` none) and
   `connection_security_policy` `mutual_tls`.
+
+Opaque TCP connections are counted as Istio counts them:
+`istio_tcp_connections_opened_total` (when bytes start to flow),
+`istio_tcp_connections_closed_total`, `istio_tcp_sent_bytes_total` and
+`istio_tcp_received_bytes_total` (as the reporter sees them, added when the
+connection closes), with the same labels but `response_code`. Refused TCP
+connections are counted as closed with their flags, never as opened.
 
 No path, query or header value is ever a label: the label values come from verified
 identities, the configuration and status codes, so their number stays bounded.
@@ -72,6 +82,7 @@ REQUEST_LABELS = (
     "request_protocol",
     "response_code",
     "response_flags",
+    "grpc_response_status",
     "connection_security_policy",
 )
 
@@ -144,7 +155,9 @@ class SidecarMetrics:
         self.workload = workload or os.environ.get("SIDECAR_WORKLOAD") or None
         self.namespace = namespace or os.environ.get("POD_NAMESPACE") or None
         self.sources = sources or Sources()
-        self.series: dict[tuple[str, str, str, str, str, str], _Series] = {}
+        self.series: dict[tuple[str, ...], _Series] = {}
+        # TCP, by the labels of a request but its code: [opened, closed, sent, received]
+        self.tcp: dict[tuple[str, ...], list[int]] = {}
         self.jwt: dict[str, int] = {}
         self.authz: dict[tuple[str, str], int] = {}
         self.retries: dict[str, int] = {}
@@ -153,34 +166,67 @@ class SidecarMetrics:
 
     # -- the request path ----------------------------------------------------------
 
-    def write(self, rec: ExchangeRecord) -> None:
-        """Count one finished exchange."""
+    def _key(self, rec: ExchangeRecord) -> tuple[str, ...]:
         own = self._own
         if own is None:
             own = self._own = self.own_id()
+        protocol = "grpc" if rec.protocol == "grpc" else rec.protocol or "http"
+        if rec.protocol == "HTTP/2" or rec.protocol == "websocket":
+            protocol = "http"
         if rec.direction == "inbound":
-            key = (
+            return (
                 "destination",
                 rec.peer or "unknown",
                 own or "unknown",
                 "",  # the pod's own service, filled in at scrape time
                 str(rec.status),
                 FLAGS.get(rec.error, "-") if rec.error else "-",
+                protocol,
+                "" if rec.grpc_status is None else str(rec.grpc_status),
             )
-        else:
-            flags = "-"
-            if rec.error:
-                flags = FLAGS.get(rec.error, "-")
-            elif rec.fault == "delay":
-                flags = "DI"
-            key = (
-                "source",
-                own or "unknown",
-                rec.peer or "unknown",
-                rec.service or "",
-                str(rec.status),
-                flags,
+        flags = "-"
+        if rec.error:
+            flags = FLAGS.get(rec.error, "-")
+        elif rec.fault == "delay":
+            flags = "DI"
+        return (
+            "source",
+            own or "unknown",
+            rec.peer or "unknown",
+            rec.service or "",
+            str(rec.status),
+            flags,
+            protocol,
+            "" if rec.grpc_status is None else str(rec.grpc_status),
+        )
+
+    def opened(self, rec: ExchangeRecord) -> None:
+        """A TCP connection's bytes start to flow."""
+        key = self._key(rec)
+        key = key[:4] + ("-", "-", "tcp", "")
+        t = self.tcp.get(key)
+        if t is None:
+            t = self.tcp[key] = [0, 0, 0, 0]
+        t[0] += 1
+
+    def write(self, rec: ExchangeRecord) -> None:
+        """Count one finished exchange (or TCP connection)."""
+        key = self._key(rec)
+        if rec.protocol == "tcp":
+            key = key[:4] + ("-", key[5], "tcp", "")
+            t = self.tcp.get(key)
+            if t is None:
+                t = self.tcp[key] = [0, 0, 0, 0]
+            t[1] += 1
+            # sent: towards the peer (outbound: to the service; inbound: to the client)
+            sent, received = (
+                (rec.bytes_in, rec.bytes_out)
+                if rec.direction == "outbound"
+                else (rec.bytes_out, rec.bytes_in)
             )
+            t[2] += sent
+            t[3] += received
+            return
         s = self.series.get(key)
         if s is None:
             s = self.series[key] = _Series()
@@ -238,7 +284,7 @@ class SidecarMetrics:
         resp_bytes = HistogramMetricFamily(
             "istio_response_bytes", "Response body sizes in bytes", labels=REQUEST_LABELS
         )
-        for (reporter, src, dst, svc, code, flags), s in list(self.series.items()):
+        for (reporter, src, dst, svc, code, flags, proto, grpc), s in list(self.series.items()):
             src_w, src_ns = workload_of(src)
             dst_w, dst_ns = workload_of(dst)
             if reporter == "destination":
@@ -247,7 +293,7 @@ class SidecarMetrics:
                 src_w, src_ns, service = own_workload, own_ns, service_fqdn(svc)
             labels = [
                 reporter, src, dst, src_w, src_ns, dst_w, dst_ns, service,
-                "http", code, flags, "mutual_tls",
+                proto, code, flags, grpc, "mutual_tls",
             ]  # fmt: skip
             requests.add_metric(labels, s.count)
             duration.add_metric(labels, _buckets(DURATION_MS, s.ms), s.ms_sum)
@@ -257,7 +303,29 @@ class SidecarMetrics:
         yield duration
         yield req_bytes
         yield resp_bytes
+        yield from self._tcp_metrics(own_workload, own_ns, own_service)
         yield from self._sidecar_metrics()
+
+    def _tcp_metrics(self, own_workload: str, own_ns: str, own_service: str) -> Iterator[Metric]:
+        labels = [n for n in REQUEST_LABELS if n not in ("response_code", "grpc_response_status")]
+        names = (
+            ("istio_tcp_connections_opened", "TCP connections opened"),
+            ("istio_tcp_connections_closed", "TCP connections closed"),
+            ("istio_tcp_sent_bytes", "Bytes sent during TCP connections"),
+            ("istio_tcp_received_bytes", "Bytes received during TCP connections"),
+        )
+        families = [CounterMetricFamily(n, h, labels=labels) for n, h in names]
+        for (reporter, src, dst, svc, _code, flags, proto, _g), counts in list(self.tcp.items()):
+            src_w, src_ns = workload_of(src)
+            dst_w, dst_ns = workload_of(dst)
+            if reporter == "destination":
+                dst_w, dst_ns, service = own_workload, own_ns, own_service
+            else:
+                src_w, src_ns, service = own_workload, own_ns, service_fqdn(svc)
+            values = [reporter, src, dst, src_w, src_ns, dst_w, dst_ns, service, proto, flags]
+            for fam, n in zip(families, counts, strict=True):
+                fam.add_metric([*values, "mutual_tls"], n)
+        yield from families
 
     def _sidecar_metrics(self) -> Iterator[Metric]:
         src = self.sources

@@ -22,6 +22,7 @@ class Telemetry:
     def __init__(self, *sinks: Recorder | None) -> None:
         self.sinks = tuple(s for s in sinks if s is not None)
         self._counters = tuple(s for s in self.sinks if hasattr(s, "refused"))
+        self._openers = tuple(s for s in self.sinks if hasattr(s, "opened"))
 
     def write(self, rec: ExchangeRecord) -> None:
         """Hand one record to each sink."""
@@ -32,3 +33,8 @@ class Telemetry:
         """A connection refused at (or right after) its handshake (no access-log line)."""
         for counter in self._counters:
             counter.refused(direction, reason)
+
+    def opened(self, rec: ExchangeRecord) -> None:
+        """A TCP connection's bytes start to flow (it is written when it closes)."""
+        for sink in self._openers:
+            sink.opened(rec)

@@ -9,6 +9,7 @@ everything started is stopped by `Rig.stop`, also when a start fails.
 from __future__ import annotations
 
 import json
+import urllib.request
 from pathlib import Path
 
 import yaml
@@ -52,6 +53,7 @@ class Rig:
         policy: dict | None = None,
         jwt: bool = False,
         outbound: dict | None = None,
+        metrics: bool = False,
     ) -> Proc:
         """Start a sidecar for `spiffe_id`: inbound in front of `app` (`inbound` adds
         keys), outbound to `services`, with a policy document and the CA as JWT issuer."""
@@ -72,6 +74,8 @@ class Rig:
                     }
                 ]
             }
+        if metrics:
+            doc["metrics"] = {"listen": "127.0.0.1:0"}
         if outbound:
             doc.setdefault("outbound", {"listen": "127.0.0.1:0"}).update(outbound)
         cfg.write_text(yaml.safe_dump(doc))
@@ -101,3 +105,21 @@ def access_log(p: Proc, direction: str | None = None) -> list[dict]:
             if direction is None or doc["direction"] == direction:
                 out.append(doc)
     return out
+
+
+def scrape(p: Proc) -> str:
+    """The sidecar's /metrics page (Prometheus text)."""
+    with urllib.request.urlopen(p.urls["metrics"] + "/metrics", timeout=10) as resp:
+        return resp.read().decode()
+
+
+def sample(page: str, name: str, **labels: str) -> float:
+    """The sum of `name`'s samples whose labels include `labels`."""
+    total = 0.0
+    for line in page.splitlines():
+        if not line.startswith(name + "{"):
+            continue
+        head, value = line.rsplit(" ", 1)
+        if all(f'{k}="{v}"' in head for k, v in labels.items()):
+            total += float(value)
+    return total

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import hashlib
-import json
 import subprocess
 import threading
 import time
@@ -24,7 +23,17 @@ import time
 import grpc
 import grpcclient as gc
 import pytest
-from e2e.protocol_rig import FRONTEND, INTRUDER, Rig, access_log, inbound_of, outbound_of, rss_kib
+from e2e.protocol_rig import (
+    FRONTEND,
+    INTRUDER,
+    Rig,
+    access_log,
+    inbound_of,
+    outbound_of,
+    rss_kib,
+    sample,
+    scrape,
+)
 from grpc_app import start_grpc_app, stream_message
 from helpers import curl_enroll, mint_token, openssl_csr
 from mesh import admin_get
@@ -62,6 +71,7 @@ def env(tmp_path_factory):
             inbound={"app_protocol": "grpc", "app_timeout": 30},
             policy=policy,
             jwt=True,
+            metrics=True,
         )
         svc = {"endpoints": [inbound_of(orders)], "identity": ORDERS, "protocol": "grpc"}
         front = rig.sidecar(
@@ -251,10 +261,15 @@ def test_app_down_gives_unavailable(env):
         assert gc.unary(ch, b"again")[0] == b"again"
 
 
-def test_access_log_counts_every_call_once(env):
+def test_grpc_calls_are_counted_as_grpc(env):
     lines = [r for r in access_log(env["front"], "outbound") if r.get("protocol") == "grpc"]
     assert lines and all(r["service"] == AUTHORITY for r in lines)
-    json.dumps(lines)  # plain JSON
+    page = scrape(env["orders"])
+    mine = {"reporter": "destination", "source_principal": FRONTEND, "request_protocol": "grpc"}
+    assert sample(page, "istio_requests_total", **mine, grpc_response_status="0") >= 100
+    # a refusal is HTTP 200 on the wire, with the gRPC status the sidecar gave
+    unauthenticated = {"grpc_response_status": "16", "response_flags": "-"}
+    assert sample(page, "istio_requests_total", response_code="200", **unauthenticated) >= 1
 
 
 def test_a_grpc_client_with_a_proxy_tunnels_through_connect(env):

@@ -132,6 +132,7 @@ def test_request_metrics_exact_under_concurrency_and_in_the_right_series(ca, pai
         "request_protocol": "http",
         "response_code": "200",
         "response_flags": "-",
+        "grpc_response_status": "",
         "connection_security_policy": "mutual_tls",
     }
     assert "/item" not in front and "q=" not in front  # no paths or queries in any label

@@ -17,7 +17,16 @@ import subprocess
 
 import pytest
 import trustme
-from e2e.protocol_rig import FRONTEND, INTRUDER, Rig, access_log, inbound_of, outbound_of
+from e2e.protocol_rig import (
+    FRONTEND,
+    INTRUDER,
+    Rig,
+    access_log,
+    inbound_of,
+    outbound_of,
+    sample,
+    scrape,
+)
 from redisserver import redis_server
 from rotation_rig import free_port
 
@@ -36,6 +45,7 @@ def env(tmp_path_factory):
                 CACHE,
                 app=redis.address,
                 inbound={"app_protocol": "tcp"},
+                metrics=True,
                 policy={
                     "rules": [
                         {"name": "frontend", "action": "ALLOW", "from": {"principals": [FRONTEND]}},
@@ -147,3 +157,14 @@ def test_peers_without_a_valid_certificate_get_nothing(env, tmp_path):
     other_ca.issue_cert("frontend.default.svc").configure_cert(foreign)
     assert _tls_client(foreign, address) == b""
     assert connections(env) == before + 1  # our own INFO call
+
+
+def test_tcp_metrics_count_connections_and_bytes(env):
+    env["redis"].cli("SET", "m", "1" * 1000, port=env["ports"]["frontend"])
+    page = scrape(env["cache"])
+    mine = {"reporter": "destination", "source_principal": FRONTEND, "request_protocol": "tcp"}
+    assert sample(page, "istio_tcp_connections_opened_total", **mine) >= 1
+    assert sample(page, "istio_tcp_connections_closed_total", **mine) >= 1
+    assert sample(page, "istio_tcp_received_bytes_total", **mine) >= 1000
+    assert sample(page, "istio_tcp_sent_bytes_total", **mine) > 0
+    assert sample(page, "istio_tcp_connections_opened_total", source_principal=INTRUDER) == 0

@@ -520,6 +520,8 @@ class H2Stream:
         ex.response_started = True
         headers = self.conn.router.response_headers(self, ex, strip_hop_by_hop(headers))  # type: ignore[arg-type]
         self._head = response_fields(status, headers)
+        if self.grpc:
+            ex.record.grpc_status = _status(headers)  # a trailers-only answer has it here
 
     def _send_head(self, end: bool = False) -> None:
         head, self._head = self._head, None
@@ -544,6 +546,8 @@ class H2Stream:
         """Trailers (gRPC's status) end the stream after the data."""
         if not self.closed:
             self.out.trailers = [(k.lower(), v) for k, v in trailers]
+            if self.grpc:
+                ex.record.grpc_status = _status(trailers)
 
     def response_done(self, ex: Exchange) -> None:
         """The answer is complete upstream: end the stream once its data is out."""
@@ -738,6 +742,11 @@ class H2Stream:
             if len(ex.pool.endpoints) > 1 or rec.retries:
                 rec.upstream = str(up.endpoint)
         log_.write(rec)
+
+
+def _status(fields: Headers) -> int | None:
+    value = _header([(k.lower(), v) for k, v in fields], b"grpc-status")
+    return int(value) if value is not None and value.isdigit() else None
 
 
 def _header(headers: Headers, name: bytes) -> bytes | None:
