@@ -28,6 +28,10 @@ SIDECAR_NAME = "sidecar"  # as in: kubectl exec POD -c sidecar -- sidecar identi
 STATUS_ANNOTATION = "meshca.io/status"
 INJECT_ANNOTATION = "meshca.io/inject"
 APP_PORT_ANNOTATION = "meshca.io/app-port"
+APP_PROTOCOL_ANNOTATION = "meshca.io/app-protocol"  # http | http2 | grpc | tcp
+# The app's protocol from its port's name, as Istio reads `<protocol>[-<suffix>]` names.
+PORT_NAME_PROTOCOLS = {"http": "http", "http2": "http2", "grpc": "http2", "grpc-web": "http"}
+PORT_NAME_PROTOCOLS |= dict.fromkeys(("tcp", "redis", "mongo", "mysql", "postgres"), "tcp")
 INTERCEPT_ANNOTATION = "meshca.io/intercept"  # "true": add the init-net container
 INIT_NAME = "meshca-init"
 OUTBOUND_ANNOTATION = "meshca.io/outbound-services"  # YAML/JSON: name -> endpoints, identity
@@ -77,7 +81,12 @@ SCRAPE_ANNOTATIONS = {
 }
 
 
-def sidecar_config(opts: InjectOptions, app_port: int | None, services: dict | None = None) -> str:
+def sidecar_config(
+    opts: InjectOptions,
+    app_port: int | None,
+    services: dict | None = None,
+    app_protocol: str = "http",
+) -> str:
     """The sidecar's YAML configuration for a pod."""
     doc: dict[str, Any] = {
         "trust_domain": opts.trust_domain,
@@ -97,6 +106,8 @@ def sidecar_config(opts: InjectOptions, app_port: int | None, services: dict | N
             "listen": f"0.0.0.0:{defaults.INBOUND_PORT}",
             "app": f"127.0.0.1:{app_port}",
         }
+        if app_protocol != "http":
+            doc["inbound"]["app_protocol"] = app_protocol
     return yaml.safe_dump(doc, sort_keys=False)
 
 
@@ -117,6 +128,26 @@ def _app_port(meta: dict, spec: dict) -> int | None:
     return None
 
 
+def _app_protocol(meta: dict, spec: dict, app_port: int | None) -> str:
+    """The annotation, else the app port's name (`grpc-api`: http2), else http."""
+    ann = (meta.get("annotations") or {}).get(APP_PROTOCOL_ANNOTATION)
+    if ann is not None:
+        value = str(ann).strip().lower()
+        if value not in ("http", "http2", "grpc", "tcp"):
+            raise InjectError(
+                f"annotation {APP_PROTOCOL_ANNOTATION} must be http, http2, grpc or tcp"
+            )
+        return "http2" if value == "grpc" else value
+    for c in spec.get("containers") or []:
+        for p in c.get("ports") or []:
+            if p.get("containerPort") == app_port and isinstance(p.get("name"), str):
+                prefix = p["name"].lower().split("-", 1)[0]
+                if p["name"].lower().startswith("grpc-web"):
+                    prefix = "grpc-web"
+                return PORT_NAME_PROTOCOLS.get(prefix, "http")
+    return "http"
+
+
 def _services(meta: dict) -> dict | None:
     text = (meta.get("annotations") or {}).get(OUTBOUND_ANNOTATION)
     if text is None:
@@ -135,7 +166,10 @@ def _services(meta: dict) -> dict | None:
 
 
 def _sidecar_container(
-    opts: InjectOptions, app_port: int | None, services: dict | None = None
+    opts: InjectOptions,
+    app_port: int | None,
+    services: dict | None = None,
+    app_protocol: str = "http",
 ) -> dict:
     probe = {
         "httpGet": {"path": "/healthz/ready", "port": defaults.HEALTH_PORT},
@@ -158,7 +192,7 @@ def _sidecar_container(
         "args": ["run", "--config-env", CONFIG_ENV],
         "command": ["sidecar"],
         "env": [
-            {"name": CONFIG_ENV, "value": sidecar_config(opts, app_port, services)},
+            {"name": CONFIG_ENV, "value": sidecar_config(opts, app_port, services, app_protocol)},
             # the pod's names in the metrics' workload labels (downward API)
             {
                 "name": "POD_NAMESPACE",
@@ -259,7 +293,8 @@ def inject_pod_template(meta: dict, spec: dict, opts: InjectOptions) -> bool:
     if vol_names & {TOKEN_VOLUME, BUNDLE_VOLUME}:
         raise InjectError(f"volumes {TOKEN_VOLUME}/{BUNDLE_VOLUME} already exist")
     app_port = _app_port(meta, spec)
-    sidecar = _sidecar_container(opts, app_port, _services(meta))
+    protocol = _app_protocol(meta, spec, app_port)
+    sidecar = _sidecar_container(opts, app_port, _services(meta), protocol)
     added = [sidecar]
     if str((meta.get("annotations") or {}).get(INTERCEPT_ANNOTATION, "")).lower() == "true":
         added.insert(0, _init_net_container(opts, app_port))

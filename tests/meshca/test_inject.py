@@ -183,3 +183,39 @@ def test_generated_sidecar_config_is_what_the_sidecar_reads(index, tmp_path):
         assert config.outbound.listen.port == 15001
     if config.inbound is not None:
         assert config.inbound.listen.port == 15006
+
+
+@pytest.mark.parametrize(
+    "annotation,port_name,expected",
+    [
+        ("grpc", None, "http2"),
+        ("tcp", None, "tcp"),
+        ("HTTP2", None, "http2"),
+        (None, "grpc-api", "http2"),
+        (None, "redis", "tcp"),
+        (None, "tcp-db", "tcp"),
+        (None, "grpc-web", "http"),
+        (None, "web", "http"),
+        ("http", "grpc", "http"),  # the annotation wins
+    ],
+)
+def test_app_protocol_from_the_annotation_or_the_port_name(annotation, port_name, expected):
+    pod = copy.deepcopy(docs()[0])
+    meta, spec = pod_spec(pod)
+    if annotation is not None:
+        meta.setdefault("annotations", {})["meshca.io/app-protocol"] = annotation
+    if port_name is not None:
+        spec["containers"][0]["ports"][0]["name"] = port_name
+    out = inject_object(pod, OPTS)
+    validate(out)
+    _, spec = pod_spec(out)
+    inbound = yaml.safe_load(spec["initContainers"][0]["env"][0]["value"])["inbound"]
+    assert inbound.get("app_protocol", "http") == expected
+
+
+def test_a_bad_app_protocol_annotation_is_refused_by_name():
+    pod = copy.deepcopy(docs()[0])
+    meta, _ = pod_spec(pod)
+    meta.setdefault("annotations", {})["meshca.io/app-protocol"] = "udp"
+    with pytest.raises(InjectError, match="meshca.io/app-protocol"):
+        inject_object(pod, OPTS)
