@@ -1,6 +1,7 @@
 """A small mesh in network-namespace pods: the CA, backend (echo app + sidecar) and frontend
-(sidecar with transparent interception), plus a pod with no sidecar. Used by the pod tests and
-by `make demo-pods` (`python deploy/local/podmesh.py`).
+(sidecar with transparent interception), plus a pod with no sidecar and, when redis-server
+is installed, a cache pod (Redis behind a sidecar with `app_protocol: tcp`). Used by the pod
+tests and by `make demo-pods` (`python deploy/local/podmesh.py`).
 
 In each pod the sidecar runs as uid 1337 and `sidecar init-net` installs the
 interception rules, as istio-init does; the apps listen on 127.0.0.1 only. The
@@ -12,6 +13,7 @@ a wait that gives up says why, with the end of the log of what it waited for.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -29,7 +31,9 @@ PY = sys.executable
 ROOT = Path(__file__).resolve().parents[2]  # the checkout: meshca/, sidecar/, services/
 BACKEND = "spiffe://cluster.local/ns/default/sa/backend"
 FRONTEND = "spiffe://cluster.local/ns/default/sa/frontend"
+CACHE = "spiffe://cluster.local/ns/default/sa/cache"
 APP_PORT = 5000
+REDIS_PORT = 6379
 UID = 1337
 
 
@@ -43,6 +47,7 @@ class PodMesh:
     backend: Pod
     frontend: Pod
     outsider: Pod
+    cache: Pod | None = None  # Redis behind a tcp sidecar (None: redis-server not installed)
 
     def close(self) -> None:
         self.net.close()
@@ -119,6 +124,7 @@ def build(net: PodNet, policy: dict | None = None) -> PodMesh:
     backend = net.add_pod("backend")
     frontend = net.add_pod("frontend")
     outsider = net.add_pod("outsider")
+    cache = net.add_pod("cache") if shutil.which("redis-server") else None
     share_code(net, backend)
 
     home = work / "ca"
@@ -189,22 +195,30 @@ def build(net: PodNet, policy: dict | None = None) -> PodMesh:
         log=work / "backend-sidecar.log",
     )
 
+    services: dict = {
+        "backend.default": {
+            "endpoints": [f"{backend.ip}:15006"],
+            "identity": BACKEND,
+            "addresses": [f"{backend.ip}:{APP_PORT}"],
+        }
+    }
+    cache_sidecar = None
+    if cache is not None:
+        cache_sidecar = _start_cache(net, work, cache, ca_url, home, bundle)
+        services["cache.default"] = {
+            "endpoints": [f"{cache.ip}:15006"],
+            "identity": CACHE,
+            "protocol": "tcp",
+            "addresses": [f"{cache.ip}:{REDIS_PORT}"],
+        }
+
     # frontend: its sidecar intercepts the app's outgoing TCP (no HTTP_PROXY needed)
     fdir = _sidecar_dir(
         work,
         "frontend",
         {
             "ca": {"url": ca_url, "bundle": "ca-root.pem", "token_file": "token"},
-            "outbound": {
-                "listen": "127.0.0.1:15001",
-                "services": {
-                    "backend.default": {
-                        "endpoints": [f"{backend.ip}:15006"],
-                        "identity": BACKEND,
-                        "addresses": [f"{backend.ip}:{APP_PORT}"],
-                    }
-                },
-            },
+            "outbound": {"listen": "127.0.0.1:15001", "services": services},
             "admin": {"listen": "127.0.0.1:15000"},
             "health": {"listen": "0.0.0.0:15021"},
         },
@@ -240,7 +254,63 @@ def build(net: PodNet, policy: dict | None = None) -> PodMesh:
         frontend_sidecar,
         work / "frontend-sidecar.log",
     )
-    return PodMesh(net, work, ca_pod, backend, frontend, outsider)
+    if cache is not None and cache_sidecar is not None:
+        wait(lambda: ready(cache), "cache's sidecar", cache_sidecar, work / "cache-sidecar.log")
+    return PodMesh(net, work, ca_pod, backend, frontend, outsider, cache)
+
+
+def _start_cache(
+    net: PodNet, work: Path, cache: Pod, ca_url: str, home: Path, bundle: str
+) -> subprocess.Popen:
+    """Redis on the cache pod's loopback, its sidecar (`app_protocol: tcp`, frontend only),
+    the interception of its port."""
+    data = work / "redis"
+    data.mkdir(mode=0o777)
+    redis = net.run(
+        cache,
+        [
+            "redis-server", "--bind", "127.0.0.1", "--port", str(REDIS_PORT),
+            "--save", "", "--appendonly", "no", "--dir", str(data),
+        ],
+        log=work / "redis.log",
+    )  # fmt: skip
+
+    def pong() -> bool:
+        r = net.exec(cache, ["redis-cli", "-p", str(REDIS_PORT), "ping"], timeout=10)
+        return r.stdout.strip() == "PONG"
+
+    wait(pong, "redis-server", redis, work / "redis.log")
+    cdir = _sidecar_dir(
+        work,
+        "cache",
+        {
+            "ca": {"url": ca_url, "bundle": "ca-root.pem", "token_file": "token"},
+            "inbound": {
+                "listen": "0.0.0.0:15006",
+                "app": f"127.0.0.1:{REDIS_PORT}",
+                "app_protocol": "tcp",
+            },
+            "policy": {"file": "policy.yaml"},
+            "admin": {"listen": "127.0.0.1:15000"},
+            "health": {"listen": "0.0.0.0:15021"},
+        },
+        _meshca("token", "--home", str(home), "--spiffe-id", CACHE).strip(),
+        bundle,
+    )
+    rules = {"rules": [{"name": "frontend", "action": "ALLOW", "from": {"principals": [FRONTEND]}}]}
+    (cdir / "policy.yaml").write_text(yaml.safe_dump(rules))
+    (cdir / "policy.yaml").chmod(0o644)
+    res = net.exec(
+        cache, [PY, "-m", "sidecar", "init-net", "--app-port", str(REDIS_PORT), "--uid", str(UID)]
+    )
+    if res.returncode != 0:
+        raise RuntimeError(f"init-net (cache): {res.stderr}")
+    return net.run(
+        cache,
+        [PY, "-m", "sidecar", "run", "--config", str(cdir / "sidecar.yaml")],
+        uid=UID,
+        log=work / "cache-sidecar.log",
+    )
 
 
 def demo() -> int:

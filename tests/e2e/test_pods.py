@@ -82,6 +82,24 @@ def test_transparent_interception_without_proxy_settings(mesh):
     assert h["x-forwarded-client-cert"].startswith(f"By={podmesh.BACKEND}")
 
 
+def test_opaque_tcp_is_intercepted_transparently(mesh):
+    """The frontend app runs redis-cli against the cache pod's IP and Redis port, with no
+    proxy settings: its sidecar finds the service by SO_ORIGINAL_DST and pipes the bytes
+    over mTLS (meshca-tcp); the outsider, without a sidecar, gets nothing."""
+    if mesh.cache is None:
+        pytest.skip("redis-server is not installed (make deps installs it)")
+    cli = ["redis-cli", "-h", mesh.cache.ip, "-p", str(podmesh.REDIS_PORT)]
+    r = mesh.net.exec(mesh.frontend, [*cli, "SET", "k", "across pods"], uid=1000, timeout=20)
+    assert r.stdout.strip() == "OK", (r.stdout, r.stderr)
+    r = mesh.net.exec(mesh.frontend, [*cli, "GET", "k"], uid=1000, timeout=20)
+    assert r.stdout.strip() == "across pods", (r.stdout, r.stderr)
+    r = mesh.net.exec(mesh.outsider, [*cli, "GET", "k"], timeout=20)
+    assert "across pods" not in r.stdout
+    log = (mesh.work / "cache-sidecar.log").read_text()
+    lines = [json.loads(x) for x in log.splitlines() if x.startswith('{"ts"')]
+    assert any(x.get("protocol") == "tcp" and x["peer"] == podmesh.FRONTEND for x in lines)
+
+
 def test_with_http_proxy_across_pods(mesh):
     r = mesh.net.exec(
         mesh.frontend,
