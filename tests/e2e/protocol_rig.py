@@ -54,11 +54,19 @@ class Rig:
         jwt: bool = False,
         outbound: dict | None = None,
         metrics: bool = False,
+        ca_extra: dict | None = None,
     ) -> Proc:
         """Start a sidecar for `spiffe_id`: inbound in front of `app` (`inbound` adds
         keys), outbound to `services`, with a policy document and the CA as JWT issuer."""
         cfg = sidecar_config(
-            self.root, name, self.ca, spiffe_id, app=app, services=services, inbound_extra=inbound
+            self.root,
+            name,
+            self.ca,
+            spiffe_id,
+            app=app,
+            services=services,
+            inbound_extra=inbound,
+            ca_extra=ca_extra,
         )
         doc = yaml.safe_load(cfg.read_text())
         if policy is not None:

@@ -27,6 +27,8 @@ from e2e.protocol_rig import (
     sample,
     scrape,
 )
+from helpers import run_meshca
+from mesh import admin_get
 from redisserver import redis_server
 from rotation_rig import free_port
 
@@ -46,6 +48,7 @@ def env(tmp_path_factory):
                 app=redis.address,
                 inbound={"app_protocol": "tcp"},
                 metrics=True,
+                ca_extra={"bundle_poll": 0.5},
                 policy={
                     "rules": [
                         {"name": "frontend", "action": "ALLOW", "from": {"principals": [FRONTEND]}},
@@ -54,9 +57,9 @@ def env(tmp_path_factory):
                     ]
                 },
             )
-            ports = {"frontend": free_port(), "intruder": free_port()}
+            ports = {"frontend": free_port(), "intruder": free_port(), "victim": free_port()}
             sidecars = {}
-            for name, sid in (("frontend", FRONTEND), ("intruder", INTRUDER)):
+            for name, sid in (("frontend", FRONTEND), ("intruder", INTRUDER), ("victim", FRONTEND)):
                 svc = {
                     "endpoints": [inbound_of(cache)],
                     "identity": CACHE,
@@ -168,3 +171,20 @@ def test_tcp_metrics_count_connections_and_bytes(env):
     assert sample(page, "istio_tcp_received_bytes_total", **mine) >= 1000
     assert sample(page, "istio_tcp_sent_bytes_total", **mine) > 0
     assert sample(page, "istio_tcp_connections_opened_total", source_principal=INTRUDER) == 0
+
+
+def test_an_open_connection_is_cut_when_its_peer_is_revoked(env):
+    """Last in this module: it revokes the `victim` sidecar's certificate."""
+    with socket.create_connection(("127.0.0.1", env["ports"]["victim"]), timeout=10) as s:
+        s.sendall(b"PING\r\n")
+        assert s.recv(100) == b"+PONG\r\n"
+        status, ident = admin_get(env["victim"], "/identity")
+        assert status == 200
+        run_meshca("revoke", "--home", str(env["rig"].home), "--serial", ident["serial"])
+        s.settimeout(15)  # the cache sidecar polls the bundle every 0.5 s
+        try:
+            cut = s.recv(100) == b""
+        except (ConnectionResetError, TimeoutError) as e:
+            cut = not isinstance(e, TimeoutError)
+        assert cut, "the revoked peer's connection stayed open"
+    assert "revoked" in env["cache"].stderr
