@@ -88,6 +88,22 @@ class FakeTransport:
     def get_extra_info(self, name, default=None):
         return default
 
+    # what a byte pipe (engines/tcp/pipe) needs of a transport
+    def set_protocol(self, protocol: asyncio.Protocol) -> None:
+        self.protocol = protocol
+
+    def get_protocol(self) -> asyncio.Protocol:
+        return self.protocol
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+    def get_write_buffer_limits(self) -> tuple[int, int]:
+        return (16384, 65536)
+
+    def can_write_eof(self) -> bool:
+        return False
+
 
 @dataclass
 class Message:
@@ -1095,3 +1111,86 @@ async def test_the_whole_request_timeout_starts_after_an_injected_delay():
     assert [r.status for r in proxy.responses()] == [200]
     assert [r.target for r in app.requests] == [b"/late"]
     await proxy.close()
+
+
+# -- upgrades and tunnels ----------------------------------------------------------------
+
+WS_UPGRADE = get(b"/ws", b"Connection: Upgrade", b"Upgrade: websocket", b"Sec-WebSocket-Key: k")
+
+
+@in_loop
+async def test_a_websocket_upgrade_becomes_a_byte_pipe_in_order():
+    """Early client bytes wait for the 101; bytes the app sends right after its 101 head (in
+    the same read) reach the client after the head; then both directions are a pipe."""
+    app = App(answer=None)
+    proxy = Proxy(app)
+    proxy.send(WS_UPGRADE + b"EARLY-FRAME")
+    await settle()
+    up = app.conns[0].transport
+    head, _, rest = bytes(up.data).partition(b"\r\n\r\n")
+    assert head.startswith(b"GET /ws HTTP/1.1") and rest == b"", "early bytes went before a 101"
+    lines = head.lower().split(b"\r\n")
+    assert b"connection: upgrade" in lines and b"upgrade: websocket" in lines
+    app.conns[0].send(
+        b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+        b"Sec-WebSocket-Accept: a\r\n\r\nSERVER-FRAME"
+    )
+    await settle()
+    got = bytes(proxy.client.data)
+    assert got.startswith(b"HTTP/1.1 101 Switching Protocols\r\n") and got.endswith(
+        b"\r\n\r\nSERVER-FRAME"
+    ), got
+    assert b"sec-websocket-accept: a" in got.lower()
+    assert bytes(up.data).endswith(b"\r\n\r\nEARLY-FRAME")
+    proxy.client.protocol.data_received(b"MORE")  # the pipe owns both transports now
+    up.protocol.data_received(b"BACK")
+    assert bytes(up.data).endswith(b"EARLY-FRAMEMORE")
+    assert bytes(proxy.client.data).endswith(b"SERVER-FRAMEBACK")
+    up.lose()  # the app closes: so does the client's side
+    await settle()
+    assert proxy.client.closed
+
+
+@in_loop
+async def test_a_refused_upgrade_is_answered_and_closes_without_passing_early_bytes():
+    app = App(answer=None)
+    proxy = Proxy(app)
+    proxy.send(WS_UPGRADE + b"EARLY")
+    await settle()
+    app.conns[0].send(b"HTTP/1.1 403 Forbidden\r\ncontent-length: 2\r\n\r\nno")
+    await settle()
+    [answer] = proxy.responses()
+    assert answer.status == 403 and bytes(answer.body) == b"no"
+    assert proxy.client.closed
+    assert b"EARLY" not in bytes(app.conns[0].transport.data)
+
+
+@in_loop
+async def test_connect_hands_the_connection_over_with_the_bytes_after_its_head():
+    class Catcher(asyncio.Protocol):
+        def __init__(self):
+            self.transport = None
+            self.data = b""
+
+        def connection_made(self, transport):
+            self.transport = transport
+
+        def data_received(self, data):
+            self.data += data
+
+    caught = Catcher()
+
+    class TunnelRouter(AppRouter):
+        def tunnel(self, conn, ex):
+            assert ex.target == b"db.default:5432"
+            return lambda: caught
+
+    app = App()
+    pool = UpstreamPool("app", [("127.0.0.1", 8080)], app.connect)
+    conn = DownstreamConn(TunnelRouter(pool), Limits(), None)
+    client = FakeTransport(conn)
+    conn.data_received(b"CONNECT db.default:5432 HTTP/1.1\r\nHost: db.default:5432\r\n\r\nHELLO")
+    await settle()
+    assert caught.transport is client and client.protocol is caught and caught.data == b"HELLO"
+    assert client.data == b"" and not client.closed  # the new owner answers the CONNECT
+    assert app.conns == []

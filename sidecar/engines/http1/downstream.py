@@ -224,11 +224,21 @@ class DownstreamConn(asyncio.Protocol):
                 # completes, or times out.)
                 check_version("0.9")
         except httptools.HttpParserUpgrade as e:
-            # Upgrades are not offered: the request was forwarded as plain HTTP;
-            # whatever follows its head is parsed as the next request (below, out
-            # of this handler, so that a callback's SidecarError stays the context
-            # of the parser's error instead of this upgrade).
+            # A CONNECT the router accepted, or a WebSocket upgrade waiting for its 101:
+            # what follows the head belongs to the tunnel. Any other upgrade is not
+            # offered: the request was forwarded as plain HTTP, and what follows its head
+            # is parsed as the next request (below, out of this handler, so that a
+            # callback's SidecarError stays the context of the parser's error instead
+            # of this upgrade).
             rest = data[e.args[0] :]
+            if self._tunnel is not None:
+                self._open_tunnel(rest)
+                return
+            ex = self.active or (self.queue[-1] if self.queue else None)
+            if ex is not None and ex.upgrade and not ex.finished:
+                self._upgrade_rest += rest
+                self.pause_reading()
+                return
         except SidecarError as e:
             self._reply_error(e)
         except httptools.HttpParserCallbackError as e:
