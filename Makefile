@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: all deps venv test test-unit test-e2e demo demo-pods lint bench bench-ca bench-sidecar soak k8s-demo clean
+.PHONY: all deps venv test test-unit test-e2e demo demo-pods lint bench bench-deps bench-ca bench-sidecar bench-protocols soak k8s-demo clean
 
 all: test
 
@@ -55,15 +55,25 @@ lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 
-# ApacheBench drives the sidecar benchmark (installed only when missing).
+# ApacheBench drives the sidecar benchmark, h2load (nghttp2-client) the gRPC one
+# (installed only when missing).
 bench-deps:
-	@command -v ab >/dev/null || { apt-get update -qq && \
-	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq apache2-utils; }
+	@missing=""; \
+	command -v ab >/dev/null || missing="$$missing apache2-utils"; \
+	command -v h2load >/dev/null || missing="$$missing nghttp2-client"; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
 
-bench: bench-sidecar
+bench: bench-sidecar bench-protocols
 
 bench-sidecar: deps bench-deps venv
 	$(BIN)/python bench/bench_sidecar.py
+
+# gRPC unary calls and opaque TCP through both sidecars against the app directly.
+bench-protocols: deps bench-deps venv
+	$(BIN)/python bench/bench_protocols.py
 
 bench-ca: deps venv
 	$(BIN)/python bench/bench_ca.py
