@@ -11,7 +11,7 @@ import pytest
 from sidecar.config import ConfigError, parse_config
 from sidecar.engines.h2.downstream import grpc_timeout
 from sidecar.engines.h2.flow import h2_headers
-from sidecar.engines.http1.framing import CHUNKED, NO_BODY, Framing, Kind
+from sidecar.engines.http1.framing import CHUNKED, NO_BODY, Framing, Kind, check_request_line
 from sidecar.errors import SidecarError, grpc_status
 from sidecar.policy.authz import Request, parse_policy
 from sidecar.protocols import (
@@ -209,3 +209,31 @@ def test_h2_headers_from_a_request_head():
 )  # fmt: skip
 def test_grpc_status_of_each_refusal(code, status):
     assert grpc_status(SidecarError(code, "x")) == status
+
+
+@pytest.mark.parametrize(
+    "method,target,authority,ok",
+    [
+        (b"GET", b"/a?b=c", b"orders.shop:80", True),
+        (b"POST", b"/pkg.Svc/Call", b"[::1]:50051", True),
+        (b"OPTIONS", b"*", None, True),
+        (b"GET", b"/a /admin", b"x", False),  # the app would read another request line
+        (b"GET", b"/a\tb", b"x", False),
+        (b"GET", b"/\x7f", b"x", False),
+        (b"GET", b"/caf\xc3\xa9", b"x", False),
+        (b"GET", b"relative", b"x", False),
+        (b"GET", b"*", b"x", False),
+        (b"GET /x", b"/", b"x", False),
+        (b"", b"/", b"x", False),
+        (b"GET", b"/", b"user@host", False),
+        (b"GET", b"/", b"a b", False),
+        (b"GET", b"/", b"", False),
+    ],
+)
+def test_a_request_line_made_from_pseudo_headers_is_checked(method, target, authority, ok):
+    if ok:
+        check_request_line(method, target, authority)
+    else:
+        with pytest.raises(SidecarError) as e:
+            check_request_line(method, target, authority)
+        assert e.value.status == 400

@@ -65,6 +65,27 @@ REASONS = {
 # RFC 9110 5.6.2: tchar. A transfer coding is a token (parameters are not accepted).
 _TCHAR = frozenset(b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
 
+# What a request target and an authority may hold: printable ASCII, no space (llhttp takes
+# the same from an HTTP/1.1 request line; RFC 3986 is stricter, real clients are not).
+_TARGET = frozenset(range(0x21, 0x7F))
+
+
+def check_request_line(method: bytes, target: bytes, authority: bytes | None) -> None:
+    """A request that did not come as an HTTP/1.1 request line (HTTP/2 pseudo-headers)
+    becomes one: its method must be a token and its target and authority free of
+    whitespace and control bytes, or the line the app parses would say something else
+    (`:path` `/a /admin`). SidecarError 400 otherwise."""
+    if not method or not _TCHAR.issuperset(method):
+        raise SidecarError("bad_request", "the method is not a token")
+    if not target or not _TARGET.issuperset(target) or target[:1] not in (b"/", b"*"):
+        raise SidecarError("bad_request", "the path is not a valid request target")
+    if target == b"*" and method != b"OPTIONS":
+        raise SidecarError("bad_request", "'*' is a target only for OPTIONS")
+    if authority is not None and (
+        not authority or not _TARGET.issuperset(authority) or b"@" in authority
+    ):
+        raise SidecarError("bad_request", "the authority is not a host and port")
+
 
 class Kind(enum.Enum):
     """How a message body is delimited."""
