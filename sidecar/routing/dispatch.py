@@ -46,7 +46,7 @@ class InboundDispatch(asyncio.Protocol):
         self.app_protocol = app_protocol
         self.group = group
         self.on_refused = on_refused
-        self.transport: asyncio.BaseTransport | None = None
+        self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         """Hand the connection to its engine, or refuse it."""
@@ -58,7 +58,7 @@ class InboundDispatch(asyncio.Protocol):
             return
         # A peer asked for an opaque tunnel to an HTTP app: its policy could not apply.
         log.info("inbound: refused a %r connection: the app speaks %s", alpn, self.app_protocol)
-        self.transport = transport
+        self.transport = transport  # type: ignore[assignment]
         self.group.add(self)  # (its end releases the listener's place)
         if self.on_refused is not None:
             self.on_refused("protocol_mismatch")
@@ -91,16 +91,16 @@ class OutboundDispatch(asyncio.Protocol):
         self.tcp_for = tcp_for  # the pipe for a connection redirected to a tcp service
         self.header_timeout = header_timeout
         self.greeting = greeting  # written first (a CONNECT tunnel's 200)
-        self.transport: asyncio.BaseTransport | None = None
+        self.transport: asyncio.Transport | None = None
         self.buf = b""
         self.timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         """A redirected tcp connection is piped now; HTTP waits for its first bytes."""
-        self.transport = transport
+        self.transport = transport  # type: ignore[assignment]
         self.group.add(self)  # until an engine takes over: the drain closes it
         if self.greeting:
-            transport.write(self.greeting)  # type: ignore[attr-defined]
+            self.transport.write(self.greeting)  # type: ignore[union-attr]
         if self.tcp_for is not None:
             proto = self.tcp_for(transport)
             if proto is not None:

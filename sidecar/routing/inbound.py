@@ -109,7 +109,7 @@ class InboundRouter(Router):
         self.pool = UpstreamPool(
             "app",
             [(cfg.app.host, cfg.app.port)],
-            self._connect_h2 if h2 else self._connect,
+            self._connect_h2 if h2 else self._connect,  # type: ignore[arg-type]
             cfg.connect_timeout,
             unavailable="app_unavailable",
             multiplexed=h2,

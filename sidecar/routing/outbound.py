@@ -274,7 +274,7 @@ class OutboundRouter(Router):
         connection is piped)."""
 
         def tcp_for(transport: asyncio.BaseTransport) -> asyncio.Protocol | None:
-            original = original_destination(transport)  # type: ignore[arg-type]
+            original = original_destination(transport)
             name = self.by_address.get(original) if original is not None else None
             if name is None or self.cfg.services[name].protocol != TCP:
                 return None

@@ -261,7 +261,7 @@ class TcpOutbound(_TcpConn):
             if ep is None:
                 break
             try:
-                up = await pool.connect(ep)
+                up: Any = await pool.connect(ep)  # a TcpUpstream (the service's connector)
             except SidecarError as e:
                 last = e
                 if e.code == "overloaded":

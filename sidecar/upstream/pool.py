@@ -162,7 +162,8 @@ class UpstreamPool:
         a connection with room for one)."""
         idle = ep.idle
         if self.multiplexed:
-            for conn in idle:
+            shared: list[Any] = idle  # HTTP/2 connections (engines.h2.upstream.H2Upstream)
+            for conn in shared:
                 if conn.usable():
                     return conn.open_stream()
             return None
@@ -221,11 +222,12 @@ class UpstreamPool:
         ep.conns.add(conn)
         return conn
 
-    async def _stream_to(self, ep: Endpoint) -> UpstreamConn:
+    async def _stream_to(self, ep: Endpoint) -> UpstreamConn:  # (an H2UpstreamStream)
         """A stream on a connection to `ep`: one with room, the one being dialled (requests
         arriving together share one dial), or a new one (at most `max_connections`)."""
+        shared: list[Any] = ep.idle  # HTTP/2 connections (engines.h2.upstream.H2Upstream)
         while True:
-            for conn in ep.idle:
+            for conn in shared:
                 if conn.usable():
                     return conn.open_stream()
             dialing = ep.dialing
