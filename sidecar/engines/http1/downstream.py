@@ -28,7 +28,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-import time
 from collections.abc import Callable
 from typing import Protocol
 
@@ -679,21 +678,8 @@ class DownstreamConn(asyncio.Protocol):
             self._activate(self.queue.popleft())
 
     def _record(self, ex: Exchange) -> None:
-        if self.access_log is None:
-            return
-        rec = ex.record
-        rec.method = ex.method.decode("latin-1")
-        if rec.path is None:
-            rec.path = ex.target.split(b"?", 1)[0].decode("latin-1")
-        rec.status = ex.status
-        rec.ms = (time.perf_counter() - ex.start) * 1000
-        rec.bytes_in = ex.bytes_in
-        rec.bytes_out = ex.bytes_out
-        up = ex.upstream
-        if up is not None and up.endpoint is not None and ex.pool is not None:
-            if len(ex.pool.endpoints) > 1 or rec.retries:
-                rec.upstream = str(up.endpoint)
-        self.access_log.write(rec)
+        if self.access_log is not None:
+            self.access_log.write(ex.finished_record())
 
     def _reply_error(self, err: SidecarError) -> None:
         """A request the parser could not go on with: answer it and close the connection."""

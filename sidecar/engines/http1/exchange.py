@@ -90,3 +90,20 @@ class Exchange:
             self.tried.append(ep)
             self.record.retries += (f"{ep} {cause}",)
         return True
+
+    def finished_record(self) -> ExchangeRecord:
+        """The record, completed with what the engine saw (method, status, time, bytes, and
+        the endpoint that answered when there was a choice)."""
+        rec = self.record
+        rec.method = self.method.decode("latin-1")
+        if rec.path is None:
+            rec.path = self.target.split(b"?", 1)[0].decode("latin-1")
+        rec.status = self.status
+        rec.ms = (time.perf_counter() - self.start) * 1000
+        rec.bytes_in = self.bytes_in
+        rec.bytes_out = self.bytes_out
+        up = self.upstream
+        if up is not None and up.endpoint is not None and self.pool is not None:
+            if len(self.pool.endpoints) > 1 or rec.retries:
+                rec.upstream = str(up.endpoint)
+        return rec
