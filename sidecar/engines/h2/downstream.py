@@ -8,14 +8,22 @@ the router decides on exactly as an HTTP/1.1 request (`:authority` is the
 routes, retries, timeouts and the access log are the same. Streams run
 concurrently; each one's answer goes back within the client's window, and an
 upstream is paused while a stream holds more than `flow.HIGH` bytes for a slow
-client, so a long server stream never sits here.
+client (every stream's, while the connection holds more than `flow.CONN_HIGH`), so
+a long server stream never sits here.
 
 A gRPC call (`content-type: application/grpc...`) the sidecar refuses gets what a
 gRPC client understands: HTTP 200 with `grpc-status` and `grpc-message` only (16
 UNAUTHENTICATED, 7 PERMISSION_DENIED, 14 UNAVAILABLE, 4 DEADLINE_EXCEEDED, ...;
 `errors.grpc_status`). `grpc-timeout` bounds the call's time here as well.
 Trailers are passed through. Server push is off; `CONNECT` (RFC 8441 WebSocket
-over HTTP/2) is refused.
+over HTTP/2) is refused, and so is a `:method` that is not a token or a `:path` that
+is not origin form (or `*` for OPTIONS): the app reads them in an HTTP/1.1 request
+line. `h2` refuses the rest of what RFC 9113 calls malformed.
+
+A client that does not read its socket is not read either (its PINGs and SETTINGS
+are answered into a full buffer otherwise); one that opens streams and resets them at
+once (CVE-2023-44487) is told to go away, as Envoy does. A drain sends GOAWAY, lets
+the streams opened so far finish and refuses newer ones (REFUSED_STREAM: retryable).
 """
 
 from __future__ import annotations
@@ -23,24 +31,29 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
 import urllib.parse
 from collections.abc import Callable
 from typing import Any
 
 import h2.config
-import h2.connection
 import h2.errors
 import h2.events
 import h2.exceptions
 import h2.settings
+from hyperframe.frame import GoAwayFrame
 
 from sidecar.engines.base import DEADLINES, ConnGroup, Limits
 from sidecar.engines.h2.flow import (
+    CONN_HIGH,
     HIGH,
     MAX_STREAMS,
     WINDOW,
+    Held,
     Outbox,
+    cap_encoder,
+    connection,
     response_fields,
     split_fields,
 )
@@ -64,6 +77,17 @@ log = logging.getLogger("sidecar.proxy")
 
 PEER_FAILURES = frozenset({"peer_verification_failed", "peer_identity_mismatch", "peer_revoked"})
 _GRPC_UNITS = {b"H": 3600.0, b"M": 60.0, b"S": 1.0, b"m": 1e-3, b"u": 1e-6, b"n": 1e-9}
+# What an HTTP/1.1 request line can carry: a token method and an origin-form target
+# (no space or control byte, which would split or end the line the app parses).
+_METHOD = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_PATH = re.compile(rb"/[^\x00-\x20\x7f]*")
+# Rapid reset (CVE-2023-44487): a stream opened and reset at once costs the client two
+# frames and us a route and an upstream stream (or a dial). As Envoy does
+# (overload.premature_reset_*), once a connection has opened RESET_FLOOR streams and
+# half of them were reset by the client within PREMATURE_S of opening, it gets GOAWAY
+# ENHANCE_YOUR_CALM and is closed; a client that cancels some calls is never near that.
+RESET_FLOOR = 100
+PREMATURE_S = 1.0
 
 
 def grpc_timeout(value: bytes | None) -> float | None:
@@ -91,7 +115,7 @@ class H2Downstream(asyncio.Protocol):
         config = h2.config.H2Configuration(
             client_side=False, header_encoding=None, validate_inbound_headers=True
         )
-        self.h2 = h2.connection.H2Connection(config)
+        self.h2 = connection(config)
         self.transport: asyncio.Transport | None = None
         self.loop = asyncio.get_event_loop()
         self.peer: Peer = LOCAL_APP
@@ -102,6 +126,13 @@ class H2Downstream(asyncio.Protocol):
         self.deadline = 0.0
         self.on_deadline: Callable[[], None] | None = None
         self._corked = 0
+        self.goaway_at: int | None = None  # the last stream id our drain's GOAWAY named
+        self.opened = 0  # streams the client opened
+        self.premature = 0  # ... and reset within PREMATURE_S
+        self.held = Held()  # what the streams hold for the client
+        self.blocked: dict[H2Stream, None] = {}  # streams with data waiting for a window
+        self._opened: set[int] = set()  # windows this read opened (0: the connection's)
+        self.choked = False  # over CONN_HIGH (until back to half): every upstream paused
 
     # -- connection ----------------------------------------------------------
 
@@ -150,20 +181,30 @@ class H2Downstream(asyncio.Protocol):
     def drain(self) -> None:
         """Shutting down: GOAWAY (no new streams), close once the open ones are done."""
         self.draining = True
-        if self.closed or self.transport is None:
+        if self.closed or self.transport is None or self.goaway_at is not None:
             return
-        self.h2.close_connection()
-        self.flush()
         if not self.streams:
-            self.transport.close()
+            self._close(h2.errors.ErrorCodes.NO_ERROR)
+            return
+        # Written past h2: once h2 has sent a GOAWAY it sends nothing more, so the open
+        # streams could not finish (python-hyper/h2#1181). Newer ones are refused here.
+        self.goaway_at = self.h2.highest_inbound_stream_id
+        self.flush()
+        self.transport.write(GoAwayFrame(0, last_stream_id=self.goaway_at).serialize())
 
     def pause_writing(self) -> None:
-        """The client's socket is full: hold every stream's data."""
+        """The client's socket is full: hold every stream's data, and stop reading the
+        client (else a client that never reads has every PING and SETTINGS it sends
+        answered into this buffer: CVE-2019-9512, 9515)."""
         self.writing_paused = True
+        if self.transport is not None:
+            self.transport.pause_reading()
 
     def resume_writing(self) -> None:
         """The client caught up: send what the windows allow."""
         self.writing_paused = False
+        if self.transport is not None and not self.closed:
+            self.transport.resume_reading()
         self.cork()
         for st in list(self.streams.values()):
             st.flush_out()
@@ -173,18 +214,22 @@ class H2Downstream(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         """Feed HTTP/2; each event goes to its stream; what that queued goes out as one write."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return  # closed for a protocol error (or rapid reset): nothing more is acted on
         try:
             events = self.h2.receive_data(data)
         except h2.exceptions.ProtocolError as e:
             log.info("%s: HTTP/2 protocol error from the client: %s", self.router.direction, e)
-            self.flush()  # the GOAWAY h2 queued
-            if self.transport is not None:
-                self.transport.close()
+            self._close()  # with the GOAWAY h2 queued
             return
         self.cork()
         try:
             for ev in events:
+                if transport.is_closing():
+                    break
                 self._event(ev)
+            self._send_unblocked()
         finally:
             self.uncork()
 
@@ -203,20 +248,51 @@ class H2Downstream(asyncio.Protocol):
             if st is not None:
                 st.on_end()
         elif isinstance(ev, h2.events.StreamReset):
-            st = streams.pop(ev.stream_id, None)
+            st = streams.get(ev.stream_id)
             if st is not None:
                 st.client_gone()
-        elif isinstance(ev, h2.events.WindowUpdated | h2.events.RemoteSettingsChanged):
-            sid = getattr(ev, "stream_id", 0)
-            targets = [streams[sid]] if sid in streams else list(streams.values())
-            for st in targets:
-                st.flush_out()
+                self.stream_done(st)  # (the last one gone: the idle timeout, or the drain's end)
+                if self.loop.time() - st.opened_at < PREMATURE_S:
+                    self.premature += 1
+                    if self.opened >= RESET_FLOOR and 2 * self.premature >= self.opened:
+                        log.warning(
+                            "%s: %d of %d streams reset at once: GOAWAY (rapid reset)",
+                            self.router.direction,
+                            self.premature,
+                            self.opened,
+                        )
+                        self._close(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
+        elif isinstance(ev, h2.events.WindowUpdated):
+            self._opened.add(ev.stream_id or 0)
+        elif isinstance(ev, h2.events.RemoteSettingsChanged):
+            cap_encoder(self.h2)
+            self._opened.add(0)  # (a new initial window size changes every stream's)
         elif isinstance(ev, h2.events.ConnectionTerminated):
-            self.draining = True
-            if not streams and self.transport is not None:
-                self.transport.close()
+            self.draining = True  # (its open streams finish: flow.connection)
+            if not streams:
+                self._close()
+
+    def _send_unblocked(self) -> None:
+        """Send what the windows this read opened allow: the streams waiting for one take
+        turns until the connection's window is shut again. Once per read and only over
+        those streams, so that a flood of WINDOW_UPDATEs (for the connection, or for closed
+        streams) does not cost a pass over every stream each."""
+        opened, self._opened = self._opened, set()
+        if 0 in opened:
+            waiting = list(self.blocked)
+        else:
+            waiting = [st for sid in opened if (st := self.streams.get(sid)) in self.blocked]
+        for st in waiting:
+            if self.h2.outbound_flow_control_window <= 0:
+                break
+            st.flush_out()
 
     def _request(self, sid: int, fields: list[tuple[bytes, bytes]], ended: bool) -> None:
+        if self.goaway_at is not None and sid > self.goaway_at:
+            # Opened after our GOAWAY: never processed, so the client may retry it.
+            self.h2.reset_stream(sid, h2.errors.ErrorCodes.REFUSED_STREAM)
+            return
+        self.opened += 1
         pseudo, headers = split_fields(fields)
         size = sum(len(k) + len(v) + 32 for k, v in fields)
         method = pseudo.get(b":method", b"")
@@ -235,9 +311,10 @@ class H2Downstream(asyncio.Protocol):
         framing = (
             NO_BODY if ended else (Framing(Kind.LENGTH, length) if length is not None else CHUNKED)
         )
+        target = pseudo.get(b":path", b"")
         ex = Exchange(
             method=method,
-            target=pseudo.get(b":path", b""),
+            target=target,
             headers=headers,
             version="2",
             keep_alive=True,
@@ -257,6 +334,10 @@ class H2Downstream(asyncio.Protocol):
             st.finish_with_error(
                 SidecarError("method_not_allowed", "CONNECT over HTTP/2 is not supported")
             )
+        elif not _METHOD.fullmatch(method) or not (
+            _PATH.fullmatch(target) or (target == b"*" and method == b"OPTIONS")
+        ):
+            st.finish_with_error(SidecarError("bad_request", "malformed :method or :path"))
         elif (
             self.limits.max_body_bytes is not None
             and length is not None
@@ -296,21 +377,45 @@ class H2Downstream(asyncio.Protocol):
         if self.streams.get(st.sid) is st:
             del self.streams[st.sid]
         if not self.streams and not self.closed:
-            if self.draining and self.transport is not None:
-                self.flush()
-                self.transport.close()
+            if self.draining:
+                self._close(h2.errors.ErrorCodes.NO_ERROR)
             else:
                 self._idle()
+
+    def _close(self, code: int | None = None) -> None:
+        """GOAWAY with `code` (None: h2 queued one already), then close. What h2 holds
+        is written even while corked: the transport closes before an uncork would."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        if code is not None:  # (never a last stream id above the drain's: RFC 9113 6.8)
+            self.h2.close_connection(code, last_stream_id=self.goaway_at)
+        data = self.h2.data_to_send()
+        if data:
+            transport.write(data)
+        transport.close()
+
+    def check_held(self) -> None:
+        """When what the streams hold together crosses CONN_HIGH (or falls back to half of
+        it), every stream's upstream is paused (or may go on), not only the next to send."""
+        size = self.held.size
+        if not self.choked and size > CONN_HIGH:
+            self.choked = True
+        elif self.choked and size <= CONN_HIGH // 2:
+            self.choked = False
+        else:
+            return
+        if not self.closed:
+            for st in list(self.streams.values()):
+                st.pace()
 
     def _idle(self) -> None:
         self.deadline = self.loop.time() + self.limits.idle_timeout
         self.on_deadline = self._idle_timeout
 
     def _idle_timeout(self) -> None:
-        if not self.streams and self.transport is not None and not self.closed:
-            self.h2.close_connection()
-            self.flush()
-            self.transport.close()
+        if not self.streams and not self.closed:
+            self._close(h2.errors.ErrorCodes.NO_ERROR)
 
 
 class H2Stream:
@@ -323,7 +428,7 @@ class H2Stream:
         self.ex = ex
         self.grpc = grpc
         self.loop = conn.loop
-        self.out = Outbox(conn.h2, sid)
+        self.out = Outbox(conn.h2, sid, conn.held)
         self.closed = False  # the client reset the stream, or the connection is gone
         self.peer = conn.peer
         self.transport = conn.transport  # what routers read (TLS details, the socket)
@@ -331,6 +436,7 @@ class H2Stream:
         self._held = False  # the upstream is full: stop reopening the client's window
         self._paused_up: Any = None  # the upstream paused because this stream holds too much
         self._head: list[tuple[bytes, bytes]] | None = None  # the answer's head, not yet sent
+        self.opened_at = conn.loop.time()
 
     # -- the request ------------------------------------------------------------
 
@@ -443,7 +549,9 @@ class H2Stream:
                 return
         unacked = ex.buffered
         up.send_request(ex, self, timeout)
-        if unacked and not up.write_paused:
+        if up.write_paused or self._held:
+            self._unacked += unacked  # acknowledged when the upstream drains (resume_reading)
+        else:
             self._ack(unacked)
 
     def _may_retry(self, cause: str, ep: Endpoint | None) -> bool:
@@ -526,7 +634,12 @@ class H2Stream:
     def _send_head(self, end: bool = False) -> None:
         head, self._head = self._head, None
         if head is not None and not self.closed:
-            self.conn.h2.send_headers(self.sid, head, end_stream=end)
+            try:
+                self.conn.h2.send_headers(self.sid, head, end_stream=end)
+            except h2.exceptions.ProtocolError:
+                # The connection is failing (its close is on the way): never raise into the
+                # upstream's read, which may serve other clients' streams too.
+                end = True
             if end:
                 self.out.ended = True
 
@@ -538,9 +651,7 @@ class H2Stream:
         ex.bytes_out += len(data)
         self.out.push(data)
         self.flush_out()
-        if self.out.size > HIGH and self._paused_up is None and ex.upstream is not None:
-            self._paused_up = ex.upstream
-            ex.upstream.pause_reading()
+        self.pace()  # (also when the client's socket is full, and flush_out sent nothing)
 
     def response_trailers(self, ex: Exchange, trailers: Headers) -> None:
         """Trailers (gRPC's status) end the stream after the data."""
@@ -566,19 +677,35 @@ class H2Stream:
         if self.closed or self.conn.writing_paused:
             return
         out = self.out
+        blocked = self.conn.blocked
+        blocked.pop(self, None)
         try:
             out.flush()
         except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
-            out.chunks.clear()
-            out.size = 0
+            out.drop()
+            self.conn.check_held()
             return
+        if out.chunks:
+            blocked[self] = None  # waits for a window (behind the others waiting)
+        self.pace()
+        if out.ended and self.ex.finished:
+            self._done()
+        self.conn.flush()
+
+    def pace(self) -> None:
+        """Pause the upstream while this stream holds more than HIGH for the client, or the
+        connection more than CONN_HIGH; let it go on once both are down to half."""
+        conn = self.conn
+        conn.check_held()
         up = self._paused_up
-        if up is not None and out.size <= HIGH // 2:
+        if up is None:
+            up = self.ex.upstream
+            if up is not None and not self.ex.finished and (self.out.size > HIGH or conn.choked):
+                self._paused_up = up
+                up.pause_reading()
+        elif self.out.size <= HIGH // 2 and not conn.choked:
             self._paused_up = None
             up.resume_reading()
-        if out.ended and self.ex.finished:
-            self.conn.stream_done(self)
-        self.conn.flush()
 
     def upstream_failed(self, ex: Exchange, err: SidecarError, cause: str | None = None) -> None:
         """The upstream died or timed out: retry if allowed, else answer, else reset."""
@@ -655,6 +782,7 @@ class H2Stream:
                         (b"grpc-message", message.encode("ascii")),
                     ]
                     h2c.send_headers(self.sid, fields, end_stream=True)
+                    self.out.ended = True
                 else:
                     body = json.dumps({"error": err.code, "detail": err.detail, **err.fields})
                     data = body.encode() + b"\n"
@@ -666,21 +794,17 @@ class H2Stream:
                     fields += [(k.lower(), v) for k, v in err.headers]
                     head_only = ex.method == b"HEAD"
                     h2c.send_headers(self.sid, fields, end_stream=head_only)
-                    if not head_only:
+                    if head_only:
+                        self.out.ended = True
+                    else:  # as the client's window allows (flush_out ends the stream)
                         self.out.push(data)
                         self.out.finish()
-                        self.out.flush()
-                if not ex.body_done:
-                    # The rest of the request is not wanted (RFC 9113 8.1).
-                    h2c.reset_stream(self.sid, h2.errors.ErrorCodes.NO_ERROR)
-                    n, self._unacked = self._unacked + ex.buffered, 0
-                    ex.buffered = 0
-                    if n:
-                        h2c.acknowledge_received_data(n, self.sid)
+                        self.flush_out()
             except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
-                pass
+                self.out.ended = True
             self.conn.flush()
-        self.out.ended = True
+        else:
+            self.out.ended = True
         self._complete()
 
     def _reset(self, code: int) -> None:
@@ -703,14 +827,46 @@ class H2Stream:
             assert ex.pool is not None
             ex.pool.done(ex.retrying)
         self._record()
+        up, self._paused_up = self._paused_up, None
+        if up is not None:
+            # It paused for this answer, which is all here now: an HTTP/1.1 connection
+            # would go back to the pool paused, and its next exchange would hang.
+            up.resume_reading()
         if ex.upstream is not None:
             ex.upstream.detach(ex)
         if self.out.ended or self.closed:
-            self.conn.stream_done(self)
+            self._done()
+
+    def _done(self) -> None:
+        """The answer is out (or cannot go): the request's unread rest is not wanted (RFC
+        9113 8.1: RST_STREAM NO_ERROR), and the window it used is given back."""
+        if not self.ex.body_done and not self.closed:
+            self._reset(h2.errors.ErrorCodes.NO_ERROR)
+        self._give_back()
+        self.out.drop()  # (nothing, unless sending failed)
+        self.conn.blocked.pop(self, None)
+        self.conn.stream_done(self)
+        self.conn.check_held()
+
+    def _give_back(self) -> None:
+        """Acknowledge the request body taken and not acknowledged yet: the connection's
+        window is shared by every stream and would shrink for good (a few streams reset
+        while their upload waited would stall the whole connection)."""
+        ex = self.ex
+        n, self._unacked = self._unacked + ex.buffered, 0
+        ex.buffered = 0
+        ex.body.clear()
+        if n and not self.conn.closed:
+            self.conn.h2.acknowledge_received_data(n, self.sid)  # (the connection's part only,
+            # once the stream is closed)
 
     def client_gone(self) -> None:
         """The client reset the stream or closed the connection."""
         self.closed = True
+        self._give_back()
+        self.out.drop()
+        self.conn.blocked.pop(self, None)
+        self.conn.check_held()
         ex = self.ex
         if ex.finished:
             return

@@ -5,38 +5,97 @@ HTTP/2 lets the receiver of a stream say how many bytes it will take (the
 window). An `Outbox` holds what a stream still has to send, sends what the
 window allows when asked (`flush`), and ends the stream (with trailers, if any)
 once everything went. What it holds is bounded by its owner: past `HIGH` bytes
-the producer (the other connection of the exchange) is paused.
+the producer (the other connection of the exchange) is paused, and past
+`CONN_HIGH` for all the streams of a client connection (their Outboxes count in one
+`Held`), every stream's producer is.
+
+Both ends make their `h2` state machine with `connection`, which keeps a connection
+open after a GOAWAY is received, so the streams it lets finish can (RFC 9113 6.8).
 """
 
 from __future__ import annotations
 
 from collections import deque
-from typing import TYPE_CHECKING
+from typing import Any
+
+from h2.config import H2Configuration
+from h2.connection import (
+    ConnectionInputs,
+    ConnectionState,
+    H2Connection,
+    H2ConnectionStateMachine,
+)
 
 from sidecar.engines.http1.framing import Framing, Headers, Kind
 
-if TYPE_CHECKING:
-    from h2.connection import H2Connection
-
 HIGH = 256 * 1024  # bytes held for one stream before its producer is paused
+# ... and for all the streams of one client connection: without it, a client that opens
+# MAX_STREAMS downloads and never reads has HIGH held for each (hundreds of MB).
+CONN_HIGH = 4 * HIGH
 WINDOW = 1 << 20  # the receive window this side announces, per stream and per connection
 MAX_STREAMS = 1000  # concurrent streams a client may open on one connection
+ENCODER_TABLE = 4096  # bytes of our HPACK encoder's table (the default), whatever the peer allows
 # Connection-specific fields HTTP/2 forbids (RFC 9113 8.2.2), dropped from what is forwarded.
 CONNECTION_FIELDS = frozenset(
     {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade", b"te"}
 )
 
 
+_OPEN = (ConnectionState.CLIENT_OPEN, ConnectionState.SERVER_OPEN)
+
+
+class _GoawayKeepsStreams(H2ConnectionStateMachine):
+    """h2's connection states, except that a GOAWAY received does not close the connection.
+
+    h2 closes it at once (python-hyper/h2#1181: the next frame either way is a
+    ProtocolError), so the streams at or below the GOAWAY's last stream id, which the
+    peer will finish, could not send or receive another frame: a client's graceful
+    shutdown or an app's graceful restart would break every call in flight. The
+    engines see `ConnectionTerminated` and open or accept no new streams themselves.
+    """
+
+    def process_input(self, input_: ConnectionInputs) -> list[Any]:
+        """As h2 does, but a received GOAWAY leaves an open connection open."""
+        if input_ is ConnectionInputs.RECV_GOAWAY and self.state in _OPEN:
+            return []
+        return super().process_input(input_)
+
+
+def connection(config: H2Configuration) -> H2Connection:
+    """An h2 connection whose streams outlive a GOAWAY received (`_GoawayKeepsStreams`)."""
+    conn = H2Connection(config)
+    conn.state_machine = _GoawayKeepsStreams()
+    return conn
+
+
+def cap_encoder(conn: H2Connection) -> None:
+    """After the peer's SETTINGS: keep our HPACK encoder's table at ENCODER_TABLE. h2 sizes
+    it as the peer allows, up to 4 GiB, and would then keep every distinct header field
+    it ever sent on the connection (Go and nghttp2 cap theirs at 4 KiB too)."""
+    if conn.encoder.header_table_size > ENCODER_TABLE:
+        conn.encoder.header_table_size = ENCODER_TABLE  # (announced in the next block)
+
+
+class Held:
+    """What the Outboxes of one connection hold together (bytes)."""
+
+    __slots__ = ("size",)
+
+    def __init__(self) -> None:
+        self.size = 0
+
+
 class Outbox:
     """What one stream still has to send, and how it ends."""
 
-    __slots__ = ("h2", "sid", "chunks", "size", "ending", "trailers", "ended")
+    __slots__ = ("h2", "sid", "chunks", "size", "held", "ending", "trailers", "ended")
 
-    def __init__(self, h2: H2Connection, sid: int) -> None:
+    def __init__(self, h2: H2Connection, sid: int, held: Held | None = None) -> None:
         self.h2 = h2
         self.sid = sid
         self.chunks: deque[memoryview] = deque()
         self.size = 0
+        self.held = held or Held()  # shared with the connection's other streams
         self.ending = False  # no more data will be pushed
         self.trailers: Headers | None = None
         self.ended = False  # END_STREAM went out
@@ -46,6 +105,13 @@ class Outbox:
         if data:
             self.chunks.append(memoryview(data))
             self.size += len(data)
+            self.held.size += len(data)
+
+    def drop(self) -> None:
+        """Forget what was not sent (the stream is gone, or cannot send any more)."""
+        self.held.size -= self.size
+        self.size = 0
+        self.chunks.clear()
 
     def finish(self, trailers: Headers | None = None) -> None:
         """Nothing more will be pushed: end the stream once the data is out."""
@@ -69,6 +135,7 @@ class Outbox:
             else:
                 piece, chunks[0] = first[:room], first[room:]
             self.size -= len(piece)
+            self.held.size -= len(piece)
             h2.send_data(sid, piece.tobytes())
         if self.ending and not self.ended:
             self.ended = True

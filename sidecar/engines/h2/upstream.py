@@ -18,14 +18,21 @@ import logging
 from typing import TYPE_CHECKING
 
 import h2.config
-import h2.connection
 import h2.errors
 import h2.events
 import h2.exceptions
 import h2.settings
 
 from sidecar.engines.base import DEADLINES
-from sidecar.engines.h2.flow import HIGH, WINDOW, Outbox, h2_headers, split_fields
+from sidecar.engines.h2.flow import (
+    HIGH,
+    WINDOW,
+    Outbox,
+    cap_encoder,
+    connection,
+    h2_headers,
+    split_fields,
+)
 from sidecar.engines.http1.framing import CHUNKED, NO_BODY, Framing, Headers, Kind
 from sidecar.engines.http1.upstream import RESET, TIMEOUT, ResponseSink
 from sidecar.errors import SidecarError
@@ -74,7 +81,7 @@ class H2Upstream(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.peer: Peer = LOCAL_APP  # outbound: the verified server
         config = h2.config.H2Configuration(client_side=True, header_encoding=None)
-        self.h2 = h2.connection.H2Connection(config)
+        self.h2 = connection(config)  # (a GOAWAY received lets its streams finish)
         self.streams: dict[int, H2UpstreamStream] = {}
         self.goaway = False
 
@@ -131,6 +138,7 @@ class H2Upstream(asyncio.Protocol):
             self.abort()
             return
         streams = self.streams
+        opened: set[int] = set()  # windows opened (0: the connection's): flushed once, after
         for ev in events:
             sid = getattr(ev, "stream_id", 0)
             st = streams.get(sid) if sid else None
@@ -152,17 +160,19 @@ class H2Upstream(asyncio.Protocol):
                 if st is not None:
                     st.on_reset(ev.error_code)
             elif isinstance(ev, h2.events.WindowUpdated):
-                targets = list(streams.values()) if not sid else ([st] if st else [])
-                for t in targets:
-                    t.flush_out()
+                opened.add(sid)
             elif isinstance(ev, h2.events.RemoteSettingsChanged):
-                for t in list(streams.values()):
-                    t.flush_out()
+                cap_encoder(self.h2)
+                opened.add(0)
             elif isinstance(ev, h2.events.ConnectionTerminated):
                 self.goaway = True
                 last = ev.last_stream_id or 0
                 for t in [t for t in streams.values() if t.sid > last]:
                     t.on_reset(h2.errors.ErrorCodes.REFUSED_STREAM)  # never processed
+        if opened:  # (a flood of WINDOW_UPDATEs costs one pass, not one per frame)
+            ids = list(streams) if 0 in opened else opened
+            for waiting in [streams[i] for i in ids if i in streams]:
+                waiting.flush_out()
         self.flush()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -281,9 +291,8 @@ class H2UpstreamStream:
             return
         try:
             out.flush()
-        except h2.exceptions.StreamClosedError:
-            out.chunks.clear()
-            out.size = 0
+        except h2.exceptions.ProtocolError:  # the stream is closed, or the connection failing:
+            out.drop()  # never raise into the client's read
             return
         down = self.down
         if out.size > HIGH and not self.write_paused:
@@ -462,3 +471,10 @@ class H2UpstreamStream:
         if self.ex is not None and self.endpoint is not None:
             self.endpoint.active -= 1
         self.ex, self.down = None, None
+        # Nobody will resume this stream now: acknowledge what it held back, or the
+        # connection's window (shared by every stream on it) shrinks for good.
+        self._held = False
+        if self._unacked:
+            n, self._unacked = self._unacked, 0
+            self.conn.h2.acknowledge_received_data(n, self.sid)
+            self.conn.flush()
