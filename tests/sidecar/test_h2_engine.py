@@ -32,7 +32,7 @@ from sidecar.engines.h2.downstream import RESET_FLOOR, H2Downstream, H2Stream
 from sidecar.engines.h2.flow import CONN_HIGH, ENCODER_TABLE, HIGH, WINDOW, connection
 from sidecar.engines.h2.upstream import H2Upstream
 from sidecar.engines.http1.exchange import Exchange
-from sidecar.engines.http1.framing import NO_BODY, Kind
+from sidecar.engines.http1.framing import CHUNKED, NO_BODY, Kind
 from sidecar.engines.http1.router import Router
 from sidecar.errors import SidecarError, grpc_status
 from sidecar.telemetry.record import ExchangeRecord
@@ -363,7 +363,7 @@ class Client:
     def upload(self, sid: int, data: bytes, end: bool = False) -> int:
         """Send as much of `data` as the windows allow; the number of bytes sent."""
         sent = 0
-        while sent < len(data):
+        while sent < len(data) and self.answers.get(sid, Answer()).reset is None:
             room = min(self.h2.local_flow_control_window(sid), self.h2.max_outbound_frame_size)
             if room <= 0:
                 break
@@ -729,6 +729,36 @@ async def test_body_longer_than_content_length_never_completes_upstream():
     (up,) = c.app.ups
     assert not up.ended
     assert c.goaway is not None or c.answers[sid].reset is not None
+
+
+async def test_declared_body_over_the_limit_is_413_before_routing():
+    c = Client(limits=Limits(max_body_bytes=1000))
+    sid = c.request(b"/up", b"POST", extra=[(b"content-length", b"5000")], end=False)
+    c.read()
+    assert c.answers[sid].status == 413 and c.router.routed == []
+    assert c.answers[sid].reset == h2.errors.ErrorCodes.NO_ERROR  # (the rest is not wanted)
+
+
+async def test_streamed_body_over_the_limit_is_413_and_stops_there():
+    """No content-length: the body is forwarded until it passes the limit, then the client
+    gets 413 and RST_STREAM NO_ERROR; the upstream is cancelled and its window given back."""
+    c = Client(limits=Limits(max_body_bytes=100_000))
+    sid = c.request(b"/up", b"POST", end=False)
+    await c.settle()
+    c.upload(sid, b"b" * 150_000)
+    c.read()
+    (up,) = c.app.ups
+    assert c.answers[sid].status == 413
+    assert len(up.body) <= 100_000 and not up.ended and up.detached
+    assert c.log.records[0].error == "too_large"
+    no_leftovers(c)
+    for _ in range(15):  # 1.35 MB in all, more than the connection's window
+        sid = c.request(b"/next", b"POST", end=False)
+        assert c.upload(sid, b"n" * 90_000, end=True) == 90_000
+        await c.settle()
+        c.upstream(sid).answer(200)
+        c.read()
+    assert c.answers[sid].status == 200
 
 
 # -- 4. flow control ----------------------------------------------------------------------------
@@ -1120,6 +1150,7 @@ class Sink:
         self.body = bytearray()
         self.failed: tuple[str, str | None] | None = None
         self.pauses = 0
+        self.resumes = 0
 
     def response_head(self, ex, status, reason, headers, framing):
         self.events.append(("head", status, framing.kind))
@@ -1146,7 +1177,7 @@ class Sink:
         self.pauses += 1
 
     def resume_reading(self):
-        pass
+        self.resumes += 1
 
     def cork(self):
         pass
@@ -1164,6 +1195,9 @@ class H2App:
         self.h2 = h2.connection.H2Connection(config)
         self.h2.initiate_connection()
         self.wire = Wire(up)
+        self.acks = True  # reopen the window for what it reads (else: `unacked`)
+        self.unacked: dict[int, int] = {}
+        self.ended: set[int] = set()
         self.requests: dict[int, list] = {}
         self.resets: dict[int, int] = {}
         self.data: dict[int, bytearray] = {}
@@ -1180,9 +1214,23 @@ class H2App:
                 self.requests[ev.stream_id] = ev.headers
             elif isinstance(ev, h2.events.DataReceived):
                 self.data.setdefault(ev.stream_id, bytearray()).extend(ev.data)
-                self.h2.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+                if self.acks:
+                    self.h2.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+                else:
+                    n = self.unacked.get(ev.stream_id, 0) + ev.flow_controlled_length
+                    self.unacked[ev.stream_id] = n
+            elif isinstance(ev, h2.events.StreamEnded):
+                self.ended.add(ev.stream_id)
             elif isinstance(ev, h2.events.StreamReset):
                 self.resets[ev.stream_id] = ev.error_code
+        self.flush()
+
+    def take(self):
+        """Reopen the windows for everything read so far (and read on like that)."""
+        self.acks = True
+        for sid, n in self.unacked.items():
+            self.h2.acknowledge_received_data(n, sid)
+        self.unacked.clear()
         self.flush()
 
     def respond(self, sid, headers, body=None, end=True):
@@ -1280,6 +1328,38 @@ async def test_upstream_answer_streams_to_the_sink_with_trailers():
         ("done",),
     ]
     assert bytes(sink.body) == b"hello"
+
+
+async def test_upstream_upload_is_paced_by_the_apps_window():
+    """An upload to an app that reads slowly: past HIGH held, the client side is paused;
+    once the app reads, it is resumed, and the app gets every byte and the end."""
+    rig = H2Rig()
+    await rig.call()  # (the connection is up)
+    app = rig.apps[0]
+    app.acks = False
+    ex = Exchange(b"POST", b"/up", [], "2", True, ExchangeRecord("test"), framing=CHUNKED)
+    ex.head = b"POST /up HTTP/1.1\r\nhost: app\r\n"
+    st = await rig.pool.connect(rig.pool.endpoints[0])
+    sink = Sink()
+    st.send_request(ex, sink, 5.0)
+    sent = 0
+    while not st.write_paused:
+        st.send_body(ex, b"u" * 65536)
+        sent += 65536
+    app.read()
+    assert sink.pauses == 1 and st.out.size <= HIGH + 65536
+    app.take()
+    for _ in range(100):
+        app.read()
+        if not st.write_paused and sent < 2_000_000:
+            st.send_body(ex, b"u" * 65536)
+            sent += 65536
+            if sent >= 2_000_000:
+                st.end_request(ex)
+        if st.sid in app.ended:
+            break
+    assert sink.resumes >= 1
+    assert len(app.data[st.sid]) == sent and st.sid in app.ended
 
 
 async def test_upstream_streams_cancelled_while_paused_give_the_window_back():

@@ -32,7 +32,6 @@ import asyncio
 import json
 import logging
 import re
-import time
 import urllib.parse
 from collections.abc import Callable
 from typing import Any
@@ -637,9 +636,10 @@ class H2Stream:
             try:
                 self.conn.h2.send_headers(self.sid, head, end_stream=end)
             except h2.exceptions.ProtocolError:
-                # The connection is failing (its close is on the way): never raise into the
-                # upstream's read, which may serve other clients' streams too.
-                end = True
+                # A head h2 refuses, or a connection failing (its close on the way): reset,
+                # never raise into the upstream's read (it may serve other clients too).
+                self._reset(h2.errors.ErrorCodes.INTERNAL_ERROR)
+                return
             if end:
                 self.out.ended = True
 
@@ -881,23 +881,8 @@ class H2Stream:
         self._record()
 
     def _record(self) -> None:
-        log_ = self.conn.access_log
-        if log_ is None:
-            return
-        ex = self.ex
-        rec = ex.record
-        rec.method = ex.method.decode("latin-1")
-        if rec.path is None:
-            rec.path = ex.target.split(b"?", 1)[0].decode("latin-1")
-        rec.status = ex.status
-        rec.ms = (time.perf_counter() - ex.start) * 1000
-        rec.bytes_in = ex.bytes_in
-        rec.bytes_out = ex.bytes_out
-        up = ex.upstream
-        if up is not None and up.endpoint is not None and ex.pool is not None:
-            if len(ex.pool.endpoints) > 1 or rec.retries:
-                rec.upstream = str(up.endpoint)
-        log_.write(rec)
+        if self.conn.access_log is not None:
+            self.conn.access_log.write(self.ex.finished_record())
 
 
 def _status(fields: Headers) -> int | None:
