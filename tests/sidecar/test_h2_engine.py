@@ -14,6 +14,7 @@ the connection's end, drain and idle timeout, and `H2Upstream` against an h2 ser
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import time
 import urllib.parse
@@ -299,6 +300,9 @@ class Client:
             normalize_outbound_headers=False,
         )
         self.h2 = connection(config)  # (it reads on after a GOAWAY, as real clients do)
+        # hpack's Huffman encoder is quadratic in a value's length (a 450 KB header takes
+        # half a minute): literals only. The engine's decoder is the same either way.
+        self.h2.encoder.encode = functools.partial(self.h2.encoder.encode, huffman=False)
         self.h2.initiate_connection()
         if settings:
             self.h2.update_settings(settings)
@@ -551,6 +555,20 @@ async def test_header_list_over_the_limit_is_431_and_never_routed():
     assert c.router.routed == [] and c.app.ups == []
     c.grpc(path=b"/small")  # the connection goes on
     assert [ex.target for ex in c.router.routed] == [b"/small"]
+
+
+async def test_header_limit_above_h2s_default_is_honoured():
+    """`max_header_bytes` of 200 KB: an 80 KB header list is routed (h2's own bound is
+    64 KiB), 250 KB is 431, and a list past twice the limit closes the connection."""
+    c = Client(limits=Limits(max_header_bytes=200_000))
+    c.request(extra=[(b"x-big", b"a" * 80_000)])
+    assert len(c.router.routed) == 1
+    sid = c.request(extra=[(b"x-big", b"b" * 250_000)])
+    c.read()
+    assert c.answers[sid].status == 431 and len(c.router.routed) == 1
+    c.request(extra=[(b"x-big", b"c" * 450_000)])
+    c.read()
+    assert c.goaway is not None and c.goaway.error_code == CALM and c.wire.closed
 
 
 async def test_grpc_header_list_over_the_limit_is_resource_exhausted():
@@ -844,16 +862,16 @@ async def test_many_slow_downloads_hold_a_bounded_total():
 
 
 async def test_window_update_flood_costs_no_pass_over_every_stream(monkeypatch):
-    """1000 streams, a third of them waiting for the connection's window; 10,000
+    """300 streams, most of them waiting for the connection's window; 10,000
     WINDOW_UPDATEs of one byte each in one read: the streams waiting are visited in one
     pass that stops once the window is spent, not every stream 10,000 times."""
     c = Client(acks=False)
-    sids = [c.request(b"/x") for _ in range(1000)]
+    sids = [c.request(b"/x") for _ in range(300)]
     await c.settle()
     for sid in sids:
-        c.upstream(sid).answer(200, body=b"d" * 100, done=False)
+        c.upstream(sid).answer(200, body=b"d" * 1000, done=False)
     c.read()
-    assert len(c.conn.blocked) == 1000 - 65535 // 100
+    assert len(c.conn.blocked) == 300 - 65535 // 1000
     calls = 0
     flush_out = H2Stream.flush_out
 
@@ -866,7 +884,7 @@ async def test_window_update_flood_costs_no_pass_over_every_stream(monkeypatch):
     for _ in range(10_000):
         c.h2.increment_flow_control_window(1)
     c.send()
-    assert calls <= 200
+    assert calls <= 20
     c.read()
     assert sum(len(a.data) for a in c.answers.values()) == 65535 + 10_000
 
@@ -978,7 +996,7 @@ async def test_client_that_does_not_read_its_socket_is_not_read_either():
     """A client that floods PINGs (each one answered) and never reads: once its socket
     is full the engine stops reading it (CVE-2019-9512), so what it holds is bounded."""
     c = Client(high_water=64 * 1024)
-    for _ in range(20_000):
+    for _ in range(5000):
         c.h2.ping(b"12345678")
     c.send()
     assert c.wire.writing_paused
@@ -1042,9 +1060,9 @@ async def test_rapid_reset_leaks_nothing_and_ends_with_goaway():
 
 async def test_clients_that_cancel_some_calls_are_not_cut_off():
     """A client that cancels one call in three (deadlines, user actions) keeps its
-    connection over thousands of calls."""
+    connection over hundreds of calls."""
     c = Client()
-    for i in range(1500):
+    for i in range(600):
         sid = c.request(b"/call")
         if i % 3 == 0:
             c.reset(sid)
@@ -1302,6 +1320,21 @@ async def test_upstream_goaway_fails_only_the_streams_above_its_last_id():
         assert sink.events[-1] == ("done",), sink.events
         assert bytes(sink.body) == b"body-%d" % st.sid
     assert not app.up.usable()
+
+
+async def test_upstream_connection_out_of_stream_ids_is_replaced():
+    """After 2**30 streams a connection has no stream id left: the next exchange goes on a
+    new connection (not an exception), and the old one is closed once its last stream ends."""
+    rig = H2Rig()
+    st, sink, ex = await rig.call()
+    first = rig.apps[0]
+    first.up.h2.highest_outbound_stream_id = 2**31 - 1  # (as after a billion streams)
+    await rig.call()
+    assert len(rig.apps) == 2 and not first.wire.closed  # (its stream is still open)
+    first.respond(st.sid, [(b":status", b"200")])
+    assert sink.events[-1] == ("done",)
+    await rig.call()
+    assert len(rig.apps) == 2 and first.wire.closed
 
 
 async def test_upstream_response_timeout_cancels_the_stream():

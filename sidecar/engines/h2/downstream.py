@@ -160,6 +160,10 @@ class H2Downstream(asyncio.Protocol):
                 h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: self.limits.max_header_bytes,
             },
         )
+        # h2 takes these settings as in force already, so its HPACK decoder would keep its
+        # own 64 KiB bound: ours, with room for a list just over it to get 431 on its
+        # stream (past twice the limit, the connection is closed: ENHANCE_YOUR_CALM).
+        self.h2.decoder.max_header_list_size = 2 * self.limits.max_header_bytes
         self.h2.initiate_connection()
         self.h2.increment_flow_control_window(WINDOW)
         self.flush()

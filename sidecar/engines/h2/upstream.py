@@ -47,6 +47,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("sidecar.proxy")
 
+LAST_STREAM_ID = 2**31 - 1
+
 _EVENTS_IGNORED = (
     h2.events.SettingsAcknowledged,
     h2.events.PingReceived,
@@ -100,9 +102,14 @@ class H2Upstream(asyncio.Protocol):
         self.flush()
 
     def usable(self) -> bool:
-        """Open, not going away, and with room for one more stream."""
+        """Open, not going away, with a stream id left (2**30 of them: RFC 9113 5.1.1) and
+        room for one more stream. One that will take no more is closed once it is idle."""
         t = self.transport
-        if t is None or t.is_closing() or self.goaway:
+        if t is None or t.is_closing():
+            return False
+        if self.goaway or self.h2.highest_outbound_stream_id + 2 > LAST_STREAM_ID:
+            if not self.streams:
+                t.close()  # (else it would stay open, and counted by the pool, for nothing)
             return False
         return self.h2.open_outbound_streams < self.h2.remote_settings.max_concurrent_streams
 
