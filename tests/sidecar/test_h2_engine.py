@@ -1450,6 +1450,27 @@ async def test_whole_path_client_reset_reaches_the_app_as_cancel():
     assert len(rig.apps) == 1
 
 
+async def test_whole_path_client_gone_cancels_every_upstream_stream():
+    """The client's connection drops with three calls in flight on one HTTP/2 connection
+    to the app: the app sees each stream cancelled, no stream deadline is left, and the
+    connection to the app stays for others."""
+    rig = H2Rig()
+    c = Client()
+    c.router.pool = rig.pool
+    for _ in range(3):
+        c.request(b"/long")
+    await c.settle()
+    app = rig.apps[0]
+    app.read()
+    assert len(app.requests) == 3
+    c.wire.lose()
+    app.read()
+    assert app.resets == dict.fromkeys(app.requests, h2.errors.ErrorCodes.CANCEL)
+    assert not [m for m in DEADLINES.members if getattr(m, "conn", None) is app.up]
+    assert app.up.streams == {} and app.up.usable()
+    no_leftovers(c)
+
+
 async def test_a_failing_client_never_breaks_the_upstream_connection_it_shares():
     """Two clients' streams on one HTTP/2 connection to the app; one client commits a
     protocol error, and the app answers its stream before that connection's close is
