@@ -223,6 +223,8 @@ def test_grpc_status_of_each_refusal(code, status):
         (b"GET", b"/caf\xc3\xa9", b"x", False),
         (b"GET", b"relative", b"x", False),
         (b"GET", b"*", b"x", False),
+        (b"OPTIONS", b"*x", None, False),
+        (b"GET", b"", b"x", False),
         (b"GET /x", b"/", b"x", False),
         (b"", b"/", b"x", False),
         (b"GET", b"/", b"user@host", False),

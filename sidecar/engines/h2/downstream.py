@@ -31,7 +31,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import re
 import urllib.parse
 from collections.abc import Callable
 from typing import Any
@@ -63,6 +62,7 @@ from sidecar.engines.http1.framing import (
     Framing,
     Headers,
     Kind,
+    check_request_line,
     strip_hop_by_hop,
 )
 from sidecar.engines.http1.router import RouteLater, Router
@@ -76,10 +76,6 @@ log = logging.getLogger("sidecar.proxy")
 
 PEER_FAILURES = frozenset({"peer_verification_failed", "peer_identity_mismatch", "peer_revoked"})
 _GRPC_UNITS = {b"H": 3600.0, b"M": 60.0, b"S": 1.0, b"m": 1e-3, b"u": 1e-6, b"n": 1e-9}
-# What an HTTP/1.1 request line can carry: a token method and an origin-form target
-# (no space or control byte, which would split or end the line the app parses).
-_METHOD = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-_PATH = re.compile(rb"/[^\x00-\x20\x7f]*")
 # Rapid reset (CVE-2023-44487): a stream opened and reset at once costs the client two
 # frames and us a route and an upstream stream (or a dial). As Envoy does
 # (overload.premature_reset_*), once a connection has opened RESET_FLOOR streams and
@@ -337,10 +333,8 @@ class H2Downstream(asyncio.Protocol):
             st.finish_with_error(
                 SidecarError("method_not_allowed", "CONNECT over HTTP/2 is not supported")
             )
-        elif not _METHOD.fullmatch(method) or not (
-            _PATH.fullmatch(target) or (target == b"*" and method == b"OPTIONS")
-        ):
-            st.finish_with_error(SidecarError("bad_request", "malformed :method or :path"))
+        elif (bad := _bad_line(method, target, authority)) is not None:
+            st.finish_with_error(bad)
         elif (
             self.limits.max_body_bytes is not None
             and length is not None
@@ -892,6 +886,15 @@ class H2Stream:
 def _status(fields: Headers) -> int | None:
     value = _header([(k.lower(), v) for k, v in fields], b"grpc-status")
     return int(value) if value is not None and value.isdigit() else None
+
+
+def _bad_line(method: bytes, target: bytes, authority: bytes | None) -> SidecarError | None:
+    """What is wrong with the request line these pseudo-headers make (the app reads one)."""
+    try:
+        check_request_line(method, target, authority)
+    except SidecarError as e:
+        return e
+    return None
 
 
 def _header(headers: Headers, name: bytes) -> bytes | None:

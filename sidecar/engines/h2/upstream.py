@@ -184,7 +184,7 @@ class H2Upstream(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         """Every stream still open fails (a reset: it may be retried)."""
-        self.pool.discard(self)
+        self.pool.discard(self)  # type: ignore[arg-type]
         for st in list(self.streams.values()):
             st.on_lost()
         self.streams.clear()

@@ -77,7 +77,7 @@ def check_request_line(method: bytes, target: bytes, authority: bytes | None) ->
     (`:path` `/a /admin`). SidecarError 400 otherwise."""
     if not method or not _TCHAR.issuperset(method):
         raise SidecarError("bad_request", "the method is not a token")
-    if not target or not _TARGET.issuperset(target) or target[:1] not in (b"/", b"*"):
+    if not _TARGET.issuperset(target) or not (target[:1] == b"/" or target == b"*"):
         raise SidecarError("bad_request", "the path is not a valid request target")
     if target == b"*" and method != b"OPTIONS":
         raise SidecarError("bad_request", "'*' is a target only for OPTIONS")
