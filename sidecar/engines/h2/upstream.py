@@ -82,7 +82,14 @@ class H2Upstream(asyncio.Protocol):
         self.endpoint: Endpoint | None = None  # set by the pool once connected
         self.transport: asyncio.Transport | None = None
         self.peer: Peer = LOCAL_APP  # outbound: the verified server
-        config = h2.config.H2Configuration(client_side=True, header_encoding=None)
+        config = h2.config.H2Configuration(
+            client_side=True,
+            header_encoding=None,
+            # What we send was built here from checked input (flow.h2_headers); what comes
+            # back is checked.
+            validate_outbound_headers=False,
+            normalize_outbound_headers=False,
+        )
         self.h2 = connection(config)  # (a GOAWAY received lets its streams finish)
         self.streams: dict[int, H2UpstreamStream] = {}
         self.goaway = False
