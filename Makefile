@@ -11,7 +11,10 @@ all: test
 # Debian tools the tests and the demos use: real clients (openssl, curl), a DNS server for
 # the discovery test (dnsmasq-base: the binary, without the system service), promtool (in
 # prometheus) to lint the metrics pages and, for the pod tests, network namespaces and
-# iptables, and redis-server (with redis-cli) for the opaque-TCP test (installed only when missing).
+# iptables, redis-server (with redis-cli) for the opaque-TCP test, and postgresql for the
+# CA's store on PostgreSQL (installed only when missing). The tests run initdb and postgres
+# themselves (tests/pgserver.py), so no `main` cluster is created: the package would otherwise
+# make one and start it as a service on port 5432 (createcluster.conf(5), create_main_cluster).
 deps:
 	@export PATH="$$PATH:/usr/sbin:/sbin"; missing=""; \
 	command -v openssl >/dev/null || missing="$$missing openssl"; \
@@ -22,8 +25,13 @@ deps:
 	command -v iptables >/dev/null || missing="$$missing iptables"; \
 	command -v setpriv >/dev/null || missing="$$missing util-linux"; \
 	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
+	command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 \
+	  || missing="$$missing postgresql"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing$$missing"; \
+	  case "$$missing" in *postgresql*) mkdir -p /etc/postgresql-common/createcluster.d && \
+	    echo "create_main_cluster = false" >/etc/postgresql-common/createcluster.d/meshca-tests.conf;; \
+	  esac; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 	fi
 
