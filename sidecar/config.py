@@ -497,6 +497,10 @@ def parse_config(doc: Any, source: Path) -> SidecarConfig:
             policy = PolicyConfig(pfile, interval)
     if (jwt_cfg or policy) and inbound is None:
         r.problems.append("jwt, policy: they apply to inbound requests; configure inbound too")
+    if jwt_cfg and inbound is not None and inbound.app_protocol == protocols.TCP:
+        r.problems.append(
+            "jwt: inbound.app_protocol is tcp: its connections carry no requests to authenticate"
+        )
 
     metrics = None
     m = r.section(doc, "metrics", {"listen", "workload", "namespace"}, False)

@@ -37,9 +37,10 @@ def accepted_alpn(app_protocol: str) -> tuple[str, ...]:
     HTTP/1.1 app keeps HTTP/1.1 clients (curl offers both)."""
     if app_protocol == TCP:
         return (MESH_TCP,)
+    # `meshca-tcp` is accepted to be refused by name (engine_for), not served as HTTP.
     if app_protocol == HTTP2:
-        return (MESH_H2, MESH_HTTP1, H2_ALPN, HTTP1_ALPN)
-    return (MESH_HTTP1, MESH_H2, HTTP1_ALPN)
+        return (MESH_H2, MESH_HTTP1, H2_ALPN, HTTP1_ALPN, MESH_TCP)
+    return (MESH_HTTP1, MESH_H2, HTTP1_ALPN, MESH_TCP)
 
 
 def engine_for(alpn: str | None, app_protocol: str) -> str:

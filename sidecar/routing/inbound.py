@@ -224,7 +224,7 @@ class InboundRouter(Router):
                 if needs is not None:
                     raise SidecarError(
                         "jwt_required",
-                        f"a JWT is required (rule {needs!r} allows this request with one)",
+                        "a JWT is required",  # (which rule would allow it is not said)
                         headers=[(b"www-authenticate", b"Bearer")],
                     )
             fields = {"rule": decision.rule} if decision.rule else {}

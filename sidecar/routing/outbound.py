@@ -207,7 +207,9 @@ class OutboundRouter(Router):
     def _connector(self, svc: Service):  # noqa: ANN202 (a closure for UpstreamPool)
         proto = svc.protocol
         make: Any = {HTTP: UpstreamConn, HTTP2: H2Upstream, TCP: TcpUpstream}[proto]
-        wanted = CLIENT_ALPN[proto][0]
+        # HTTP/1.1 also from a sidecar that predates the meshca-* names; nothing agreed
+        # means the peer serves another protocol (a tcp app's sidecar).
+        accepted = CLIENT_ALPN[proto]
 
         async def connect(pool: UpstreamPool, host: str, port: int) -> UpstreamConn:
             creds = self.store.current
@@ -242,12 +244,12 @@ class OutboundRouter(Router):
                 transport.abort()
                 raise SidecarError("peer_identity_mismatch", f"{svc.name}: {e}") from None
             chosen = transport.get_extra_info("ssl_object").selected_alpn_protocol()
-            if proto != HTTP and chosen != wanted:
+            if chosen not in accepted:
                 # An HTTP/1.1-only peer (or an older sidecar) would misread what follows.
                 transport.abort()
                 raise SidecarError(
                     "upstream_protocol",
-                    f"{svc.name} at {host}:{port} does not accept {proto} (ALPN {chosen!r})",
+                    f"{svc.name} at {host}:{port} does not accept {proto} (ALPN {chosen})",
                 )
             return conn
 

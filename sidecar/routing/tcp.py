@@ -274,6 +274,9 @@ class TcpOutbound(_TcpConn):
             else:
                 if self.closed or up.transport is None or up.lost:
                     up.abort()
+                    pool.discard(up)
+                    if not self.closed:  # the endpoint hung up at once: tell the client
+                        self._fail(SidecarError("upstream_reset", f"{pool.label} closed"))
                     return
                 pool.answered(ep, 200)
                 self.up = up

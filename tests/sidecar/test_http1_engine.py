@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import httptools
+import pytest
 
 from sidecar.engines.base import Limits
 from sidecar.engines.http1.downstream import DownstreamConn
@@ -1194,3 +1195,40 @@ async def test_connect_hands_the_connection_over_with_the_bytes_after_its_head()
     assert caught.transport is client and client.protocol is caught and caught.data == b"HELLO"
     assert client.data == b"" and not client.closed  # the new owner answers the CONNECT
     assert app.conns == []
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        get(b"/a", b"Connection: Upgrade, HTTP2-Settings", b"Upgrade: h2c", b"Content-Length: 31"),
+        get(b"/ws", b"Connection: Upgrade", b"Upgrade: websocket", b"Content-Length: 5"),
+        get(b"/ws", b"Connection: Upgrade", b"Upgrade: websocket", b"Transfer-Encoding: chunked"),
+        b"CONNECT db:1 HTTP/1.1\r\nHost: db:1\r\nContent-Length: 4\r\n\r\n",
+    ],
+)
+@in_loop
+async def test_an_upgrade_request_with_a_body_is_refused_before_anything_is_sent(head):
+    """llhttp skips the body of an upgrade request: forwarded with its length, the next
+    request (never authorized) would be what the app reads as that body. 400 and close."""
+    app = App()
+    proxy = Proxy(app)
+    proxy.send(head + b"GET /private/secret HTTP/1.1\r\nHost: a\r\n\r\n")
+    await settle()
+    [answer] = proxy.responses()
+    assert answer.status == 400 and proxy.client.closed
+    assert app.requests == [] and app.conns == []
+
+
+@in_loop
+async def test_reading_stays_paused_while_an_upgrade_waits_for_its_101():
+    """A new upstream connection (dialled after the head) must not resume reading the
+    client: what the client sends before the 101 is the new protocol's."""
+    gate = asyncio.Event()
+    app = App(answer=None, gate=gate)
+    proxy = Proxy(app)
+    proxy.send(WS_UPGRADE + b"EARLY")
+    await settle()
+    assert proxy.client.paused
+    gate.set()
+    await settle()
+    assert app.conns and proxy.client.paused, proxy.client.reading

@@ -9,7 +9,7 @@ import copy
 import pytest
 
 from sidecar.config import ConfigError, parse_config
-from sidecar.engines.h2.downstream import grpc_timeout
+from sidecar.engines.h2.downstream import _status, grpc_timeout
 from sidecar.engines.h2.flow import h2_headers
 from sidecar.engines.http1.framing import CHUNKED, NO_BODY, Framing, Kind, check_request_line
 from sidecar.errors import SidecarError, grpc_status
@@ -76,6 +76,8 @@ def test_engine_for_each_alpn_and_app_protocol(alpn, app, engine):
 
 def test_plain_clients_get_h2_only_from_an_http2_app():
     assert "h2" not in accepted_alpn(HTTP)  # curl offers h2 first: it keeps HTTP/1.1
+    # meshca-tcp is agreed with an HTTP app only to be refused by name
+    assert MESH_TCP in accepted_alpn(HTTP) and MESH_TCP in accepted_alpn(HTTP2)
     assert accepted_alpn(HTTP2)[:1] == (MESH_H2,) and "h2" in accepted_alpn(HTTP2)
     assert accepted_alpn(TCP) == (MESH_TCP,)
     for proto, names in CLIENT_ALPN.items():  # a sidecar's offer is accepted by its peer
@@ -239,3 +241,22 @@ def test_a_request_line_made_from_pseudo_headers_is_checked(method, target, auth
         with pytest.raises(SidecarError) as e:
             check_request_line(method, target, authority)
         assert e.value.status == 400
+
+
+@pytest.mark.parametrize(
+    "value,code",
+    [(b"0", 0), (b"16", 16), (b"7", 7), (b"17", None), (b"99", None), (b"007", None),
+     (b"1" * 5000, None), (b"-1", None), (b"x", None), (b"", None)],
+)  # fmt: skip
+def test_grpc_status_from_a_peer_is_bounded(value, code):
+    """It becomes a metrics label: a peer must not make new series (or crash the parse)."""
+    assert _status([(b"grpc-status", value)]) == code
+
+
+def test_jwt_with_a_tcp_app_is_refused(folder):
+    doc = copy.deepcopy(BASE)
+    doc["inbound"]["app_protocol"] = "tcp"
+    doc["jwt"] = {"issuers": [{"issuer": "x", "audiences": ["y"], "jwks_file": "ca-root.pem"}]}
+    with pytest.raises(ConfigError) as e:
+        parse(folder, doc)
+    assert any(p.startswith("jwt: inbound.app_protocol is tcp") for p in e.value.problems)

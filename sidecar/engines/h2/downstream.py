@@ -890,8 +890,13 @@ class H2Stream:
 
 
 def _status(fields: Headers) -> int | None:
+    """gRPC's status code (0-16) from `grpc-status`; None for anything else (it becomes a
+    metrics label: what a peer sends must not make new series)."""
     value = _header([(k.lower(), v) for k, v in fields], b"grpc-status")
-    return int(value) if value is not None and value.isdigit() else None
+    if value is None or not value.isdigit() or len(value) > 2:
+        return None
+    code = int(value)
+    return code if code <= 16 else None
 
 
 def _bad_line(method: bytes, target: bytes, authority: bytes | None) -> SidecarError | None:

@@ -190,7 +190,11 @@ class DownstreamConn(asyncio.Protocol):
             self.transport.pause_reading()
 
     def resume_reading(self) -> None:
-        """Read from the client again."""
+        """Read from the client again (not while an upgrade waits for its 101: what the
+        client sends then belongs to the new protocol)."""
+        ex = self.active
+        if ex is not None and ex.upgrade and not ex.finished:
+            return
         if self._reading_paused and self.transport is not None and not self.closed:
             self._reading_paused = False
             self.transport.resume_reading()
@@ -300,9 +304,17 @@ class DownstreamConn(asyncio.Protocol):
             record=ExchangeRecord(self.router.direction, peer=self.peer.spiffe_id),
             framing=framing,
         )
-        if p.should_upgrade() and method == b"GET":
+        if p.should_upgrade():
+            if framing.has_body:
+                # llhttp does not read the body of an upgrade request (or a CONNECT): the
+                # bytes after the head would be parsed as the next request here while the
+                # app, told their length, reads them as this one's body, so a request the
+                # policy never saw would reach it. Refused, as nobody sends a body here.
+                raise SidecarError(
+                    "bad_request", "an upgrade or CONNECT request cannot have a body", close=True
+                )
             wanted = (header_value(headers, b"upgrade") or b"").strip().lower()
-            if wanted == b"websocket":
+            if wanted == b"websocket" and method == b"GET":
                 ex.upgrade = wanted
                 ex.keep_alive = False  # after a refused upgrade the connection closes
         limit = self.limits.max_body_bytes
