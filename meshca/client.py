@@ -10,7 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -246,29 +246,44 @@ class _CAConnector(aiohttp.TCPConnector):
         return transport, proto
 
 
-class EnrollmentClient:
-    """Talks to `POST /v1/certificates` and `/v1/jwt` of one CA.
+def ca_urls(url: str | Sequence[str]) -> tuple[str, ...]:
+    """The CA's URLs, in the order they are tried (one URL, or several replicas)."""
+    urls = (url,) if isinstance(url, str) else tuple(url)
+    return tuple(u.rstrip("/") for u in urls)
 
-    `trust` is the PEM bundle the CA's certificate must chain to, or a function
-    returning the current one (the sidecar's trust store), read for every request.
-    When the CA's certificate does not verify, `on_untrusted` (if given) may
-    catch up with the CA's roots (see `fetch_bundle`); it returns True if the
-    trust changed, and the request is tried once more.
+
+class EnrollmentClient:
+    """Talks to `POST /v1/certificates` and `/v1/jwt` of the CA.
+
+    `url` is one URL or several (CA replicas): a request that cannot connect, times
+    out or is answered 5xx or 429 goes to the next one, starting from the last that
+    answered; a refusal (4xx) is the answer. `trust` is the PEM bundle the CA's
+    certificate must chain to, or a function returning the current one (the
+    sidecar's trust store), read for every request. When the CA's certificate does
+    not verify, `on_untrusted` (if given) may catch up with the CA's roots (see
+    `fetch_bundle`); it returns True if the trust changed, and the request is tried
+    once more.
     """
 
     def __init__(
         self,
-        url: str,
+        url: str | Sequence[str],
         trust: TrustSource,
         timeout: float = 10.0,
         on_untrusted: OnUntrusted | None = None,
         ca_id: str | None = None,
     ) -> None:
-        self.url = url.rstrip("/")
+        self.urls = ca_urls(url)
+        self._preferred = 0  # the replica that answered last
         self._trust = trust
         self.timeout = timeout
         self.on_untrusted = on_untrusted
         self.ca_id = ca_id  # the CA's SPIFFE ID, checked on its certificate when given
+
+    @property
+    def url(self) -> str:
+        """The replica tried first (the one that answered last)."""
+        return self.urls[self._preferred]
 
     @property
     def bundle_pem(self) -> str:
@@ -331,6 +346,29 @@ class EnrollmentClient:
     async def _call_once(
         self, ctx: ssl.SSLContext, path: str, body: dict, headers: dict[str, str]
     ) -> tuple[int, dict]:
+        """One request, to each replica in turn until one answers (a 4xx is an answer)."""
+        n = len(self.urls)
+        failure: CAUnavailable | None = None
+        for i in range(n):
+            k = (self._preferred + i) % n
+            try:
+                status, doc = await self._call_at(self.urls[k], ctx, path, body, headers)
+            except CAUntrusted:
+                raise  # the trust is ours to fix, wherever the CA runs
+            except CAUnavailable as e:
+                failure = e
+                continue
+            if (status == 429 or status >= 500) and i < n - 1:
+                failure = self._error(status, doc)  # type: ignore[assignment]
+                continue
+            self._preferred = k
+            return status, doc
+        assert failure is not None
+        raise failure
+
+    async def _call_at(
+        self, url: str, ctx: ssl.SSLContext, path: str, body: dict, headers: dict[str, str]
+    ) -> tuple[int, dict]:
         timeout = aiohttp.ClientTimeout(total=self.timeout)
         try:
             async with (
@@ -338,20 +376,20 @@ class EnrollmentClient:
                     timeout=timeout, connector=_CAConnector(self.ca_id)
                 ) as session,
                 session.post(
-                    self.url + path, json=body, headers=headers, ssl=ctx, allow_redirects=False
+                    url + path, json=body, headers=headers, ssl=ctx, allow_redirects=False
                 ) as resp,
             ):
                 raw = await read_capped(resp, MAX_ANSWER_BYTES, "the CA's answer")
                 status = resp.status
         except (aiohttp.ClientError, OSError, TimeoutError) as e:
             if isinstance(e, NotTheCA):
-                raise CAUnavailable(f"{self.url}: {e}") from None
+                raise CAUnavailable(f"{url}: {e}") from None
             if _is_cert_error(e):
                 raise CAUntrusted(
-                    f"cannot reach the CA at {self.url}: its certificate does not verify "
+                    f"cannot reach the CA at {url}: its certificate does not verify "
                     f"against our trust bundle ({type(e).__name__})"
                 ) from None
-            raise CAUnavailable(f"cannot reach the CA at {self.url}: {type(e).__name__}") from None
+            raise CAUnavailable(f"cannot reach the CA at {url}: {type(e).__name__}") from None
         try:
             doc = json.loads(raw)
         except (ValueError, RecursionError):

@@ -95,9 +95,10 @@ async def run(config: SidecarConfig) -> None:
     trust = TrustStore(bootstrap, config.trust_domain)
     app_protocol = config.inbound.app_protocol if config.inbound is not None else HTTP
     store = CredentialStore(trust, alpn=accepted_alpn(app_protocol))
-    watcher = BundleWatcher(config.ca.url, trust, config.ca.bundle_poll)
+    urls = config.ca.urls or (config.ca.url,)
+    watcher = BundleWatcher(urls, trust, config.ca.bundle_poll)
     client = EnrollmentClient(
-        config.ca.url, lambda: trust.pem, on_untrusted=watcher.catch_up, ca_id=watcher.ca_id
+        urls, lambda: trust.pem, on_untrusted=watcher.catch_up, ca_id=watcher.ca_id
     )
     manager = CertManager(config.ca, store, client=client)
     issuers = tuple(ic.issuer for ic in config.jwt.issuers) if config.jwt is not None else ()

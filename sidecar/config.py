@@ -36,12 +36,13 @@ class ConfigError(ValueError):
 class CAConfig:
     """Where the CA is and how to authenticate to it the first time."""
 
-    url: str
+    url: str  # the first of `urls`
     bundle: Path
     token_file: Path
     renew_fraction: float = 0.5
     retry_max: float = 60.0
     bundle_poll: float = 30.0
+    urls: tuple[str, ...] = ()  # the CA's replicas, tried in turn (default: (url,))
 
 
 # Envoy's `headers_with_underscores_action` values (HttpProtocolOptions).
@@ -314,16 +315,24 @@ def parse_config(doc: Any, source: Path) -> SidecarConfig:
         True,
     )
     if c is not None:
-        url = r.string(c, "url", "ca.url")
-        if url and not url.startswith("https://"):
-            r.problems.append("ca.url: must be an https:// URL")
+        raw_url = c.get("url")
+        if isinstance(raw_url, list):
+            urls = [u for u in raw_url if isinstance(u, str) and u]
+            if not raw_url or len(urls) != len(raw_url):
+                r.problems.append("ca.url: must be an https:// URL or a list of them")
+                urls = []
+        else:
+            urls = [u] if (u := r.string(c, "url", "ca.url")) else []
+        if any(not u.startswith("https://") for u in urls):
+            r.problems.append("ca.url: must be an https:// URL (or a list of them)")
+        url = urls[0] if urls else None
         bundle = r.path(c, "bundle", "ca.bundle")
         token = r.path(c, "token_file", "ca.token_file", must_exist=False)
         frac = r.number(c, "renew_fraction", "ca.renew_fraction", 0.5, 0.1, 0.9)
         retry_max = r.number(c, "retry_max", "ca.retry_max", 60.0, 1, 3600)
         poll = r.number(c, "bundle_poll", "ca.bundle_poll", 30.0, 0.2, 3600)
         if url and bundle and token:
-            ca = CAConfig(url, bundle, token, frac, retry_max, poll)
+            ca = CAConfig(url, bundle, token, frac, retry_max, poll, tuple(urls))
 
     inbound = None
     i = r.section(

@@ -17,9 +17,9 @@ import asyncio
 import datetime as dt
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
-from meshca.client import CAError, fetch_bundle
+from meshca.client import CAError, CAUnavailable, CAUntrusted, ca_urls, fetch_bundle
 from meshca.trust import BundleDoc, BundleError
 from sidecar.identity.trust import TrustStore
 
@@ -33,12 +33,13 @@ class BundleWatcher:
 
     def __init__(
         self,
-        ca_url: str,
+        ca_url: str | Sequence[str],
         trust: TrustStore,
         interval: float = 30.0,
         clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
     ) -> None:
-        self.ca_url = ca_url
+        self.urls = ca_urls(ca_url)  # replicas: each in turn until one answers
+        self._preferred = 0
         self.trust = trust
         self.interval = interval
         self.clock = clock
@@ -61,14 +62,7 @@ class BundleWatcher:
         """One poll; True if the bundle or the revocations changed. CAError, BundleError."""
         async with self._lock:
             now = self.clock()
-            doc, etag, discovered = await fetch_bundle(
-                self.ca_url,
-                self.trust.pem,
-                now,
-                self.trust.trust_domain,
-                self.etag if use_etag else None,
-                ca_id=self.ca_id,
-            )
+            doc, etag, discovered = await self._fetch(now, use_etag)
             self.polls += 1
             self.last_success = now.strftime("%Y-%m-%dT%H:%M:%SZ")
             if doc is None:
@@ -90,6 +84,33 @@ class BundleWatcher:
                 log.warning("certificates revoked by the CA: %s", ", ".join(sorted(added)))
             self.etag = etag
             return changed
+
+    async def _fetch(
+        self, now: dt.datetime, use_etag: bool
+    ) -> tuple[BundleDoc | None, str | None, bool]:
+        """GET /v1/bundle from the replica that answered last, else from each other one."""
+        n = len(self.urls)
+        failure: CAError | None = None
+        for i in range(n):
+            k = (self._preferred + i) % n
+            try:
+                got = await fetch_bundle(
+                    self.urls[k],
+                    self.trust.pem,
+                    now,
+                    self.trust.trust_domain,
+                    self.etag if use_etag else None,
+                    ca_id=self.ca_id,
+                )
+            except CAUntrusted:
+                raise
+            except CAUnavailable as e:
+                failure = e
+                continue
+            self._preferred = k
+            return got
+        assert failure is not None
+        raise failure
 
     def _insists(self, doc: BundleDoc) -> bool:
         """True once the CA has answered the same older sequence on ROLLBACK_POLLS polls

@@ -132,3 +132,17 @@ def test_bad_tracing_settings_name_their_key(folder, tracing, problem):
     with pytest.raises(ConfigError) as e:
         parse(folder, {**BASE, "tracing": tracing})
     assert any(problem in p for p in e.value.problems), e.value.problems
+
+
+def test_ca_url_may_list_replicas(folder):
+    doc = yaml.safe_load(yaml.safe_dump(BASE))
+    doc["ca"]["url"] = ["https://ca-0.mesh:8443", "https://ca-1.mesh:8443/"]
+    cfg = parse(folder, doc)
+    assert cfg.ca.urls == ("https://ca-0.mesh:8443", "https://ca-1.mesh:8443/")
+    assert cfg.ca.url == "https://ca-0.mesh:8443"
+    assert parse(folder, BASE).ca.urls == ("https://127.0.0.1:8443",)
+    for bad in ([], ["https://a", "http://b"], ["https://a", 3]):
+        doc["ca"]["url"] = bad
+        with pytest.raises(ConfigError) as e:
+            parse(folder, doc)
+        assert any(p.startswith("ca.url: must be an https:// URL") for p in e.value.problems)
