@@ -35,9 +35,10 @@ def accepted_alpn(app_protocol: str) -> tuple[str, ...]:
     """What the inbound listener accepts (in its order of preference) for an app speaking
     `app_protocol`. Plain clients are offered `h2` only when the app speaks HTTP/2, so an
     HTTP/1.1 app keeps HTTP/1.1 clients (curl offers both)."""
+    # Another protocol's meshca-* name is accepted to be refused by name (engine_for):
+    # a sidecar sending HTTP to a tcp app, or a tunnel to an HTTP app, is told at once.
     if app_protocol == TCP:
-        return (MESH_TCP,)
-    # `meshca-tcp` is accepted to be refused by name (engine_for), not served as HTTP.
+        return (MESH_TCP, MESH_HTTP1, MESH_H2)
     if app_protocol == HTTP2:
         return (MESH_H2, MESH_HTTP1, H2_ALPN, HTTP1_ALPN, MESH_TCP)
     return (MESH_HTTP1, MESH_H2, HTTP1_ALPN, MESH_TCP)
@@ -46,10 +47,11 @@ def accepted_alpn(app_protocol: str) -> tuple[str, ...]:
 def engine_for(alpn: str | None, app_protocol: str) -> str:
     """The engine for an inbound connection: `http`, `http2` or `tcp` ("": refuse it).
 
-    An app declared `tcp` gets every connection as bytes (whatever was offered); an HTTP
-    app never gets an opaque tunnel (its policy could not see a request)."""
+    An app declared `tcp` gets every connection as bytes, but one from a sidecar that
+    says it sends HTTP (the caller's service is misdeclared); an HTTP app never gets an
+    opaque tunnel (its policy could not see a request)."""
     if app_protocol == TCP:
-        return TCP
+        return "" if alpn in (MESH_HTTP1, MESH_H2) else TCP
     if alpn == MESH_TCP:
         return ""
     if alpn in (MESH_H2, H2_ALPN):

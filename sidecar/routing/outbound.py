@@ -207,8 +207,8 @@ class OutboundRouter(Router):
     def _connector(self, svc: Service):  # noqa: ANN202 (a closure for UpstreamPool)
         proto = svc.protocol
         make: Any = {HTTP: UpstreamConn, HTTP2: H2Upstream, TCP: TcpUpstream}[proto]
-        # HTTP/1.1 also from a sidecar that predates the meshca-* names; nothing agreed
-        # means the peer serves another protocol (a tcp app's sidecar).
+        # HTTP/1.1 needs no agreement (a sidecar that predates the meshca-* names, any
+        # mTLS server); a tcp app's sidecar refuses meshca-http/1.1 by name.
         accepted = CLIENT_ALPN[proto]
 
         async def connect(pool: UpstreamPool, host: str, port: int) -> UpstreamConn:
@@ -244,7 +244,7 @@ class OutboundRouter(Router):
                 transport.abort()
                 raise SidecarError("peer_identity_mismatch", f"{svc.name}: {e}") from None
             chosen = transport.get_extra_info("ssl_object").selected_alpn_protocol()
-            if chosen not in accepted:
+            if proto != HTTP and chosen != accepted[0]:
                 # An HTTP/1.1-only peer (or an older sidecar) would misread what follows.
                 transport.abort()
                 raise SidecarError(

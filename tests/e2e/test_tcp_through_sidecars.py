@@ -28,7 +28,7 @@ from e2e.protocol_rig import (
     scrape,
 )
 from helpers import run_meshca
-from mesh import admin_get
+from mesh import admin_get, proxy_get
 from redisserver import redis_server
 from rotation_rig import free_port
 
@@ -66,7 +66,11 @@ def env(tmp_path_factory):
                     "protocol": "tcp",
                     "listen": f"127.0.0.1:{ports[name]}",
                 }
-                sidecars[name] = rig.sidecar(name, sid, services={SERVICE: svc})
+                # and the same sidecar misdeclared as an HTTP service
+                wrong = {"endpoints": [inbound_of(cache)], "identity": CACHE}
+                sidecars[name] = rig.sidecar(
+                    name, sid, services={SERVICE: svc, "cachehttp.default": wrong}
+                )
             yield {"rig": rig, "redis": redis, "cache": cache, "ports": ports, **sidecars}
         finally:
             rig.stop()
@@ -171,6 +175,14 @@ def test_tcp_metrics_count_connections_and_bytes(env):
     assert sample(page, "istio_tcp_received_bytes_total", **mine) >= 1000
     assert sample(page, "istio_tcp_sent_bytes_total", **mine) > 0
     assert sample(page, "istio_tcp_connections_opened_total", source_principal=INTRUDER) == 0
+
+
+def test_http_sent_to_a_tcp_app_is_refused_before_redis_sees_it(env):
+    before = connections(env)
+    status, body, _ = proxy_get(env["frontend"], "http://cachehttp.default/x")
+    assert status == 502, body
+    assert connections(env) == before + 1  # our own INFO call
+    assert "protocol_mismatch" in scrape(env["cache"])
 
 
 def test_an_open_connection_is_cut_when_its_peer_is_revoked(env):

@@ -68,6 +68,8 @@ OTHER = "spiffe://cluster.local/ns/other/sa/x"
         (MESH_TCP, TCP, TCP),
         (None, TCP, TCP),  # openssl s_client to a tcp app
         ("http/1.1", TCP, TCP),
+        (MESH_HTTP1, TCP, ""),  # a sidecar sending HTTP to a tcp app: refused by name
+        (MESH_H2, TCP, ""),
     ],
 )
 def test_engine_for_each_alpn_and_app_protocol(alpn, app, engine):
@@ -79,7 +81,7 @@ def test_plain_clients_get_h2_only_from_an_http2_app():
     # meshca-tcp is agreed with an HTTP app only to be refused by name
     assert MESH_TCP in accepted_alpn(HTTP) and MESH_TCP in accepted_alpn(HTTP2)
     assert accepted_alpn(HTTP2)[:1] == (MESH_H2,) and "h2" in accepted_alpn(HTTP2)
-    assert accepted_alpn(TCP) == (MESH_TCP,)
+    assert accepted_alpn(TCP)[0] == MESH_TCP and "http/1.1" not in accepted_alpn(TCP)
     for proto, names in CLIENT_ALPN.items():  # a sidecar's offer is accepted by its peer
         assert names[0] in accepted_alpn(proto)
 
