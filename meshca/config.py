@@ -216,3 +216,35 @@ def build_serve_config(
         drain_timeout=drain_timeout,
         metrics_listen=metrics_where,
     )
+
+
+def store_dsn(
+    store: str | None,
+    store_file: str | None,
+    store_env: str | None,
+    environ: dict[str, str] | None = None,
+) -> str:
+    """The PostgreSQL DSN of the shared store from exactly one of `--store DSN`,
+    `--store-file PATH` (a mounted Secret) or `--store-env NAME`. ConfigError naming the
+    flag; the DSN itself (it may hold a password) is never in a message."""
+    import os
+
+    given = [(f, v) for f, v in (("--store", store), ("--store-file", store_file),
+             ("--store-env", store_env)) if v]  # fmt: skip
+    if len(given) != 1:
+        raise ConfigError("--store, --store-file, --store-env: give exactly one")
+    flag, value = given[0]
+    if flag == "--store-file":
+        try:
+            dsn = Path(value).read_text().strip()
+        except OSError as e:
+            raise ConfigError(f"--store-file: cannot read {value} ({e.strerror})") from None
+    elif flag == "--store-env":
+        dsn = (environ if environ is not None else dict(os.environ)).get(value, "").strip()
+        if not dsn:
+            raise ConfigError(f"--store-env: the environment variable {value} is not set")
+    else:
+        dsn = value.strip()
+    if not dsn.startswith(("postgresql://", "postgres://")):
+        raise ConfigError(f"{flag}: must be a postgresql:// URL")
+    return dsn
