@@ -80,6 +80,18 @@ class Deadlines:
 DEADLINES = Deadlines()
 
 
+def refuse_connection(
+    direction: str, sink: object, transport: asyncio.BaseTransport, code: str, detail: str
+) -> None:
+    """A connection the router refused right after its handshake: logged, counted by the
+    sink's `refused` (the metrics), closed without an answer."""
+    log.info("%s connection refused: %s", direction, detail)
+    refused = getattr(sink, "refused", None)
+    if refused is not None:
+        refused(direction, code)
+    transport.close()
+
+
 class Member(Protocol):
     """A downstream connection as its group sees it."""
 

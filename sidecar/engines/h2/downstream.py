@@ -42,7 +42,7 @@ import h2.exceptions
 import h2.settings
 from hyperframe.frame import GoAwayFrame
 
-from sidecar.engines.base import DEADLINES, ConnGroup, Limits
+from sidecar.engines.base import DEADLINES, ConnGroup, Limits, refuse_connection
 from sidecar.engines.h2.flow import (
     CONN_HIGH,
     HIGH,
@@ -147,11 +147,7 @@ class H2Downstream(asyncio.Protocol):
         try:
             self.peer = self.router.accept(self)  # type: ignore[arg-type]
         except SidecarError as e:
-            log.info("%s connection refused: %s", self.router.direction, e.detail)
-            refused = getattr(self.access_log, "refused", None)
-            if refused is not None:
-                refused(self.router.direction, e.code)
-            transport.close()
+            refuse_connection(self.router.direction, self.access_log, transport, e.code, e.detail)
             self.closed = True
             return
         self.h2.local_settings = h2.settings.Settings(

@@ -33,7 +33,7 @@ from typing import Protocol
 
 import httptools
 
-from sidecar.engines.base import DEADLINES, ConnGroup, Limits
+from sidecar.engines.base import DEADLINES, ConnGroup, Limits, refuse_connection
 from sidecar.engines.http1.exchange import Exchange
 from sidecar.engines.http1.framing import (
     LAST_CHUNK,
@@ -127,11 +127,7 @@ class DownstreamConn(asyncio.Protocol):
         try:
             self.peer = self.router.accept(self)
         except SidecarError as e:
-            log.info("%s connection refused: %s", self.router.direction, e.detail)
-            refused = getattr(self.access_log, "refused", None)
-            if refused is not None:
-                refused(self.router.direction, e.code)
-            transport.close()
+            refuse_connection(self.router.direction, self.access_log, transport, e.code, e.detail)
             self.closed = True
             return
         self._arm(self.limits.header_timeout, self._header_timeout)
