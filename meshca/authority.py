@@ -8,7 +8,6 @@ Authority and swaps it in whole.
 from __future__ import annotations
 
 import datetime as dt
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +34,7 @@ def ca_name(kind: str, cert: x509.Certificate) -> str:
 class Authority:
     """The loaded CA: bundle roots, the issuing intermediate and (hidden from repr) its key."""
 
-    home: Path
+    source: store.StateStore = field(repr=False)
     state: store.State
     roots: tuple[x509.Certificate, ...]
     intermediate: x509.Certificate
@@ -48,9 +47,10 @@ class Authority:
         return self.state.trust_domain
 
     @classmethod
-    def load(cls, home: Path) -> Authority:
-        """Read state.json and the files it names; StateError naming what is missing or bad."""
-        sd = store.StateDir(home)
+    def load(cls, where: Path | store.StateStore) -> Authority:
+        """Read the state record and the material it names (from a state directory or a
+        store); StateError naming what is missing or bad."""
+        sd = store.open_state(where)
         state = sd.read_state()
         roots = tuple(sd.cert(name) for name in state.roots)
         intermediate = sd.cert(state.intermediate)
@@ -66,7 +66,7 @@ class Authority:
                 f"({type(e).__name__})"
             ) from None
         endorsements = tuple(sd.cert(name) for name in state.endorsements)
-        return cls(home, state, roots, intermediate, key, endorsements)
+        return cls(sd, state, roots, intermediate, key, endorsements)
 
     def issue(
         self,
@@ -105,64 +105,64 @@ class Authority:
 
 
 def init_ca(
-    home: Path, trust_domain: str = "cluster.local", clock: store.Clock = store.utcnow
+    where: Path | store.StateStore,
+    trust_domain: str = "cluster.local",
+    clock: store.Clock = store.utcnow,
 ) -> store.State:
-    """Create a new CA in `home`: root (10 y), intermediate (1 y, pathlen 0), token key, ledger.
+    """Create a new CA in a state directory or store: root (10 y), intermediate (1 y,
+    pathlen 0), token and JWT signing keys, ledger.
 
-    Refuses (StateError, nothing changed) when `home` already holds a CA or other
-    files. Safe against a concurrent init (lock) and a crash (state.json written last).
+    Refuses (StateError, nothing changed) when it already holds a CA (or, for a directory,
+    other files). Safe against a concurrent init (lock) and a crash (the state record is
+    written last).
     """
     try:
         validate_trust_domain(trust_domain)
     except InvalidSpiffeId as e:
         raise StateError(f"--trust-domain: {e}") from None
-    if home.exists() and not home.is_dir():
-        raise StateError(f"{home} exists and is not a directory")
-    if home.exists():
-        store.check_empty_for_init(home)  # refuse before creating even the lock file
-    home.mkdir(mode=0o700, parents=True, exist_ok=True)
-    with store.locked(home):
-        for leftover in store.check_empty_for_init(home):
-            leftover.unlink()  # an earlier init crashed before writing state.json
-        os.chmod(home, 0o700)
+    sd = store.open_state(where)
+    with sd.initializing():
         now = clock()
         root_key = pki.new_key()
         root = pki.build_root(root_key, now)
         int_key = pki.new_key()
         intermediate = pki.build_intermediate(int_key, root, root_key, now)
-        sd = store.StateDir(home)
         root_name, int_name = ca_name("root", root), ca_name("issuing", intermediate)
-        sd.write_pair(root_name, pki.key_pem(root_key), pki.cert_pem(root))
-        sd.write_pair(int_name, pki.key_pem(int_key), pki.cert_pem(intermediate))
-        sd.write_key(store.TOKEN_KEY_FILE, pki.key_pem(pki.new_key()))
-        sd.write_key(store.JWT_KEY_FILE, pki.key_pem(pki.new_key()))
-        ledger = sd.ledger(clock)
         try:
-            ledger.record_event(
-                "init",
-                {
-                    "trust_domain": trust_domain,
-                    "root": pki.serial_hex(root),
-                    "intermediate": pki.serial_hex(intermediate),
-                },
+            sd.write_pair(root_name, pki.key_pem(root_key), pki.cert_pem(root))
+            sd.write_pair(int_name, pki.key_pem(int_key), pki.cert_pem(intermediate))
+            sd.write_key(store.TOKEN_KEY_FILE, pki.key_pem(pki.new_key()))
+            sd.write_key(store.JWT_KEY_FILE, pki.key_pem(pki.new_key()))
+            ledger = sd.ledger(clock)
+            try:
+                ledger.record_event(
+                    "init",
+                    {
+                        "trust_domain": trust_domain,
+                        "root": pki.serial_hex(root),
+                        "intermediate": pki.serial_hex(intermediate),
+                    },
+                )
+            finally:
+                ledger.close()
+            state = store.State(
+                trust_domain=trust_domain,
+                roots=(root_name,),
+                issuing_root=root_name,
+                intermediate=int_name,
+                sequence=1,
+                created_at=pki.rfc3339(now),
             )
-        finally:
-            ledger.close()
-        state = store.State(
-            trust_domain=trust_domain,
-            roots=(root_name,),
-            issuing_root=root_name,
-            intermediate=int_name,
-            sequence=1,
-            created_at=pki.rfc3339(now),
-        )
-        sd.write_state(state)
+            sd.write_state(state)
+        except BaseException:
+            sd.abandon()
+            raise
         return state
 
 
-def ensure_jwt_key(home: Path) -> ec.EllipticCurvePrivateKey:
+def ensure_jwt_key(where: Path | store.StateStore) -> ec.EllipticCurvePrivateKey:
     """The JWT-SVID signing key; made once for a CA created before JWT-SVIDs existed."""
-    sd = store.StateDir(home)
+    sd = store.open_state(where)
     if not sd.has(store.JWT_KEY_FILE):
         with sd.locked():
             if not sd.has(store.JWT_KEY_FILE):

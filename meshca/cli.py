@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from meshca import defaults, pki, store
-from meshca.authority import Authority, init_ca, load_ec_key
+from meshca.authority import Authority, init_ca
 from meshca.config import CA_METRICS_PORT, ConfigError, build_serve_config
-from meshca.errors import MeshcaError
+from meshca.errors import MeshcaError, StateError
 from meshca.spiffe import DEFAULT_TRUST_DOMAIN, InvalidSpiffeId, SpiffeId
 from meshca.tokens import JoinTokens
 
@@ -32,13 +32,41 @@ def _home(args: argparse.Namespace) -> Path:
     return Path(args.home).expanduser()
 
 
+def _dsn(args: argparse.Namespace) -> str | None:
+    """The PostgreSQL store's DSN when one of --store/--store-file/--store-env is given."""
+    from meshca.config import ConfigError, store_dsn
+
+    given = (getattr(args, k, None) for k in ("store", "store_file", "store_env"))
+    if not any(given):
+        if getattr(args, "kek_file", None):
+            raise CLIError("--kek-file: goes with --store, --store-file or --store-env")
+        return None
+    try:
+        return store_dsn(args.store, args.store_file, args.store_env)
+    except ConfigError as e:
+        raise CLIError(str(e)) from None
+
+
+def _state(args: argparse.Namespace, migrate: bool = False) -> store.StateStore:
+    """Where the command works: --home, or a PostgreSQL store with its --kek-file."""
+    dsn = _dsn(args)
+    if dsn is None and not args.home:
+        raise CLIError("give --home DIR, or --store/--store-file/--store-env with --kek-file")
+    kek = Path(args.kek_file).expanduser() if getattr(args, "kek_file", None) else None
+    home = _home(args) if args.home else None
+    return store.open_store(home, dsn, kek, migrate=migrate)
+
+
 def cmd_init(args: argparse.Namespace) -> int:
-    """meshca init: create a root, an intermediate and a ledger in --home."""
-    home = _home(args)
-    init_ca(home, args.trust_domain)
-    authority = Authority.load(home)
+    """meshca init: create a root, an intermediate and a ledger in --home (or a store)."""
+    where = _state(args, migrate=True)
+    try:
+        init_ca(where, args.trust_domain)
+        authority = Authority.load(where)
+    finally:
+        where.close()
     root, inter = authority.roots[0], authority.intermediate
-    print(f"created CA for trust domain {authority.trust_domain} in {home}")
+    print(f"created CA for trust domain {authority.trust_domain} in {where.describe()}")
     print(
         f"  root:         serial {pki.serial_hex(root)}  not after "
         f"{pki.rfc3339(root.not_valid_after_utc)}  sha256 {pki.fingerprint(root)}"
@@ -54,9 +82,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """meshca serve: run the HTTPS API until SIGTERM."""
     from meshca.server import serve
 
+    dsn = _dsn(args)
+    if dsn is None and not args.home:
+        raise CLIError("give --home DIR, or --store/--store-file/--store-env with --kek-file")
     try:
         config = build_serve_config(
-            home=str(_home(args)),
+            home=str(_home(args)) if args.home else "",
             listen=args.listen,
             cert_ttl=args.cert_ttl,
             rate=args.rate,
@@ -80,13 +111,27 @@ def cmd_serve(args: argparse.Namespace) -> int:
             max_connections=args.max_connections,
             drain_timeout=args.drain_timeout,
             metrics_listen=args.metrics_listen,
+            store_dsn=dsn,
+            kek_file=args.kek_file,
+            migrate=args.migrate,
+            replica_name=args.replica_name or "",
         )
     except ConfigError as e:
         raise CLIError(str(e)) from None
-    if args.init_if_missing and not (config.home / store.STATE_FILE).exists():
-        init_ca(config.home, args.trust_domain)  # first start on an empty volume
-        print(f"meshca: created a new CA in {config.home}", flush=True)
-    Authority.load(config.home)  # fail before binding when the state is bad
+    where = store.open_store(
+        config.home if args.home else None, dsn, config.kek_file, migrate=config.migrate
+    )
+    try:
+        if args.init_if_missing and not where.exists():
+            try:
+                init_ca(where, args.trust_domain)  # first start on an empty volume or store
+                print(f"meshca: created a new CA in {where.describe()}", flush=True)
+            except StateError:
+                if not where.exists():  # (else another replica made it first: use that)
+                    raise
+        Authority.load(where)  # fail before binding when the state is bad
+    finally:
+        where.close()
 
     def ready(url: str) -> None:
         print(f"meshca: serving on {url}", flush=True)
@@ -118,17 +163,20 @@ def _workload_id(text: str, flag: str, authority: Authority) -> SpiffeId:
 
 def cmd_token(args: argparse.Namespace) -> int:
     """meshca token: print a one-time join token for --spiffe-id."""
-    home = _home(args)
-    authority = Authority.load(home)
-    sid = _workload_id(args.spiffe_id, "--spiffe-id", authority)
-    tokens = JoinTokens(load_ec_key(home / store.TOKEN_KEY_FILE), authority.trust_domain)
-    now = store.utcnow()
-    minted = tokens.mint(sid, now, dt.timedelta(seconds=args.ttl), tuple(args.dns or ()))
-    ledger = store.Ledger(home / store.LEDGER_FILE)
+    where = _state(args)
     try:
-        ledger.add_join_token(minted.jti, str(sid), minted.expires_at)
+        authority = Authority.load(where)
+        sid = _workload_id(args.spiffe_id, "--spiffe-id", authority)
+        tokens = JoinTokens(where.key(store.TOKEN_KEY_FILE), authority.trust_domain)
+        now = store.utcnow()
+        minted = tokens.mint(sid, now, dt.timedelta(seconds=args.ttl), tuple(args.dns or ()))
+        ledger = where.ledger()
+        try:
+            ledger.add_join_token(minted.jti, str(sid), minted.expires_at)
+        finally:
+            ledger.close()
     finally:
-        ledger.close()
+        where.close()
     print(minted.token)
     return 0
 
@@ -138,10 +186,13 @@ def cmd_jwt(args: argparse.Namespace) -> int:
     from meshca.authority import ensure_jwt_key
     from meshca.jwtsvid import JwtIssuer
 
-    home = _home(args)
-    authority = Authority.load(home)
-    sid = _workload_id(args.sub, "--sub", authority)
-    issuer = JwtIssuer(ensure_jwt_key(home), authority.trust_domain)
+    where = _state(args)
+    try:
+        authority = Authority.load(where)
+        sid = _workload_id(args.sub, "--sub", authority)
+        issuer = JwtIssuer(ensure_jwt_key(where), authority.trust_domain)
+    finally:
+        where.close()
     minted = issuer.mint(sid, args.aud, store.utcnow(), dt.timedelta(seconds=args.ttl))
     print(minted.token)
     return 0
@@ -155,9 +206,13 @@ def cmd_revoke(args: argparse.Namespace) -> int:
         raise CLIError("--ban-for: goes with --spiffe-id")
     if args.ban_for is not None and args.ban_for <= 0:
         raise CLIError("--ban-for: must be a positive number of seconds")
-    if args.home:
+    if not args.ca_url:
         period = dt.timedelta(seconds=args.ban_for) if args.ban_for is not None else None
-        doc = revoke(_home(args), args.serial, args.spiffe_id, period)
+        where = _state(args)
+        try:
+            doc = revoke(where, args.serial, args.spiffe_id, period)
+        finally:
+            where.close()
     else:
         body: dict[str, Any] = (
             {"serial": args.serial} if args.serial else {"spiffe_id": args.spiffe_id}
@@ -182,8 +237,12 @@ def cmd_unrevoke(args: argparse.Namespace) -> int:
     """meshca unrevoke --spiffe-id ID: let a revoked identity enroll again."""
     from meshca.revocation import unrevoke
 
-    if args.home:
-        doc = unrevoke(_home(args), args.spiffe_id)
+    if not args.ca_url:
+        where = _state(args)
+        try:
+            doc = unrevoke(where, args.spiffe_id)
+        finally:
+            where.close()
     else:
         doc = _remote(args, "/v1/admin/unrevoke", {"spiffe_id": args.spiffe_id})
     if args.json:
@@ -247,18 +306,22 @@ def print_rotation(doc: dict[str, Any], as_json: bool) -> None:
 def cmd_rotate(args: argparse.Namespace) -> int:
     """meshca rotate: one rotation step, on a state directory or through a running CA."""
     settings = _rotation_settings(args)
-    if args.home:
+    if not args.ca_url:
         from meshca.rotate import rotate
 
-        doc = rotate(
-            Path(args.home).expanduser(),
-            settings,
-            args.force_intermediate,
-            args.start_root_rotation,
-            args.dry_run,
-            wait_for_lock=not args.no_wait,
-            force_retire=args.force_retire,
-        )
+        where = _state(args)
+        try:
+            doc = rotate(
+                where,
+                settings,
+                args.force_intermediate,
+                args.start_root_rotation,
+                args.dry_run,
+                wait_for_lock=not args.no_wait,
+                force_retire=args.force_retire,
+            )
+        finally:
+            where.close()
     else:
         doc = _remote(
             args,
@@ -383,31 +446,43 @@ def cmd_inject(args: argparse.Namespace) -> int:
 
 def cmd_bundle(args: argparse.Namespace) -> int:
     """meshca bundle: print the trust bundle (root certificates, PEM)."""
-    sys.stdout.write(Authority.load(_home(args)).bundle_pem())
+    where = _state(args)
+    try:
+        sys.stdout.write(Authority.load(where).bundle_pem())
+    finally:
+        where.close()
     return 0
 
 
-def status_doc(home: Path, settings: Any = None) -> dict[str, Any]:
+RECENT_REPLICAS = dt.timedelta(minutes=5)  # `meshca status` lists replicas seen since
+
+
+def status_doc(where: Path | store.StateStore, settings: Any = None) -> dict[str, Any]:
     """What `meshca status --json` prints (`settings`: the waits the rotate job uses)."""
-    authority = Authority.load(home)
-    ledger = store.Ledger(home / store.LEDGER_FILE)
-    try:
-        counts = ledger.counts()
-    finally:
-        ledger.close()
     from meshca import rotation_plan as rotation
     from meshca.rotate import facts_for
 
-    ledger = store.Ledger(home / store.LEDGER_FILE)
+    sd = store.open_state(where)
+    authority = Authority.load(sd)
+    ledger = sd.ledger()
     try:
+        counts = ledger.counts()
         p = rotation.plan(
             facts_for(authority, ledger, store.utcnow()), settings or rotation.Settings()
         )
     finally:
         ledger.close()
     rot = authority.state.root_rotation
+    backend: dict[str, Any] = {"kind": sd.kind, "where": sd.describe()}
+    ping, replicas = getattr(sd, "ping", None), getattr(sd, "replicas", None)
+    if ping is not None and replicas is not None:
+        backend["schema_version"] = ping()
+        backend["revision"] = sd.revision()
+        since = store.iso(store.utcnow() - RECENT_REPLICAS)
+        backend["replicas"] = replicas(since)
     return {
-        "home": str(home),
+        **({"home": sd.describe()} if sd.kind == store.StateDir.kind else {}),
+        "store": backend,
         "trust_domain": authority.trust_domain,
         "bundle_sequence": authority.state.sequence,
         "root_rotation": {
@@ -424,12 +499,31 @@ def status_doc(home: Path, settings: Any = None) -> dict[str, Any]:
 
 def cmd_status(args: argparse.Namespace) -> int:
     """meshca status: trust domain, CA certificates, ledger counts."""
-    doc = status_doc(_home(args), _rotation_settings(args))
+    where = _state(args)
+    try:
+        doc = status_doc(where, _rotation_settings(args))
+    finally:
+        where.close()
     if args.json:
         print(json.dumps(doc, indent=2))
         return 0
     print(f"trust domain:  {doc['trust_domain']}")
-    print(f"home:          {doc['home']}")
+    backend = doc["store"]
+    if "home" in doc:
+        print(f"home:          {doc['home']}")
+    else:
+        print(
+            f"store:         {backend['where']} (schema version {backend['schema_version']}, "
+            f"state revision {backend['revision']})"
+        )
+        print(f"replicas seen in the last {int(RECENT_REPLICAS.total_seconds() // 60)} min:")
+        for r in backend["replicas"]:
+            print(
+                f"  {r['name']:30} {r['url'] or '-':28} seen {r['seen_at'][:19]}Z  "
+                f"revision {r['revision']}  meshca {r['version']}"
+            )
+        if not backend["replicas"]:
+            print("  (none)")
     for label, cert in [("root", r) for r in doc["roots"]] + [
         ("intermediate", doc["intermediate"])
     ]:
@@ -471,13 +565,16 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 def cmd_certs(args: argparse.Namespace) -> int:
     """meshca certs: list issued certificates from the ledger."""
-    home = _home(args)
-    store.read_state(home)
-    ledger = store.Ledger(home / store.LEDGER_FILE)
+    where = _state(args)
     try:
-        rows = ledger.certificates(args.spiffe_id, args.active, args.limit)
+        where.read_state()
+        ledger = where.ledger()
+        try:
+            rows = ledger.certificates(args.spiffe_id, args.active, args.limit)
+        finally:
+            ledger.close()
     finally:
-        ledger.close()
+        where.close()
     if args.json:
         print(json.dumps([r.to_json() for r in rows], indent=2))
         return 0
@@ -497,10 +594,30 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _add_store_args(s: argparse.ArgumentParser, where: Any) -> None:
+    """--store / --store-file / --store-env (in the group `where`) and --kek-file."""
+    where.add_argument(
+        "--store",
+        metavar="DSN",
+        help="a shared PostgreSQL store, postgresql://... (a password here shows in `ps`: "
+        "prefer --store-file or --store-env)",
+    )
+    where.add_argument(
+        "--store-file", help="a file holding the store's DSN (a mounted Kubernetes Secret)"
+    )
+    where.add_argument("--store-env", help="an environment variable holding the store's DSN")
+    s.add_argument(
+        "--kek-file",
+        help="with a store: the key-encryption key that seals the CA keys (32 random bytes, "
+        "base64; a mounted Secret)",
+    )
+
+
 def _add_target_args(s: argparse.ArgumentParser) -> None:
-    """--home, or --ca-url with how to trust it and how to authenticate as an admin."""
+    """--home or a store, or --ca-url with how to trust it and how to authenticate as an admin."""
     where = s.add_mutually_exclusive_group(required=True)
     where.add_argument("--home", help="work on this state directory")
+    _add_store_args(s, where)
     where.add_argument("--ca-url", help="ask a running CA (as an admin identity)")
     s.add_argument("--ca-bundle", help="with --ca-url: the CA's trust bundle (PEM)")
     s.add_argument("--cert", help="with --ca-url: an admin client certificate chain (PEM)")
@@ -544,7 +661,9 @@ def parser() -> argparse.ArgumentParser:
 
     def cmd(name: str, help_text: str) -> argparse.ArgumentParser:
         s = sub.add_parser(name, help=help_text, description=help_text)
-        s.add_argument("--home", required=True, help="the CA's state directory")
+        where = s.add_mutually_exclusive_group()
+        where.add_argument("--home", help="the CA's state directory")
+        _add_store_args(s, where)
         return s
 
     s = cmd("init", "create a new CA (root + issuing intermediate) in --home")
@@ -678,12 +797,22 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--init-if-missing",
         action="store_true",
-        help="create the CA first if --home holds none (idempotent first start)",
+        help="create the CA first if --home (or the store) holds none (idempotent first "
+        "start; replicas starting at once make one CA)",
     )
     s.add_argument(
         "--trust-domain",
         default=DEFAULT_TRUST_DOMAIN,
         help="with --init-if-missing: the trust domain of a new CA",
+    )
+    s.add_argument(
+        "--migrate",
+        action="store_true",
+        help="with a store: create or upgrade its schema at start (as `meshca migrate`)",
+    )
+    s.add_argument(
+        "--replica-name",
+        help="with a store: this replica's name in `meshca status` (default HOST:PORT)",
     )
     s.set_defaults(func=cmd_serve)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from meshca import defaults
@@ -77,6 +77,12 @@ class ServeConfig:
     max_connections: int = 4096  # open connections; past it new ones wait in the backlog
     drain_timeout: float = 20.0  # seconds in-flight requests get after SIGTERM
     metrics_listen: Listen | None = None  # plain-HTTP Prometheus /metrics; None: not served
+    # A shared PostgreSQL store (several replicas) instead of the state directory `home`:
+    # its DSN (it may hold a password: never in a repr), the KEK file, migrate at start.
+    store_dsn: str | None = field(default=None, repr=False)
+    kek_file: Path | None = None
+    migrate: bool = False
+    replica_name: str = ""  # how this replica shows in `meshca status` (default: host:port)
 
     @property
     def server_dns_names(self) -> tuple[str, ...]:
@@ -125,9 +131,23 @@ def build_serve_config(
     max_connections: int = 4096,
     drain_timeout: float = 20.0,
     metrics_listen: str | None = None,
+    store_dsn: str | None = None,
+    kek_file: str | None = None,
+    migrate: bool = False,
+    replica_name: str = "",
 ) -> ServeConfig:
     """Validate every setting; ConfigError listing each problem by flag."""
     problems: list[str] = []
+    if store_dsn is not None and not kek_file:
+        problems.append("--kek-file: required with a PostgreSQL store (it seals the CA keys)")
+    if kek_file and store_dsn is None:
+        problems.append("--kek-file: goes with --store, --store-file or --store-env")
+    if kek_file and not Path(kek_file).is_file():
+        problems.append(f"--kek-file: no such file {kek_file!r}")
+    if migrate and store_dsn is None:
+        problems.append("--migrate: goes with --store, --store-file or --store-env")
+    if len(replica_name) > 200 or any(not c.isprintable() for c in replica_name):
+        problems.append("--replica-name: at most 200 printable characters")
     try:
         where = parse_listen(listen)
     except ValueError as e:
@@ -215,6 +235,10 @@ def build_serve_config(
         max_connections=max_connections,
         drain_timeout=drain_timeout,
         metrics_listen=metrics_where,
+        store_dsn=store_dsn,
+        kek_file=Path(kek_file) if kek_file else None,
+        migrate=migrate,
+        replica_name=replica_name,
     )
 
 

@@ -9,12 +9,14 @@ verified certificate.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import datetime as dt
 import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 from cryptography import x509
 
@@ -31,6 +33,8 @@ from meshca.errors import (
 from meshca.ratelimit import RateLimiter
 from meshca.spiffe import SpiffeId
 from meshca.tokens import JoinTokens, K8sTokens, peek_issuer
+
+_T = TypeVar("_T")
 
 log = logging.getLogger("meshca.enroll")
 
@@ -109,6 +113,7 @@ class Enroller:
         limiter: RateLimiter,
         cert_ttl: dt.timedelta = pki.DEFAULT_LEAF_TTL,
         clock: store.Clock = store.utcnow,
+        offload: bool = False,
     ) -> None:
         # The CA server passes a reader of its current generation, so a reload is one swap
         # that the enroller sees with everything else; a fixed Authority suits tests.
@@ -119,6 +124,15 @@ class Enroller:
         self.limiter = limiter
         self.cert_ttl = cert_ttl
         self.clock = clock
+        # A ledger over the network (PostgreSQL) is called on a worker thread, so that a
+        # slow or unreachable database never stalls the event loop (and every other request).
+        self.offload = offload
+
+    async def call(self, fn: Callable[..., _T], *args: Any) -> _T:
+        """`fn(*args)`: on a worker thread when the ledger is remote, else here."""
+        if self.offload:
+            return await asyncio.to_thread(fn, *args)
+        return fn(*args)
 
     @property
     def authority(self) -> Authority:
@@ -138,14 +152,14 @@ class Enroller:
             csr = parse_request(body)
             await self._authenticate(caller, bearer, peer_cert)
             assert caller.spiffe_id is not None
-            self.check_not_blocked(caller.spiffe_id)
+            await self.call(self.check_not_blocked, caller.spiffe_id)
             wait = self.limiter.check(str(caller.spiffe_id))
             if wait > 0:
                 raise RateLimited(f"too many requests for {caller.spiffe_id}", retry_after=wait)
             public_key = pki.check_csr(csr)
-            return self._issue(caller, public_key)
+            return await self.call(self._issue, caller, public_key)
         except MeshcaError as err:
-            self.record_refusal(err, caller.credential, caller.spiffe_id, peer)
+            await self.call(self.record_refusal, err, caller.credential, caller.spiffe_id, peer)
             raise
 
     def record_refusal(
@@ -177,7 +191,7 @@ class Enroller:
                 claims = self.join_tokens.verify(bearer, now)
                 caller.spiffe_id, caller.jti = claims.spiffe_id, claims.jti
                 caller.dns_names = claims.dns_names
-                status = self.ledger.join_token_status(claims.jti)
+                status = await self.call(self.ledger.join_token_status, claims.jti)
                 if status == "used":
                     raise Unauthenticated("join token has already been used", code="invalid_token")
                 if status == "unknown":
@@ -194,7 +208,9 @@ class Enroller:
             caller.credential = RENEWAL
             with contextlib.suppress(ValueError):  # name the caller in the ledger if refused
                 caller.spiffe_id = pki.spiffe_id_of(peer_cert)
-            caller.spiffe_id, caller.dns_names = self.check_peer_svid(peer_cert, now)
+            caller.spiffe_id, caller.dns_names = await self.call(
+                self.check_peer_svid, peer_cert, now
+            )
             return
         raise Unauthenticated(
             "missing credential: send 'Authorization: Bearer <token>' or present your "

@@ -107,6 +107,34 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
             detail      JSONB NOT NULL
         )""",
     ),
+    (
+        # The CA's state record (state.json's document), one row; `revision` bumps with
+        # every change, and replicas reload when it moves (NOTIFY meshca_state, or polling).
+        """CREATE TABLE ca_state (
+            id          INTEGER PRIMARY KEY CHECK (id = 1),
+            revision    BIGINT NOT NULL,
+            doc         TEXT NOT NULL,
+            updated_at  meshca_time NOT NULL
+        )""",
+        # CA certificates and private keys by base name (root-<tag>, issuing-<tag>,
+        # endorse-<tag>-<serial>, token-signing, jwt-signing); keys sealed with the KEK.
+        """CREATE TABLE ca_material (
+            name        TEXT COLLATE "C" PRIMARY KEY,
+            cert_pem    TEXT,
+            key_sealed  BYTEA,
+            created_at  meshca_time NOT NULL,
+            CHECK (cert_pem IS NOT NULL OR key_sealed IS NOT NULL)
+        )""",
+        # Replicas that served recently (a heartbeat each reload interval): `meshca status`.
+        """CREATE TABLE replicas (
+            name        TEXT PRIMARY KEY,
+            url         TEXT,
+            version     TEXT,
+            started_at  meshca_time NOT NULL,
+            seen_at     meshca_time NOT NULL,
+            revision    BIGINT
+        )""",
+    ),
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
 
@@ -237,6 +265,63 @@ def _newer(where: _Dsn, found: int) -> str:
     )
 
 
+def check_schema(dsn: _Dsn, migrate: bool) -> int:
+    """Connect once: with `migrate`, create or upgrade the schema; without, refuse a database
+    whose schema is missing or older (StateError: run `meshca migrate`) or newer. The
+    version; Unavailable when the database cannot be reached."""
+    conn = dsn.connect()
+    try:
+        if migrate:
+            with conn.transaction():
+                return _apply_migrations(conn, dsn)
+        found = _version(conn)
+    except _CONNECTION_ERRORS as e:
+        raise Unavailable(
+            f"cannot reach the ledger database at {dsn.where}: {dsn.describe(e)}"
+        ) from None
+    finally:
+        conn.close()
+    if found > SCHEMA_VERSION:
+        raise StateError(_newer(dsn, found))
+    if found < SCHEMA_VERSION:
+        what = "no meshca schema" if found == 0 else f"schema version {found}"
+        raise StateError(
+            f"the ledger database at {dsn.where} has {what}; this meshca needs "
+            f"version {SCHEMA_VERSION}: run 'meshca migrate' first"
+        )
+    return found
+
+
+def open_pool(dsn: _Dsn, name: str, max_size: int, timeout: float) -> ConnectionPool[Connection]:
+    """A pool of autocommit connections (min 1), open; Unavailable if none can be made."""
+    pool: ConnectionPool[Connection] = ConnectionPool(
+        dsn.conninfo,
+        kwargs={"autocommit": True},
+        min_size=POOL_MIN,
+        max_size=max_size,
+        timeout=timeout,
+        # A connection the server closed (a restart, a crash, a terminated backend) is
+        # replaced before it is handed out: the first call after a restart succeeds.
+        check=_check_idle_connection,
+        # A connection attempt that fails is retried with a doubling delay until
+        # `reconnect_timeout` (psycopg_pool's default: 5 min, with delays of up to
+        # 2 min): after an outage of a minute, the CA would stay unavailable for
+        # another half minute with its database back. Giving up after `timeout`
+        # instead, the next call starts a new attempt at once.
+        reconnect_timeout=timeout,
+        name=name,
+        open=False,
+    )
+    try:
+        pool.open(wait=True, timeout=timeout)
+    except _CONNECTION_ERRORS as e:
+        pool.close()
+        raise Unavailable(
+            f"cannot reach the ledger database at {dsn.where}: {dsn.describe(e)}"
+        ) from None
+    return pool
+
+
 class PgLedger:
     """The issuance ledger in PostgreSQL, shared by CA replicas. Thread-safe: each call takes
     a connection from the pool (min 1, max 8) and gives it back.
@@ -256,58 +341,11 @@ class PgLedger:
     ) -> None:
         self.clock = clock
         self._dsn = _Dsn(dsn)
-        conn = self._dsn.connect()
-        try:
-            if migrate:
-                with conn.transaction():
-                    _apply_migrations(conn, self._dsn)
-            else:
-                self._check_version(conn)
-        except _CONNECTION_ERRORS as e:
-            raise Unavailable(
-                f"cannot reach the ledger database at {self._dsn.where}: {self._dsn.describe(e)}"
-            ) from None
-        finally:
-            conn.close()
-        self._pool: ConnectionPool[Connection] = ConnectionPool(
-            self._dsn.conninfo,
-            kwargs={"autocommit": True},
-            min_size=POOL_MIN,
-            max_size=POOL_MAX,
-            timeout=timeout,
-            # A connection the server closed (a restart, a crash, a terminated backend) is
-            # replaced before it is handed out: the first call after a restart succeeds.
-            check=_check_idle_connection,
-            # A connection attempt that fails is retried with a doubling delay until
-            # `reconnect_timeout` (psycopg_pool's default: 5 min, with delays of up to
-            # 2 min): after an outage of a minute, the CA would stay unavailable for
-            # another half minute with its database back. Giving up after `timeout`
-            # instead, the next call starts a new attempt at once.
-            reconnect_timeout=timeout,
-            name="meshca-ledger",
-            open=False,
-        )
-        try:
-            self._pool.open(wait=True, timeout=timeout)
-        except _CONNECTION_ERRORS as e:
-            self._pool.close()
-            raise Unavailable(
-                f"cannot reach the ledger database at {self._dsn.where}: {self._dsn.describe(e)}"
-            ) from None
+        check_schema(self._dsn, migrate)
+        self._pool = open_pool(self._dsn, "meshca-ledger", POOL_MAX, timeout)
 
     def __repr__(self) -> str:
         return f"<PgLedger {self._dsn.where}>"
-
-    def _check_version(self, conn: Connection) -> None:
-        found = _version(conn)
-        if found > SCHEMA_VERSION:
-            raise StateError(_newer(self._dsn, found))
-        if found < SCHEMA_VERSION:
-            what = "no meshca schema" if found == 0 else f"schema version {found}"
-            raise StateError(
-                f"the ledger database at {self._dsn.where} has {what}; this meshca needs "
-                f"version {SCHEMA_VERSION}: run 'meshca migrate' first"
-            )
 
     def close(self) -> None:
         """Close the pool and its connections."""

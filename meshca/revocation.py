@@ -29,7 +29,7 @@ def _spiffe_id(authority: Authority, spiffe_id: str) -> SpiffeId:
 
 
 def revoke(
-    home: Path,
+    where: Path | store.StateStore,
     serial: str | None,
     spiffe_id: str | None,
     ban_for: dt.timedelta | None = None,
@@ -41,8 +41,8 @@ def revoke(
     NotFound for an unknown serial, BadRequest for a bad or foreign ID."""
     if ban_for is not None and (serial is not None or ban_for.total_seconds() <= 0):
         raise BadRequest("ban_for: give a positive number of seconds, with a SPIFFE ID only")
-    authority = Authority.load(home)
-    ledger = store.StateDir(home).ledger()
+    authority = Authority.load(where)
+    ledger = authority.source.ledger(clock)
     try:
         if serial is not None:
             rec = ledger.revoke_serial(serial)
@@ -81,13 +81,13 @@ def revoke(
         ledger.close()
 
 
-def unrevoke(home: Path, spiffe_id: str) -> dict[str, Any]:
+def unrevoke(where: Path | store.StateStore, spiffe_id: str) -> dict[str, Any]:
     """Let `spiffe_id` get certificates again (those already revoked stay revoked).
 
     NotFound if it was not blocked, BadRequest for a bad or foreign ID."""
-    authority = Authority.load(home)
+    authority = Authority.load(where)
     sid = _spiffe_id(authority, spiffe_id)
-    ledger = store.StateDir(home).ledger()
+    ledger = authority.source.ledger()
     try:
         if not ledger.unban(str(sid)):
             raise NotFound(f"{sid} is not blocked")

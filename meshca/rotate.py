@@ -11,7 +11,6 @@ recorded in the ledger and returned for printing.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import datetime as dt
 import os
@@ -39,28 +38,21 @@ def _parse_time(text: str) -> dt.datetime:
     return dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
 
 
-# Files written by the step under way, removed again if the step cannot finish (a full
-# disk): a private key that no state names is not left lying about.
-_created: list[Path] = []
-
-
-def _write_pair(sd: store.StateDir, kind: str, key: Any, cert: x509.Certificate) -> str:
+def _write_pair(sd: store.StateStore, kind: str, key: Any, cert: x509.Certificate) -> str:
     name = ca_name(kind, cert)
     # replace: a leftover of an interrupted run with the same key is impossible in
     # practice (fresh keys), but must never block a rotation.
-    _created.extend((sd.key_path(name), sd.cert_path(name)))  # before: a write may fail
     sd.write_pair(name, pki.key_pem(key), pki.cert_pem(cert), replace=True)
     return name
 
 
-def _write_cert(sd: store.StateDir, kind: str, cert: x509.Certificate) -> str:
+def _write_cert(sd: store.StateStore, kind: str, cert: x509.Certificate) -> str:
     name = f"{ca_name(kind, cert)}-{pki.serial_hex(cert)[:8]}"
-    _created.append(sd.cert_path(name))
     sd.write_cert(name, pki.cert_pem(cert), replace=True)
     return name
 
 
-def _unexpired(sd: store.StateDir, names: tuple[str, ...], now: dt.datetime) -> tuple[str, ...]:
+def _unexpired(sd: store.StateStore, names: tuple[str, ...], now: dt.datetime) -> tuple[str, ...]:
     """The endorsements still worth publishing (an unreadable one is dropped, not fatal)."""
     keep = []
     for name in names:
@@ -72,15 +64,15 @@ def _unexpired(sd: store.StateDir, names: tuple[str, ...], now: dt.datetime) -> 
     return tuple(keep)
 
 
-def _intermediates_under(sd: store.StateDir, root: x509.Certificate) -> list[str]:
+def _intermediates_under(sd: store.StateStore, root: x509.Certificate) -> list[str]:
     return [pki.serial_hex(c) for c in sd.certs("issuing") if c.issuer == root.subject]
 
 
 def old_root_leaves_until(
-    home: Path, old_root: x509.Certificate, ledger: store.LedgerStore
+    sd: store.StateStore, old_root: x509.Certificate, ledger: store.LedgerStore
 ) -> dt.datetime | None:
     """The latest not_after of unexpired, unrevoked workload leaves under `old_root`."""
-    latest = ledger.latest_not_after(_intermediates_under(store.StateDir(home), old_root))
+    latest = ledger.latest_not_after(_intermediates_under(sd, old_root))
     return _parse_time(latest) if latest else None
 
 
@@ -91,9 +83,9 @@ def facts_for(authority: Authority, ledger: store.LedgerStore, now: dt.datetime)
     issuing_root = authority.roots[state.roots.index(state.issuing_root)]
     until, count = None, 0
     if rot["stage"] == rotation.ACTIVATED:
-        sd = store.StateDir(authority.home)
+        sd = authority.source
         old = sd.cert(rot["old_root"])
-        until = old_root_leaves_until(authority.home, old, ledger)
+        until = old_root_leaves_until(sd, old, ledger)
         count = ledger.leaves_in_use(_intermediates_under(sd, old))
     return rotation.Facts(
         now=now,
@@ -109,7 +101,7 @@ def facts_for(authority: Authority, ledger: store.LedgerStore, now: dt.datetime)
 
 
 def rotate(
-    home: Path,
+    where: Path | store.StateStore,
     settings: rotation.Settings | None = None,
     force_intermediate: bool = False,
     start_root_rotation: bool = False,
@@ -120,9 +112,9 @@ def rotate(
 ) -> dict[str, Any]:
     """Take at most one step; a dict describing what was (or would be) done."""
     settings = settings or rotation.Settings()
-    sd = store.StateDir(home)
+    sd = store.open_state(where)
     with sd.locked(wait=wait_for_lock):
-        authority = Authority.load(home)
+        authority = Authority.load(sd)
         ledger = sd.ledger(clock)
         try:
             now = clock()
@@ -143,20 +135,21 @@ def rotate(
                 result["stage"] = result["stage_before"]
                 result["next_due"] = pki.rfc3339(p.next_due) if p.next_due else None
                 return result
-            _created.clear()
             try:
                 new_state, details = _apply(p.action, authority, now)
                 _fault("before-state")
                 sd.write_state(new_state)
             except OSError as e:
-                for path in _created:
-                    with contextlib.suppress(OSError):
-                        path.unlink()
-                # A full disk, say: state.json is the old one (written last, atomically),
-                # so nothing changed; files of the step are left unused, as after a crash.
+                # A full disk, say: the state record is the old one (written last,
+                # atomically), so nothing changed; the step's new files are removed.
+                sd.abandon()
                 raise StateError(
-                    f"cannot write the new CA files in {home} ({e.strerror}); nothing changed"
+                    f"cannot write the new CA files in {sd.describe()} ({e.strerror}); "
+                    "nothing changed"
                 ) from None
+            except BaseException:
+                sd.abandon()  # (a store that cannot be reached: nothing was committed)
+                raise
             _fault("after-state")
             result.update(details)
             result["stage"] = new_state.root_rotation["stage"]
@@ -171,7 +164,7 @@ def rotate(
 
 
 def _apply(action: str, authority: Authority, now: dt.datetime) -> tuple[store.State, dict]:
-    sd, state = store.StateDir(authority.home), authority.state
+    sd, state = authority.source, authority.state
     rot = state.root_rotation
     if action == rotation.Action.ROTATE_INTERMEDIATE:
         root_name = state.issuing_root

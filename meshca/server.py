@@ -18,19 +18,21 @@ import hashlib
 import json
 import logging
 import signal
+import socket
 import ssl
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from aiohttp import web
 from cryptography import x509
 from prometheus_client.exposition import choose_encoder
 
 from meshca import listener, metrics, pki, store, tlsutil
-from meshca.authority import Authority, ensure_jwt_key, load_ec_key
+from meshca.authority import Authority, ensure_jwt_key
 from meshca.config import Listen, ServeConfig
 from meshca.enroll import NONE, Enroller, json_object
 from meshca.errors import (
@@ -41,11 +43,13 @@ from meshca.errors import (
     StateError,
     TooLarge,
     Unauthenticated,
+    Unavailable,
 )
 from meshca.jwks import FileJwks, JwksSource, UrlJwks
 from meshca.jwtsvid import DEFAULT_TTL, JwtIssuer, check_audience
 from meshca.ratelimit import RateLimiter
 from meshca.spiffe import SpiffeId
+from meshca.store import StateDir
 from meshca.tokens import JoinTokens, K8sTokens, peek_issuer
 
 log = logging.getLogger("meshca.server")
@@ -190,6 +194,8 @@ async def _drain(request: web.Request) -> None:
 
 
 LEDGER_COUNT_TTL = 5.0  # seconds a count of the ledger's rows serves /metrics
+READY_TTL = 1.0  # seconds one check of the store serves /readyz
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -205,12 +211,23 @@ class Active:
 class CAServer:
     """The running CA: its current generation (`active`), ledger and enroller."""
 
-    def __init__(self, config: ServeConfig, clock: store.Clock = store.utcnow) -> None:
+    def __init__(
+        self,
+        config: ServeConfig,
+        clock: store.Clock = store.utcnow,
+        state_store: store.StateStore | None = None,
+    ) -> None:
         self.config = config
         self.clock = clock
-        authority = Authority.load(config.home)
-        self.ledger = store.Ledger(config.home / store.LEDGER_FILE, clock)
-        token_key = load_ec_key(config.home / store.TOKEN_KEY_FILE)
+        # The state directory, or the shared PostgreSQL store of several replicas.
+        self.state_store = state_store or store.open_store(
+            config.home, config.store_dsn, config.kek_file, clock, config.migrate
+        )
+        # A store over the network is called on worker threads, never on the event loop.
+        self.offload = self.state_store.kind != StateDir.kind
+        authority = Authority.load(self.state_store)
+        self.ledger = self.state_store.ledger(clock)
+        token_key = self.state_store.key(store.TOKEN_KEY_FILE)
         join = JoinTokens(token_key, authority.trust_domain)
         self.jwks: JwksSource | None = None
         k8s = None
@@ -237,8 +254,9 @@ class CAServer:
             RateLimiter(config.rate, config.burst),
             config.cert_ttl,
             clock,
+            offload=self.offload,
         )
-        self.jwt_issuer = JwtIssuer(ensure_jwt_key(config.home), authority.trust_domain)
+        self.jwt_issuer = JwtIssuer(ensure_jwt_key(self.state_store), authority.trust_domain)
         self.jwt_limiter = RateLimiter(config.rate, config.burst)
         self.metrics = metrics.CaMetrics(lambda: self.active.authority)
         # A scrape counts ledger rows on a thread of its own, with a connection of its own
@@ -246,12 +264,18 @@ class CAServer:
         self._metrics_thread = concurrent.futures.ThreadPoolExecutor(
             1, thread_name_prefix="meshca-metrics"
         )
-        self._metrics_ledger: store.Ledger | None = None
+        self._metrics_ledger: store.LedgerStore | None = None
         self._ledger_counted_at = float("-inf")  # loop time of the last ledger count
         self.active = self._activate(authority)
-        self._state_mtime = self._mtime()
+        self._state_revision = self.state_store.revision()
         self.reloads = 0
         self._last_reload_error: str | None = None
+        self.started_at = store.iso(clock())
+        self.url = ""  # the bound URL, once serving (for the replicas table)
+        self._changed = asyncio.Event()  # set by the store's change listener
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._ready_at = float("-inf")  # loop time of the last store check of /readyz
+        self._ready_error: str | None = None
         # The listening socket's context hands each handshake to the current one, so a
         # reload (new roots, new intermediate, new serving certificate) applies at once.
         self.listener_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -279,11 +303,14 @@ class CAServer:
         )
         return self.authority.chain_pem(cert), pki.key_pem(key)
 
-    def _mtime(self) -> int:
-        try:
-            return (self.config.home / store.STATE_FILE).stat().st_mtime_ns
-        except OSError:
-            return 0
+    async def blocking(self, fn: Callable[..., _T], *args: Any) -> _T:
+        """`fn(*args)` on a worker thread when the store is remote, else here."""
+        return await self.enroller.call(fn, *args)
+
+    def store_for_change(self) -> store.StateStore:
+        """Where a rotation step is taken: a state directory of its own per step (files in
+        use by one thread), or the shared store (its changes are serialized by its lock)."""
+        return StateDir(self.config.home) if not self.offload else self.state_store
 
     @property
     def authority(self) -> Authority:
@@ -297,14 +324,18 @@ class CAServer:
         new intermediate, a TLS context trusting the new roots) is built first; then
         one assignment publishes it to the enroller, the handlers and new handshakes.
         """
-        mtime = self._mtime()
-        if mtime == self._state_mtime:
-            return False
-        # On failure the mtime is not recorded: the next check tries again, since what
-        # failed (a file's permissions, the ledger, a full disk) may be fixed without
-        # state.json changing. The same failure is logged once.
         try:
-            authority = Authority.load(self.config.home)
+            revision = self.state_store.revision()
+        except Exception as e:
+            self._reload_failed(f"the store cannot be read: {type(e).__name__}: {e}")
+            return False
+        if revision == self._state_revision:
+            return False
+        # On failure the revision is not recorded: the next check tries again, since what
+        # failed (a file's permissions, the ledger, a full disk) may be fixed without
+        # the state changing. The same failure is logged once.
+        try:
+            authority = Authority.load(self.state_store)
             active = self._activate(authority)
         except StateError as e:
             self._reload_failed(f"the new one does not load: {e.detail}")
@@ -312,7 +343,7 @@ class CAServer:
         except Exception as e:
             self._reload_failed(f"reloading it failed: {type(e).__name__}: {e}")
             return False
-        self._state_mtime = mtime
+        self._state_revision = revision
         self._last_reload_error = None
         old_seq = self.active.authority.state.sequence
         self.active = active
@@ -332,13 +363,48 @@ class CAServer:
         self._last_reload_error = why
 
     async def watch_state_forever(self) -> None:
-        """Poll state.json; never dies."""
+        """Reload when the state changes: on the store's notification, else by polling its
+        revision every `reload_interval`; a shared store also records this replica's
+        heartbeat. Never dies."""
         while True:
-            await asyncio.sleep(self.config.reload_interval)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), self.config.reload_interval)
+            self._changed.clear()
             try:
-                self.reload_if_changed()
+                await self.blocking(self.reload_if_changed)
             except Exception:
                 log.exception("reloading the CA state failed")
+            if self.offload:
+                await self._heartbeat()
+
+    def state_changed(self) -> None:
+        """Called (from any thread) when the store says the state changed."""
+        loop = self._loop
+        if loop is not None:
+            loop.call_soon_threadsafe(self._changed.set)
+
+    async def _heartbeat(self) -> None:
+        from meshca import __version__
+
+        beat = getattr(self.state_store, "heartbeat", None)
+        if beat is None:
+            return
+        try:
+            await self.blocking(
+                beat,
+                self.replica_name,
+                self.url,
+                __version__,
+                self.started_at,
+                int(self._state_revision),  # type: ignore[call-overload]
+            )
+        except Exception as e:  # the database is down: the reload has said so
+            log.debug("heartbeat not recorded: %s", type(e).__name__)
+
+    @property
+    def replica_name(self) -> str:
+        """This replica's name in the store's replicas table."""
+        return self.config.replica_name or f"{socket.gethostname()}:{self.config.listen.port}"
 
     @property
     def server_id(self) -> SpiffeId:
@@ -392,7 +458,7 @@ class CAServer:
             left = (self.active.serving_expires - self.clock()).total_seconds()
             await asyncio.sleep(max(1.0, left / 2))
             try:
-                self.active = self._activate(self.active.authority)
+                self.active = await self.blocking(self._activate, self.active.authority)
             except Exception:
                 log.exception("renewing the serving certificate failed; retrying in 60 s")
                 await asyncio.sleep(60)
@@ -409,7 +475,7 @@ class CAServer:
                 body = await read_limited(request, self.config.max_body)
                 bearer = bearer_token(request)
             except MeshcaError as err:
-                self.enroller.record_refusal(err, NONE, None, peer)
+                await self.blocking(self.enroller.record_refusal, err, NONE, None, peer)
                 raise
             issued = await self.enroller.enroll(body, bearer, peer_certificate(request), peer)
         except Exception:
@@ -442,7 +508,7 @@ class CAServer:
                 code="missing_credential",
             )
         now = self.clock()
-        sid, _ = self.enroller.check_peer_svid(cert, now)
+        sid, _ = await self.blocking(self.enroller.check_peer_svid, cert, now)
         request["spiffe_id"] = str(sid)
         doc = json_object(body, {"audience", "ttl"})
         audience = check_audience(doc.get("audience"))
@@ -530,7 +596,7 @@ class CAServer:
         )
         result = await asyncio.to_thread(
             rotate,
-            self.config.home,
+            self.store_for_change(),
             settings,
             flags["force_intermediate"],
             flags["start_root_rotation"],
@@ -539,7 +605,7 @@ class CAServer:
             True,
             flags["force_retire"],
         )
-        self.reload_if_changed()  # apply it now rather than at the next poll
+        await self.blocking(self.reload_if_changed)  # apply it now, not at the next poll
         log.info("admin %s rotate: %s (%s)", who, result["action"], result["reason"])
         return json_response(result)
 
@@ -559,7 +625,8 @@ class CAServer:
         ):
             raise BadRequest("field 'ban_for' must be a number of seconds", code="bad_json")
         period = dt.timedelta(seconds=ban_for) if ban_for is not None else None
-        result = await asyncio.to_thread(revoke, self.config.home, serial, sid, period, self.clock)
+        where = self.store_for_change()
+        result = await asyncio.to_thread(revoke, where, serial, sid, period, self.clock)
         log.info("admin %s revoked %d certificate(s)", who, len(result["revoked"]))
         return json_response(result)
 
@@ -572,7 +639,7 @@ class CAServer:
         sid = doc.get("spiffe_id")
         if not isinstance(sid, str):
             raise BadRequest("field 'spiffe_id' (a string) is required", code="bad_json")
-        result = await asyncio.to_thread(unrevoke, self.config.home, sid)
+        result = await asyncio.to_thread(unrevoke, self.store_for_change(), sid)
         log.info("admin %s unblocked %s", who, sid)
         return json_response(result)
 
@@ -607,7 +674,7 @@ class CAServer:
             "trust_domain": authority.trust_domain,
             "roots": authority.bundle_pem(),
             "sequence": authority.state.sequence,
-            "revoked": self.ledger.revoked_serials(),
+            "revoked": await self.blocking(self.ledger.revoked_serials),
             "endorsements": authority.endorsements_pem(self.clock()),
         }
         body = json.dumps(doc, sort_keys=True).encode()
@@ -622,13 +689,41 @@ class CAServer:
         )
 
     async def get_healthz(self, request: web.Request) -> web.Response:
-        """GET /healthz: liveness and readiness of the CA."""
+        """GET /healthz: liveness (never depends on the store: an outage of the database
+        must not restart every replica)."""
         return json_response({"status": "ok", "trust_domain": self.authority.trust_domain})
+
+    async def get_readyz(self, request: web.Request) -> web.Response:
+        """GET /readyz: 200 while the store answers (checked at most once a second), else
+        503: a replica that cannot record issuances takes no traffic."""
+        loop = asyncio.get_running_loop()
+        if self.offload and loop.time() - self._ready_at >= READY_TTL:
+            self._ready_at = loop.time()
+            ping = getattr(self.state_store, "ping", None)
+            try:
+                if ping is not None:
+                    await self.blocking(ping)
+                self._ready_error = None
+            except MeshcaError as e:
+                self._ready_error = e.detail
+        if self._ready_error is not None:
+            raise Unavailable(self._ready_error)
+        return json_response(
+            {
+                "status": "ready",
+                "trust_domain": self.authority.trust_domain,
+                "store": self.state_store.kind,
+                "revision": self._state_revision,
+            }
+        )
 
     def _ledger_counts(self) -> metrics.LedgerCounts:
         """Runs on the metrics thread, which keeps its own connection to the ledger."""
         if self._metrics_ledger is None:
-            self._metrics_ledger = store.Ledger(self.config.home / store.LEDGER_FILE, self.clock)
+            # (a remote ledger is thread-safe: the server's own one serves)
+            self._metrics_ledger = (
+                self.ledger if self.offload else StateDir(self.config.home).ledger(self.clock)
+            )
         counts = self._metrics_ledger.counts()
         return metrics.LedgerCounts(counts["issued"], counts["revoked"])
 
@@ -675,6 +770,7 @@ class CAServer:
         app.router.add_post("/v1/admin/revoke", self.post_admin_revoke)
         app.router.add_post("/v1/admin/unrevoke", self.post_admin_unrevoke)
         app.router.add_get("/healthz", self.get_healthz)
+        app.router.add_get("/readyz", self.get_readyz)
         return app
 
     async def close(self) -> None:
@@ -683,11 +779,12 @@ class CAServer:
             await self.jwks.close()
         self.ledger.close()
         metrics_ledger = self._metrics_ledger
-        if metrics_ledger is not None:
+        if metrics_ledger is not None and metrics_ledger is not self.ledger:
             await asyncio.get_running_loop().run_in_executor(
                 self._metrics_thread, metrics_ledger.close
             )
         self._metrics_thread.shutdown(wait=False)
+        self.state_store.close()
 
 
 async def _drain_connections(server: web.Server, timeout: float) -> None:
@@ -790,8 +887,23 @@ async def serve(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
+    ca.url = url
+    ca._loop = loop
     renewer = asyncio.create_task(ca.renew_server_cert_forever())
     watcher = asyncio.create_task(ca.watch_state_forever())
+    # A shared store tells of changes made through other replicas (NOTIFY); the watcher
+    # reloads at once then, and polls meanwhile in case a notification is lost.
+    listen = getattr(ca.state_store, "listen", None)
+    stop_listening = threading.Event()
+    listener_thread = None
+    if listen is not None:
+        listener_thread = threading.Thread(
+            target=listen,
+            args=(ca.state_changed, stop_listening),
+            name="meshca-state-listener",
+            daemon=True,
+        )
+        listener_thread.start()
     log.info("serving trust domain %s on %s", ca.authority.trust_domain, url)
     if ready:
         ready(url)
@@ -804,6 +916,7 @@ async def serve(
         )
     finally:
         stopping.set()
+        stop_listening.set()
         lst.close()
         for task in (renewer, watcher):
             task.cancel()

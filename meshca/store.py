@@ -84,10 +84,15 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
 def create_exclusive(path: Path, data: bytes, mode: int = 0o600) -> None:
     """Write a new file; FileExistsError if it exists. Durable before returning."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(path)  # ours (O_EXCL), and never complete: not left half-written
+        raise
 
 
 def fsync_dir(path: Path) -> None:
@@ -140,14 +145,120 @@ def load_ec_key(path: Path) -> ec.EllipticCurvePrivateKey:
     return key
 
 
+class StateStore(Protocol):
+    """Where the CA's state record, certificates and private keys live, and how a change to
+    them is made: new material is written first (`write_pair`, `write_cert`, `write_key`),
+    then `write_state` makes it the CA's state in one step; `abandon` drops what was written
+    since the last `write_state` (a step that cannot finish). Changes are made under
+    `locked()`. `StateDir` (files in `--home`) implements it; `meshca.pgstate.PgState` (a
+    shared PostgreSQL, keys sealed with a KEK) is the other implementation."""
+
+    kind: str  # "directory" or "postgresql"
+
+    def describe(self) -> str: ...
+    def exists(self) -> bool: ...
+    def read_state(self) -> State: ...
+    def revision(self) -> object: ...
+    def cert(self, name: str) -> x509.Certificate: ...
+    def key(self, name: str) -> ec.EllipticCurvePrivateKey: ...
+    def certs(self, kind: str) -> list[x509.Certificate]: ...
+    def has(self, filename: str) -> bool: ...
+    def write_pair(
+        self, name: str, key_pem: bytes, cert_pem: bytes, replace: bool = False
+    ) -> object: ...
+    def write_cert(self, name: str, cert_pem: bytes, replace: bool = False) -> object: ...
+    def write_key(self, filename: str, key_pem: bytes) -> None: ...
+    def write_state(self, state: State) -> None: ...
+    def abandon(self) -> None: ...
+    def locked(self, wait: bool = True) -> contextlib.AbstractContextManager[None]: ...
+    def initializing(self) -> contextlib.AbstractContextManager[None]: ...
+    def ledger(self, clock: Clock = ...) -> LedgerStore: ...
+    def close(self) -> None: ...
+
+
+def open_state(where: Path | StateStore) -> StateStore:
+    """A state store: `where` itself, or the state directory at a path."""
+    return StateDir(where) if isinstance(where, Path) else where
+
+
+def open_store(
+    home: Path | None,
+    dsn: str | None = None,
+    kek_file: Path | None = None,
+    clock: Clock = utcnow,
+    migrate: bool = False,
+) -> StateStore:
+    """The state directory `home`, or (with `dsn`) the shared PostgreSQL store whose keys are
+    sealed with the KEK in `kek_file`. psycopg is imported only for the latter."""
+    if dsn is None:
+        if home is None:
+            raise StateError("give --home DIR, or a store (--store/--store-file/--store-env)")
+        return StateDir(home)
+    if kek_file is None:
+        raise StateError("--kek-file: required with a PostgreSQL store (it seals the CA keys)")
+    from meshca.kek import load_kek
+    from meshca.pgstate import PgState
+
+    kek = load_kek(kek_file)
+    return PgState(dsn, kek, clock, migrate=migrate)
+
+
 class StateDir:
     """The CA's state directory (`--home`): the only code that knows its file names and how
     they are written (keys 0600, certificates 0644, new files durable before they are
     named, state.json last and atomically). CA certificates and keys are named by their
     base name (`root-<tag>`, `issuing-<tag>`, `endorse-<tag>-<serial>`)."""
 
+    kind = "directory"
+
     def __init__(self, home: Path) -> None:
         self.home = home
+        self._written: list[Path] = []  # files of the change under way (see `abandon`)
+
+    def __repr__(self) -> str:
+        return f"<StateDir {self.home}>"
+
+    def describe(self) -> str:
+        """Where the state is, for messages and `meshca status`."""
+        return str(self.home)
+
+    def exists(self) -> bool:
+        """Does the directory hold a CA (a state.json)?"""
+        return (self.home / STATE_FILE).exists()
+
+    def revision(self) -> object:
+        """Changes whenever state.json is replaced (its mtime; 0 when unreadable)."""
+        try:
+            return (self.home / STATE_FILE).stat().st_mtime_ns
+        except OSError:
+            return 0
+
+    def close(self) -> None:
+        """Nothing to release (files are opened per call)."""
+
+    def abandon(self) -> None:
+        """Remove the files written since the last `write_state`: a private key that no state
+        names is not left lying about (after a crash they are simply unused)."""
+        for path in self._written:
+            with contextlib.suppress(OSError):
+                path.unlink()
+        self._written.clear()
+
+    @contextlib.contextmanager
+    def initializing(self) -> Iterator[None]:
+        """Hold the lock for `meshca init`: refuses (StateError, nothing changed) when the
+        directory holds a CA or files of its own; removes leftovers of an interrupted init."""
+        home = self.home
+        if home.exists() and not home.is_dir():
+            raise StateError(f"{home} exists and is not a directory")
+        if home.exists():
+            check_empty_for_init(home)  # refuse before creating even the lock file
+        home.mkdir(mode=0o700, parents=True, exist_ok=True)
+        with locked(home):
+            for leftover in check_empty_for_init(home):
+                leftover.unlink()  # an earlier init crashed before writing state.json
+            os.chmod(home, 0o700)
+            yield
 
     def cert_path(self, name: str) -> Path:
         """Where the certificate `name` lives."""
@@ -187,8 +298,9 @@ class StateDir:
         ):
             if replace and path.exists():
                 path.unlink()
-            written.append(path)
             create_exclusive(path, data, mode)
+            written.append(path)
+            self._written.append(path)
         fsync_dir(self.home)
         return written
 
@@ -198,12 +310,14 @@ class StateDir:
         if replace and path.exists():
             path.unlink()
         create_exclusive(path, cert_pem, 0o644)
+        self._written.append(path)
         fsync_dir(self.home)
         return path
 
     def write_key(self, filename: str, key_pem: bytes) -> None:
         """A new signing key file (0600), durable."""
         create_exclusive(self.home / filename, key_pem)
+        self._written.append(self.home / filename)
         fsync_dir(self.home)
 
     def has(self, filename: str) -> bool:
@@ -217,6 +331,7 @@ class StateDir:
     def write_state(self, state: State) -> None:
         """Replace state.json atomically (the last write of any change)."""
         atomic_write(self.home / STATE_FILE, state.to_json(), 0o644)
+        self._written.clear()
 
     def ledger(self, clock: Clock = utcnow) -> Ledger:
         """The issuance ledger (open it once per thread)."""
@@ -439,6 +554,9 @@ class LedgerStore(Protocol):
     def leaves_in_use(self, issuers: list[str]) -> int: ...
     def revoked_serials(self) -> list[str]: ...
     def certificate(self, serial: str) -> IssuedRecord | None: ...
+    def certificates(
+        self, spiffe_id: str | None = None, active_only: bool = False, limit: int | None = None
+    ) -> list[IssuedRecord]: ...
     def refusals(self, limit: int = 100) -> list[dict[str, Any]]: ...
     def counts(self) -> dict[str, int]: ...
     def close(self) -> None: ...

@@ -37,7 +37,7 @@ PY
 }
 settle() { sleep 1.5; }  # the CA reloads its state and the sidecars poll the bundle every second
 
-step "rotation as the CronJob runs it (deploy/k8s/rotation-cronjob.yaml); waits shortened for the demo"
+step "rotation as the CronJob runs it (deploy/k8s/base/rotation-cronjob.yaml); waits shortened for the demo"
 show_trust
 calls 10
 

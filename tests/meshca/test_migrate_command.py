@@ -28,20 +28,20 @@ def migrate(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
 def test_migrate_creates_the_schema_once_from_any_source(pg, tmp_path):
     first = migrate("--store-env", "MESHCA_STORE", env={"MESHCA_STORE": pg.dsn})
     assert first.returncode == 0, first.stderr
-    assert "schema is at version 1" in first.stdout
-    assert pg.psql("SELECT max(version) FROM meshca_schema") == "1"
+    assert "schema is at version 2" in first.stdout
+    assert pg.psql("SELECT max(version) FROM meshca_schema") == "2"
     secret = tmp_path / "dsn"
     secret.write_text(pg.dsn + "\n")  # as a mounted Secret: a trailing newline
     again = migrate("--store-file", str(secret))
-    assert again.returncode == 0 and "version 1" in again.stdout, again.stderr
-    assert pg.psql("SELECT count(*) FROM meshca_schema") == "1"  # nothing applied twice
+    assert again.returncode == 0 and "version 2" in again.stdout, again.stderr
+    assert pg.psql("SELECT count(*) FROM meshca_schema") == "2"  # nothing applied twice
 
 
 def test_replicas_migrating_at_once_all_succeed(pg):
     with ThreadPoolExecutor(3) as pool:
         runs = list(pool.map(lambda _: migrate("--store", pg.dsn), range(3)))
     assert [r.returncode for r in runs] == [0, 0, 0], [r.stderr for r in runs]
-    assert pg.psql("SELECT count(*) FROM meshca_schema") == "1"
+    assert pg.psql("SELECT count(*) FROM meshca_schema") == "2"
 
 
 def test_an_unreachable_or_refusing_database_is_an_error_without_the_password(pg):

@@ -361,14 +361,19 @@ def test_replicas_racing_for_one_join_token_issue_exactly_once(dsn: str, shared_
 
 
 @pytest.mark.e2e
-def test_migrate_makes_version_1_from_an_empty_database(dsn: str, shared_pg) -> None:
-    assert migrate(dsn) == 1 == pgstore.SCHEMA_VERSION
-    assert shared_pg.psql("SELECT version FROM meshca_schema") == "1"
+def test_migrate_makes_the_current_version_from_an_empty_database(dsn: str, shared_pg) -> None:
+    assert migrate(dsn) == 2 == pgstore.SCHEMA_VERSION
+    assert (
+        shared_pg.psql("SELECT string_agg(version::text, ',' ORDER BY version) FROM meshca_schema")
+        == "1,2"
+    )
     tables = shared_pg.psql(
         "SELECT string_agg(tablename, ',' ORDER BY tablename) FROM pg_tables "
         "WHERE schemaname = 'public'"
     )
-    assert tables == "bans,certificates,events,join_tokens,meshca_schema,refusals"
+    assert tables == (
+        "bans,ca_material,ca_state,certificates,events,join_tokens,meshca_schema,refusals,replicas"
+    )
     indexes = shared_pg.psql(
         "SELECT string_agg(indexname, ',' ORDER BY indexname) FROM pg_indexes "
         "WHERE tablename = 'certificates'"
@@ -390,12 +395,12 @@ def test_migrate_makes_version_1_from_an_empty_database(dsn: str, shared_pg) -> 
 
 @pytest.mark.e2e
 def test_migrate_twice_changes_nothing(dsn: str, shared_pg) -> None:
-    assert migrate(dsn) == 1
+    assert migrate(dsn) == 2
     ledger = PgLedger(dsn)
     ledger.record_issued(rec("0a"))
-    assert migrate(dsn) == 1
+    assert migrate(dsn) == 2
     assert ledger.certificate("0a") == rec("0a")
-    assert shared_pg.psql("SELECT count(*) FROM meshca_schema") == "1"
+    assert shared_pg.psql("SELECT count(*) FROM meshca_schema") == "2"
     ledger.close()
 
 
@@ -416,8 +421,11 @@ def test_replicas_migrating_at_once_all_succeed(dsn: str, shared_pg) -> None:
         t.start()
     for t in threads:
         t.join(timeout=30)
-    assert results == [1, 1, 1]
-    assert shared_pg.psql("SELECT string_agg(version::text, ',') FROM meshca_schema") == "1"
+    assert results == [2, 2, 2]
+    assert (
+        shared_pg.psql("SELECT string_agg(version::text, ',' ORDER BY version) FROM meshca_schema")
+        == "1,2"
+    )
 
 
 @pytest.mark.e2e
@@ -425,7 +433,7 @@ def test_a_ledger_refuses_a_database_without_the_schema(dsn: str) -> None:
     with pytest.raises(StateError) as refused:
         PgLedger(dsn)
     message = str(refused.value)
-    assert "has no meshca schema" in message and "needs version 1" in message
+    assert "has no meshca schema" in message and "needs version 2" in message
     assert "run 'meshca migrate'" in message
     migrate(dsn)
     PgLedger(dsn).close()
@@ -434,15 +442,15 @@ def test_a_ledger_refuses_a_database_without_the_schema(dsn: str) -> None:
 @pytest.mark.e2e
 def test_an_older_schema_is_refused_then_upgraded(dsn: str, shared_pg, monkeypatch) -> None:
     migrate(dsn)
-    v2 = ("ALTER TABLE certificates ADD COLUMN note TEXT",)
-    monkeypatch.setattr(pgstore, "_MIGRATIONS", (*pgstore._MIGRATIONS, v2))
-    monkeypatch.setattr(pgstore, "SCHEMA_VERSION", 2)
-    with pytest.raises(StateError, match=r"has schema version 1; .* needs version 2: run 'meshca"):
+    v3 = ("ALTER TABLE certificates ADD COLUMN note TEXT",)
+    monkeypatch.setattr(pgstore, "_MIGRATIONS", (*pgstore._MIGRATIONS, v3))
+    monkeypatch.setattr(pgstore, "SCHEMA_VERSION", 3)
+    with pytest.raises(StateError, match=r"has schema version 2; .* needs version 3: run 'meshca"):
         PgLedger(dsn)
-    assert migrate(dsn) == 2
+    assert migrate(dsn) == 3
     assert (
         shared_pg.psql("SELECT string_agg(version::text, ',' ORDER BY version) FROM meshca_schema")
-        == "1,2"
+        == "1,2,3"
     )
     PgLedger(dsn).close()
 
