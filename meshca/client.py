@@ -3,18 +3,28 @@
 Errors are split the way a caller must act on them: `CAUnavailable` (network,
 timeout, 5xx, 429: retry later with backoff) and `CARefused` (any other 4xx:
 the credential or request is wrong; retrying the same thing will not help).
+
+Every request goes to the CA's replicas (`CAReplicas`) in turn until one answers: each
+configured URL, and a URL whose host is a name once per address the name resolves to
+(a headless Service gives one per replica), so that a replica answering 503 or 429 is
+passed over for the other replicas behind the same name.
 """
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
+import ipaddress
 import json
+import logging
+import socket
 import ssl
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
+import yarl
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -23,7 +33,18 @@ from cryptography.x509.oid import NameOID
 from meshca import tlsutil
 from meshca.trust import MAX_BUNDLE_BYTES, BundleDoc, BundleError, endorsed_roots, load_roots
 
+log = logging.getLogger("meshca.client")
+
 MAX_ANSWER_BYTES = 256 * 1024
+# A replica whose address swallows the connection attempt (its node is gone, its address
+# not yet out of DNS) is passed over after this long, not after the whole request's
+# timeout: aiohttp, resolving a name itself, started the next address after 0.25 s.
+CONNECT_TIMEOUT = 3.0
+T = TypeVar("T")
+
+
+def _timeout(total: float) -> aiohttp.ClientTimeout:
+    return aiohttp.ClientTimeout(total=total, sock_connect=min(total, CONNECT_TIMEOUT))
 
 
 class CAError(Exception):
@@ -109,16 +130,19 @@ def _is_cert_error(e: BaseException) -> bool:
 
 
 async def fetch_bundle(
-    url: str,
+    url: str | Sequence[str] | CAReplicas,
     trusted_pem: str,
     now: dt.datetime,
     trust_domain: str | None = None,
     etag: str | None = None,
     timeout: float = 10.0,
     ca_id: str | None = None,
+    resolver: Resolver | None = None,
 ) -> tuple[BundleDoc | None, str | None, bool]:
     """GET /v1/bundle from the CA at `url`: (document or None if unchanged, ETag, discovered).
 
+    `url` is one URL, several, or `CAReplicas` (which remember the replica that answered
+    last); each replica is tried in turn until one answers (see `CAReplicas.first_answer`).
     The CA's certificate is verified against `trusted_pem`. If it does not verify
     (the CA issues under a root we have not seen yet), the document is fetched once
     without verifying, accepted only if endorsements lead from a root in
@@ -128,37 +152,52 @@ async def fetch_bundle(
     `ca_id`, a verified server must also present that SPIFFE ID (the CA's own),
     so that a workload certificate with the CA's DNS name cannot stand in for it.
     """
-    bundle_url = url.rstrip("/") + "/v1/bundle"
+    replicas = url if isinstance(url, CAReplicas) else CAReplicas(url, timeout, resolver)
+
+    async def at(c: Candidate) -> tuple[BundleDoc | None, str | None, bool]:
+        return await _fetch_bundle_at(c, trusted_pem, now, trust_domain, etag, timeout, ca_id)
+
+    return await replicas.first_answer(at)
+
+
+async def _fetch_bundle_at(
+    c: Candidate,
+    trusted_pem: str,
+    now: dt.datetime,
+    trust_domain: str | None,
+    etag: str | None,
+    timeout: float,
+    ca_id: str | None,
+) -> tuple[BundleDoc | None, str | None, bool]:
+    """`fetch_bundle` at one replica: a discovery asks the same replica all three times."""
     try:
         doc, tag = await _get_bundle(
-            bundle_url, ca_context(trusted_pem), now, trust_domain, etag, timeout, ca_id
+            c, ca_context(trusted_pem), now, trust_domain, etag, timeout, ca_id
         )
         return doc, tag, False
     except CAUntrusted:
         pass
     trusted = load_roots(trusted_pem, now, "the trusted bundle")
-    offered, _ = await _get_bundle(
-        bundle_url, _untrusted_context(), now, trust_domain, None, timeout
-    )
+    offered, _ = await _get_bundle(c, _untrusted_context(), now, trust_domain, None, timeout)
     assert offered is not None
     try:
         endorsed_roots(trusted, offered.roots, offered.endorsements, now)
     except BundleError as e:
-        raise CAUntrusted(f"the CA at {url} is not trusted: {e}") from None
+        raise CAUntrusted(f"the CA at {c} is not trusted: {e}") from None
     # Now prove the server holds a certificate under the roots just accepted.
     doc, tag = await _get_bundle(
-        bundle_url, ca_context(offered.roots_pem), now, trust_domain, None, timeout, ca_id
+        c, ca_context(offered.roots_pem), now, trust_domain, None, timeout, ca_id
     )
     assert doc is not None
     try:
         endorsed_roots(trusted, doc.roots, doc.endorsements, now)
     except BundleError as e:
-        raise CAUntrusted(f"the CA at {url} is not trusted: {e}") from None
+        raise CAUntrusted(f"the CA at {c} is not trusted: {e}") from None
     return doc, tag, True
 
 
 async def _get_bundle(
-    url: str,
+    c: Candidate,
     ctx: ssl.SSLContext,
     now: dt.datetime,
     trust_domain: str | None,
@@ -166,26 +205,32 @@ async def _get_bundle(
     timeout: float,
     ca_id: str | None = None,
 ) -> tuple[BundleDoc | None, str | None]:
-    headers = {"If-None-Match": etag} if etag else {}
+    headers = c.headers({"If-None-Match": etag} if etag else {})
     try:
         async with (
             aiohttp.ClientSession(
-                timeout=aiohttp.ClientTimeout(total=timeout), connector=_CAConnector(ca_id)
+                timeout=_timeout(timeout), connector=_CAConnector(ca_id)
             ) as session,
-            session.get(url, headers=headers, ssl=ctx, allow_redirects=False) as resp,
+            session.get(
+                c.target("/v1/bundle"),
+                headers=headers,
+                ssl=ctx,
+                server_hostname=c.name,
+                allow_redirects=False,
+            ) as resp,
         ):
             if resp.status == 304:
                 return None, etag
             if resp.status != 200:
-                raise CAUnavailable(f"the CA answered {resp.status} for {url}")
+                raise CAUnavailable(f"the CA at {c} answered {resp.status} for /v1/bundle")
             raw = await read_capped(resp, MAX_BUNDLE_BYTES, "the CA's bundle")
             tag = resp.headers.get("ETag")
     except (aiohttp.ClientError, OSError, TimeoutError) as e:
         if isinstance(e, NotTheCA):
-            raise CAUnavailable(f"{url}: {e}") from None
+            raise CAUnavailable(f"{c}: {e}") from None
         if _is_cert_error(e):
-            raise CAUntrusted(f"the CA's certificate at {url} does not verify") from None
-        raise CAUnavailable(f"cannot reach the CA at {url}: {type(e).__name__}") from None
+            raise CAUntrusted(f"the CA's certificate at {c} does not verify") from None
+        raise CAUnavailable(f"cannot reach the CA at {c}: {type(e).__name__}") from None
     try:
         return BundleDoc.parse(raw, now, trust_domain), tag
     except BundleError as e:
@@ -252,12 +297,151 @@ def ca_urls(url: str | Sequence[str]) -> tuple[str, ...]:
     return tuple(u.rstrip("/") for u in urls)
 
 
+Resolver = Callable[[str, int], Awaitable[Sequence[str]]]
+
+
+async def resolve_host(host: str, port: int) -> list[str]:
+    """Every address of `host`, in the system resolver's order (/etc/hosts, DNS, the search
+    list: what aiohttp would have asked); OSError if there is none."""
+    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return list(dict.fromkeys(str(info[4][0]) for info in infos))
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One place a request can go: a configured URL, at one address of its host name.
+
+    The connection goes to `address`, but the TLS handshake verifies the CA's certificate
+    against the name (and sends it as SNI), and the request says `Host: name[:port]`: to
+    the replica it is the same request as through the name."""
+
+    url: str  # as configured
+    address: str | None = None  # None: the URL's host is an IP address; connect to it
+    name: str | None = None  # the URL's host name, for the handshake (None: as aiohttp does)
+    host: str | None = None  # the Host header
+    base: str = ""  # the URL with the address in place of the name
+
+    def target(self, path: str) -> str:
+        return (self.base or self.url) + path
+
+    def headers(self, headers: dict[str, str]) -> dict[str, str]:
+        return headers if self.host is None else {**headers, "Host": self.host}
+
+    def __str__(self) -> str:
+        return self.url if self.address is None else f"{self.url} ({self.address})"
+
+
+class CAReplicas:
+    """The CA's replicas, in the order a request tries them, from the one that answered last.
+
+    The candidates are the configured URLs in order, each URL whose host is a name (not
+    an IP address; `localhost` is a name) expanded into the name's addresses in the
+    resolver's order. The name is resolved again for every request (replicas come and
+    go), and only when the request gets to it: the usual request costs one lookup, as it
+    did when aiohttp resolved the name itself. A name that does not resolve is a
+    candidate that failed (logged once until it resolves again).
+    """
+
+    def __init__(
+        self,
+        url: str | Sequence[str],
+        timeout: float = 10.0,
+        resolver: Resolver | None = None,
+    ) -> None:
+        self.urls = ca_urls(url)
+        self.timeout = timeout  # for one lookup
+        self.resolver = resolver or resolve_host
+        self._last: tuple[int, str | None] = (0, None)  # (URL index, address) that answered
+        self._unresolved: set[str] = set()  # names whose failure has been logged
+
+    @property
+    def url(self) -> str:
+        """The configured URL tried first (of the replica that answered last)."""
+        return self.urls[self._last[0]]
+
+    async def first_answer(self, attempt: Callable[[Candidate], Awaitable[T]]) -> T:
+        """`attempt` at each candidate in turn until one returns, and what it returned.
+
+        Starts from the candidate that answered last (if its name still resolves to its
+        address; else from its URL's first address), goes round the rest in order and
+        ends with its URL's addresses before it. CAUnavailable passes to the next (the
+        last one is raised when none answers); CAUntrusted is raised at once: a replica
+        whose certificate does not verify is an attack or a misconfiguration that the
+        trust must fix, not an outage to route around.
+        """
+        n = len(self.urls)
+        if n == 0:
+            raise CAUnavailable("no CA URL is configured")
+        failure: CAUnavailable | None = None
+        first, address = self._last
+        rest: list[Candidate] = []  # the first URL's addresses before the last good one
+        for i in range(n + 1):
+            k = (first + i) % n
+            if i == n:
+                batch = rest
+            else:
+                try:
+                    batch = await self._expand(self.urls[k])
+                except CAUnavailable as e:
+                    failure = e
+                    continue
+                if i == 0:
+                    j = next((x for x, c in enumerate(batch) if c.address == address), 0)
+                    batch, rest = batch[j:], batch[:j]
+            for c in batch:
+                try:
+                    result = await attempt(c)
+                except CAUntrusted:
+                    raise
+                except CAUnavailable as e:
+                    log.debug("passing over the CA at %s: %s", c, e)
+                    failure = e
+                    continue
+                self._last = (k, c.address)
+                return result
+        assert failure is not None
+        raise failure
+
+    async def _expand(self, url: str) -> list[Candidate]:
+        """The candidates of one URL: itself if its host is an IP address, else one per
+        address of its name. CAUnavailable if the name does not resolve."""
+        u = yarl.URL(url)
+        name, port = u.raw_host, u.port
+        if not name or port is None or _is_ip(name):
+            return [Candidate(url)]
+        try:
+            async with asyncio.timeout(self.timeout):
+                addresses = list(dict.fromkeys(await self.resolver(name, port)))
+            if not addresses:
+                raise OSError(f"no address for {name}")
+        except (OSError, TimeoutError, UnicodeError) as e:
+            reason = getattr(e, "strerror", None) or str(e) or type(e).__name__
+            if name not in self._unresolved:
+                self._unresolved.add(name)
+                log.warning("cannot resolve %s (of the CA URL %s): %s", name, url, reason)
+            raise CAUnavailable(f"cannot resolve {name} (of the CA URL {url}): {reason}") from None
+        if name in self._unresolved:
+            self._unresolved.discard(name)
+            log.info("%s (of the CA URL %s) resolves again", name, url)
+        host = name if u.is_default_port() else f"{name}:{port}"
+        return [Candidate(url, a, name, host, str(u.with_host(a))) for a in addresses]
+
+
 class EnrollmentClient:
     """Talks to `POST /v1/certificates` and `/v1/jwt` of the CA.
 
-    `url` is one URL or several (CA replicas): a request that cannot connect, times
-    out or is answered 5xx or 429 goes to the next one, starting from the last that
-    answered; a refusal (4xx) is the answer. `trust` is the PEM bundle the CA's
+    `url` is one URL or several (CA replicas), a name in one standing for each of its
+    addresses (`CAReplicas`; `resolver` is for tests): a request that cannot connect,
+    times out or is answered 5xx or 429 goes to the next one, starting from the last
+    that answered; a refusal (4xx) is the answer. `trust` is the PEM bundle the CA's
     certificate must chain to, or a function returning the current one (the
     sidecar's trust store), read for every request. When the CA's certificate does
     not verify, `on_untrusted` (if given) may catch up with the CA's roots (see
@@ -272,9 +456,10 @@ class EnrollmentClient:
         timeout: float = 10.0,
         on_untrusted: OnUntrusted | None = None,
         ca_id: str | None = None,
+        resolver: Resolver | None = None,
     ) -> None:
-        self.urls = ca_urls(url)
-        self._preferred = 0  # the replica that answered last
+        self.replicas = CAReplicas(url, timeout, resolver)
+        self.urls = self.replicas.urls
         self._trust = trust
         self.timeout = timeout
         self.on_untrusted = on_untrusted
@@ -282,8 +467,8 @@ class EnrollmentClient:
 
     @property
     def url(self) -> str:
-        """The replica tried first (the one that answered last)."""
-        return self.urls[self._preferred]
+        """The configured URL tried first (of the replica that answered last)."""
+        return self.replicas.url
 
     @property
     def bundle_pem(self) -> str:
@@ -347,61 +532,58 @@ class EnrollmentClient:
         self, ctx: ssl.SSLContext, path: str, body: dict, headers: dict[str, str]
     ) -> tuple[int, dict]:
         """One request, to each replica in turn until one answers (a 4xx is an answer)."""
-        n = len(self.urls)
-        failure: CAUnavailable | None = None
-        for i in range(n):
-            k = (self._preferred + i) % n
-            try:
-                status, doc = await self._call_at(self.urls[k], ctx, path, body, headers)
-            except CAUntrusted:
-                raise  # the trust is ours to fix, wherever the CA runs
-            except CAUnavailable as e:
-                failure = e
-                continue
-            if (status == 429 or status >= 500) and i < n - 1:
-                failure = self._error(status, doc)  # type: ignore[assignment]
-                continue
-            self._preferred = k
+
+        async def at(c: Candidate) -> tuple[int, dict]:
+            status, doc = await self._call_at(c, ctx, path, body, headers)
+            if status == 429 or status >= 500:
+                raise self._error(status, doc, c)
             return status, doc
-        assert failure is not None
-        raise failure
+
+        return await self.replicas.first_answer(at)
 
     async def _call_at(
-        self, url: str, ctx: ssl.SSLContext, path: str, body: dict, headers: dict[str, str]
+        self, c: Candidate, ctx: ssl.SSLContext, path: str, body: dict, headers: dict[str, str]
     ) -> tuple[int, dict]:
-        timeout = aiohttp.ClientTimeout(total=self.timeout)
         try:
             async with (
                 aiohttp.ClientSession(
-                    timeout=timeout, connector=_CAConnector(self.ca_id)
+                    timeout=_timeout(self.timeout), connector=_CAConnector(self.ca_id)
                 ) as session,
                 session.post(
-                    url + path, json=body, headers=headers, ssl=ctx, allow_redirects=False
+                    c.target(path),
+                    json=body,
+                    headers=c.headers(headers),
+                    ssl=ctx,
+                    server_hostname=c.name,
+                    allow_redirects=False,
                 ) as resp,
             ):
                 raw = await read_capped(resp, MAX_ANSWER_BYTES, "the CA's answer")
                 status = resp.status
         except (aiohttp.ClientError, OSError, TimeoutError) as e:
             if isinstance(e, NotTheCA):
-                raise CAUnavailable(f"{url}: {e}") from None
+                raise CAUnavailable(f"{c}: {e}") from None
             if _is_cert_error(e):
                 raise CAUntrusted(
-                    f"cannot reach the CA at {url}: its certificate does not verify "
+                    f"cannot reach the CA at {c}: its certificate does not verify "
                     f"against our trust bundle ({type(e).__name__})"
                 ) from None
-            raise CAUnavailable(f"cannot reach the CA at {url}: {type(e).__name__}") from None
+            raise CAUnavailable(f"cannot reach the CA at {c}: {type(e).__name__}") from None
         try:
             doc = json.loads(raw)
         except (ValueError, RecursionError):
-            raise CAUnavailable(f"the CA answered {status} with a body that is not JSON") from None
+            raise CAUnavailable(
+                f"the CA at {c} answered {status} with a body that is not JSON"
+            ) from None
         return status, doc if isinstance(doc, dict) else {}
 
     @staticmethod
-    def _error(status: int, doc: dict) -> CAError:
+    def _error(status: int, doc: dict, at: Candidate | None = None) -> CAError:
         code = str(doc.get("error", "unknown"))
         detail = str(doc.get("detail", ""))
         if status == 429 or status >= 500:
-            return CAUnavailable(f"the CA answered {status} {code}: {detail}")
+            where = f" at {at}" if at is not None else ""
+            return CAUnavailable(f"the CA{where} answered {status} {code}: {detail}")
         return CARefused(status, code, detail)
 
     async def _post(
