@@ -19,7 +19,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 
-from meshca.client import CAError, CAUnavailable, CAUntrusted, ca_urls, fetch_bundle
+from meshca.client import CAError, CAReplicas, fetch_bundle
 from meshca.trust import BundleDoc, BundleError
 from sidecar.identity.trust import TrustStore
 
@@ -38,8 +38,10 @@ class BundleWatcher:
         interval: float = 30.0,
         clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
     ) -> None:
-        self.urls = ca_urls(ca_url)  # replicas: each in turn until one answers
-        self._preferred = 0
+        # Replicas (each URL's addresses, too): each in turn until one answers, starting
+        # from the one that answered last.
+        self.replicas = CAReplicas(ca_url)
+        self.urls = self.replicas.urls
         self.trust = trust
         self.interval = interval
         self.clock = clock
@@ -89,28 +91,14 @@ class BundleWatcher:
         self, now: dt.datetime, use_etag: bool
     ) -> tuple[BundleDoc | None, str | None, bool]:
         """GET /v1/bundle from the replica that answered last, else from each other one."""
-        n = len(self.urls)
-        failure: CAError | None = None
-        for i in range(n):
-            k = (self._preferred + i) % n
-            try:
-                got = await fetch_bundle(
-                    self.urls[k],
-                    self.trust.pem,
-                    now,
-                    self.trust.trust_domain,
-                    self.etag if use_etag else None,
-                    ca_id=self.ca_id,
-                )
-            except CAUntrusted:
-                raise
-            except CAUnavailable as e:
-                failure = e
-                continue
-            self._preferred = k
-            return got
-        assert failure is not None
-        raise failure
+        return await fetch_bundle(
+            self.replicas,
+            self.trust.pem,
+            now,
+            self.trust.trust_domain,
+            self.etag if use_etag else None,
+            ca_id=self.ca_id,
+        )
 
     def _insists(self, doc: BundleDoc) -> bool:
         """True once the CA has answered the same older sequence on ROLLBACK_POLLS polls
