@@ -22,6 +22,7 @@ replicas served recently (`replicas`).
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import logging
 import threading
 from collections.abc import Callable, Iterator
@@ -51,6 +52,7 @@ log = logging.getLogger("meshca.pgstate")
 CHANNEL = "meshca_state"
 # pg_advisory_lock key of a change to the CA's state: "meshca:r" as a big-endian int64.
 CHANGE_LOCK = int.from_bytes(b"meshca:r", "big")
+REPLICA_TTL = dt.timedelta(days=1)  # a replica not seen for this long leaves the table
 LOCK_WAIT = "60s"  # how long `locked()` waits for another replica's change to finish
 
 
@@ -362,6 +364,11 @@ class PgState:
                 "started_at = EXCLUDED.started_at, seen_at = EXCLUDED.seen_at, "
                 "revision = EXCLUDED.revision",
                 (name, url, version, started_at, now, revision),
+            )
+            # Replicas gone for a day (pods replaced) are forgotten.
+            conn.execute(
+                "DELETE FROM replicas WHERE seen_at < %s",
+                (iso(self.clock() - REPLICA_TTL),),
             )
 
     def replicas(self, since: str) -> list[dict[str, Any]]:

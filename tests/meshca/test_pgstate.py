@@ -252,3 +252,36 @@ def test_the_database_down_is_unavailable_then_recovers(tmp_path: Path, kek: Kek
             assert rotate(st, force_intermediate=True)["action"] == "rotate_intermediate"
         finally:
             st.close()
+
+
+def test_a_replica_that_missed_the_notification_polls_the_change_in(
+    dsn: str, kek: Kek, state: PgState
+) -> None:
+    """Without its listener (its connection down when the NOTIFY went out), a replica still
+    reloads a change made through another within its reload interval."""
+    import asyncio
+
+    from meshca.config import build_serve_config
+    from meshca.server import CAServer
+
+    init_ca(state, "cluster.local")
+    config = build_serve_config("", reload_interval=0.2)
+    replica = PgState(dsn, kek)
+    ca = CAServer(config, state_store=replica)
+
+    async def run() -> float:
+        watcher = asyncio.create_task(ca.watch_state_forever())  # no listener thread
+        try:
+            before = ca.active
+            step = await asyncio.to_thread(rotate, state, force_intermediate=True)
+            start = time.monotonic()
+            while ca.active is before:
+                assert time.monotonic() - start < 5, "the change was not polled in"
+                await asyncio.sleep(0.02)
+            assert pki.serial_hex(ca.authority.intermediate) == step["intermediate"]
+            return time.monotonic() - start
+        finally:
+            watcher.cancel()
+            await ca.close()
+
+    assert asyncio.run(run()) < 2.0
