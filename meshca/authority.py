@@ -167,4 +167,5 @@ def ensure_jwt_key(where: Path | store.StateStore) -> ec.EllipticCurvePrivateKey
         with sd.locked():
             if not sd.has(store.JWT_KEY_FILE):
                 sd.write_key(store.JWT_KEY_FILE, pki.key_pem(pki.new_key()))
+                sd.write_state(sd.read_state())  # a store commits new material with the state
     return sd.key(store.JWT_KEY_FILE)

@@ -263,6 +263,8 @@ def store_dsn(
             dsn = Path(value).read_text().strip()
         except OSError as e:
             raise ConfigError(f"--store-file: cannot read {value} ({e.strerror})") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"--store-file: {value} is not text (a postgresql:// URL)") from None
     elif flag == "--store-env":
         dsn = (environ if environ is not None else dict(os.environ)).get(value, "").strip()
         if not dsn:

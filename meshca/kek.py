@@ -9,6 +9,11 @@ A sealed key is `MKEK1 | kek id (8 bytes) | nonce (12) | ciphertext+tag`, and th
 name is the additional authenticated data, so a sealed key moved to another name's row
 does not open. The KEK id (the first 8 bytes of a SHA-256 of the KEK) tells "the wrong
 KEK" apart from "a damaged row" in the error, without revealing anything of the KEK.
+
+The certificates and the state record beside the keys are public, but not to be changed
+by whoever can write to the database without the KEK (adding a root of theirs to the
+bundle, pointing the state back at a retired intermediate): each row carries an HMAC
+under a key derived from the KEK (`mac`), checked on every read.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import hmac
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +51,17 @@ class Kek:
 
     def _id(self) -> bytes:
         return hashlib.sha256(b"meshca-kek-id\x00" + self.key).digest()[:_ID_BYTES]
+
+    def mac(self, *parts: bytes) -> bytes:
+        """An HMAC-SHA256 over `parts` (length-prefixed, so no two lists of parts collide)
+        with a key derived from the KEK: what a writer without the KEK cannot forge."""
+        key = hashlib.sha256(b"meshca-kek-mac\x00" + self.key).digest()
+        msg = b"".join(len(p).to_bytes(8, "big") + p for p in parts)
+        return hmac.new(key, msg, hashlib.sha256).digest()
+
+    def verify(self, tag: bytes, *parts: bytes) -> bool:
+        """Does `tag` authenticate `parts`?"""
+        return hmac.compare_digest(tag, self.mac(*parts))
 
     def seal(self, name: str, plaintext: bytes) -> bytes:
         """`plaintext` (a PEM private key) encrypted for the row named `name`."""
@@ -79,8 +96,8 @@ def parse_kek(data: bytes, source: str) -> Kek:
     or raw. StateError naming `source` (never the content) otherwise."""
     text = data.strip()
     candidates: list[bytes] = []
-    if len(data) == KEK_BYTES:
-        candidates.append(data)
+    if len(data) == KEK_BYTES and not (data.isascii() and data.decode().isprintable()):
+        candidates.append(data)  # raw random bytes (a passphrase of 32 characters is not)
     try:
         candidates.append(base64.b64decode(text, validate=True))
     except (binascii.Error, ValueError):

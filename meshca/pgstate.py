@@ -53,12 +53,34 @@ CHANNEL = "meshca_state"
 # pg_advisory_lock key of a change to the CA's state: "meshca:r" as a big-endian int64.
 CHANGE_LOCK = int.from_bytes(b"meshca:r", "big")
 REPLICA_TTL = dt.timedelta(days=1)  # a replica not seen for this long leaves the table
-LOCK_WAIT = "60s"  # how long `locked()` waits for another replica's change to finish
+LOCK_WAIT = "60s"
+LOCK_SESSION = (
+    "idle_session_timeout = '60s'",  # PostgreSQL 14+ (an older server skips it)
+    "tcp_keepalives_idle = 10",
+    "tcp_keepalives_interval = 5",
+    "tcp_keepalives_count = 3",
+)  # how long `locked()` waits for another replica's change to finish
 
 
 def _material_name(name: str) -> str:
     """Row name of a certificate or key (`token-signing.key` -> `token-signing`)."""
     return name.removesuffix(".key")
+
+
+def _state_parts(revision: int, doc: str) -> tuple[bytes, ...]:
+    """What a state record's MAC covers: the revision too (a writer without the KEK cannot
+    give an old record a new revision)."""
+    return (b"ca_state", str(revision).encode(), doc.encode())
+
+
+def _material_parts(name: str, cert_pem: str | None, sealed: bytes | None) -> tuple[bytes, ...]:
+    """What a material row's MAC covers (None and empty told apart)."""
+    return (
+        b"ca_material",
+        name.encode(),
+        b"-" if cert_pem is None else b"+" + cert_pem.encode(),
+        b"-" if sealed is None else b"+" + sealed,
+    )
 
 
 class PgState:
@@ -147,15 +169,35 @@ class PgState:
 
     def read_state(self) -> State:
         """The state record; StateError when the store holds no CA or a bad record."""
-        row = self._one("reading the state", "SELECT revision, doc FROM ca_state WHERE id = 1")
+        row = self._one(
+            "reading the state", "SELECT revision, doc, mac, kek_id FROM ca_state WHERE id = 1"
+        )
         if row is None:
             raise StateError(
                 f"no CA in the store at {self.describe()}; run 'meshca init' with this store, "
                 "or 'meshca serve --init-if-missing'"
             )
+        if row[3] != self._kek.kek_id:
+            raise StateError(
+                f"the CA in {self.describe()} was sealed with another key-encryption key "
+                f"(id {row[3]}; {self._kek.source} has id {self._kek.kek_id})"
+            )
+        if not self._kek.verify(bytes(row[2]), *_state_parts(int(row[0]), row[1])):
+            raise StateError(self._forged("the state record"))
         if self._mine():
             self._seen = int(row[0])
         return State.from_json(row[1].encode(), f"{STATE_FILE} in {self.describe()}")
+
+    def _forged(self, what: str) -> str:
+        return (
+            f"{what} in {self.describe()} does not verify with the key-encryption key "
+            f"({self._kek.source}, id {self._kek.kek_id}): it was written with another KEK, "
+            "or changed by something other than meshca"
+        )
+
+    def _checked(self, name: str, cert_pem: str | None, sealed: bytes | None, mac: bytes) -> None:
+        if not self._kek.verify(mac, *_material_parts(name, cert_pem, sealed)):
+            raise StateError(self._forged(f"the CA material {name!r}"))
 
     def _material(self, name: str) -> tuple[str | None, bytes | None] | None:
         row_name = _material_name(name)
@@ -163,10 +205,14 @@ class PgState:
             return self._pending[row_name][:2]
         row = self._one(
             "reading CA material",
-            "SELECT cert_pem, key_sealed FROM ca_material WHERE name = %s",
+            "SELECT cert_pem, key_sealed, mac FROM ca_material WHERE name = %s",
             (row_name,),
         )
-        return (row[0], bytes(row[1]) if row[1] is not None else None) if row else None
+        if row is None:
+            return None
+        cert_pem, sealed = row[0], bytes(row[1]) if row[1] is not None else None
+        self._checked(row_name, cert_pem, sealed, bytes(row[2]))
+        return cert_pem, sealed
 
     def cert(self, name: str) -> x509.Certificate:
         """The certificate `name`; StateError if the store has none or a bad one."""
@@ -197,11 +243,13 @@ class PgState:
         """Every certificate of a kind (`root`, `issuing`, `endorse`), by name."""
         with self._read("reading CA material") as conn:
             rows = conn.execute(
-                "SELECT name, cert_pem FROM ca_material WHERE name LIKE %s "
+                "SELECT name, cert_pem, key_sealed, mac FROM ca_material WHERE name LIKE %s "
                 "AND cert_pem IS NOT NULL",
                 (kind + "-%",),
             ).fetchall()
-        found = dict(rows)
+        for name, cert_pem, sealed, mac in rows:
+            self._checked(name, cert_pem, bytes(sealed) if sealed is not None else None, bytes(mac))
+        found = {r[0]: r[1] for r in rows}
         if self._mine():
             found.update(
                 {n: p[0] for n, p in self._pending.items() if n.startswith(kind + "-") and p[0]}
@@ -264,26 +312,42 @@ class PgState:
                     )
                 for name, (cert_pem, sealed, replace) in self._pending.items():
                     cur = conn.execute(
-                        "INSERT INTO ca_material (name, cert_pem, key_sealed, created_at) "
-                        "VALUES (%s, %s, %s, %s) ON CONFLICT (name) DO "
+                        "INSERT INTO ca_material (name, cert_pem, key_sealed, created_at, mac) "
+                        "VALUES (%s, %s, %s, %s, %s) ON CONFLICT (name) DO "
                         + (
                             "UPDATE SET cert_pem = EXCLUDED.cert_pem, "
-                            "key_sealed = EXCLUDED.key_sealed, created_at = EXCLUDED.created_at"
+                            "key_sealed = EXCLUDED.key_sealed, created_at = EXCLUDED.created_at, "
+                            "mac = EXCLUDED.mac"
                             if replace
                             else "NOTHING"
                         ),
-                        (name, cert_pem, sealed, now),
+                        (
+                            name,
+                            cert_pem,
+                            sealed,
+                            now,
+                            self._kek.mac(*_material_parts(name, cert_pem, sealed)),
+                        ),
                     )
                     if cur.rowcount != 1:
                         raise StateError(
                             f"{name} already exists in {self.describe()}; nothing was written"
                         )
                 revision = current + 1
+                doc = state.to_json().decode()
                 conn.execute(
-                    "INSERT INTO ca_state (id, revision, doc, updated_at) VALUES (1, %s, %s, %s) "
-                    "ON CONFLICT (id) DO UPDATE SET revision = EXCLUDED.revision, "
-                    "doc = EXCLUDED.doc, updated_at = EXCLUDED.updated_at",
-                    (revision, state.to_json().decode(), now),
+                    "INSERT INTO ca_state (id, revision, doc, updated_at, kek_id, mac) "
+                    "VALUES (1, %s, %s, %s, %s, %s) ON CONFLICT (id) DO UPDATE SET "
+                    "revision = EXCLUDED.revision, doc = EXCLUDED.doc, "
+                    "updated_at = EXCLUDED.updated_at, kek_id = EXCLUDED.kek_id, "
+                    "mac = EXCLUDED.mac",
+                    (
+                        revision,
+                        doc,
+                        now,
+                        self._kek.kek_id,
+                        self._kek.mac(*_state_parts(revision, doc)),
+                    ),
                 )
                 conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, str(revision)))
         except _CONNECTION_ERRORS as e:
@@ -306,8 +370,15 @@ class PgState:
                 ) from None
             try:
                 try:
+                    # The session holds the lock: if this replica stalls or is cut off
+                    # (not only if it dies), the server ends the session and frees the lock
+                    # within a minute, rather than after the kernel's two hours.
+                    for setting in LOCK_SESSION:
+                        with contextlib.suppress(psycopg.errors.UndefinedObject):
+                            conn.execute(f"SET {setting}")
                     if wait:
                         conn.execute(f"SET lock_timeout = '{LOCK_WAIT}'")
+                        conn.execute(f"SET statement_timeout = '{LOCK_WAIT}'")
                         conn.execute("SELECT pg_advisory_lock(%s)", (CHANGE_LOCK,))
                     else:
                         row = conn.execute(

@@ -48,6 +48,8 @@ CONNECT_TIMEOUT = 3  # seconds libpq tries one connection (unless the DSN says o
 # 15 minutes of retransmissions.
 TCP_USER_TIMEOUT = 10_000
 POOL_TIMEOUT = 5.0  # seconds a call waits for a connection before it is Unavailable
+STATEMENT_TIMEOUT = 10_000  # ms a statement may run (unless the DSN's options say otherwise)
+LOCK_TIMEOUT = 5_000  # ms a statement may wait for a row or table lock (idem)
 # pg_advisory_xact_lock key of `migrate`: "meshca:m" as a big-endian int64.
 MIGRATE_LOCK = int.from_bytes(b"meshca:m", "big")
 UNREACHABLE = "the CA cannot reach its database right now; nothing was recorded or issued"
@@ -114,15 +116,19 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
             id          INTEGER PRIMARY KEY CHECK (id = 1),
             revision    BIGINT NOT NULL,
             doc         TEXT NOT NULL,
-            updated_at  meshca_time NOT NULL
+            updated_at  meshca_time NOT NULL,
+            kek_id      TEXT NOT NULL,
+            mac         BYTEA NOT NULL
         )""",
         # CA certificates and private keys by base name (root-<tag>, issuing-<tag>,
-        # endorse-<tag>-<serial>, token-signing, jwt-signing); keys sealed with the KEK.
+        # endorse-<tag>-<serial>, token-signing, jwt-signing); keys sealed with the KEK,
+        # and every row of both tables authenticated by an HMAC under it (meshca.kek).
         """CREATE TABLE ca_material (
             name        TEXT COLLATE "C" PRIMARY KEY,
             cert_pem    TEXT,
             key_sealed  BYTEA,
             created_at  meshca_time NOT NULL,
+            mac         BYTEA NOT NULL,
             CHECK (cert_pem IS NOT NULL OR key_sealed IS NOT NULL)
         )""",
         # Replicas that served recently (a heartbeat each reload interval): `meshca status`.
@@ -161,6 +167,16 @@ class _Dsn:
         params.setdefault("connect_timeout", CONNECT_TIMEOUT)
         params.setdefault("tcp_user_timeout", TCP_USER_TIMEOUT)
         params.setdefault("application_name", "meshca")
+        # A statement stuck behind a lock (an operator's LOCK TABLE, a runaway query) is a
+        # 503 after seconds, not a request that hangs until the client gives up.
+        options = str(params.get("options") or "")
+        for setting, value in (
+            ("statement_timeout", STATEMENT_TIMEOUT),
+            ("lock_timeout", LOCK_TIMEOUT),
+        ):
+            if setting not in options:
+                options += f" -c {setting}={value}"
+        params["options"] = options.strip()
         self.conninfo = make_conninfo("", **params)
         password = str(params.get("password") or "")
         secrets = (dsn, self.conninfo, password, urllib.parse.quote(password, safe=""))
@@ -214,6 +230,9 @@ def migrate(dsn: str) -> int:
 
 
 def _apply_migrations(conn: Connection, where: _Dsn) -> int:
+    # A migration may wait for another replica's, and may take long on a big ledger.
+    conn.execute("SET LOCAL statement_timeout = 0")
+    conn.execute("SET LOCAL lock_timeout = 0")
     conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATE_LOCK,))
     conn.execute(
         "CREATE TABLE IF NOT EXISTS meshca_schema ("

@@ -135,6 +135,7 @@ def rotate(
                 result["stage"] = result["stage_before"]
                 result["next_due"] = pki.rfc3339(p.next_due) if p.next_due else None
                 return result
+            before = sd.revision()
             try:
                 new_state, details = _apply(p.action, authority, now)
                 _fault("before-state")
@@ -142,10 +143,17 @@ def rotate(
             except OSError as e:
                 # A full disk, say: the state record is the old one (written last,
                 # atomically), so nothing changed; the step's new files are removed.
+                # (Unless the record was replaced and only its fsync failed: then the
+                # files are the CA's, and stay.)
                 sd.abandon()
+                changed = sd.revision() != before
                 raise StateError(
                     f"cannot write the new CA files in {sd.describe()} ({e.strerror}); "
-                    "nothing changed"
+                    + (
+                        "the new state is in place but may not survive a power loss"
+                        if changed
+                        else "nothing changed"
+                    )
                 ) from None
             except BaseException:
                 sd.abandon()  # (a store that cannot be reached: nothing was committed)

@@ -274,6 +274,7 @@ class CAServer:
         self.url = ""  # the bound URL, once serving (for the replicas table)
         self._changed = asyncio.Event()  # set by the store's change listener
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._swapping = asyncio.Lock()  # one change of `active` at a time
         self._ready_at = float("-inf")  # loop time of the last store check of /readyz
         self._ready_error: str | None = None
         # The listening socket's context hands each handshake to the current one, so a
@@ -306,6 +307,15 @@ class CAServer:
     async def blocking(self, fn: Callable[..., _T], *args: Any) -> _T:
         """`fn(*args)` on a worker thread when the store is remote, else here."""
         return await self.enroller.call(fn, *args)
+
+    async def swap(self, fn: Callable[[], _T]) -> _T:
+        """Run a change of generation (a reload, a renewal of the serving certificate) alone:
+        on a worker thread one could otherwise put back what the other replaced."""
+        async with self._swapping:
+            return await self.blocking(fn)
+
+    def _renew_serving(self) -> None:
+        self.active = self._activate(self.active.authority)
 
     def store_for_change(self) -> store.StateStore:
         """Where a rotation step is taken: a state directory of its own per step (files in
@@ -371,7 +381,7 @@ class CAServer:
                 await asyncio.wait_for(self._changed.wait(), self.config.reload_interval)
             self._changed.clear()
             try:
-                await self.blocking(self.reload_if_changed)
+                await self.swap(self.reload_if_changed)
             except Exception:
                 log.exception("reloading the CA state failed")
             if self.offload:
@@ -458,7 +468,7 @@ class CAServer:
             left = (self.active.serving_expires - self.clock()).total_seconds()
             await asyncio.sleep(max(1.0, left / 2))
             try:
-                self.active = await self.blocking(self._activate, self.active.authority)
+                await self.swap(self._renew_serving)
             except Exception:
                 log.exception("renewing the serving certificate failed; retrying in 60 s")
                 await asyncio.sleep(60)
@@ -542,7 +552,7 @@ class CAServer:
                     "admin calls need a client certificate or a ServiceAccount token",
                     code="missing_credential",
                 )
-            sid, _ = self.enroller.check_peer_svid(cert, now)
+            sid, _ = await self.blocking(self.enroller.check_peer_svid, cert, now)
         request["spiffe_id"] = str(sid)
         if str(sid) not in self.config.admin_ids:
             log.warning("refused admin call from %s", sid)
@@ -605,7 +615,7 @@ class CAServer:
             True,
             flags["force_retire"],
         )
-        await self.blocking(self.reload_if_changed)  # apply it now, not at the next poll
+        await self.swap(self.reload_if_changed)  # apply it now, not at the next poll
         log.info("admin %s rotate: %s (%s)", who, result["action"], result["reason"])
         return json_response(result)
 

@@ -64,8 +64,11 @@ def iso(t: dt.datetime) -> str:
     return t.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
-    """Write `data` to `path` so a reader sees the old file or the new one, never a mix."""
+def atomic_write(
+    path: Path, data: bytes, mode: int = 0o600, replaced: Callable[[], None] | None = None
+) -> None:
+    """Write `data` to `path` so a reader sees the old file or the new one, never a mix.
+    `replaced` is called as soon as the new file is in place (before the directory's fsync)."""
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
     try:
         os.fchmod(fd, mode)
@@ -74,6 +77,8 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        if replaced is not None:
+            replaced()
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
@@ -330,8 +335,9 @@ class StateDir:
 
     def write_state(self, state: State) -> None:
         """Replace state.json atomically (the last write of any change)."""
-        atomic_write(self.home / STATE_FILE, state.to_json(), 0o644)
-        self._written.clear()
+        # The files it names are the CA's from the moment it is in place: `abandon` must not
+        # remove them even if what follows (the directory's fsync) fails.
+        atomic_write(self.home / STATE_FILE, state.to_json(), 0o644, self._written.clear)
 
     def ledger(self, clock: Clock = utcnow) -> Ledger:
         """The issuance ledger (open it once per thread)."""

@@ -99,17 +99,50 @@ def test_keys_are_not_readable_from_the_database_without_the_kek(
         wrong.close()
 
 
-def test_a_sealed_key_moved_to_another_name_does_not_open(
+def test_a_writer_without_the_kek_cannot_change_the_ca(
     kek: Kek, state: PgState, shared_pg: PgServer
 ) -> None:
+    """Someone who can write to the database but has no KEK can neither swap keys between
+    rows, nor add a root of theirs to the bundle, nor point the state at other material."""
     init_ca(state, "cluster.local")
     st = state.read_state()
-    shared_pg.psql(
+    good = Authority.load(state)
+    tampering = [
+        # another row's sealed key in the intermediate's row
         "UPDATE ca_material SET key_sealed = (SELECT key_sealed FROM ca_material "
-        f"WHERE name = 'token-signing') WHERE name = '{st.intermediate}'"
-    )
+        f"WHERE name = 'token-signing') WHERE name = '{st.intermediate}'",
+        # a root of the attacker's (here: the intermediate's certificate) in the bundle
+        "UPDATE ca_state SET doc = replace(doc, '\"roots\": [', "
+        f'\'"roots": ["{st.intermediate}", \')',
+        # the state's revision moved on without a change (to pass a replica's check)
+        "UPDATE ca_state SET revision = revision + 1",
+        # a certificate replaced
+        f"UPDATE ca_material SET cert_pem = (SELECT cert_pem FROM ca_material WHERE name = "
+        f"'{st.intermediate}') WHERE name = '{st.roots[0]}'",
+    ]
+    with shared_pg.connect() as conn:
+        saved = conn.execute("SELECT * FROM ca_state").fetchall()
+        material = conn.execute("SELECT name, cert_pem, key_sealed FROM ca_material").fetchall()
+    for sql in tampering:
+        shared_pg.psql(sql)
+        with pytest.raises(StateError, match="does not verify with the key-encryption key"):
+            Authority.load(state)
+        with shared_pg.connect() as conn:  # put it back as it was
+            conn.execute("DELETE FROM ca_state")
+            conn.execute("INSERT INTO ca_state VALUES (%s, %s, %s, %s, %s, %s)", saved[0])
+            for name, cert_pem, sealed in material:
+                conn.execute(
+                    "UPDATE ca_material SET cert_pem = %s, key_sealed = %s WHERE name = %s",
+                    (cert_pem, sealed, name),
+                )
+        assert Authority.load(state).state == good.state
+    # The sealed keys are bound to their row's name, too.
+    blob = kek.seal("issuing-a", b"pem")
+    assert kek.open("issuing-a", blob) == b"pem"
     with pytest.raises(StateError, match="does not open with the key-encryption key"):
-        Authority.load(state)
+        kek.open("issuing-b", blob)
+    with pytest.raises(StateError, match="is not a sealed key"):
+        kek.open("issuing-a", blob[:20])
 
 
 def test_kek_files(tmp_path: Path) -> None:
@@ -118,7 +151,8 @@ def test_kek_files(tmp_path: Path) -> None:
         path = tmp_path / "kek"
         path.write_bytes(content)
         assert load_kek(path).key == key
-    for bad in (b"", b"short", base64.b64encode(os.urandom(16)), b"x" * 44):
+    passphrase = b"correct horse battery staple!!!!"  # 32 characters, not 32 random bytes
+    for bad in (b"", b"short", base64.b64encode(os.urandom(16)), b"x" * 44, passphrase):
         with pytest.raises(StateError, match="does not hold a key-encryption key") as e:
             parse_kek(bad, "--kek-file /k")
         assert bad.decode(errors="replace") not in str(e.value) or not bad
@@ -285,3 +319,17 @@ def test_a_replica_that_missed_the_notification_polls_the_change_in(
             await ca.close()
 
     assert asyncio.run(run()) < 2.0
+
+
+def test_the_jwt_key_of_an_older_ca_is_made_once_and_stored(
+    dsn: str, kek: Kek, state: PgState, shared_pg: PgServer
+) -> None:
+    init_ca(state, "cluster.local")
+    shared_pg.psql("DELETE FROM ca_material WHERE name = 'jwt-signing'")  # a CA from before
+    made = ensure_jwt_key(state)
+    other = PgState(dsn, kek)
+    try:
+        assert ensure_jwt_key(other).private_numbers() == made.private_numbers()
+    finally:
+        other.close()
+    assert shared_pg.psql("SELECT count(*) FROM ca_material WHERE name = 'jwt-signing'") == "1"

@@ -135,3 +135,32 @@ def test_ledger_survives_reopen(tmp_path):
     again = store.Ledger(tmp_path / "l.db", clock)
     assert again.counts()["issued"] == 1 and again.counts()["refused"] == 1
     assert again.refusals()[0]["code"] == "bad_json"
+
+
+def test_a_state_in_place_whose_fsync_fails_keeps_its_files(tmp_path, monkeypatch):
+    """If state.json was replaced and only the directory's fsync failed, the files it names
+    are the CA's: they stay, the CA loads, and the error says the state is in place."""
+    import pytest as _pytest
+
+    from meshca.authority import Authority, init_ca
+    from meshca.errors import StateError
+    from meshca.rotate import rotate
+
+    home = tmp_path / "ca"
+    init_ca(home)
+    first = store.read_state(home).intermediate
+    start = (home / store.STATE_FILE).stat().st_mtime_ns
+    real = store.fsync_dir
+
+    def failing(path):
+        if (home / store.STATE_FILE).stat().st_mtime_ns != start:
+            raise OSError(5, "Input/output error")
+        real(path)
+
+    monkeypatch.setattr(store, "fsync_dir", failing)
+    with _pytest.raises(StateError, match="the new state is in place"):
+        rotate(home, force_intermediate=True)
+    monkeypatch.setattr(store, "fsync_dir", real)
+    authority = Authority.load(home)  # every file the new state names is there
+    assert authority.state.intermediate != first
+    assert (home / f"{authority.state.intermediate}.key").exists()
