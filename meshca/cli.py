@@ -563,6 +563,30 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_rekey(args: argparse.Namespace) -> int:
+    """meshca rekey: re-seal the store's CA keys with a new key-encryption key."""
+    from meshca.kek import load_kek
+
+    if _dsn(args) is None:
+        raise CLIError("rekey works on a PostgreSQL store: give --store-file/--store-env/--store")
+    from meshca.pgstate import PgState
+
+    new = load_kek(Path(args.new_kek_file).expanduser())
+    where = _state(args)
+    try:
+        assert isinstance(where, PgState)
+        if new.kek_id == where.kek_id:
+            raise CLIError("--new-kek-file: it is the KEK the keys are sealed with now")
+        keys = where.rekey(new)
+    finally:
+        where.close()
+    print(
+        f"meshca rekey: {keys} keys in {where.describe()} re-sealed with the key-encryption key "
+        f"{new.kek_id}; restart every replica with it"
+    )
+    return 0
+
+
 def cmd_certs(args: argparse.Namespace) -> int:
     """meshca certs: list issued certificates from the ledger."""
     where = _state(args)
@@ -936,6 +960,12 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--store-file", help="a file holding the DSN (a mounted Kubernetes Secret)")
     s.add_argument("--store-env", help="an environment variable holding the DSN")
     s.set_defaults(func=cmd_migrate)
+
+    s = cmd("rekey", "re-seal a PostgreSQL store's CA keys with a new key-encryption key")
+    s.add_argument(
+        "--new-kek-file", required=True, help="the new key-encryption key (32 bytes, base64)"
+    )
+    s.set_defaults(func=cmd_rekey)
 
     s = cmd("certs", "list issued certificates from the ledger")
     s.add_argument("--json", action="store_true", help="machine-readable output")

@@ -115,6 +115,11 @@ class PgState:
     def __repr__(self) -> str:
         return f"<PgState {self._dsn.where}>"
 
+    @property
+    def kek_id(self) -> str:
+        """The id of the KEK this store's keys are opened with."""
+        return self._kek.kek_id
+
     def describe(self) -> str:
         """Where the state is: `postgresql://host:port/db` (never a user or password)."""
         return f"postgresql://{self._dsn.where}"
@@ -405,6 +410,53 @@ class PgState:
                     self._owner, self._conn = None, None
             finally:
                 conn.close()  # closing the session releases the advisory lock
+
+    def rekey(self, new: Kek) -> int:
+        """Re-seal every key and re-authenticate every row under the KEK `new`, in one
+        transaction under the change lock (a new revision, so every replica notices); the
+        number of keys re-sealed. Replicas still on the old KEK keep serving what they
+        loaded, refuse changes, and must be restarted with the new one."""
+        with self.locked():
+            state = self.read_state()  # checks the state record with the current KEK
+            conn = self._conn
+            assert conn is not None
+            now = iso(self.clock())
+            try:
+                with conn.transaction():
+                    rows = conn.execute(
+                        "SELECT name, cert_pem, key_sealed, mac FROM ca_material FOR UPDATE"
+                    ).fetchall()
+                    keys = 0
+                    for name, cert_pem, sealed, mac in rows:
+                        sealed = bytes(sealed) if sealed is not None else None
+                        self._checked(name, cert_pem, sealed, bytes(mac))
+                        if sealed is not None:
+                            sealed = new.seal(name, self._kek.open(name, sealed))
+                            keys += 1
+                        conn.execute(
+                            "UPDATE ca_material SET key_sealed = %s, mac = %s WHERE name = %s",
+                            (sealed, new.mac(*_material_parts(name, cert_pem, sealed)), name),
+                        )
+                    revision = self._seen + 1
+                    doc = state.to_json().decode()
+                    conn.execute(
+                        "UPDATE ca_state SET revision = %s, doc = %s, updated_at = %s, "
+                        "kek_id = %s, mac = %s WHERE id = 1 AND revision = %s",
+                        (revision, doc, now, new.kek_id, new.mac(*_state_parts(revision, doc)),
+                         self._seen),
+                    )  # fmt: skip
+                    conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, str(revision)))
+            except _CONNECTION_ERRORS as e:
+                raise self._unavailable("re-sealing the CA keys", e) from None
+            self._kek = new
+            log.warning(
+                "CA keys in %s re-sealed with the key-encryption key %s (%d keys); restart the "
+                "replicas with it",
+                self.describe(),
+                new.kek_id,
+                keys,
+            )
+            return keys
 
     @contextlib.contextmanager
     def initializing(self) -> Iterator[None]:

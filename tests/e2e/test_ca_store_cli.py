@@ -113,3 +113,29 @@ def test_a_start_that_cannot_work_says_why(pg: PgServer, tmp_path: Path) -> None
         meshca(pg, *serve, "--store-env", ENV, "--kek-file", str(k)),
         "cannot reach",
     )
+
+
+def test_rekey_reseals_the_keys_with_a_new_kek(pg: PgServer, tmp_path: Path) -> None:
+    old, new = kek(tmp_path, "old"), kek(tmp_path, "new")
+    with_old = ["--store-env", ENV, "--kek-file", str(old)]
+    with_new = ["--store-env", ENV, "--kek-file", str(new)]
+    assert meshca(pg, "init", *with_old).returncode == 0
+    before = meshca(pg, "bundle", *with_old).stdout
+    sealed_before = pg.psql("SELECT string_agg(encode(key_sealed, 'hex'), ',') FROM ca_material")
+    clean_error(pg, meshca(pg, "rekey", *with_old, "--new-kek-file", str(old)),
+                "it is the KEK the keys are sealed with now")  # fmt: skip
+    done = meshca(pg, "rekey", *with_old, "--new-kek-file", str(new))
+    assert done.returncode == 0, done.stderr
+    assert "4 keys" in done.stdout and "re-sealed" in done.stdout
+    assert pg.psql("SELECT revision FROM ca_state") == "2"
+    sealed_after = pg.psql("SELECT string_agg(encode(key_sealed, 'hex'), ',') FROM ca_material")
+    assert set(sealed_before.split(",")).isdisjoint(sealed_after.split(","))
+    # The same CA under the new KEK; the old one no longer opens it.
+    assert meshca(pg, "bundle", *with_new).stdout == before
+    step = meshca(pg, "rotate", *with_new, "--force-intermediate", "--json")
+    assert step.returncode == 0, step.stderr
+    clean_error(pg, meshca(pg, "bundle", *with_old), "sealed with another key-encryption key")
+    clean_error(pg, meshca(pg, "rotate", *with_old, "--force-intermediate"),
+                "sealed with another key-encryption key")  # fmt: skip
+    clean_error(pg, meshca(pg, "rekey", "--home", str(tmp_path), "--new-kek-file", str(new)),
+                "rekey works on a PostgreSQL store")  # fmt: skip
