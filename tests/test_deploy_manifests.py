@@ -126,9 +126,7 @@ def test_ha_overlay_has_what_an_operator_expects():
         "--metrics-listen=0.0.0.0:15091",
     ):
         assert flag in args, flag
-    assert "--home=/var/lib/meshca/ca" not in args
-    homes = [a for a in args if a.startswith("--home")]
-    assert homes == ["--home=/var/lib/meshca/scratch"]
+    assert not [a for a in args if a.startswith("--home")]  # the state is in the store
     env = {e["name"]: e for e in c["env"]}
     assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
 
@@ -175,3 +173,27 @@ def test_dockerfile_is_slim_and_non_root():
     assert "USER 10001" in text
     final = text.split("FROM python:3.11-slim\n")[-1]
     assert "gcc" not in final and "build-essential" not in final
+
+
+@pytest.mark.parametrize("path", ["deploy/k8s/base", "deploy/k8s/ha"])
+def test_every_meshca_command_in_the_manifests_parses(path):
+    """The commands the manifests run are ones meshca accepts (flags that exist, none that
+    exclude each other): the same parser as `meshca --help`."""
+    from meshca.cli import parser
+
+    objects = render(path)
+    if path.endswith("ha"):
+        objects += yaml.safe_load_all((ROOT / "deploy/k8s/ha/migrate-job.yaml").read_text())
+    commands = []
+    for obj in objects:
+        spec = obj.get("spec", {})
+        spec = spec.get("jobTemplate", {}).get("spec", spec)
+        for c in spec.get("template", {}).get("spec", {}).get("containers", []):
+            if c.get("command", [None])[0] == "meshca":
+                commands.append(c["command"])
+    assert len(commands) >= 2, commands
+    for command in commands:
+        try:
+            parser().parse_args(command[1:])
+        except SystemExit:
+            raise AssertionError(f"meshca refuses the manifest's command: {command}") from None
