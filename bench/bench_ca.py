@@ -61,7 +61,6 @@ TRUST_DOMAIN = "cluster.local"
 # tests/pgserver.py starts postgres with these off for test speed; a CA's ledger in
 # production has them on. They are set on the postmaster's command line, which outranks
 # ALTER SYSTEM (postgresql.auto.conf), so the server is restarted with them on instead.
-DURABLE = {"fsync=off": "fsync=on", "full_page_writes=off": "full_page_writes=on"}
 DURABLE_CHECK = (
     "SELECT string_agg(name || '=' || setting, ' ' ORDER BY name) FROM pg_settings "
     "WHERE name IN ('fsync', 'full_page_writes', 'synchronous_commit')"
@@ -305,12 +304,8 @@ def pg_case(key: str, pg: Any, database: str, kek: Path, replicas: int, tmp: Pat
     return Case(key, procs, urls, bundle, mint, count, close)
 
 
-def make_durable(pg: Any) -> None:
-    """Restart `pg` (a PgServer) with fsync and full_page_writes on; fail unless they are."""
-    pg.stop("fast")
-    command = pg._command
-    pg._command = lambda *args: command(*(DURABLE.get(a, a) for a in args))
-    pg.start()
+def check_durable(pg: Any) -> None:
+    """Fail unless `pg` (a PgServer) runs with fsync and full_page_writes on."""
     got = pg.psql(DURABLE_CHECK, dbname="postgres")
     if got != DURABLE_EXPECTED:
         raise SystemExit(f"postgres runs with {got!r}, not {DURABLE_EXPECTED!r}")
@@ -519,8 +514,8 @@ def pg_cluster(tmp: Path, wanted: bool) -> Iterator[Any]:
 
     if pg_binaries() is None:
         raise SystemExit("PostgreSQL is not installed (make deps installs it)")
-    with pg_server(tmp / "pglog") as pg:
-        make_durable(pg)
+    with pg_server(tmp / "pglog", durable=True) as pg:
+        check_durable(pg)
         yield pg
 
 

@@ -184,24 +184,17 @@ class CAProcess:
         return "".join(self.stderr_lines)
 
 
-def start_ca(home: Path, *extra: str, timeout: float = 20) -> CAProcess:
-    """Start `meshca serve --listen 127.0.0.1:0` and wait for it to say where it listens."""
+def serve_meshca(
+    args: list[str], env: dict[str, str] | None = None, timeout: float = 20, what: str = ""
+) -> tuple[subprocess.Popen, str, Lines, Lines]:
+    """Start `meshca serve --listen 127.0.0.1:0 ARGS` and wait for it to say where it
+    listens: (process, URL, its stderr, its stdout). A timeout shows the tail of its logs."""
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "meshca",
-            "serve",
-            "--home",
-            str(home),
-            "--listen",
-            "127.0.0.1:0",
-            *extra,
-        ],
+        [sys.executable, "-m", "meshca", "serve", "--listen", "127.0.0.1:0", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        env={**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"},
     )
     err, out = Lines(proc.stderr), Lines(proc.stdout)
     found: list[str] = []
@@ -214,8 +207,13 @@ def start_ca(home: Path, *extra: str, timeout: float = 20) -> CAProcess:
 
     if not out.follow(serving, timeout):
         logs = {"stderr": err, "stdout": out}
-        raise AssertionError(gave_up("meshca serve", proc, timeout, logs))
-    url = found[0]
+        raise AssertionError(gave_up(f"meshca serve {what}".strip(), proc, timeout, logs))
+    return proc, found[0], err, out
+
+
+def start_ca(home: Path, *extra: str, timeout: float = 20) -> CAProcess:
+    """Start `meshca serve --home HOME --listen 127.0.0.1:0` and wait until it listens."""
+    proc, url, err, out = serve_meshca(["--home", str(home), *extra], timeout=timeout)
     bundle = home.parent / f"{home.name}-bundle.pem"
     bundle.write_text(run_meshca("bundle", "--home", str(home)).stdout)
     return CAProcess(home, proc, url, bundle, err.lines, out.lines)

@@ -135,7 +135,12 @@ class PgServer:
     database = DATABASE
 
     def __init__(
-        self, binaries: PgBinaries, base: Path, log: Path, run_as: pwd.struct_passwd | None
+        self,
+        binaries: PgBinaries,
+        base: Path,
+        log: Path,
+        run_as: pwd.struct_passwd | None,
+        durable: bool = False,
     ) -> None:
         self.binaries = binaries
         self.base = base  # ours: the data directory and the unix socket live here
@@ -145,6 +150,8 @@ class PgServer:
         self.port = 0
         self.password = secrets.token_urlsafe(18)  # URL-safe: goes into the DSN as it is
         self.proc: subprocess.Popen | None = None
+        # fsync and full_page_writes as in production (benchmarks), or off (tests: speed)
+        self.durable = durable
 
     def __repr__(self) -> str:
         state = "running" if self.running else "stopped"
@@ -248,11 +255,12 @@ class PgServer:
                     "-c", f"listen_addresses={self.host}",  # nothing but loopback
                     "-c", f"unix_socket_directories={self.base}",
                     "-c", "max_connections=200",
-                    # Speed: a test needs no durability against a power cut. Commits stay
-                    # synchronous, though: with synchronous_commit=off a commit returns
-                    # before its WAL reaches the kernel, and kill() would lose it.
-                    "-c", "fsync=off",
-                    "-c", "full_page_writes=off",
+                    # Speed: a test needs no durability against a power cut (a benchmark
+                    # asks for it: `durable`). Commits stay synchronous, though: with
+                    # synchronous_commit=off a commit returns before its WAL reaches the
+                    # kernel, and kill() would lose it.
+                    "-c", f"fsync={'on' if self.durable else 'off'}",
+                    "-c", f"full_page_writes={'on' if self.durable else 'off'}",
                     "-c", "log_line_prefix=%m [%p] %q%u@%d ",
                 ),
                 stdout=out,
@@ -367,10 +375,11 @@ def _log_path(tmp_path: Path) -> Path:
 
 
 @contextmanager
-def pg_server(tmp_path: Path, timeout: float = 30) -> Iterator[PgServer]:
+def pg_server(tmp_path: Path, timeout: float = 30, durable: bool = False) -> Iterator[PgServer]:
     """A new PostgreSQL cluster on a free loopback port with the database `meshca`, ready for
     connections; stopped and its data removed on exit (also when the body fails), its log
-    left in `tmp_path`. Skips the test when PostgreSQL is not installed."""
+    left in `tmp_path`. Skips the test when PostgreSQL is not installed. `durable`: fsync
+    and full_page_writes on, as in production (for benchmarks)."""
     binaries = pg_binaries()
     if binaries is None:
         pytest.skip(SKIP_REASON)
@@ -378,7 +387,7 @@ def pg_server(tmp_path: Path, timeout: float = 30) -> Iterator[PgServer]:
     run_as = _run_as()
     # Short (the unix socket path must fit in 107 bytes) and enterable by `run_as`.
     base = Path(tempfile.mkdtemp(prefix="meshca-pg-", dir="/tmp"))
-    server = PgServer(binaries, base, _log_path(tmp_path), run_as)
+    server = PgServer(binaries, base, _log_path(tmp_path), run_as, durable)
     try:
         server._chown(base)
         server.initdb(timeout)
@@ -402,3 +411,20 @@ def pg_fixture(tmp_path: Path) -> Iterator[PgServer]:
     """A running PostgreSQL with an empty database `meshca` (`pg.dsn`), gone after the test."""
     with pg_server(tmp_path) as server:
         yield server
+
+
+@pytest.fixture(name="shared_pg", scope="module")
+def shared_pg_fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PgServer]:
+    """One server for a test module (a start costs a second): use `dsn` for an empty database
+    per test. Started again if a test left it stopped."""
+    with pg_server(tmp_path_factory.mktemp("pg")) as server:
+        yield server
+
+
+@pytest.fixture(name="dsn")
+def dsn_fixture(shared_pg: PgServer) -> str:
+    """The module server's DSN, its database emptied of what an earlier test made."""
+    if not shared_pg.running:
+        shared_pg.start()
+    shared_pg.psql("DROP SCHEMA public CASCADE; CREATE SCHEMA public")
+    return shared_pg.dsn

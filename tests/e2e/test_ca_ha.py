@@ -11,7 +11,6 @@ import datetime as dt
 import http.client
 import json
 import os
-import re
 import ssl
 import subprocess
 import sys
@@ -28,9 +27,11 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from helpers import Lines, gave_up, stop_process, tail
+from helpers import Lines, serve_meshca, stop_process, tail
 from mesh import admin_get, sidecar_config, start_sidecar
-from pgserver import PgServer, pg_server
+from pgserver import PgServer
+from pgserver import dsn_fixture as dsn_fixture  # noqa: F401 (the fixture `dsn`)
+from pgserver import shared_pg_fixture as shared_pg_fixture  # noqa: F401 (`shared_pg`)
 
 from meshca.kek import load_kek
 from meshca.pgstate import PgState
@@ -110,56 +111,17 @@ class Cluster:
 
 
 def start_replica(cluster_env: dict[str, str], root: Path, name: str, *extra: str) -> Replica:
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "meshca",
-            "serve",
-            "--store-env",
-            STORE_ENV,
-            "--kek-file",
-            str(root / "kek"),
-            "--listen",
-            "127.0.0.1:0",
-            "--replica-name",
-            name,
-            "--admin-id",
-            ROTATOR,
-            *extra,
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=cluster_env,
+    args = ["--store-env", STORE_ENV, "--kek-file", str(root / "kek"), "--replica-name", name]
+    proc, url, err, out = serve_meshca(
+        [*args, "--admin-id", ROTATOR, *extra], cluster_env, timeout=60, what=name
     )
-    err, out = Lines(proc.stderr), Lines(proc.stdout)
-    found: list[str] = []
-
-    def serving(line: str) -> bool:
-        m = re.search(r"serving on (https://\S+)", line)
-        if m:
-            found.append(m.group(1))
-        return m is not None
-
-    if not out.follow(serving, 60):
-        raise AssertionError(gave_up(f"meshca serve ({name})", proc, 60, {"stderr": err}))
-    return Replica(name, proc, found[0], err, out, root / "bundle.pem")
-
-
-@pytest.fixture(scope="module")
-def shared_pg(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PgServer]:
-    with pg_server(tmp_path_factory.mktemp("pg")) as server:
-        yield server
+    return Replica(name, proc, url, err, out, root / "bundle.pem")
 
 
 @pytest.fixture
-def cluster(shared_pg: PgServer, tmp_path: Path) -> Iterator[Cluster]:
+def cluster(shared_pg: PgServer, dsn: str, tmp_path: Path) -> Iterator[Cluster]:
     """An empty database, then three replicas started at once, each with --migrate and
     --init-if-missing (as a Deployment's first rollout does): they make one CA."""
-    if not shared_pg.running:
-        shared_pg.start()
-    shared_pg.psql("DROP SCHEMA public CASCADE; CREATE SCHEMA public")
     (tmp_path / "kek").write_bytes(base64.b64encode(os.urandom(32)) + b"\n")
     env = {**os.environ, STORE_ENV: shared_pg.dsn, "PYTHONUNBUFFERED": "1"}
     replicas: list[Replica] = []

@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import serialization
 from pgserver import PgServer, pg_server
+from pgserver import dsn_fixture as dsn_fixture  # noqa: F401 (the fixture `dsn`)
+from pgserver import shared_pg_fixture as shared_pg_fixture  # noqa: F401 (`shared_pg`)
 
 from meshca import pki
 from meshca.authority import Authority, ensure_jwt_key, init_ca
@@ -23,18 +25,6 @@ from meshca.rotate import rotate
 from meshca.store import JWT_KEY_FILE, TOKEN_KEY_FILE
 
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture(scope="module")
-def shared_pg(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PgServer]:
-    with pg_server(tmp_path_factory.mktemp("pg")) as server:
-        yield server
-
-
-@pytest.fixture
-def dsn(shared_pg: PgServer) -> str:
-    shared_pg.psql("DROP SCHEMA public CASCADE; CREATE SCHEMA public")
-    return shared_pg.dsn
 
 
 @pytest.fixture

@@ -15,8 +15,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from pgserver import PgServer, free_port, pg_server
+from pgserver import PgServer, free_port
+from pgserver import dsn_fixture as dsn_fixture  # noqa: F401 (the fixture `dsn`)
 from pgserver import pg_fixture as pg_fixture  # noqa: F401 (the fixture `pg`)
+from pgserver import shared_pg_fixture as shared_pg_fixture  # noqa: F401 (`shared_pg`)
 
 from meshca import pgstore, store
 from meshca.errors import StateError, Unavailable
@@ -65,20 +67,6 @@ def rec(
         "ff" * 32,
         "10.0.0.1",
     )
-
-
-@pytest.fixture(scope="module")
-def shared_pg(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PgServer]:
-    """One server for the module (a start costs a second); each test empties its database."""
-    with pg_server(tmp_path_factory.mktemp("pg")) as server:
-        yield server
-
-
-@pytest.fixture
-def dsn(shared_pg: PgServer) -> str:
-    """The DSN of an empty database: what an earlier test made is dropped."""
-    shared_pg.psql("DROP SCHEMA public CASCADE; CREATE SCHEMA public")
-    return shared_pg.dsn
 
 
 @pytest.fixture
