@@ -52,6 +52,7 @@ log = logging.getLogger("meshca.pgstate")
 CHANNEL = "meshca_state"
 # pg_advisory_lock key of a change to the CA's state: "meshca:r" as a big-endian int64.
 CHANGE_LOCK = int.from_bytes(b"meshca:r", "big")
+PING_TIMEOUT = 1.0  # seconds /readyz waits for a connection
 REPLICA_TTL = dt.timedelta(days=1)  # a replica not seen for this long leaves the table
 LOCK_WAIT = "60s"
 LOCK_SESSION = (
@@ -506,9 +507,13 @@ class PgState:
             return [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
 
     def ping(self) -> int:
-        """The schema version, read now: Unavailable when the database cannot be reached."""
-        with self._read("checking the database") as conn:
-            return _version(conn)
+        """The schema version, read now: Unavailable when the database cannot be reached
+        (within PING_TIMEOUT: a readiness probe's answer should not take the pool's wait)."""
+        try:
+            with self._pool.connection(timeout=min(self.timeout, PING_TIMEOUT)) as conn:
+                return _version(conn)
+        except _CONNECTION_ERRORS as e:
+            raise self._unavailable("checking the database", e) from None
 
     def listen(self, on_change: Callable[[], None], stop: threading.Event) -> None:
         """Call `on_change` on each NOTIFY of a state change until `stop` is set (blocking:
