@@ -226,6 +226,12 @@ class Case:
         return CASES[self.key]
 
 
+def mint_tokens(join: JoinTokens, ledger: store.LedgerStore, ids: list[SpiffeId]) -> list[str]:
+    """Join tokens for `ids`, recorded in `ledger` (half an hour each)."""
+    ttl = dt.timedelta(minutes=30)
+    return [join.mint_recorded(ledger, sid, store.utcnow(), ttl).token for sid in ids]
+
+
 def sqlite_case(home: Path, log: Path) -> Case:
     authority = Authority.load(home)
     join = JoinTokens(load_ec_key(home / store.TOKEN_KEY_FILE), authority.trust_domain)
@@ -234,12 +240,7 @@ def sqlite_case(home: Path, log: Path) -> Case:
     def mint(ids: list[SpiffeId]) -> list[str]:
         ledger = store.Ledger(home / store.LEDGER_FILE)
         try:
-            out = []
-            for sid in ids:
-                m = join.mint(sid, store.utcnow(), dt.timedelta(minutes=30))
-                ledger.add_join_token(m.jti, str(sid), m.expires_at)
-                out.append(m.token)
-            return out
+            return mint_tokens(join, ledger, ids)
         finally:
             ledger.close()
 
@@ -287,12 +288,7 @@ def pg_case(key: str, pg: Any, database: str, kek: Path, replicas: int, tmp: Pat
         raise
 
     def mint(ids: list[SpiffeId]) -> list[str]:
-        out = []
-        for sid in ids:
-            m = join.mint(sid, store.utcnow(), dt.timedelta(minutes=30))
-            ledger.add_join_token(m.jti, str(sid), m.expires_at)
-            out.append(m.token)
-        return out
+        return mint_tokens(join, ledger, ids)
 
     def close() -> None:
         ledger.close()

@@ -168,11 +168,10 @@ def cmd_token(args: argparse.Namespace) -> int:
         authority = Authority.load(where)
         sid = _workload_id(args.spiffe_id, "--spiffe-id", authority)
         tokens = JoinTokens(where.key(store.TOKEN_KEY_FILE), authority.trust_domain)
-        now = store.utcnow()
-        minted = tokens.mint(sid, now, dt.timedelta(seconds=args.ttl), tuple(args.dns or ()))
+        ttl, dns = dt.timedelta(seconds=args.ttl), tuple(args.dns or ())
         ledger = where.ledger()
         try:
-            ledger.add_join_token(minted.jti, str(sid), minted.expires_at)
+            minted = tokens.mint_recorded(ledger, sid, store.utcnow(), ttl, dns)
         finally:
             ledger.close()
     finally:
@@ -618,8 +617,9 @@ def _positive_float(text: str) -> float:
     return value
 
 
-def _add_store_args(s: argparse.ArgumentParser, where: Any) -> None:
-    """--store / --store-file / --store-env (in the group `where`) and --kek-file."""
+def _add_store_args(s: argparse.ArgumentParser, where: Any, kek: bool = True) -> None:
+    """--store / --store-file / --store-env (in the group `where`) and, with `kek`,
+    --kek-file."""
     where.add_argument(
         "--store",
         metavar="DSN",
@@ -630,6 +630,8 @@ def _add_store_args(s: argparse.ArgumentParser, where: Any) -> None:
         "--store-file", help="a file holding the store's DSN (a mounted Kubernetes Secret)"
     )
     where.add_argument("--store-env", help="an environment variable holding the store's DSN")
+    if not kek:
+        return
     s.add_argument(
         "--kek-file",
         help="with a store: the key-encryption key that seals the CA keys (32 random bytes, "
@@ -954,11 +956,7 @@ def parser() -> argparse.ArgumentParser:
         description="Create or upgrade the schema of the shared PostgreSQL store (safe to run "
         "from several replicas at once; a no-op when it is current).",
     )
-    s.add_argument(
-        "--store", help="postgresql://... (a password here shows in `ps`: prefer the next)"
-    )
-    s.add_argument("--store-file", help="a file holding the DSN (a mounted Kubernetes Secret)")
-    s.add_argument("--store-env", help="an environment variable holding the DSN")
+    _add_store_args(s, s, kek=False)
     s.set_defaults(func=cmd_migrate)
 
     s = cmd("rekey", "re-seal a PostgreSQL store's CA keys with a new key-encryption key")

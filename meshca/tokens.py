@@ -18,7 +18,7 @@ import logging
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jwt
 from cryptography.hazmat.primitives import serialization
@@ -28,6 +28,9 @@ from meshca import jwtcore
 from meshca.errors import BadRequest, Unauthenticated
 from meshca.jwks import JwksSource
 from meshca.spiffe import InvalidSpiffeId, SpiffeId
+
+if TYPE_CHECKING:
+    from meshca.store import LedgerStore
 
 log = logging.getLogger("meshca.tokens")
 
@@ -157,6 +160,20 @@ class JoinTokens:
             claims["dns"] = list(dns_names)
         token = jwt.encode(claims, self._key, algorithm="ES256", headers={"kid": self.kid})
         return MintedToken(token, jti, spiffe_id, expires_at)
+
+    def mint_recorded(
+        self,
+        ledger: LedgerStore,
+        spiffe_id: SpiffeId,
+        now: dt.datetime,
+        ttl: dt.timedelta = DEFAULT_JOIN_TTL,
+        dns_names: Sequence[str] = (),
+    ) -> MintedToken:
+        """`mint`, and record the token's jti in `ledger` (what `meshca token` does): only a
+        recorded token is accepted."""
+        minted = self.mint(spiffe_id, now, ttl, dns_names)
+        ledger.add_join_token(minted.jti, str(spiffe_id), minted.expires_at)
+        return minted
 
     def verify(self, token: str, now: dt.datetime) -> JoinClaims:
         """Check signature, audience, issuer, times and the bound ID; not single use (ledger)."""

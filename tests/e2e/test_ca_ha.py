@@ -96,12 +96,11 @@ class Cluster:
         ledger = st.ledger()
         try:
             minter = JoinTokens(st.key(TOKEN_KEY_FILE), "cluster.local")
-            out = []
-            for sid in ids:
-                m = minter.mint(SpiffeId.parse(sid), utcnow(), dt.timedelta(minutes=30))
-                ledger.add_join_token(m.jti, sid, m.expires_at)
-                out.append(m.token)
-            return out
+            ttl = dt.timedelta(minutes=30)
+            return [
+                minter.mint_recorded(ledger, SpiffeId.parse(sid), utcnow(), ttl).token
+                for sid in ids
+            ]
         finally:
             ledger.close()
             st.close()
