@@ -115,7 +115,10 @@ async def run(config: SidecarConfig) -> None:
     listeners: list[Listener] = []
     groups: list[ConnGroup] = []
     stoppers: list[Callable[[], Awaitable[None]]] = []
-    access_log = AccessLog(sys.stdout)
+    log_cfg = config.access_log
+    access_log = None
+    if log_cfg.mode != "off":
+        access_log = AccessLog(sys.stdout, log_cfg.mode == "errors", log_cfg.sample)
     metrics = None
     pools: dict[str, Any] = {}
     if config.metrics is not None:

@@ -161,6 +161,17 @@ class TracingConfig:
     otlp_queue: int = 8192  # spans held for export; past it they are dropped (and counted)
 
 
+ACCESS_LOG_MODES = ("all", "errors", "off")
+
+
+@dataclass(frozen=True)
+class AccessLogConfig:
+    """Which finished exchanges get an access-log line (Envoy's access-log filters)."""
+
+    mode: str = "all"  # all, errors (status >= 400 or an answer of the sidecar's own), off
+    sample: float = 1.0  # mode all: share of the lines that are not errors written (errors: all)
+
+
 @dataclass(frozen=True)
 class SidecarConfig:
     """The whole configuration."""
@@ -177,6 +188,7 @@ class SidecarConfig:
     drain_timeout: float = 20.0  # seconds in-flight requests get after SIGTERM
     metrics: MetricsConfig | None = None  # None: no metrics listener
     tracing: TracingConfig = TracingConfig()
+    access_log: AccessLogConfig = AccessLogConfig()
 
 
 class _Reader:
@@ -296,6 +308,7 @@ def parse_config(doc: Any, source: Path) -> SidecarConfig:
             "drain_timeout",
             "metrics",
             "tracing",
+            "access_log",
         },
     )
     drain = r.number(doc, "drain_timeout", "drain_timeout", 20.0, 0, 3600)
@@ -543,6 +556,16 @@ def parse_config(doc: Any, source: Path) -> SidecarConfig:
             otlp_queue=r.whole(t, "otlp_queue", "tracing.otlp_queue", 8192, 1, 1_000_000),
         )
 
+    access_log = AccessLogConfig()
+    a = r.section(doc, "access_log", {"mode", "sample"}, False)
+    if a is not None:
+        if isinstance(a.get("mode"), bool):  # YAML 1.1 reads a bare `off` as false, `on` as true
+            a = {**a, "mode": "all" if a["mode"] else "off"}
+        access_log = AccessLogConfig(
+            mode=r.choice(a, "mode", "access_log.mode", "all", ACCESS_LOG_MODES),
+            sample=r.number(a, "sample", "access_log.sample", 1.0, 0, 1),
+        )
+
     if r.problems:
         raise ConfigError(r.problems)
     assert ca is not None and admin is not None and health is not None
@@ -559,6 +582,7 @@ def parse_config(doc: Any, source: Path) -> SidecarConfig:
         drain,
         metrics,
         tracing,
+        access_log,
     )
 
 

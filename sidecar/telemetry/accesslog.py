@@ -1,10 +1,17 @@
-"""The access log: one JSON line per exchange, written from its `ExchangeRecord`."""
+"""The access log: one JSON line per exchange, written from its `ExchangeRecord`.
+
+Which exchanges get a line is the config's `access_log` (Envoy's access-log
+filters): all of them, only errors (a status of 400 or more, or an answer the
+sidecar gave itself), or a sample of the rest with every error kept. `off`
+builds no `AccessLog` at all.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import json.encoder
+import random
 import time
 from typing import TextIO
 
@@ -24,14 +31,20 @@ class AccessLog:
     of the proxy's time. Optional fields are written only when set.
     """
 
-    def __init__(self, stream: TextIO) -> None:
+    def __init__(self, stream: TextIO, errors_only: bool = False, sample: float = 1.0) -> None:
         self.stream = stream
+        self.errors_only = errors_only
+        self.sample = sample
+        self._filtered = errors_only or sample < 1.0
         self._dirty = False
         self._second = -1
         self._ts = ""
 
     def write(self, rec: ExchangeRecord) -> None:
-        """Write one record."""
+        """Write one record (unless the filter leaves out this one)."""
+        if self._filtered and rec.status < 400 and rec.error is None:
+            if self.errors_only or random.random() >= self.sample:  # noqa: S311 (sampling)
+                return
         now = int(time.time())
         if now != self._second:
             self._second = now

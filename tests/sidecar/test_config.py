@@ -146,3 +146,36 @@ def test_ca_url_may_list_replicas(folder):
         with pytest.raises(ConfigError) as e:
             parse(folder, doc)
         assert any(p.startswith("ca.url: must be an https:// URL") for p in e.value.problems)
+
+
+def test_access_log_modes(folder):
+    assert (parse(folder, BASE).access_log.mode, parse(folder, BASE).access_log.sample) == (
+        "all",
+        1.0,
+    )
+    cfg = parse(folder, {**BASE, "access_log": {"mode": "errors"}})
+    assert cfg.access_log.mode == "errors"
+    # YAML 1.1 reads a bare `off` as false (and `on` as true): what the user wrote is meant
+    assert parse(folder, {**BASE, **yaml.safe_load("access_log: {mode: off}")}).access_log.mode == (
+        "off"
+    )
+    assert parse(folder, {**BASE, **yaml.safe_load("access_log: {mode: on}")}).access_log.mode == (
+        "all"
+    )
+    assert parse(folder, {**BASE, "access_log": {"sample": 0.1}}).access_log.sample == 0.1
+
+
+@pytest.mark.parametrize(
+    "access_log, problem",
+    [
+        ({"mode": "some"}, "access_log.mode: must be one of all, errors, off"),
+        ({"sample": 1.5}, "access_log.sample: must be a number between 0 and 1"),
+        ({"sample": "half"}, "access_log.sample: must be a number between 0 and 1"),
+        ({"format": "json"}, "access_log.format: unknown key"),
+        ("off", "access_log: must be a mapping"),
+    ],
+)
+def test_bad_access_log_settings_name_their_key(folder, access_log, problem):
+    with pytest.raises(ConfigError) as e:
+        parse(folder, {**BASE, "access_log": access_log})
+    assert any(problem in p for p in e.value.problems), e.value.problems
