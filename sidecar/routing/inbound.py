@@ -63,7 +63,10 @@ _INBOUND_CODES = {"revoked": "revoked", "foreign_trust_domain": "foreign_trust_d
 # (and the fault-forcing header: a peer must not force this pod's outbound faults through
 # an app that passes headers on)
 SIDECAR_HEADERS = frozenset({b"x-forwarded-client-cert", b"x-forwarded-proto", FAULT_HEADER})
+# Answered (100-continue) or ignored by the engine, never forwarded.
+NOT_FORWARDED = frozenset({b"expect"})
 ALLOW, REJECT_REQUEST, DROP_HEADER = "ALLOW", "REJECT_REQUEST", "DROP_HEADER"
+PATH_CACHE = 1024  # normalized request targets kept (cleared whole when full)
 
 
 def owned_headers(authn: Authenticator | None) -> frozenset[bytes]:
@@ -99,7 +102,7 @@ class InboundRouter(Router):
         self.policy = policy or PolicyHolder(None)
         self.strip = SIDECAR_HEADERS | (authn.strip if authn else frozenset())
         # Removed from every request before it goes to the app.
-        self.skip = HOP_BY_HOP | FRAMING_HEADERS | self.strip
+        self.skip = HOP_BY_HOP | FRAMING_HEADERS | NOT_FORWARDED | self.strip
         self.owned = owned_headers(authn)
         self.underscores = cfg.headers_with_underscores_action
         self.reject_semicolons = cfg.path_with_semicolons_action == REJECT_REQUEST
@@ -115,6 +118,11 @@ class InboundRouter(Router):
             multiplexed=h2,
         )
         self._default_host = f"{cfg.app.host}:{cfg.app.port}".encode()
+        # Request targets seen lately, normalized (a service's paths are few; bounded).
+        self._paths: dict[bytes, tuple[bytes, bytes]] = {}
+        # The XFCC line per peer certificate, for the credentials it was made with.
+        self._xfcc_creds: object = None
+        self._xfcc: dict[str, bytes] = {}
         self.sample_below = sampling_threshold((tracing or TracingConfig()).sampling)
 
     def _close_revoked(self, revoked: frozenset[str]) -> None:
@@ -172,13 +180,20 @@ class InboundRouter(Router):
     def _route(self, conn: DownstreamConn, ex: Exchange) -> tuple[UpstreamPool, bytes]:
         if ex.method == b"CONNECT":
             raise SidecarError("method_not_allowed", "CONNECT is not supported")
-        if ex.target == b"*" and ex.method == b"OPTIONS":
+        target = ex.target
+        seen = self._paths.get(target)
+        if seen is not None:
+            path, query = seen
+        elif target == b"*" and ex.method == b"OPTIONS":
             path, query = b"*", b""
         else:
             try:
-                path, query = normalize(ex.target, self.reject_semicolons)
+                path, query = normalize(target, self.reject_semicolons)
             except PathError as e:
                 raise SidecarError("bad_path", str(e)) from None
+            if len(self._paths) >= PATH_CACHE:
+                self._paths.clear()
+            self._paths[target] = path, query
         path_text = path.decode("latin-1")
         rec = ex.record
         rec.path = path_text
@@ -238,8 +253,7 @@ class InboundRouter(Router):
         lines = [b"%s %s%s HTTP/1.1\r\n" % (ex.method, path, query)]
         has_host = False
         trace_headers = []
-        for k, v in ex.headers:  # one pass: strip, collect trace headers, check "_", write
-            lk = k.lower()
+        for lk, v in ex.headers:  # one pass: strip, collect trace headers, check "_", write
             if lk in skip or lk in drop:
                 continue
             if lk in TRACE_HEADERS:
@@ -249,13 +263,13 @@ class InboundRouter(Router):
                 if underscores == REJECT_REQUEST:
                     raise SidecarError(
                         "underscore_in_header_name",
-                        f"header names with '_' are refused: {k.decode('latin-1')}",
+                        f"header names with '_' are refused: {lk.decode('latin-1')}",
                     )
                 if underscores == DROP_HEADER or lk.replace(b"_", b"-") in self.owned:
                     continue
             elif lk == b"host":
                 has_host = True
-            lines.append(b"%s: %s\r\n" % (k, v))
+            lines.append(b"%s: %s\r\n" % (lk, v))
         if not has_host:
             lines.append(b"host: %s\r\n" % self._default_host)
         hop = next_hop(trace_headers, self.sample_below)
@@ -265,8 +279,15 @@ class InboundRouter(Router):
         rec.sampled = hop.sampled
         lines.append(hop.header_lines())
         creds = self.store.current
-        own = str(creds.spiffe_id) if creds is not None else ""
-        lines.append(b"x-forwarded-client-cert: %s\r\n" % xfcc(own, conn.peer))
+        if creds is not self._xfcc_creds or len(self._xfcc) >= PATH_CACHE:
+            self._xfcc_creds, self._xfcc = creds, {}
+        peer_cert = conn.peer.cert_sha256
+        line = self._xfcc.get(peer_cert)  # type: ignore[arg-type]
+        if line is None:
+            own = str(creds.spiffe_id) if creds is not None else ""
+            line = b"x-forwarded-client-cert: %s\r\n" % xfcc(own, conn.peer)
+            self._xfcc[peer_cert] = line  # type: ignore[index]
+        lines.append(line)
         lines.append(b"x-forwarded-proto: https\r\n")
         if ident is not None and ident.issuer.claims_header:
             lines.append(

@@ -67,7 +67,7 @@ log = logging.getLogger("sidecar.outbound")
 _OUTBOUND_CODES = {"not_leaf": "peer_verification_failed", "revoked": "peer_revoked"}
 
 _SUFFIXES = (".svc.cluster.local", ".svc")
-_NOT_FORWARDED = frozenset({b"host", FAULT_HEADER})
+_NOT_FORWARDED = frozenset({b"host", b"expect", FAULT_HEADER})
 # Not copied from the app's request: hop-by-hop, framing, the sidecar's own.
 _SKIP = HOP_BY_HOP | FRAMING_HEADERS | _NOT_FORWARDED
 SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h
@@ -391,8 +391,7 @@ class OutboundRouter(Router):
         drop = connection_tokens(ex.headers)
         trace_headers = []
         has_authorization = False
-        for k, v in ex.headers:  # one pass: strip, collect the trace headers, write
-            lk = k.lower()
+        for lk, v in ex.headers:  # one pass: strip, collect the trace headers, write
             if lk in _SKIP or lk in drop:
                 continue
             if lk in TRACE_HEADERS:
@@ -400,7 +399,7 @@ class OutboundRouter(Router):
                 continue
             if lk == b"authorization":
                 has_authorization = True
-            lines.append(b"%s: %s\r\n" % (k, v))
+            lines.append(b"%s: %s\r\n" % (lk, v))
         hop = next_hop(trace_headers, self.sample_below)
         rec.trace_id, rec.request_id = hop.ids
         rec.span_id = hop.span_id.decode("ascii")

@@ -42,6 +42,7 @@ from sidecar.engines.http1.framing import (
     Kind,
     check_version,
     chunk,
+    client_head,
     error_response,
     header_value,
     request_framing,
@@ -84,6 +85,8 @@ class DownstreamConn(asyncio.Protocol):
         group: ConnGroup | None = None,
     ) -> None:
         self.router = router
+        # The router does not rewrite answers (Router's own response_headers).
+        self._plain_responses = type(router).response_headers is Router.response_headers
         self.group = group
         self.draining = False
         self.limits = limits
@@ -276,7 +279,7 @@ class DownstreamConn(asyncio.Protocol):
         self._head_bytes += len(name) + len(value) + 4
         if self._head_bytes > self.limits.max_header_bytes:
             raise SidecarError("headers_too_large", "request head is over the limit", close=True)
-        self._headers.append((name, value))
+        self._headers.append((name.lower(), value))
 
     def on_headers_complete(self) -> None:
         self._in_head = False
@@ -284,12 +287,14 @@ class DownstreamConn(asyncio.Protocol):
         p = self.parser
         version = p.get_http_version()
         check_version(version)
-        framing, expect_continue = request_framing(self._headers, version)
+        framing, expect = request_framing(self._headers, version)
+        headers = self._headers
+        if expect is not None:
+            # Expect is the sidecar's to answer (100-continue) or ignore: never forwarded.
+            headers = [(k, v) for k, v in headers if k != b"expect"]
         # RFC 9110 10.1.1: an HTTP/1.0 client knows no interim answers; a request with
         # no body needs no go-ahead.
-        expect_continue = expect_continue and version == "1.1" and framing.has_body
-        # Expect is the sidecar's to answer (100-continue) or ignore: never forwarded.
-        headers = [(k, v) for k, v in self._headers if k.lower() != b"expect"]
+        expect_continue = bool(expect) and version == "1.1" and framing.has_body
         method = p.get_method()
         ex = Exchange(
             method=method,
@@ -587,12 +592,14 @@ class DownstreamConn(asyncio.Protocol):
             return
         ex.status = status
         ex.response_started = True
-        headers = strip_hop_by_hop(headers)
-        headers = self.router.response_headers(self, ex, headers)
         ex.response = out = to_client(framing, ex.version)
         close = not ex.keep_alive or not ex.body_done or self.draining or out.kind is Kind.CLOSE
         if close:
             ex.keep_alive = False
+        if self._plain_responses:  # the router leaves answers as they are: one pass
+            self._write(client_head(status, reason, headers, out, close, ex.version))
+            return
+        headers = self.router.response_headers(self, ex, strip_hop_by_hop(headers))
         self._write(response_head(status, reason, headers, out, close, ex.version))
 
     def response_body(self, ex: Exchange, data: bytes) -> None:

@@ -24,6 +24,9 @@ from dataclasses import dataclass
 
 from sidecar.errors import SidecarError
 
+# Header names are lowercase everywhere past the parsers (the HTTP/1.1 engines lower each
+# name once as llhttp reports it; HTTP/2 names are lowercase by the protocol), so nothing
+# after them lowers a name again. They are forwarded lowercase, as HAProxy and Envoy do.
 Headers = list[tuple[bytes, bytes]]
 
 HOP_BY_HOP = frozenset(
@@ -40,6 +43,7 @@ HOP_BY_HOP = frozenset(
     }
 )
 FRAMING_HEADERS = frozenset({b"content-length", b"transfer-encoding"})
+_STRIPPED = HOP_BY_HOP | FRAMING_HEADERS
 BODYLESS_STATUS = frozenset({204, 304})
 LAST_CHUNK = b"0\r\n\r\n"
 
@@ -169,17 +173,17 @@ def check_transfer_encoding(value: bytes, version: str) -> None:
     )
 
 
-def request_framing(headers: Headers, version: str) -> tuple[Framing, bool]:
-    """A request's body framing and whether it asked for `100 Continue`.
+def request_framing(headers: Headers, version: str) -> tuple[Framing, bool | None]:
+    """A request's body framing and whether it asked for `100 Continue` (None: it has no
+    Expect header at all).
 
     llhttp has already refused a Content-Length that is not a number, two that
     differ, and Content-Length together with Transfer-Encoding.
     """
     framing = NO_BODY
     chunked = False
-    expect_continue = False
-    for k, v in headers:
-        lk = k.lower()
+    expect_continue: bool | None = None
+    for lk, v in headers:
         if lk == b"transfer-encoding":
             if chunked:
                 raise SidecarError(
@@ -193,8 +197,8 @@ def request_framing(headers: Headers, version: str) -> tuple[Framing, bool]:
                 framing = Framing.of_length(int(v))
             except ValueError:
                 raise SidecarError("bad_request", "bad Content-Length", close=True) from None
-        elif lk == b"expect" and v.lower() == b"100-continue":
-            expect_continue = True
+        elif lk == b"expect":
+            expect_continue = expect_continue or v.lower() == b"100-continue"
     return framing, expect_continue
 
 
@@ -203,8 +207,7 @@ def response_framing(headers: Headers, status: int, head_request: bool) -> Frami
     length it announces (no body follows, whatever it says)."""
     length = None
     chunked = False
-    for k, v in headers:
-        lk = k.lower()
+    for lk, v in headers:
         if lk == b"content-length":
             length = int(v.strip())  # llhttp refused a non-number
         elif lk == b"transfer-encoding":
@@ -253,6 +256,37 @@ def response_head(
     return b"".join(lines)
 
 
+_PLAIN_CONNECTION = frozenset({b"keep-alive", b"close"})
+
+
+def client_head(
+    status: int, reason: bytes, headers: Headers, framing: Framing, close: bool, version: str
+) -> bytes:
+    """`response_head` of the upstream's headers minus hop-by-hop and framing ones, in one
+    pass over them (the common case: a `Connection` header naming nothing but keep-alive or
+    close; one that names other headers takes the general path)."""
+    lines = [b"HTTP/1.1 %d %s\r\n" % (status, reason or REASONS.get(status, "").encode())]
+    for k, v in headers:
+        if k in _STRIPPED:
+            if k == b"connection" and v.strip().lower() not in _PLAIN_CONNECTION:
+                return response_head(
+                    status, reason, strip_hop_by_hop(headers), framing, close, version
+                )
+            continue
+        lines.append(b"%s: %s\r\n" % (k, v))
+    if framing.kind is Kind.LENGTH:
+        lines.append(b"content-length: %d\r\n" % framing.length)
+    elif framing.kind is Kind.CHUNKED:
+        lines.append(b"transfer-encoding: chunked\r\n")
+    if close:
+        lines.append(b"connection: close\r\n\r\n")
+    elif version == "1.0":  # an HTTP/1.0 client closes unless told otherwise
+        lines.append(b"connection: keep-alive\r\n\r\n")
+    else:
+        lines.append(b"\r\n")
+    return b"".join(lines)
+
+
 def chunk(data: bytes) -> bytes:
     """One chunk of a chunked body."""
     return b"%x\r\n%s\r\n" % (len(data), data)
@@ -278,27 +312,21 @@ def connection_tokens(headers: Headers) -> set[bytes]:
     """Header names listed in Connection (they are hop-by-hop too)."""
     names: set[bytes] = set()
     for k, v in headers:
-        if k.lower() == b"connection":
+        if k == b"connection":
             names.update(t.strip().lower() for t in v.split(b","))
     return names
 
 
 def strip_hop_by_hop(headers: Headers, also: frozenset[bytes] = frozenset()) -> Headers:
     """Headers minus hop-by-hop ones, framing ones and `also` (all names lowercase)."""
-    drop = connection_tokens(headers)
-    return [
-        (k, v)
-        for k, v in headers
-        if (lk := k.lower()) not in HOP_BY_HOP
-        and lk not in FRAMING_HEADERS
-        and lk not in drop
-        and lk not in also
-    ]
+    drop = connection_tokens(headers) | also
+    skip = _STRIPPED | drop if drop else _STRIPPED
+    return [(k, v) for k, v in headers if k not in skip]
 
 
 def header_value(headers: Sequence[tuple[bytes, bytes]], name: bytes) -> bytes | None:
     """The first value of header `name` (lowercase), or None."""
     for k, v in headers:
-        if k.lower() == name:
+        if k == name:
             return v
     return None

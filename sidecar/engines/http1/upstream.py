@@ -97,6 +97,10 @@ class UpstreamConn(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.peer: Peer = LOCAL_APP  # outbound: the verified server
         self.parser = httptools.HttpResponseParser(self)
+        # The parser stopped right after a whole response (so llhttp starts the next one
+        # afresh) and may be reused; not after a HEAD answer (llhttp would read the next
+        # response as its body), an upgrade, or bytes past the end.
+        self._parser_clean = True
         self.ex: Exchange | None = None
         self.down: ResponseSink | None = None
         self.requests = 0
@@ -129,15 +133,17 @@ class UpstreamConn(asyncio.Protocol):
     # -- what the downstream connection calls ---------------------------
 
     def send_request(self, ex: Exchange, down: ResponseSink, response_timeout: float) -> None:
-        """Take `ex`: send its head and whatever of its body has arrived (a fresh parser per
-        response: a HEAD answer has no body)."""
+        """Take `ex`: send its head and whatever of its body has arrived (the parser is made
+        afresh unless the last one stopped at the end of a whole response)."""
         assert self.transport is not None
         self.ex, self.down = ex, down
         ex.upstream = self
         if self.endpoint is not None:
             self.endpoint.active += 1
         self.requests += 1
-        self.parser = httptools.HttpResponseParser(self)
+        if not self._parser_clean:
+            self.parser = httptools.HttpResponseParser(self)
+        self._parser_clean = False
         self._gen += 1
         self._headers, self._reason, self._head_done = [], b"", False
         self.request_complete = self.response_complete = False
@@ -349,13 +355,16 @@ class UpstreamConn(asyncio.Protocol):
         )
 
     # parser callbacks
+    def on_message_begin(self) -> None:
+        self._parser_clean = False
+
     def on_status(self, reason: bytes) -> None:
         if self._feeding == self._gen:
             self._reason += reason
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if self._feeding == self._gen:
-            self._headers.append((name, value))
+            self._headers.append((name.lower(), value))
 
     def on_headers_complete(self) -> None:
         if self._feeding != self._gen:
@@ -386,7 +395,7 @@ class UpstreamConn(asyncio.Protocol):
         head_request = ex.method == b"HEAD"
         framing = response_framing(self._headers, status, head_request)
         if head_request:
-            headers = [(k, v) for k, v in self._headers if k.lower() != b"content-length"]
+            headers = [(k, v) for k, v in self._headers if k != b"content-length"]
             down.response_head(ex, status, self._reason, strip_hop_by_hop(headers), framing)
             # No body follows a HEAD answer, whatever it says: the exchange is over.
             self._framing = NO_BODY
@@ -406,6 +415,7 @@ class UpstreamConn(asyncio.Protocol):
             self.down.response_body(self.ex, body)
 
     def on_message_complete(self) -> None:
+        self._parser_clean = True
         ex, down = self.ex, self.down
         if ex is None or down is None or not self._head_done or ex.finished:
             return

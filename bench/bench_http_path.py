@@ -1,0 +1,268 @@
+"""The HTTP/1.1 path's own cost, in process: µs of CPU per request through the real
+inbound and outbound routers and engines, with in-memory transports instead of sockets.
+
+What a socket benchmark cannot separate out: no TLS, no syscalls, no other
+process, so what is left is the sidecar's Python per request (parsing callbacks,
+routing, header rewriting, the response, the record). A client connection sends
+a keep-alive GET as a curl-like client would; the "app" answers as nginx does,
+as soon as the request head has gone out. The figures are what the HTTP work
+costs on top of a byte pipe, and move with the code rather than with the
+machine's load (process CPU time, medians of rounds).
+
+    python bench/bench_http_path.py [--requests N] [--rounds R] [--profile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives import serialization
+
+from meshca import pki
+from meshca.spiffe import SpiffeId
+from sidecar.config import parse_config
+from sidecar.engines.base import Limits
+from sidecar.engines.http1.downstream import DownstreamConn
+from sidecar.engines.http1.upstream import UpstreamConn
+from sidecar.identity.creds import Credentials, CredentialStore
+from sidecar.identity.trust import TrustBundle, TrustStore
+from sidecar.routing.inbound import InboundRouter
+from sidecar.routing.outbound import OutboundRouter
+from sidecar.telemetry.sink import Telemetry
+from sidecar.telemetry.window import Window
+from sidecar.upstream.pool import UpstreamPool
+
+NGINX_ANSWER = (
+    b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nDate: Thu, 03 Dec 2026 12:00:00 GMT\r\n"
+    b"Content-Type: application/octet-stream\r\nContent-Length: 3\r\n"
+    b"Connection: keep-alive\r\n\r\nok\n"
+)
+INBOUND_REQUEST = b"GET / HTTP/1.1\r\nHost: api.default\r\nUser-Agent: curl/7.88.1\r\nAccept: */*\r\n"
+OUTBOUND_REQUEST = INBOUND_REQUEST
+
+
+class Wire:
+    """An in-memory transport: writes go to `on_write`; enough of asyncio's for the engines."""
+
+    def __init__(self, on_write: Callable[[bytes], None], ssl_object: Any = None) -> None:
+        self.on_write = on_write
+        self.ssl_object = ssl_object
+        self.closing = False
+
+    def write(self, data: bytes) -> None:
+        self.on_write(data)
+
+    def writelines(self, data: Any) -> None:
+        self.on_write(b"".join(data))
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        if name == "ssl_object":
+            return self.ssl_object
+        if name == "peername":
+            return ("127.0.0.1", 40000)
+        if name == "sockname":
+            return ("127.0.0.1", 15006)
+        return default
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def close(self) -> None:
+        self.closing = True
+
+    def abort(self) -> None:
+        self.closing = True
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        pass
+
+
+class PeerCert:
+    def __init__(self, der: bytes) -> None:
+        self.der = der
+
+    def getpeercert(self, binary_form: bool = False) -> bytes:
+        return self.der
+
+    def selected_alpn_protocol(self) -> str | None:
+        return None
+
+
+def app_connect(loop: asyncio.AbstractEventLoop) -> Callable[..., Any]:
+    """A pool connector whose connection answers each request head as nginx would."""
+
+    async def connect(pool: UpstreamPool, host: str, port: int) -> UpstreamConn:
+        conn = UpstreamConn(pool)
+
+        def on_write(data: bytes) -> None:
+            if data.endswith(b"\r\n\r\n"):
+                loop.call_soon(conn.data_received, NGINX_ANSWER)
+
+        conn.connection_made(Wire(on_write))  # type: ignore[arg-type]
+        return conn
+
+    return connect
+
+
+def setup(folder: Path) -> tuple[InboundRouter, OutboundRouter, bytes]:
+    now = dt.datetime.now(dt.UTC)
+    root_key = pki.new_key()
+    root = pki.build_root(root_key, now)
+    int_key = pki.new_key()
+    inter = pki.build_intermediate(int_key, root, root_key, now)
+
+    def leaf(sid: str) -> tuple[Credentials, bytes]:
+        key = pki.new_key()
+        cert = pki.build_leaf(key.public_key(), SpiffeId.parse(sid), inter, int_key, now)
+        creds = Credentials.build(
+            pki.key_pem(key), pki.pem_join([cert, inter]), pki.pem_join([root]), "cluster.local", now
+        )
+        return creds, cert.public_bytes(serialization.Encoding.DER)
+
+    (folder / "ca-root.pem").write_text(pki.pem_join([root]))
+    (folder / "token").write_text("x")
+    api = "spiffe://cluster.local/ns/default/sa/api"
+    doc = {
+        "ca": {"url": "https://ca:8443", "bundle": "ca-root.pem", "token_file": "token"},
+        "inbound": {"listen": "127.0.0.1:0", "app": "127.0.0.1:8080"},
+        "outbound": {
+            "listen": "127.0.0.1:0",
+            "services": {"api.default": {"endpoints": ["127.0.0.1:15006"], "identity": api}},
+        },
+        "access_log": {"mode": "off"},
+    }
+    cfg = parse_config(doc, folder / "sidecar.yaml")
+    trust = TrustStore(
+        TrustBundle.check((folder / "ca-root.pem").read_text(), now, "bench"), "cluster.local"
+    )
+    api_creds, _ = leaf(api)
+    web_creds, web_der = leaf("spiffe://cluster.local/ns/default/sa/web")
+    in_store = CredentialStore(trust)
+    in_store.publish(api_creds)
+    out_store = CredentialStore(trust)
+    out_store.publish(web_creds)
+    assert cfg.inbound is not None and cfg.outbound is not None
+    inbound = InboundRouter(cfg.inbound, in_store)
+    outbound = OutboundRouter(cfg.outbound, out_store)
+    return inbound, outbound, web_der
+
+
+async def drive(make_conn: Callable[[Wire], DownstreamConn], request: bytes, n: int, conns: int) -> float:
+    """`n` requests over `conns` keep-alive client connections; CPU seconds spent."""
+    loop = asyncio.get_running_loop()
+    left = n
+    done = loop.create_future()
+    active = conns
+
+    def client() -> None:
+        holder: list[DownstreamConn] = []
+
+        def on_write(data: bytes) -> None:
+            nonlocal left, active
+            if not data.endswith(b"ok\n"):
+                raise SystemExit(f"unexpected answer: {data[:200]!r}")
+            left -= 1
+            if left > 0:
+                loop.call_soon(holder[0].data_received, request)
+            else:
+                active -= 1
+                if active == 0 and not done.done():
+                    done.set_result(None)
+
+        conn = make_conn(Wire(on_write))
+        holder.append(conn)
+        loop.call_soon(conn.data_received, request)
+
+    t0 = time.process_time()
+    for _ in range(conns):
+        client()
+    await done
+    return time.process_time() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--requests", type=int, default=20000)
+    ap.add_argument("--conns", type=int, default=32)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=2000, help="requests per path before measuring")
+    ap.add_argument("--profile", action="store_true", help="cProfile one inbound round")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        inbound, outbound, web_der = setup(Path(tmp))
+
+    async def run() -> dict[str, list[float]]:
+        loop = asyncio.get_running_loop()
+        inbound.pool._connect = app_connect(loop)
+        for pool in outbound.pools.values():
+            pool._connect = app_connect(loop)
+        window = Window(time.monotonic)
+        sink = Telemetry(None, None, window, None)
+        limits = Limits()
+        peer = PeerCert(web_der)
+
+        def make_in(wire: Wire) -> DownstreamConn:
+            wire.ssl_object = peer
+            conn = DownstreamConn(inbound, limits, sink)
+            conn.connection_made(wire)  # type: ignore[arg-type]
+            return conn
+
+        def make_out(wire: Wire) -> DownstreamConn:
+            conn = DownstreamConn(outbound, limits, sink)
+            conn.connection_made(wire)  # type: ignore[arg-type]
+            return conn
+
+        paths = {
+            "inbound (mTLS peer -> app)": (make_in, INBOUND_REQUEST + b"\r\n"),
+            "outbound (app -> service)": (make_out, OUTBOUND_REQUEST + b"\r\n"),
+        }
+        got: dict[str, list[float]] = {k: [] for k in paths}
+        for make, req in paths.values():  # warm-up
+            await drive(make, req, args.warmup, args.conns)
+        if args.profile:
+            import cProfile
+            import pstats
+
+            prof = cProfile.Profile()
+            prof.enable()
+            await drive(make_in, INBOUND_REQUEST + b"\r\n", args.requests, args.conns)
+            prof.disable()
+            pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+        for _ in range(args.rounds):
+            for name, (make, req) in paths.items():
+                cpu = await drive(make, req, args.requests, args.conns)
+                got[name].append(cpu * 1e6 / args.requests)
+        return got
+
+    try:
+        import uvloop
+
+        got = uvloop.run(run())
+    except ImportError:
+        got = asyncio.run(run())
+    print(f"{'path':32s} {'µs CPU/request (median)':>24s}  rounds")
+    for name, vals in got.items():
+        print(f"{name:32s} {statistics.median(vals):24.2f}  {' '.join(f'{v:.2f}' for v in vals)}")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
