@@ -34,7 +34,7 @@ from sidecar.config import InboundConfig, TracingConfig
 from sidecar.engines.h2.upstream import H2Upstream
 from sidecar.engines.http1.downstream import DownstreamConn
 from sidecar.engines.http1.exchange import Exchange
-from sidecar.engines.http1.framing import FRAMING_HEADERS, HOP_BY_HOP, connection_tokens
+from sidecar.engines.http1.framing import FRAMING_HEADERS, HOP_BY_HOP
 from sidecar.engines.http1.router import RouteLater, Router
 from sidecar.engines.http1.upstream import UpstreamConn
 from sidecar.errors import SidecarError
@@ -248,7 +248,7 @@ class InboundRouter(Router):
         skip = self.skip
         if ident is not None and not ident.issuer.forward:
             skip = skip | {ident.issuer.from_header}
-        drop = connection_tokens(ex.headers)
+        drop = ex.drop
         underscores = self.underscores
         lines = [b"%s %s%s HTTP/1.1\r\n" % (ex.method, path, query)]
         has_host = False

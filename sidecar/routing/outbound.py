@@ -39,7 +39,6 @@ from sidecar.engines.http1.exchange import Exchange
 from sidecar.engines.http1.framing import (
     FRAMING_HEADERS,
     HOP_BY_HOP,
-    connection_tokens,
     error_response,
     header_value,
 )
@@ -388,7 +387,7 @@ class OutboundRouter(Router):
             ex.delay = d.delay  # (a second pass, after a JWT-SVID fetch, decides afresh)
             rec.fault = "delay" if d.delay else None
         lines = [b"%s %s HTTP/1.1\r\n" % (ex.method, target), b"host: %s\r\n" % authority]
-        drop = connection_tokens(ex.headers)
+        drop = ex.drop
         trace_headers = []
         has_authorization = False
         for lk, v in ex.headers:  # one pass: strip, collect the trace headers, write

@@ -287,7 +287,7 @@ class DownstreamConn(asyncio.Protocol):
         p = self.parser
         version = p.get_http_version()
         check_version(version)
-        framing, expect = request_framing(self._headers, version)
+        framing, expect, listed = request_framing(self._headers, version)
         headers = self._headers
         if expect is not None:
             # Expect is the sidecar's to answer (100-continue) or ignore: never forwarded.
@@ -304,6 +304,7 @@ class DownstreamConn(asyncio.Protocol):
             keep_alive=p.should_keep_alive(),
             record=ExchangeRecord(self.router.direction, peer=self.peer.spiffe_id),
             framing=framing,
+            drop=listed,
         )
         if p.should_upgrade():
             if framing.has_body:
@@ -359,8 +360,10 @@ class DownstreamConn(asyncio.Protocol):
         ex = self.parsing
         if ex is None:
             return
-        ex.body_done = True
         self.parsing = None
+        if ex.body_done:  # a request with no body: it was all sent with its head
+            return
+        ex.body_done = True
         if ex is self.active and ex.upstream is not None:
             ex.upstream.end_request(ex)
 

@@ -55,6 +55,9 @@ class Exchange:
     deadline_at: float = 0.0
     rerouted: bool = False
     upgrade: bytes = b""  # the protocol a WebSocket upgrade asks for (b"websocket")
+    # Header names the request's Connection header lists: hop-by-hop, never forwarded
+    # (HTTP/2 has no Connection header).
+    drop: frozenset[bytes] = frozenset()
 
     @property
     def has_body(self) -> bool:

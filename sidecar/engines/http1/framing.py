@@ -173,9 +173,12 @@ def check_transfer_encoding(value: bytes, version: str) -> None:
     )
 
 
-def request_framing(headers: Headers, version: str) -> tuple[Framing, bool | None]:
-    """A request's body framing and whether it asked for `100 Continue` (None: it has no
-    Expect header at all).
+def request_framing(
+    headers: Headers, version: str
+) -> tuple[Framing, bool | None, frozenset[bytes]]:
+    """A request's body framing, whether it asked for `100 Continue` (None: it has no
+    Expect header at all) and the header names its `Connection` header lists (they are
+    hop-by-hop too), all in one pass over the headers.
 
     llhttp has already refused a Content-Length that is not a number, two that
     differ, and Content-Length together with Transfer-Encoding.
@@ -183,6 +186,7 @@ def request_framing(headers: Headers, version: str) -> tuple[Framing, bool | Non
     framing = NO_BODY
     chunked = False
     expect_continue: bool | None = None
+    listed: frozenset[bytes] = frozenset()
     for lk, v in headers:
         if lk == b"transfer-encoding":
             if chunked:
@@ -199,7 +203,9 @@ def request_framing(headers: Headers, version: str) -> tuple[Framing, bool | Non
                 raise SidecarError("bad_request", "bad Content-Length", close=True) from None
         elif lk == b"expect":
             expect_continue = expect_continue or v.lower() == b"100-continue"
-    return framing, expect_continue
+        elif lk == b"connection":
+            listed = listed.union(t.strip().lower() for t in v.split(b","))
+    return framing, expect_continue, listed
 
 
 def response_framing(headers: Headers, status: int, head_request: bool) -> Framing:
