@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Container
+from dataclasses import dataclass
 
 from cryptography import x509
 
@@ -102,6 +103,30 @@ def leaf_problem(cert: x509.Certificate) -> str | None:
     return None
 
 
+@dataclass(frozen=True, slots=True)
+class SvidFacts:
+    """What `verify_peer` reads off a certificate: fixed for a given certificate, so they
+    may be kept and checked again against another revocation list or expectation."""
+
+    sid: SpiffeId
+    problem: str | None  # `leaf_problem`
+    serial: str
+    not_before: dt.datetime
+    not_after: dt.datetime
+
+
+def svid_facts(cert: x509.Certificate) -> SvidFacts:
+    """The facts `check_svid` needs; SvidError (`not_svid`) if it carries no single
+    SPIFFE ID."""
+    return SvidFacts(
+        spiffe_id_of(cert),
+        leaf_problem(cert),
+        serial_hex(cert),
+        cert.not_valid_before_utc,
+        cert.not_valid_after_utc,
+    )
+
+
 def verify_peer(
     cert: x509.Certificate,
     trust_domain: str,
@@ -112,17 +137,27 @@ def verify_peer(
     """The peer's SPIFFE ID, once its certificate (chain already verified by TLS) is an
     X.509-SVID leaf in `trust_domain`, not `revoked`, the one expected (if `expect`) and
     valid at `now` (if given); SvidError naming the first rule it breaks otherwise."""
-    sid = spiffe_id_of(cert)
-    problem = leaf_problem(cert)
-    if problem is not None:
-        raise SvidError("not_leaf", f"{sid}: {problem}")
-    serial = serial_hex(cert)
+    return check_svid(svid_facts(cert), trust_domain, revoked, expect, now)
+
+
+def check_svid(
+    facts: SvidFacts,
+    trust_domain: str,
+    revoked: Container[str] = frozenset(),
+    expect: SpiffeId | None = None,
+    now: dt.datetime | None = None,
+) -> SpiffeId:
+    """`verify_peer` on facts read before (the same rules, in the same order)."""
+    sid = facts.sid
+    if facts.problem is not None:
+        raise SvidError("not_leaf", f"{sid}: {facts.problem}")
+    serial = facts.serial
     if serial in revoked:
         raise SvidError("revoked", f"{sid}: certificate {serial} is revoked")
     if sid.trust_domain != trust_domain:
         raise SvidError("foreign_trust_domain", f"{sid} is not in trust domain {trust_domain}")
     if expect is not None and sid != expect:
         raise SvidError("identity_mismatch", f"presented {sid}, expected {expect}")
-    if now is not None and not cert.not_valid_before_utc <= now < cert.not_valid_after_utc:
+    if now is not None and not facts.not_before <= now < facts.not_after:
         raise SvidError("not_valid_now", f"{sid}: certificate is not valid now")
     return sid

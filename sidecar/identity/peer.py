@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from cryptography import x509
 
 from meshca.spiffe import SpiffeId
-from meshca.svid import SvidError, serial_hex, verify_peer
+from meshca.svid import SvidError, SvidFacts, check_svid, svid_facts
 
 
 class Verdict(enum.StrEnum):
@@ -49,15 +49,26 @@ def verify_der(
     expect: SpiffeId | None = None,
 ) -> Peer:
     """The peer a chain-verified certificate (DER) names; SvidError names the rule it breaks
-    (`bad_certificate` for one that does not parse)."""
-    try:
-        cert = x509.load_der_x509_certificate(der)
-    except ValueError as e:
-        raise SvidError("bad_certificate", f"certificate does not parse: {e}") from None
-    peer_id = verify_peer(cert, trust_domain, revoked, expect)
-    return Peer(
-        str(peer_id),
-        Verdict.VERIFIED,
-        serial_hex(cert),
-        hashlib.sha256(der).hexdigest(),
-    )
+    (`bad_certificate` for one that does not parse).
+
+    What a certificate says is read once per certificate and kept (`PARSED`, bounded):
+    a peer reconnecting with the same leaf costs a dictionary lookup, not an X.509 parse
+    (most of the Python work of an accepted connection). The rules that depend on the
+    moment (the revocation list, the identity expected) are checked every time."""
+    hit = _parsed.get(der)
+    if hit is None:
+        try:
+            cert = x509.load_der_x509_certificate(der)
+        except ValueError as e:
+            raise SvidError("bad_certificate", f"certificate does not parse: {e}") from None
+        facts = svid_facts(cert)
+        if len(_parsed) >= PARSED:
+            _parsed.clear()
+        hit = _parsed[der] = (facts, hashlib.sha256(der).hexdigest())
+    facts, digest = hit
+    peer_id = check_svid(facts, trust_domain, revoked, expect)
+    return Peer(str(peer_id), Verdict.VERIFIED, facts.serial, digest)
+
+
+PARSED = 1024  # certificates whose facts are kept (cleared whole when full)
+_parsed: dict[bytes, tuple[SvidFacts, str]] = {}
