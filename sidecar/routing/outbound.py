@@ -66,6 +66,7 @@ log = logging.getLogger("sidecar.outbound")
 _OUTBOUND_CODES = {"not_leaf": "peer_verification_failed", "revoked": "peer_revoked"}
 
 _SUFFIXES = (".svc.cluster.local", ".svc")
+NAME_CACHE = 1024  # authorities whose service name is kept (cleared whole when full)
 _NOT_FORWARDED = frozenset({b"host", b"expect", FAULT_HEADER})
 # Not copied from the app's request: hop-by-hop, framing, the sidecar's own.
 _SKIP = HOP_BY_HOP | FRAMING_HEADERS | _NOT_FORWARDED
@@ -185,6 +186,10 @@ class OutboundRouter(Router):
             svc.protocol == TCP and svc.addresses for svc in cfg.services.values()
         )
         self.rng = random.Random()  # noqa: S311 (traffic splits, not secrets)
+        # Per request, looked up rather than worked out: the service an authority names
+        # (bounded), and each service's identity as the access log writes it.
+        self._names: dict[bytes, str] = {}
+        self._identity = {name: str(svc.identity) for name, svc in cfg.services.items()}
         for name, svc in cfg.services.items():
             t = svc.traffic
             self.pools[name] = UpstreamPool(
@@ -360,7 +365,12 @@ class OutboundRouter(Router):
             authority = header_value(ex.headers, b"host")
         if not authority:
             raise SidecarError("no_host", "no service named: send a Host header or an absolute URL")
-        name = service_name(authority)
+        name = self._names.get(authority)
+        if name is None:
+            name = service_name(authority)
+            if len(self._names) >= NAME_CACHE:
+                self._names.clear()
+            self._names[authority] = name
         if name not in self.pools:
             raise SidecarError("unknown_service", f"no outbound service named {name!r}")
         return self._forward(ex, name, target, authority)
@@ -374,7 +384,7 @@ class OutboundRouter(Router):
         rec.service = name
         path = target.split(b"?", 1)[0]
         rec.path = path.decode("latin-1")
-        rec.peer = str(svc.identity)
+        rec.peer = self._identity[name]
         routes = svc.traffic.routes
         if routes:
             d = decide(routes, ex.method, path, ex.headers, self.rng)
