@@ -76,10 +76,10 @@ class Window:
     def __init__(self, clock: Callable[[], float]) -> None:
         self.clock = clock
         self.peers: dict[tuple[str, str], _Peer] = {}
+        self._hot: dict[tuple[str, str], tuple[int, _Slot]] = {}  # the slot written last
         self.refusals: dict[str, list[tuple[int, int]]] = {}  # direction -> (second, count)
 
-    def _slot(self, key: tuple[str, str]) -> _Slot:
-        second = int(self.clock())
+    def _slot(self, key: tuple[str, str], second: int) -> _Slot:
         peer = self.peers.get(key)
         if peer is None:
             peer = self.peers[key] = _Peer()
@@ -96,7 +96,13 @@ class Window:
             key = ("inbound", rec.peer or "unknown")
         else:
             key = ("outbound", rec.service or "unknown")
-        slot = self._slot(key)
+        second = int(self.clock())
+        hot = self._hot.get(key)
+        if hot is not None and hot[0] == second:  # this peer's slot for this second
+            slot = hot[1]
+        else:
+            slot = self._slot(key, second)
+            self._hot[key] = (second, slot)
         slot.requests += 1
         if rec.status >= 500 or rec.error in FAILED_CODES:
             slot.failures += 1

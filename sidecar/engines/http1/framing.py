@@ -110,12 +110,26 @@ class Framing:
     @staticmethod
     def of_length(n: int) -> Framing:
         """`Content-Length: n` (a zero length is no body)."""
-        return Framing(Kind.LENGTH, n) if n else NO_BODY
+        return length_framing(n) if n else NO_BODY
 
     @property
     def has_body(self) -> bool:
         """Whether body bytes may follow the head."""
         return self.kind is not Kind.NONE
+
+
+_LENGTHS: dict[int, Framing] = {}
+
+
+def length_framing(n: int) -> Framing:
+    """`Framing(Kind.LENGTH, n)`, kept for the lengths seen lately (most answers of a
+    service come in a few sizes; a frozen dataclass costs more to make than to look up)."""
+    f = _LENGTHS.get(n)
+    if f is None:
+        if len(_LENGTHS) >= 4096:
+            _LENGTHS.clear()
+        f = _LENGTHS[n] = Framing(Kind.LENGTH, n)
+    return f
 
 
 NO_BODY = Framing(Kind.NONE)
@@ -219,13 +233,13 @@ def response_framing(headers: Headers, status: int, head_request: bool) -> Frami
         elif lk == b"transfer-encoding":
             chunked = True
     if head_request:
-        return NO_BODY if length is None else Framing(Kind.LENGTH, length)
+        return NO_BODY if length is None else length_framing(length)
     if status in BODYLESS_STATUS:
         return NO_BODY
     if chunked:
         return CHUNKED
     if length is not None:
-        return Framing(Kind.LENGTH, length)
+        return length_framing(length)
     return UNTIL_CLOSE
 
 
