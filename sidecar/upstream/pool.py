@@ -288,15 +288,16 @@ class UpstreamPool:
         if self.multiplexed:
             return  # an HTTP/2 stream never used: its connection stays shared
         ep = conn.endpoint
-        for waiter in self.waiters:
-            wep, fut = waiter
-            if wep is ep and not fut.done():
-                self.waiters.remove(waiter)
-                fut.set_result(conn)
+        if self.waiters:  # (none, the common case: no pass over them)
+            for waiter in self.waiters:
+                wep, fut = waiter
+                if wep is ep and not fut.done():
+                    self.waiters.remove(waiter)
+                    fut.set_result(conn)
+                    return
+            if any(not fut.done() for _, fut in self.waiters):
+                self._drop(conn)  # its place goes to a request for another endpoint
                 return
-        if any(not fut.done() for _, fut in self.waiters):
-            self._drop(conn)  # its place goes to a request for another endpoint
-            return
         if ep is not None and not ep.removed and len(ep.idle) < self.max_idle:
             ep.idle.append(conn)
         else:
