@@ -286,15 +286,17 @@ class DownstreamConn(asyncio.Protocol):
         self._disarm()
         p = self.parser
         version = p.get_http_version()
-        check_version(version)
+        if version != "1.1":
+            check_version(version)
         framing, expect, listed = request_framing(self._headers, version)
+        has_body = framing.kind is not Kind.NONE
         headers = self._headers
         if expect is not None:
             # Expect is the sidecar's to answer (100-continue) or ignore: never forwarded.
             headers = [(k, v) for k, v in headers if k != b"expect"]
         # RFC 9110 10.1.1: an HTTP/1.0 client knows no interim answers; a request with
         # no body needs no go-ahead.
-        expect_continue = bool(expect) and version == "1.1" and framing.has_body
+        expect_continue = bool(expect) and version == "1.1" and has_body
         method = p.get_method()
         ex = Exchange(
             method=method,
@@ -305,9 +307,11 @@ class DownstreamConn(asyncio.Protocol):
             record=ExchangeRecord(self.router.direction, peer=self.peer.spiffe_id),
             framing=framing,
             drop=listed,
+            body_done=not has_body,
+            continue_pending=expect_continue,
         )
         if p.should_upgrade():
-            if framing.has_body:
+            if has_body:
                 # llhttp does not read the body of an upgrade request (or a CONNECT): the
                 # bytes after the head would be parsed as the next request here while the
                 # app, told their length, reads them as this one's body, so a request the
@@ -324,10 +328,7 @@ class DownstreamConn(asyncio.Protocol):
             raise SidecarError(
                 "too_large", f"request body is over the {limit}-byte limit", close=True
             )
-        if not framing.has_body:
-            ex.body_done = True
         self.parsing = ex
-        ex.continue_pending = expect_continue
         if self.active is None and not self.queue:
             self._activate(ex)
         else:
