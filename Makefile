@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: all deps venv test test-unit test-e2e demo demo-pods lint bench bench-deps bench-ca bench-sidecar bench-protocols soak k8s-demo clean
+.PHONY: all deps venv test test-unit test-e2e demo demo-pods lint bench bench-deps bench-ca bench-sidecar bench-protocols bench-peers bench-peers-deps soak k8s-demo clean
 
 all: test
 
@@ -85,6 +85,24 @@ bench-protocols: deps bench-deps venv
 
 bench-ca: deps venv
 	$(BIN)/python bench/bench_ca.py
+
+# The sidecar beside HAProxy doing the same work (bench/bench_peers.py): HAProxy (the peer and
+# the load generator's TLS shim), nginx-light (the app; the bench starts its own, with its own
+# config and prefix, so the package's system service is not used) and wrk (installed only
+# when missing). Not part of `bench`: it takes several minutes.
+bench-peers-deps:
+	@export PATH="$$PATH:/usr/sbin:/sbin"; missing=""; \
+	command -v haproxy >/dev/null || missing="$$missing haproxy"; \
+	command -v nginx >/dev/null || missing="$$missing nginx-light"; \
+	command -v wrk >/dev/null || missing="$$missing wrk"; \
+	command -v taskset >/dev/null || missing="$$missing util-linux"; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
+
+bench-peers: bench-peers-deps venv
+	$(BIN)/python bench/bench_peers.py
 
 # A bounded soak, not part of `make test`: steady traffic through two sidecars with
 # renewals and CA rotations; prints each sidecar's RSS at the start and the end.
