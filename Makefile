@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: all deps venv test test-unit test-e2e demo demo-pods lint bench bench-deps bench-ca bench-sidecar bench-protocols bench-peers bench-peers-deps soak k8s-demo clean
+.PHONY: all deps venv test test-unit test-e2e demo demo-pods lint bench bench-deps bench-ca bench-sidecar bench-protocols bench-peers bench-peers-deps bench-path soak k8s-demo clean
 
 all: test
 
@@ -103,6 +103,11 @@ bench-peers-deps:
 
 bench-peers: bench-peers-deps venv
 	$(BIN)/python bench/bench_peers.py
+
+# The HTTP/1.1 path's own CPU per request, in process (no sockets, no TLS): what the
+# Python work above a byte pipe costs, inbound and outbound.
+bench-path: venv
+	$(BIN)/python bench/bench_http_path.py
 
 # A bounded soak, not part of `make test`: steady traffic through two sidecars with
 # renewals and CA rotations; prints each sidecar's RSS at the start and the end.
