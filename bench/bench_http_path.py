@@ -46,7 +46,9 @@ NGINX_ANSWER = (
     b"Content-Type: application/octet-stream\r\nContent-Length: 3\r\n"
     b"Connection: keep-alive\r\n\r\nok\n"
 )
-INBOUND_REQUEST = b"GET / HTTP/1.1\r\nHost: api.default\r\nUser-Agent: curl/7.88.1\r\nAccept: */*\r\n"
+INBOUND_REQUEST = (
+    b"GET / HTTP/1.1\r\nHost: api.default\r\nUser-Agent: curl/7.88.1\r\nAccept: */*\r\n"
+)
 OUTBOUND_REQUEST = INBOUND_REQUEST
 
 
@@ -133,7 +135,11 @@ def setup(folder: Path) -> tuple[InboundRouter, OutboundRouter, bytes]:
         key = pki.new_key()
         cert = pki.build_leaf(key.public_key(), SpiffeId.parse(sid), inter, int_key, now)
         creds = Credentials.build(
-            pki.key_pem(key), pki.pem_join([cert, inter]), pki.pem_join([root]), "cluster.local", now
+            pki.key_pem(key),
+            pki.pem_join([cert, inter]),
+            pki.pem_join([root]),
+            "cluster.local",
+            now,
         )
         return creds, cert.public_bytes(serialization.Encoding.DER)
 
@@ -165,7 +171,9 @@ def setup(folder: Path) -> tuple[InboundRouter, OutboundRouter, bytes]:
     return inbound, outbound, web_der
 
 
-async def drive(make_conn: Callable[[Wire], DownstreamConn], request: bytes, n: int, conns: int) -> float:
+async def drive(
+    make_conn: Callable[[Wire], DownstreamConn], request: bytes, n: int, conns: int
+) -> float:
     """`n` requests over `conns` keep-alive client connections; CPU seconds spent."""
     loop = asyncio.get_running_loop()
     left = n
