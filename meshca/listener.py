@@ -110,7 +110,7 @@ class Listener:
         sock: socket.socket,
         protocol_factory: Callable[[], asyncio.BaseProtocol] | None,
         *,
-        ssl_context: ssl.SSLContext | None = None,
+        ssl_context: ssl.SSLContext | Callable[[], ssl.SSLContext] | None = None,
         max_connections: int = 4096,
         handshake_timeout: float = 10.0,
         name: str = "listener",
@@ -301,10 +301,12 @@ class Listener:
             if self.ssl_context is None:
                 await self.loop.connect_accepted_socket(self.protocol_factory, conn)
             else:
+                ctx = self.ssl_context
                 await self.loop.connect_accepted_socket(
                     self.protocol_factory,
                     conn,
-                    ssl=self.ssl_context,
+                    # a function: the context of the moment, asked per connection
+                    ssl=ctx if isinstance(ctx, ssl.SSLContext) else ctx(),
                     ssl_handshake_timeout=self.handshake_timeout,
                 )
         except (OSError, ssl.SSLError, TimeoutError, EOFError) as e:

@@ -57,6 +57,19 @@ def _session_cache_off(ctx: ssl.SSLContext) -> bool:
         return False
 
 
+def resumable(ctx: ssl.SSLContext, tickets: int = 1) -> None:
+    """TLS session resumption on a server context: `tickets` session tickets after each full
+    handshake (TLS 1.3; TLS 1.2 clients get one too), and the TLS 1.2 session cache.
+
+    Only for a context that serves one trust generation and is then dropped: a resumed
+    session skips chain verification, and tickets are sealed with keys of this context
+    (and the session cache is its own), so a new context (new roots, a new certificate)
+    takes every earlier session with it. The peer's certificate, from the session, must
+    still be checked by the caller for revocation and expiry."""
+    ctx.options &= ~ssl.OP_NO_TICKET
+    ctx.num_tickets = tickets
+
+
 def no_resumption(ctx: ssl.SSLContext) -> None:
     """No TLS session resumption on a server context: a resumed session skips chain
     verification, so a peer whose root was retired (or whose chain no longer verifies)

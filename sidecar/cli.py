@@ -193,7 +193,7 @@ async def run(config: SidecarConfig) -> None:
             lst = Listener(
                 bind(ib.listen.host, ib.listen.port, BACKLOG),
                 lambda: InboundDispatch(engines, ib.app_protocol, in_group, refused_in),
-                ssl_context=store.listener_context(),
+                ssl_context=store.server_context,
                 max_connections=ib.max_connections,
                 handshake_timeout=ib.header_timeout,
                 name="inbound",

@@ -25,7 +25,7 @@ from cryptography.x509 import verification as xv
 from meshca import tlsutil
 from meshca.spiffe import SpiffeId
 from meshca.svid import SvidError, leaf_problem, serial_hex, spiffe_id_of
-from meshca.tlsutil import no_resumption
+from meshca.tlsutil import no_resumption, resumable
 from sidecar.identity.trust import TrustBundle, TrustStore
 from sidecar.protocols import CLIENT_ALPN, HTTP, accepted_alpn
 
@@ -115,7 +115,9 @@ class Credentials:
         server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         server.minimum_version = ssl.TLSVersion.TLSv1_2
         server.verify_mode = ssl.CERT_REQUIRED
-        no_resumption(server)
+        # Resumed only within this generation: a new certificate or new roots make a new
+        # context, whose ticket keys and session cache are its own (see tlsutil.resumable).
+        resumable(server)
         server.load_verify_locations(cadata=bundle_pem)
         server.set_alpn_protocols(list(alpn))
         tlsutil.load_chain(server, chain_pem, key_pem)
@@ -204,6 +206,7 @@ class CredentialStore:
         self._current: Credentials | None = None
         self._listeners: list[Callable[[Credentials], None]] = []
         self._stale_listeners: list[Callable[[], None]] = []
+        self._not_ready: ssl.SSLContext | None = None
         trust.on_roots(self._roots_changed)
 
     @property
@@ -263,6 +266,17 @@ class CredentialStore:
     def on_publish(self, fn: Callable[[Credentials], None]) -> None:
         """Call `fn` after every publish (for example, to close revoked connections later)."""
         self._listeners.append(fn)
+
+    def server_context(self) -> ssl.SSLContext:
+        """The context a new inbound connection is served with: the current generation's
+        own (so its TLS sessions are resumable within that generation only), or, before
+        the first certificate, one that fails every handshake."""
+        creds = self._current
+        if creds is not None:
+            return creds.server_context
+        if self._not_ready is None:
+            self._not_ready = self.listener_context()
+        return self._not_ready
 
     def listener_context(self) -> ssl.SSLContext:
         """A server context for a listening socket that always serves the current credentials.

@@ -10,6 +10,7 @@ domain, not revoked, and, outbound, the expected ID). The app on loopback is
 
 from __future__ import annotations
 
+import datetime as dt
 import enum
 import hashlib
 from collections.abc import Container
@@ -47,6 +48,7 @@ def verify_der(
     trust_domain: str,
     revoked: Container[str],
     expect: SpiffeId | None = None,
+    now: dt.datetime | None = None,
 ) -> Peer:
     """The peer a chain-verified certificate (DER) names; SvidError names the rule it breaks
     (`bad_certificate` for one that does not parse).
@@ -54,7 +56,8 @@ def verify_der(
     What a certificate says is read once per certificate and kept (`PARSED`, bounded):
     a peer reconnecting with the same leaf costs a dictionary lookup, not an X.509 parse
     (most of the Python work of an accepted connection). The rules that depend on the
-    moment (the revocation list, the identity expected) are checked every time."""
+    moment (the revocation list, the identity expected) are checked every time; `now`
+    adds the validity period (a resumed TLS session did not check it again)."""
     hit = _parsed.get(der)
     if hit is None:
         try:
@@ -66,7 +69,7 @@ def verify_der(
             _parsed.clear()
         hit = _parsed[der] = (facts, hashlib.sha256(der).hexdigest())
     facts, digest = hit
-    peer_id = check_svid(facts, trust_domain, revoked, expect)
+    peer_id = check_svid(facts, trust_domain, revoked, expect, now)
     return Peer(str(peer_id), Verdict.VERIFIED, facts.serial, digest)
 
 

@@ -27,6 +27,7 @@ framing headers) is dropped.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import logging
 
 from meshca.svid import SvidError
@@ -157,8 +158,11 @@ class InboundRouter(Router):
         der = sslobj.getpeercert(binary_form=True) if sslobj is not None else None
         if not der:
             raise SidecarError("no_client_certificate", "a client certificate is required")
+        # A resumed session verified no chain and no dates this time: the certificate it
+        # carries must still be valid now (revocation is checked for every connection).
+        now = dt.datetime.now(dt.UTC) if sslobj.session_reused else None
         try:
-            peer = verify_der(der, self.store.trust_domain, self.store.revoked)
+            peer = verify_der(der, self.store.trust_domain, self.store.revoked, now=now)
         except SvidError as e:
             raise SidecarError(
                 _INBOUND_CODES.get(e.code, "bad_peer_certificate"), e.detail

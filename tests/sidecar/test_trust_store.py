@@ -200,3 +200,24 @@ def test_the_poll_follows_a_restored_ca_only_after_it_insists(world):
     ) + [True]
     assert not watcher._insists(doc(3))  # a different older sequence starts the count again
     assert not watcher._insists(doc(8))  # a newer one never needs insisting
+
+
+def test_new_roots_or_a_new_certificate_start_a_new_session_context(world):
+    """The inbound serves each connection with the generation's own context: TLS sessions
+    (tickets, session cache) made under the old roots or the old certificate cannot be
+    resumed under the new ones. Revocations alone keep the context (they are checked for
+    every connection, resumed or not)."""
+    (old_root, oi, ok), (new_root, ni, nk), trust = world
+    store = CredentialStore(trust, clock=lambda: NOW)
+    not_ready = store.server_context()
+    store.publish(creds_under(old_root, oi, ok, trust.pem))
+    first = store.server_context()
+    assert first is not not_ready and first is store.current.server_context
+    assert store.server_context() is first  # one context per generation, not per connection
+    assert trust.offer(trust.pem, NOW, sequence=2, revoked=frozenset({"01"}))
+    assert store.server_context() is first
+    assert trust.offer(pki.pem_join([old_root, new_root]), NOW, sequence=3, revoked=frozenset())
+    second = store.server_context()
+    assert second is not first
+    store.publish(creds_under(old_root, oi, ok, trust.pem))
+    assert store.server_context() is not second
