@@ -128,6 +128,7 @@ class Admin:
         self.bundle = bundle
         self.endpoints_doc = endpoints  # each outbound service's endpoints and their state
         self.window: Any = None  # sidecar.telemetry.window.Window, the last minute of traffic
+        self.inbound_tls: Callable[[], dict[str, int]] | None = None  # handshakes, full/resumed
 
     async def healthz(self, request: web.Request) -> web.Response:
         """Liveness: the process answers."""
@@ -170,6 +171,8 @@ class Admin:
                 endorsed_discoveries=self.bundle.discoveries,
             )
         doc["bundle"] = bundle
+        if self.inbound_tls is not None:
+            doc["inbound_tls_sessions"] = self.inbound_tls()
         return _json(doc)
 
     async def endpoints(self, request: web.Request) -> web.Response:

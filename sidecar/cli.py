@@ -181,6 +181,7 @@ async def run(config: SidecarConfig) -> None:
                 max_body_bytes=ib.max_body_bytes,
             )
             in_router = InboundRouter(ib, store, authn, policy, tracing=config.tracing)
+            admin.inbound_tls = lambda: dict(in_router.tls_sessions)
             assert policy is not None  # made whenever there is an inbound listener
             background.append(asyncio.create_task(policy.watch()))
             in_group = ConnGroup()

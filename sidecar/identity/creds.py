@@ -56,6 +56,45 @@ def chain_valid(
     return True
 
 
+SESSIONS_KEPT = 1024  # server names a client context keeps a session for
+
+
+class ResumingClientContext(ssl.SSLContext):
+    """A client context that offers the session it kept last for a server name (a TLS 1.3
+    or 1.2 ticket), so a new connection to a sidecar it talked to resumes instead of
+    repeating the full handshake. asyncio's `create_connection` cannot pass a session, but
+    it makes each connection's SSLObject with this context's `wrap_bio`.
+
+    Sessions live with the context: a generation of credentials (certificate and roots)
+    has its own, so new roots or a new certificate start afresh. A resumed session
+    verifies no chain: the caller still checks the certificate it carries (identity,
+    revocation, validity now)."""
+
+    def wrap_bio(
+        self,
+        incoming: ssl.MemoryBIO,
+        outgoing: ssl.MemoryBIO,
+        server_side: bool = False,
+        server_hostname: str | bytes | None = None,
+        session: ssl.SSLSession | None = None,
+    ) -> ssl.SSLObject:
+        """`SSLContext.wrap_bio`, offering the kept session for `server_hostname`."""
+        if session is None and not server_side and isinstance(server_hostname, str):
+            session = self.__dict__.get("_sessions", {}).get(server_hostname)
+        return super().wrap_bio(incoming, outgoing, server_side, server_hostname, session)
+
+    def keep(self, server_hostname: str, sslobj: ssl.SSLObject) -> None:
+        """Keep the session of a connection that has read from its server (a TLS 1.3 ticket
+        comes after the handshake), if it can be resumed."""
+        session = sslobj.session
+        if session is None or not session.has_ticket:
+            return
+        sessions: dict[str, ssl.SSLSession] = self.__dict__.setdefault("_sessions", {})
+        if len(sessions) >= SESSIONS_KEPT and server_hostname not in sessions:
+            sessions.clear()
+        sessions[server_hostname] = session
+
+
 @dataclass(frozen=True)
 class Credentials:
     """One consistent generation of key + chain + bundle, with its TLS contexts."""
@@ -122,9 +161,9 @@ class Credentials:
         server.set_alpn_protocols(list(alpn))
         tlsutil.load_chain(server, chain_pem, key_pem)
 
-        clients = {}
+        clients: dict[str, ssl.SSLContext] = {}
         for proto, names in CLIENT_ALPN.items():
-            client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            client = ResumingClientContext(ssl.PROTOCOL_TLS_CLIENT)
             client.minimum_version = ssl.TLSVersion.TLSv1_2
             client.check_hostname = False  # peers are checked by SPIFFE ID, not DNS name
             client.verify_mode = ssl.CERT_REQUIRED

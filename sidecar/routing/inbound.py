@@ -108,6 +108,7 @@ class InboundRouter(Router):
         self.underscores = cfg.headers_with_underscores_action
         self.reject_semicolons = cfg.path_with_semicolons_action == REJECT_REQUEST
         self.conns: set[DownstreamConn] = set()
+        self.tls_sessions = {"full": 0, "resumed": 0}  # accepted handshakes, all time
         store.on_revoked(self._close_revoked)
         h2 = cfg.app_protocol == HTTP2
         self.pool = UpstreamPool(
@@ -160,7 +161,12 @@ class InboundRouter(Router):
             raise SidecarError("no_client_certificate", "a client certificate is required")
         # A resumed session verified no chain and no dates this time: the certificate it
         # carries must still be valid now (revocation is checked for every connection).
-        now = dt.datetime.now(dt.UTC) if sslobj.session_reused else None
+        if sslobj.session_reused:
+            now: dt.datetime | None = dt.datetime.now(dt.UTC)
+            self.tls_sessions["resumed"] += 1
+        else:
+            now = None
+            self.tls_sessions["full"] += 1
         try:
             peer = verify_der(der, self.store.trust_domain, self.store.revoked, now=now)
         except SvidError as e:

@@ -19,6 +19,7 @@ replaced, and the access log records the trace and request ids.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import logging
 import random
 import socket
@@ -45,7 +46,7 @@ from sidecar.engines.http1.framing import (
 from sidecar.engines.http1.router import RouteLater, Router
 from sidecar.engines.http1.upstream import UpstreamConn
 from sidecar.errors import SidecarError
-from sidecar.identity.creds import CredentialStore
+from sidecar.identity.creds import CredentialStore, ResumingClientContext
 from sidecar.identity.peer import LOCAL_APP, Peer, verify_der
 from sidecar.protocols import CLIENT_ALPN, HTTP, HTTP2, TCP
 from sidecar.routing.dispatch import OutboundDispatch
@@ -221,11 +222,12 @@ class OutboundRouter(Router):
                 raise SidecarError("not_ready", "the sidecar has no certificate yet")
             loop = asyncio.get_running_loop()
             try:
+                ctx = creds.client_contexts[proto]
                 transport, conn = await loop.create_connection(
                     lambda: make(pool),
                     host,
                     port,
-                    ssl=creds.client_contexts[proto],
+                    ssl=ctx,
                     server_hostname=svc.name,
                 )
             except ssl.SSLCertVerificationError as e:
@@ -234,10 +236,14 @@ class OutboundRouter(Router):
                     f"{svc.name} at {host}:{port}: certificate does not verify "
                     f"({e.verify_message})",
                 ) from None
-            der = transport.get_extra_info("ssl_object").getpeercert(binary_form=True)
+            sslobj = transport.get_extra_info("ssl_object")
+            der = sslobj.getpeercert(binary_form=True)
+            # A resumed session verified no chain and no dates this time (see ResumingClient-
+            # Context): the certificate it carries must still be valid now.
+            now = dt.datetime.now(dt.UTC) if sslobj.session_reused else None
             try:
                 conn.peer = verify_der(
-                    der, svc.identity.trust_domain, self.store.revoked, svc.identity
+                    der, svc.identity.trust_domain, self.store.revoked, svc.identity, now
                 )
             except SvidError as e:
                 transport.abort()
@@ -247,7 +253,9 @@ class OutboundRouter(Router):
             except ValueError as e:
                 transport.abort()
                 raise SidecarError("peer_identity_mismatch", f"{svc.name}: {e}") from None
-            chosen = transport.get_extra_info("ssl_object").selected_alpn_protocol()
+            if isinstance(ctx, ResumingClientContext) and isinstance(conn, UpstreamConn):
+                conn.on_reusable = lambda: ctx.keep(svc.name, sslobj)
+            chosen = sslobj.selected_alpn_protocol()
             if proto != HTTP and chosen != accepted[0]:
                 # An HTTP/1.1-only peer (or an older sidecar) would misread what follows.
                 transport.abort()

@@ -10,13 +10,15 @@ peer whose root was retired could otherwise come back on a session from before).
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import socket
 import ssl
 
 import pytest
+from conftest import FRONTEND
 from helpers import curl_enroll, mint_token, openssl_csr
-from mesh import admin_get
+from mesh import admin_get, proxy_get
 
 CLIENT_ID = "spiffe://cluster.local/ns/a/sa/c"
 
@@ -89,3 +91,25 @@ def test_inbound_resumes_within_a_generation_only(mesh, client, version):
     assert status == 200, doc
     _, reused, after = get(mesh.inbound, ctx, session2)
     assert not reused and xfcc_uri(after) == CLIENT_ID
+
+
+def test_sidecar_to_sidecar_connections_resume(mesh):
+    """The outbound keeps the session of a connection once it has served a request, and
+    offers it when the pool opens the next: those handshakes are resumed at the inbound
+    (its /status counts them), and every call still reaches the app as the frontend."""
+    before = admin_get(mesh.backend, "/status")[1]["inbound_tls_sessions"]
+    status, body, _ = proxy_get(mesh.frontend, "http://backend.default/first")
+    assert status == 200, body
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:  # the pool must open more
+        got = list(
+            pool.map(
+                lambda n: proxy_get(mesh.frontend, f"http://backend.default/c{n}?delay=0.5"),
+                range(6),
+            )
+        )
+    for status, body, _ in got:
+        assert status == 200, body
+        seen = {k.lower(): v for k, v in json.loads(body)["headers"].items()}
+        assert seen["x-forwarded-client-cert"].endswith(f";URI={FRONTEND}")
+    after = admin_get(mesh.backend, "/status")[1]["inbound_tls_sessions"]
+    assert after["resumed"] - before["resumed"] >= 4, (before, after)

@@ -96,6 +96,9 @@ class UpstreamConn(asyncio.Protocol):
         self.endpoint: Endpoint | None = None  # set by the pool once connected
         self.transport: asyncio.Transport | None = None
         self.peer: Peer = LOCAL_APP  # outbound: the verified server
+        # Called once, the first time the connection is fit for reuse (outbound: keep its
+        # TLS session, whose ticket has arrived by then, for the next connection).
+        self.on_reusable: Callable[[], None] | None = None
         self.parser = httptools.HttpResponseParser(self)
         # The parser stopped right after a whole response (so llhttp starts the next one
         # afresh) and may be reused; not after a HEAD answer (llhttp would read the next
@@ -203,6 +206,10 @@ class UpstreamConn(asyncio.Protocol):
             and not self.transport.is_closing()
         )
         if reusable:
+            first = self.on_reusable
+            if first is not None:
+                self.on_reusable = None
+                first()
             self.pool.release(self)
         else:
             self.abort()
