@@ -68,6 +68,8 @@ SIDECAR_HEADERS = frozenset({b"x-forwarded-client-cert", b"x-forwarded-proto", F
 NOT_FORWARDED = frozenset({b"expect"})
 ALLOW, REJECT_REQUEST, DROP_HEADER = "ALLOW", "REJECT_REQUEST", "DROP_HEADER"
 PATH_CACHE = 1024  # normalized request targets kept (cleared whole when full)
+PATH_CACHE_TARGET = 256  # longer targets are normalized every time, never kept
+DECISION_KEY_MAX = 4096  # path + token characters past which a decision is not memoized
 
 
 def owned_headers(authn: Authenticator | None) -> frozenset[bytes]:
@@ -201,9 +203,10 @@ class InboundRouter(Router):
                 path, query = normalize(target, self.reject_semicolons)
             except PathError as e:
                 raise SidecarError("bad_path", str(e)) from None
-            if len(self._paths) >= PATH_CACHE:
-                self._paths.clear()
-            self._paths[target] = path, query
+            if len(target) <= PATH_CACHE_TARGET:  # (a long target would pin its size here)
+                if len(self._paths) >= PATH_CACHE:
+                    self._paths.clear()
+                self._paths[target] = path, query
         path_text = path.decode("latin-1")
         rec = ex.record
         rec.path = path_text
@@ -221,17 +224,22 @@ class InboundRouter(Router):
                 raise RouteLater(e.source.refresh) from None
         peer = conn.peer.spiffe_id
         method = ex.method.decode("latin-1")
-        # The decision depends only on these: memoize it (a token fixes its claims).
-        decision = self.policy.current.decide_cached(
-            (peer, path_text, method, token),
-            lambda: Request(
+
+        # The decision depends only on these: memoize it (a token fixes its claims), unless
+        # the key is long (a peer sending ever new long paths would pin them all there).
+        def facts() -> Request:
+            return Request(
                 peer,
                 path_text,
                 method,
                 ident.principal_parts if ident else None,
                 ident.claims if ident else None,
-            ),
-        )
+            )
+
+        if len(path_text) + (len(token) if token else 0) <= DECISION_KEY_MAX:
+            decision = self.policy.current.decide_cached((peer, path_text, method, token), facts)
+        else:
+            decision = self.policy.current.decide(facts())
         rec.decision = "allow" if decision.allowed else "deny"
         if decision.rule:
             rec.rule = decision.rule

@@ -376,9 +376,11 @@ class OutboundRouter(Router):
         name = self._names.get(authority)
         if name is None:
             name = service_name(authority)
-            if len(self._names) >= NAME_CACHE:
-                self._names.clear()
-            self._names[authority] = name
+            # only short authorities of services that exist: nothing else is worth its memory
+            if name in self.pools and len(authority) <= 256:
+                if len(self._names) >= NAME_CACHE:
+                    self._names.clear()
+                self._names[authority] = name
         if name not in self.pools:
             raise SidecarError("unknown_service", f"no outbound service named {name!r}")
         return self._forward(ex, name, target, authority)

@@ -2,8 +2,9 @@
 
 Which exchanges get a line is the config's `access_log` (Envoy's access-log
 filters): all of them, only errors (a status of 400 or more, or an answer the
-sidecar gave itself), or a sample of the rest with every error kept. `off`
-builds no `AccessLog` at all.
+sidecar gave itself), or a sample of the rest with every error kept. Lines of
+AUDIT and dry-run rules are kept in every mode but `off` (the log is their only
+record). `off` builds no `AccessLog` at all.
 """
 
 from __future__ import annotations
@@ -42,8 +43,10 @@ class AccessLog:
 
     def write(self, rec: ExchangeRecord) -> None:
         """Write one record (unless the filter leaves out this one)."""
-        if self._filtered and rec.status < 400 and rec.error is None:
-            if self.errors_only or random.random() >= self.sample:  # noqa: S311 (sampling)
+        if self._filtered and rec.status < 400 and rec.error is None and not rec.audit:
+            if not rec.dry_run and (
+                self.errors_only or random.random() >= self.sample  # noqa: S311 (sampling)
+            ):
                 return
         now = int(time.time())
         if now != self._second:

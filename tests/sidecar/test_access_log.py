@@ -38,3 +38,17 @@ def test_errors_only_keeps_the_sidecars_own_answers():
     ]
     lines = _written(AccessLog(io.StringIO(), errors_only=True), recs)
     assert [r["path"] for r in lines] == ["/b", "/c"]
+
+
+def test_audit_and_dry_run_lines_are_kept_whatever_the_filter():
+    """The access log is the only record of AUDIT and dry-run rules: an allowed request
+    they matched is written in errors-only mode and when sampling drops the rest."""
+    recs = [
+        ExchangeRecord("inbound", "GET", "/plain", 200),
+        ExchangeRecord("inbound", "POST", "/audited", 200, audit=("audit-writes",)),
+        ExchangeRecord("inbound", "GET", "/would-deny", 200, dry_run=("new-rule",)),
+    ]
+    for log in (AccessLog(io.StringIO(), errors_only=True), AccessLog(io.StringIO(), sample=0)):
+        lines = _written(log, recs)
+        assert [r["path"] for r in lines] == ["/audited", "/would-deny"]
+        assert lines[0]["audit"] == ["audit-writes"] and lines[1]["dry_run"] == ["new-rule"]

@@ -375,6 +375,28 @@ async def test_three_pipelined_requests_are_answered_in_order_on_one_connection(
 
 
 @in_loop
+@pytest.mark.parametrize("queued", [False, True])
+async def test_request_trailers_never_become_headers(queued):
+    """A chunked request's trailers are dropped, also when the request is routed only after
+    they were parsed (queued behind another one): none reaches the app as a header."""
+    app = App()
+    proxy = Proxy(app)
+    second = (
+        b"POST /second HTTP/1.1\r\nhost: sidecar\r\ntransfer-encoding: chunked\r\n\r\n"
+        b"2\r\nhi\r\n0\r\nx-smuggled: from-a-trailer\r\nhost: evil.example\r\n\r\n"
+    )
+    proxy.send((get(b"/first") if queued else b"") + second)
+    for _ in range(5):
+        await settle()
+    (req,) = [m for m in app.requests if m.target == b"/second"]
+    assert bytes(req.body) == b"hi"
+    assert req.header(b"x-smuggled") is None
+    hosts = [v for k, v in req.headers if k.lower() == b"host"]
+    assert len(hosts) == 1 and b"evil.example" not in hosts
+    await proxy.close()
+
+
+@in_loop
 async def test_client_is_not_read_while_a_pipelined_request_waits():
     """While a pipelined request waits for its turn, the sidecar reads nothing more from
     that client (else a client pipelining small requests queues them without bound)."""

@@ -4,7 +4,13 @@ import json
 
 import pytest
 
-from sidecar.engines.http1.framing import error_response, strip_hop_by_hop
+from sidecar.engines.http1.framing import (
+    Framing,
+    client_head,
+    error_response,
+    response_head,
+    strip_hop_by_hop,
+)
 from sidecar.errors import SidecarError
 from sidecar.identity.peer import Peer, Verdict
 from sidecar.routing.inbound import xfcc
@@ -79,3 +85,26 @@ def test_credentials_repr_hides_the_key():
     text = repr(creds)
     assert "PRIVATE KEY" not in text and pki.key_pem(key).decode()[40:80] not in text
     assert "/ns/a/sa/b" in text
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        [(b"connection", b"close"), (b"close", b"x"), (b"x-a", b"1")],
+        [(b"close", b"x"), (b"connection", b"keep-alive"), (b"keep-alive", b"timeout=5")],
+        [(b"connection", b"close, x-secret"), (b"x-secret", b"s"), (b"x-a", b"1")],
+        [(b"x-a", b"1"), (b"content-length", b"3"), (b"transfer-encoding", b"chunked")],
+        [(b"x-a", b"1"), (b"te", b"trailers"), (b"upgrade", b"h2c"), (b"trailer", b"x")],
+    ],
+)
+def test_one_pass_response_head_is_the_general_one(headers):
+    """The client's response head built in one pass drops what the general path drops:
+    hop-by-hop and framing headers, names listed in Connection; and the reserved name
+    `close` (RFC 9110 16.3.2.2), which the general path drops only when Connection lists it."""
+    framing = Framing.of_length(3)
+    fast = client_head(200, b"OK", headers, framing, False, "1.1")
+    kept = [h for h in strip_hop_by_hop(headers) if h[0] != b"close"]
+    general = response_head(200, b"OK", kept, framing, False, "1.1")
+    assert fast == general
+    assert b"x-secret" not in fast and b"\r\nclose:" not in fast
+    assert (b"x-a: 1" in fast) == ((b"x-a", b"1") in headers)

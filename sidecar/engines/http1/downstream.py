@@ -279,7 +279,8 @@ class DownstreamConn(asyncio.Protocol):
         self._head_bytes += len(name) + len(value) + 4
         if self._head_bytes > self.limits.max_header_bytes:
             raise SidecarError("headers_too_large", "request head is over the limit", close=True)
-        self._headers.append((name.lower(), value))
+        if self._in_head:  # (llhttp reports a chunked body's trailers here too: dropped)
+            self._headers.append((name.lower(), value))
 
     def on_headers_complete(self) -> None:
         self._in_head = False

@@ -287,7 +287,7 @@ def client_head(
     close; one that names other headers takes the general path)."""
     lines = [b"HTTP/1.1 %d %s\r\n" % (status, reason or REASONS.get(status, "").encode())]
     for k, v in headers:
-        if k in _STRIPPED:
+        if k in _STRIPPED or k == b"close":  # ("close" is a reserved name, RFC 9110 16.3.2.2)
             if k == b"connection" and v.strip().lower() not in _PLAIN_CONNECTION:
                 return response_head(
                     status, reason, strip_hop_by_hop(headers), framing, close, version
