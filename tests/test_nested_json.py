@@ -11,7 +11,7 @@ from meshca.enroll import json_object
 from meshca.errors import BadRequest, StateError
 from meshca.jwks import parse_jwks
 from meshca.trust import BundleDoc, BundleError
-from sidecar.policy.authn import InvalidToken, _b64json
+from sidecar.policy.authn import Authenticator, InvalidToken
 
 DEEP = b"[" * 20_000
 
@@ -27,7 +27,9 @@ def b64(raw: bytes) -> str:
         (lambda: BundleDoc.parse(DEEP, dt.datetime.now(dt.UTC)), BundleError),  # bundle poll
         (lambda: parse_jwks(DEEP, "the JWKS"), ValueError),  # JWKS fetch (CA and sidecar)
         (lambda: store.State.from_json(DEEP, "state.json"), StateError),
-        (lambda: _b64json(b64(DEEP)), InvalidToken),  # a JWT header or payload at the sidecar
+        # a JWT header or payload at the sidecar
+        (lambda: Authenticator([]).verify(f"{b64(DEEP)}.{b64(b'{}')}.c2ln"), InvalidToken),
+        (lambda: Authenticator([]).verify(f"{b64(b'{}')}.{b64(DEEP)}.c2ln"), InvalidToken),
     ],
 )
 def test_deep_nesting_is_a_clear_refusal(read, error):

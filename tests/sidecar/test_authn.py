@@ -1,11 +1,20 @@
 """JWT verification rules, without sockets: algorithms, HMAC only with a secret, cache."""
 
+import base64
+import hashlib
+import hmac
 import json
+import os
 import time
 
 import jwt
 import pytest
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric.utils import (
+    decode_dss_signature,
+    encode_dss_signature,
+)
 
 from meshca.jwks import FileJwks
 from sidecar.policy.authn import Authenticator, InvalidToken, IssuerRule, NeedKeys
@@ -30,7 +39,7 @@ def make(keys, clock=time.time, **rule):
 def token(key, alg="ES256", kid="k1", **claims):
     now = int(time.time())
     body = {"iss": ISS, "aud": "api", "sub": "u1", "exp": now + 60, **claims}
-    return jwt.encode(body, key, algorithm=alg, headers={"kid": kid})
+    return jwt.encode(body, key, algorithm=alg, headers={"kid": kid} if kid else None)
 
 
 def test_find_token_sources(keys):
@@ -88,7 +97,7 @@ def test_cached_token_goes_when_its_key_leaves_the_jwks(keys, tmp_path):
     other = ec.generate_private_key(ec.SECP256R1())
     jwk = json.loads(jwt.algorithms.ECAlgorithm.to_jwk(other.public_key()))
     jwk["kid"] = "k2"
-    source.path.write_text(json.dumps({"keys": [jwk]}))
+    write_jwks(source, jwk)
     with pytest.raises(NeedKeys):
         a.verify(t)
 
@@ -102,3 +111,282 @@ def test_cached_token_stays_while_the_jwks_cannot_be_read(keys):
     assert a.verify(t) is ident
     source.path.unlink()
     assert a.verify(t) is ident
+
+
+# -- each check on the cold path, through the Authenticator -----------------------------------
+
+N256 = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551  # P-256's order
+
+
+def b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def jwk_of(public, kid: str) -> dict:
+    if isinstance(public, rsa.RSAPublicKey):
+        jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(public))
+    else:
+        jwk = json.loads(jwt.algorithms.ECAlgorithm.to_jwk(public))
+    return {**jwk, "kid": kid}
+
+
+def write_jwks(source: FileJwks, *jwks: dict) -> None:
+    """A new JWKS document, with an mtime of its own even within one clock tick (FileJwks
+    reloads when the mtime changes; the fixture's source looks at every get)."""
+    before = source.path.stat().st_mtime_ns
+    source.path.write_text(json.dumps({"keys": list(jwks)}))
+    after = max(source.path.stat().st_mtime_ns, before + 1)
+    os.utime(source.path, ns=(after, after))
+
+
+def signed_es(private, header: dict, claims: dict | str, digest=None, size: int = 32) -> str:
+    """r||s over any header and claims, or claims as JSON text (pyjwt would refuse some)."""
+    text = claims if isinstance(claims, str) else json.dumps(claims)
+    si = b64(json.dumps(header).encode()) + "." + b64(text.encode())
+    der = private.sign(si.encode(), ec.ECDSA(digest or hashes.SHA256()))
+    r, s = decode_dss_signature(der)
+    return si + "." + b64(r.to_bytes(size, "big") + s.to_bytes(size, "big"))
+
+
+def body(**claims):
+    now = int(time.time())
+    return {"iss": ISS, "aud": "api", "sub": "u1", "exp": now + 60, **claims}
+
+
+def test_an_rs256_token_against_an_ec_key_is_refused(keys):
+    """Alg confusion by key type: the token names RS256, its kid an EC key."""
+    rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    a = make(keys, algorithms=("ES256", "RS256"))
+    with pytest.raises(InvalidToken, match="does not match its signing key"):
+        a.verify(token(rsa_key, alg="RS256"))
+    write_jwks(keys[1], jwk_of(keys[0].public_key(), "k1"), jwk_of(rsa_key.public_key(), "r1"))
+    with pytest.raises(InvalidToken, match="does not match its signing key"):
+        a.verify(token(keys[0], kid="r1"))  # ES256, kid of the RSA key
+    assert a.verify(token(rsa_key, alg="RS256", kid="r1")).claims["sub"] == "u1"
+
+
+def test_hs256_with_the_public_key_as_secret_is_refused(keys):
+    """Even an issuer configured for HS256 whose 'secret' is a public key: pyjwt's test of
+    a secret (PEM, SSH, DER keys are not secrets) still holds on the new path."""
+    pem = (
+        keys[0]
+        .public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
+    header = b64(json.dumps({"alg": "HS256", "kid": "k1"}).encode())
+    si = header + "." + b64(json.dumps(body()).encode())
+    forged = si + "." + b64(hmac.new(pem.strip(), si.encode(), hashlib.sha256).digest())
+    with pytest.raises(InvalidToken, match="HS256 is not accepted"):
+        make(keys).verify(forged)
+    a = make(keys, algorithms=("ES256", "HS256"), hmac_secret=pem.strip())
+    with pytest.raises(InvalidToken, match="does not match its signing key"):
+        a.verify(forged)
+
+
+@pytest.mark.parametrize("alg", ["none", "None", "NONE"])
+def test_none_in_any_case_with_or_without_a_signature(keys, alg):
+    a = make(keys, algorithms=("ES256", alg))
+    head = b64(json.dumps({"alg": alg, "kid": "k1"}).encode())
+    for sig in ("", b64(b"x" * 64)):
+        with pytest.raises(InvalidToken, match="'none' is not accepted"):
+            a.verify(f"{head}.{b64(json.dumps(body()).encode())}.{sig}")
+
+
+@pytest.mark.parametrize(
+    ("curve", "digest", "size"),
+    [
+        (ec.SECP384R1(), hashes.SHA256(), 48),
+        (ec.SECP256K1(), hashes.SHA256(), 32),  # 256 bits too, another curve
+    ],
+)
+def test_an_es256_token_from_a_key_on_another_curve_is_refused(keys, curve, digest, size):
+    other = ec.generate_private_key(curve)
+    jwk = {**jwk_of(other.public_key(), "k1")}
+    if isinstance(curve, ec.SECP256K1):
+        jwk["alg"] = "ES256K"  # pyjwt reads it; the JWKS says so
+    write_jwks(keys[1], jwk)
+    t = signed_es(other, {"alg": "ES256", "kid": "k1"}, body(), digest, size)
+    a = make(keys)
+    assert keys[1].get("k1").key.curve.name == curve.name  # the JWKS took the key
+    with pytest.raises(InvalidToken, match="does not match its signing key"):
+        a.verify(t)
+
+
+@pytest.mark.parametrize(
+    "sig",
+    [
+        lambda r, s: r.to_bytes(32, "big") + s.to_bytes(32, "big")[:-1],  # 63 bytes
+        lambda r, s: r.to_bytes(33, "big") + s.to_bytes(32, "big"),  # 65
+        lambda r, s: r.to_bytes(32, "big") + s.to_bytes(33, "big"),  # 65, the same r and s
+        lambda r, s: r.to_bytes(32, "big") + s.to_bytes(32, "big") + b"\0" * 64,  # 128
+        lambda r, s: encode_dss_signature(r, s),  # DER, not JOSE's r||s
+        lambda r, s: bytes(32) + s.to_bytes(32, "big"),  # r = 0
+        lambda r, s: r.to_bytes(32, "big") + bytes(32),  # s = 0
+        lambda r, s: bytes(64),
+        lambda r, s: r.to_bytes(32, "big") + N256.to_bytes(32, "big"),  # s = n
+    ],
+    ids=["63", "65", "65-same-values", "128", "der", "r=0", "s=0", "zeros", "s=n"],
+)
+def test_a_bad_signature_encoding_is_refused(keys, sig):
+    good = token(keys[0])
+    raw = base64.urlsafe_b64decode(good.rsplit(".", 1)[1] + "==")
+    r, s = int.from_bytes(raw[:32], "big"), int.from_bytes(raw[32:], "big")
+    bad = good.rsplit(".", 1)[0] + "." + b64(sig(r, s))
+    with pytest.raises(InvalidToken, match="signature does not verify"):
+        make(keys).verify(bad)
+
+
+def test_a_high_s_signature_is_the_same_token(keys):
+    """(r, n - s) is ECDSA's other spelling of a signature: accepted, the same claims."""
+    good = token(keys[0])
+    raw = base64.urlsafe_b64decode(good.rsplit(".", 1)[1] + "==")
+    r, s = int.from_bytes(raw[:32], "big"), int.from_bytes(raw[32:], "big")
+    high = (
+        good.rsplit(".", 1)[0] + "." + b64(r.to_bytes(32, "big") + (N256 - s).to_bytes(32, "big"))
+    )
+    a = make(keys)
+    assert a.verify(high).claims == a.verify(good).claims
+
+
+def test_non_canonical_base64_in_the_signature_is_refused(keys):
+    good = token(keys[0])
+    head, sig = good.rsplit(".", 1)
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+    bent = sig[:-1] + alphabet[alphabet.index(sig[-1]) | 1]  # an unused bit set: same bytes
+    assert base64.urlsafe_b64decode(bent + "==") == base64.urlsafe_b64decode(sig + "==")
+    a = make(keys)
+    with pytest.raises(InvalidToken, match="malformed"):
+        a.verify(f"{head}.{bent}")
+    for other in (sig.replace("-", "+").replace("_", "/"), sig + "=", sig[:10] + " " + sig[10:]):
+        if other != sig:
+            with pytest.raises(InvalidToken, match="malformed"):
+                a.verify(f"{head}.{other}")
+    assert a.verify(f"{head}.{sig}==").claims["sub"] == "u1"  # whole padding: as pyjwt
+
+
+@pytest.mark.parametrize("extra", [{"crit": ["exp"], "exp": 1}, {"crit": ["b64"], "b64": True}])
+def test_a_header_with_crit_is_refused(keys, extra):
+    t = signed_es(keys[0], {"alg": "ES256", "kid": "k1", **extra}, body())
+    with pytest.raises(InvalidToken, match="extension"):
+        make(keys).verify(t)
+
+
+def test_kid_lookup(keys):
+    key, source = keys
+    a = make(keys)
+    assert a.verify(token(key, kid=None)).claims["sub"] == "u1"  # no kid, one key: that one
+    other = ec.generate_private_key(ec.SECP256R1())
+    write_jwks(source, jwk_of(key.public_key(), "k1"), jwk_of(other.public_key(), "k2"))
+    with pytest.raises(NeedKeys):
+        a.verify(token(key, kid=None, jti="x"))  # no kid, two keys: which?
+    with pytest.raises(NeedKeys) as e:
+        a.verify(token(key, kid="k3"))
+    assert e.value.source is source  # refresh that one, then try once more
+    assert a.verify(token(other, kid="k2")).claims["sub"] == "u1"
+    with pytest.raises(InvalidToken, match="signature does not verify"):
+        a.verify(token(other, kid="k1"))  # signed by k2, says k1
+    t = signed_es(key, {"alg": "ES256", "kid": 1}, body())
+    with pytest.raises(InvalidToken, match="malformed"):
+        a.verify(t)
+
+
+LEEWAY_CASES = [
+    # (claims relative to now, seconds the clock moves, refusal or None); leeway 30
+    ({"exp": 10}, 39, None),
+    ({"exp": 10}, 40, "expired"),
+    ({"nbf": 30}, 0, None),
+    ({"nbf": 31}, 0, "not valid yet"),
+    ({"nbf": 100}, 70, None),
+    ({"iat": 31}, 0, "not valid yet"),
+    ({"iat": -3600}, 0, None),
+]
+
+
+@pytest.mark.parametrize(("times", "move", "refusal"), LEEWAY_CASES)
+def test_times_with_leeway(keys, times, move, refusal):
+    start = time.time()
+    now = [start]
+    a = make(keys, clock=lambda: now[0], leeway=30)
+    claims = body(**{k: int(start) + v for k, v in times.items()})
+    claims.setdefault("exp", int(start) + 600)
+    t = jwt.encode(claims, keys[0], algorithm="ES256", headers={"kid": "k1"})
+    now[0] += move
+    if refusal is None:
+        assert a.verify(t).claims == claims
+    else:
+        with pytest.raises(InvalidToken, match=refusal):
+            a.verify(t)
+
+
+@pytest.mark.parametrize(
+    ("claims", "refusal"),
+    [
+        ({"aud": "other"}, "audience is not accepted"),
+        ({"aud": ["other", "api"]}, None),
+        ({"aud": ["api", 1]}, "audience is not accepted"),
+        ({"aud": None}, "lacks the 'aud'"),
+        ({"iss": "https://evil.test"}, "issuer is not trusted"),
+        ({"iss": None}, "issuer is not trusted"),
+        ({"exp": None}, "lacks the 'exp'"),
+        ({"exp": "9999999999"}, "not numbers"),
+        ({"exp": float("inf")}, "malformed"),  # json.dumps writes Infinity: not JSON
+        ({"exp": "1e400"}, "not numbers"),  # the text 1e400 parses to inf: see below
+        ({"sub": 7}, "malformed"),
+    ],
+)
+def test_issuer_and_audience(keys, claims, refusal):
+    t = signed_es(keys[0], {"alg": "ES256", "kid": "k1"}, body(**claims))
+    a = make(keys)
+    if refusal is None:
+        assert a.verify(t).claims["aud"] == claims["aud"]
+    else:
+        with pytest.raises(InvalidToken, match=refusal):
+            a.verify(t)
+
+
+def test_a_time_past_a_floats_range_is_refused(keys):
+    text = json.dumps(body()).replace(str(body()["exp"]), "1e400")  # parses to inf
+    assert "1e400" in text
+    with pytest.raises(InvalidToken, match="not numbers"):
+        make(keys).verify(signed_es(keys[0], {"alg": "ES256", "kid": "k1"}, text))
+
+
+def test_a_token_over_the_size_limit_is_refused(keys):
+    a = Authenticator([IssuerRule(ISS, ("api",), keys[1])], max_token_bytes=600)
+    small = token(keys[0])
+    big = token(keys[0], pad="x" * 600)
+    assert a.verify(small)
+    for call in (lambda: a.find_token([(b"authorization", b"Bearer " + big.encode())]),
+                 lambda: a.verify(big)):  # fmt: skip
+        with pytest.raises(InvalidToken, match="larger than 600 bytes"):
+            call()
+
+
+def test_a_cached_token_is_verified_again_when_its_kid_names_another_key(keys):
+    """The kid stays, the key under it changes (a re-keyed issuer): the cached token is
+    verified again with the key now served, and that refuses it."""
+    key, source = keys
+    a = make(keys)
+    t = token(key)
+    first = a.verify(t)
+    assert a.verify(t) is first  # a hit while the key set is the same
+    other = ec.generate_private_key(ec.SECP256R1())
+    write_jwks(source, jwk_of(other.public_key(), "k1"))
+    with pytest.raises(InvalidToken, match="signature does not verify"):
+        a.verify(t)
+    assert t not in a._cache
+
+
+def test_a_key_that_left_takes_its_tokens_and_only_those(keys):
+    key, source = keys
+    other = ec.generate_private_key(ec.SECP256R1())
+    write_jwks(source, jwk_of(key.public_key(), "k1"), jwk_of(other.public_key(), "k2"))
+    a = make(keys)
+    t1, t2 = token(key), token(other, kid="k2")
+    a.verify(t1)
+    ident2 = a.verify(t2)
+    write_jwks(source, jwk_of(other.public_key(), "k2"))  # k1 leaves
+    with pytest.raises(NeedKeys):
+        a.verify(t1)
+    again = a.verify(t2)  # verified once more (a new key set), with the same result
+    assert again.claims == ident2.claims and a.verify(t2) is again
