@@ -64,6 +64,7 @@ async def run(config: SidecarConfig) -> None:
     from sidecar.engines.base import ConnGroup, Limits
     from sidecar.engines.h2.downstream import H2Downstream
     from sidecar.engines.http1.downstream import DownstreamConn
+    from sidecar.heap import HeapKeeper
     from sidecar.identity.bundlewatch import BundleWatcher
     from sidecar.identity.certmanager import CertManager
     from sidecar.identity.creds import CredentialStore
@@ -167,6 +168,7 @@ async def run(config: SidecarConfig) -> None:
         return lambda reason: telemetry.refused(direction, reason)
 
     raise_fd_limit(config)
+    heap = HeapKeeper()  # counts the listeners' connections; trims the heap when they stop
     try:
         if config.inbound is not None:
             ib = config.inbound
@@ -189,7 +191,9 @@ async def run(config: SidecarConfig) -> None:
             refused_in = handshake_failed("inbound")
             lst = Listener(
                 bind(ib.listen.host, ib.listen.port, BACKLOG),
-                lambda: InboundDispatch(engines, ib.app_protocol, in_group, refused_in),
+                heap.counting(
+                    lambda: InboundDispatch(engines, ib.app_protocol, in_group, refused_in)
+                ),
                 ssl_context=store.listener_context(),
                 max_connections=ib.max_connections,
                 handshake_timeout=ib.header_timeout,
@@ -226,7 +230,7 @@ async def run(config: SidecarConfig) -> None:
             out_group = ConnGroup()
             lst = Listener(
                 bind(ob.listen.host, ob.listen.port, BACKLOG),
-                lambda: out_router.engines(out_limits, telemetry, out_group),
+                heap.counting(lambda: out_router.engines(out_limits, telemetry, out_group)),
                 max_connections=ob.max_connections,
                 name="outbound",
             )
@@ -241,8 +245,10 @@ async def run(config: SidecarConfig) -> None:
                 tcp_group = ConnGroup()
                 lst = Listener(
                     bind(svc.listen.host, svc.listen.port, BACKLOG),
-                    lambda name=name, g=tcp_group: out_router.tcp_conn(  # type: ignore[misc]
-                        name, out_limits, telemetry, g
+                    heap.counting(
+                        lambda name=name, g=tcp_group: out_router.tcp_conn(  # type: ignore[misc]
+                            name, out_limits, telemetry, g
+                        )
                     ),
                     max_connections=ob.max_connections,
                     name=f"outbound {name}",
@@ -283,6 +289,7 @@ async def run(config: SidecarConfig) -> None:
             exporter.start()
             stoppers.append(exporter.stop)
         task = asyncio.create_task(manager.run())
+        heap.start()
         try:
             await stop.wait()
             runners.remove(health_runner)  # drain closes it first
@@ -293,6 +300,7 @@ async def run(config: SidecarConfig) -> None:
                 with contextlib.suppress(asyncio.CancelledError):
                     await t
     finally:
+        heap.stop()
         for lst in listeners:
             lst.close()
         for stop_it in stoppers:

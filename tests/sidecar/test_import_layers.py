@@ -20,6 +20,7 @@ LAYERS = {
     "upstream": 2,
     "telemetry": 2,
     "initnet": 2,
+    "heap": 2,
     "engines": 3,
     "routing": 4,
     "admin": 5,
