@@ -21,30 +21,25 @@ import socket
 import ssl
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TypeVar
+from urllib.parse import SplitResult, urlsplit, urlunsplit
 
-import aiohttp
-import yarl
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from meshca import tlsutil
+from meshca import https, tlsutil
 from meshca.trust import MAX_BUNDLE_BYTES, BundleDoc, BundleError, endorsed_roots, load_roots
 
 log = logging.getLogger("meshca.client")
 
 MAX_ANSWER_BYTES = 256 * 1024
 # A replica whose address swallows the connection attempt (its node is gone, its address
-# not yet out of DNS) is passed over after this long, not after the whole request's
-# timeout: aiohttp, resolving a name itself, started the next address after 0.25 s.
+# not yet out of DNS) is passed over after this long (TLS handshake included), not after
+# the whole request's timeout.
 CONNECT_TIMEOUT = 3.0
 T = TypeVar("T")
-
-
-def _timeout(total: float) -> aiohttp.ClientTimeout:
-    return aiohttp.ClientTimeout(total=total, sock_connect=min(total, CONNECT_TIMEOUT))
 
 
 class CAError(Exception):
@@ -126,7 +121,7 @@ def _untrusted_context() -> ssl.SSLContext:
 
 
 def _is_cert_error(e: BaseException) -> bool:
-    return isinstance(e, aiohttp.ClientConnectorCertificateError | ssl.SSLCertVerificationError)
+    return isinstance(e, ssl.SSLCertVerificationError)
 
 
 async def fetch_bundle(
@@ -207,50 +202,36 @@ async def _get_bundle(
 ) -> tuple[BundleDoc | None, str | None]:
     headers = c.headers({"If-None-Match": etag} if etag else {})
     try:
-        async with (
-            aiohttp.ClientSession(
-                timeout=_timeout(timeout), connector=_CAConnector(ca_id)
-            ) as session,
-            session.get(
-                c.target("/v1/bundle"),
-                headers=headers,
-                ssl=ctx,
-                server_hostname=c.name,
-                allow_redirects=False,
-            ) as resp,
-        ):
-            if resp.status == 304:
-                return None, etag
-            if resp.status != 200:
-                raise CAUnavailable(f"the CA at {c} answered {resp.status} for /v1/bundle")
-            raw = await read_capped(resp, MAX_BUNDLE_BYTES, "the CA's bundle")
-            tag = resp.headers.get("ETag")
-    except (aiohttp.ClientError, OSError, TimeoutError) as e:
-        if isinstance(e, NotTheCA):
-            raise CAUnavailable(f"{c}: {e}") from None
+        resp = await https.fetch(
+            "GET",
+            c.target("/v1/bundle"),
+            ssl_context=ctx,
+            server_hostname=c.name,
+            headers=headers,
+            timeout=timeout,
+            connect_timeout=CONNECT_TIMEOUT,
+            cap=MAX_BUNDLE_BYTES,
+            after_handshake=_ca_check(ca_id),
+        )
+    except https.BodyTooLarge:
+        raise CAUnavailable(f"the CA's bundle is over {MAX_BUNDLE_BYTES} bytes") from None
+    except NotTheCA as e:
+        raise CAUnavailable(f"{c}: {e}") from None
+    except (OSError, TimeoutError) as e:
         if _is_cert_error(e):
             raise CAUntrusted(f"the CA's certificate at {c} does not verify") from None
         raise CAUnavailable(f"cannot reach the CA at {c}: {type(e).__name__}") from None
+    if resp.status == 304:
+        return None, etag
+    if resp.status != 200:
+        raise CAUnavailable(f"the CA at {c} answered {resp.status} for /v1/bundle")
     try:
-        return BundleDoc.parse(raw, now, trust_domain), tag
+        return BundleDoc.parse(resp.body, now, trust_domain), resp.headers.get("etag")
     except BundleError as e:
         raise CAUnavailable(f"the CA's bundle is unusable: {e}") from None
 
 
-async def read_capped(resp: aiohttp.ClientResponse, cap: int, what: str) -> bytes:
-    """The whole body (however it is split into records and chunks), CAUnavailable past `cap`."""
-    if (resp.content_length or 0) > cap:
-        raise CAUnavailable(f"{what} is over {cap} bytes")
-    chunks, size = [], 0
-    async for chunk in resp.content.iter_any():
-        size += len(chunk)
-        if size > cap:
-            raise CAUnavailable(f"{what} is over {cap} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-class NotTheCA(aiohttp.ClientError):
+class NotTheCA(Exception):
     """The server's certificate verified, but it does not carry the CA's SPIFFE ID."""
 
 
@@ -266,29 +247,23 @@ def _uri_sans(der: bytes | None) -> list[str]:
     return san.value.get_values_for_type(x509.UniformResourceIdentifier)
 
 
-class _CAConnector(aiohttp.TCPConnector):
-    """A connector that checks, right after each TLS handshake and before a byte of the
-    request is sent, that a verified server presents the CA's SPIFFE ID. aiohttp has no
-    public hook there (a small answer releases its connection before the response object
-    is returned), so this extends its connection factory."""
+def _ca_check(ca_id: str | None) -> Callable[[ssl.SSLObject], None] | None:
+    """With `ca_id`: a check, right after each TLS handshake and before a byte of the
+    request is sent, that a verified server presents the CA's SPIFFE ID (NotTheCA)."""
+    if ca_id is None:
+        return None
 
-    def __init__(self, ca_id: str | None) -> None:
-        super().__init__(force_close=True)
-        self._ca_id = ca_id
+    def check(sslobj: ssl.SSLObject) -> None:
+        if sslobj is None or sslobj.context.verify_mode == ssl.CERT_NONE:
+            return
+        uris = _uri_sans(sslobj.getpeercert(binary_form=True))
+        if uris != [ca_id]:
+            raise NotTheCA(
+                f"the server is not the CA: its certificate names "
+                f"{', '.join(uris) or 'no SPIFFE ID'}, not {ca_id}"
+            )
 
-    async def _wrap_create_connection(self, *args: Any, **kwargs: Any) -> Any:
-        transport, proto = await super()._wrap_create_connection(*args, **kwargs)
-        sslobj = transport.get_extra_info("ssl_object")
-        verified = sslobj is not None and sslobj.context.verify_mode != ssl.CERT_NONE
-        if self._ca_id is not None and verified:
-            uris = _uri_sans(sslobj.getpeercert(binary_form=True))
-            if uris != [self._ca_id]:
-                transport.close()
-                raise NotTheCA(
-                    f"the server is not the CA: its certificate names "
-                    f"{', '.join(uris) or 'no SPIFFE ID'}, not {self._ca_id}"
-                )
-        return transport, proto
+    return check
 
 
 def ca_urls(url: str | Sequence[str]) -> tuple[str, ...]:
@@ -305,6 +280,13 @@ async def resolve_host(host: str, port: int) -> list[str]:
     list: what aiohttp would have asked); OSError if there is none."""
     infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
     return list(dict.fromkeys(str(info[4][0]) for info in infos))
+
+
+def _with_host(u: SplitResult, address: str) -> str:
+    """The URL `u` with `address` in place of its host (its port kept as configured)."""
+    host = f"[{address}]" if ":" in address else address
+    netloc = host if u.port is None else f"{host}:{u.port}"
+    return urlunsplit((u.scheme, netloc, u.path, u.query, u.fragment))
 
 
 def _is_ip(host: str) -> bool:
@@ -413,8 +395,12 @@ class CAReplicas:
     async def _expand(self, url: str) -> list[Candidate]:
         """The candidates of one URL: itself if its host is an IP address, else one per
         address of its name. CAUnavailable if the name does not resolve."""
-        u = yarl.URL(url)
-        name, port = u.raw_host, u.port
+        u = urlsplit(url)
+        name = u.hostname
+        try:
+            port = u.port or https.DEFAULT_PORTS.get(u.scheme)
+        except ValueError:  # a port that is not a number: the request says so
+            port = None
         if not name or port is None or _is_ip(name):
             return [Candidate(url)]
         try:
@@ -431,8 +417,8 @@ class CAReplicas:
         if name in self._unresolved:
             self._unresolved.discard(name)
             log.info("%s (of the CA URL %s) resolves again", name, url)
-        host = name if u.is_default_port() else f"{name}:{port}"
-        return [Candidate(url, a, name, host, str(u.with_host(a))) for a in addresses]
+        host = https.host_header(url)
+        return [Candidate(url, a, name, host, _with_host(u, a)) for a in addresses]
 
 
 class EnrollmentClient:
@@ -545,24 +531,24 @@ class EnrollmentClient:
         self, c: Candidate, ctx: ssl.SSLContext, path: str, body: dict, headers: dict[str, str]
     ) -> tuple[int, dict]:
         try:
-            async with (
-                aiohttp.ClientSession(
-                    timeout=_timeout(self.timeout), connector=_CAConnector(self.ca_id)
-                ) as session,
-                session.post(
-                    c.target(path),
-                    json=body,
-                    headers=c.headers(headers),
-                    ssl=ctx,
-                    server_hostname=c.name,
-                    allow_redirects=False,
-                ) as resp,
-            ):
-                raw = await read_capped(resp, MAX_ANSWER_BYTES, "the CA's answer")
-                status = resp.status
-        except (aiohttp.ClientError, OSError, TimeoutError) as e:
-            if isinstance(e, NotTheCA):
-                raise CAUnavailable(f"{c}: {e}") from None
+            resp = await https.fetch(
+                "POST",
+                c.target(path),
+                ssl_context=ctx,
+                server_hostname=c.name,
+                headers={"Content-Type": "application/json", **c.headers(headers)},
+                body=json.dumps(body).encode(),
+                timeout=self.timeout,
+                connect_timeout=CONNECT_TIMEOUT,
+                cap=MAX_ANSWER_BYTES,
+                after_handshake=_ca_check(self.ca_id),
+            )
+            raw, status = resp.body, resp.status
+        except https.BodyTooLarge:
+            raise CAUnavailable(f"the CA's answer is over {MAX_ANSWER_BYTES} bytes") from None
+        except NotTheCA as e:
+            raise CAUnavailable(f"{c}: {e}") from None
+        except (OSError, TimeoutError) as e:
             if _is_cert_error(e):
                 raise CAUntrusted(
                     f"cannot reach the CA at {c}: its certificate does not verify "

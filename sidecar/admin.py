@@ -12,12 +12,10 @@ import asyncio
 import contextlib
 import datetime as dt
 import hashlib
-import json
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
-from aiohttp import web
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
@@ -26,27 +24,9 @@ from meshca.svid import SvidError, serial_hex, spiffe_id_of, verify_peer
 from sidecar.identity.bundlewatch import BundleWatcher
 from sidecar.identity.certmanager import CertManager
 from sidecar.identity.creds import Credentials, CredentialStore
+from sidecar.localhttp import Request, Response, Routes
+from sidecar.localhttp import json_response as _json
 from sidecar.policy.holder import PolicyHolder
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-def _json(doc: object, status: int = 200) -> web.Response:
-    return web.Response(
-        text=json.dumps(doc, indent=2) + "\n", status=status, content_type="application/json"
-    )
-
-
-@web.middleware
-async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Turn aiohttp's HTML errors (404, 405) into the project's JSON errors."""
-    try:
-        return await handler(request)
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status, "http_error")
-        return _json({"error": code, "detail": exc.reason}, exc.status)
 
 
 async def _peer_cert(host: str, port: int, ctx: ssl.SSLContext) -> x509.Certificate:
@@ -130,11 +110,11 @@ class Admin:
         self.window: Any = None  # sidecar.telemetry.window.Window, the last minute of traffic
         self.inbound_tls: Callable[[], dict[str, int]] | None = None  # handshakes, full/resumed
 
-    async def healthz(self, request: web.Request) -> web.Response:
+    async def healthz(self, request: Request) -> Response:
         """Liveness: the process answers."""
         return _json({"status": "ok"})
 
-    async def ready(self, request: web.Request) -> web.Response:
+    async def ready(self, request: Request) -> Response:
         """Readiness: 200 only while holding an unexpired certificate."""
         creds = self.store.current
         if creds is None:
@@ -143,7 +123,7 @@ class Admin:
             return _json({"ready": False, "reason": "certificate expired"}, 503)
         return _json({"ready": True, "spiffe_id": str(creds.spiffe_id)})
 
-    async def identity(self, request: web.Request) -> web.Response:
+    async def identity(self, request: Request) -> Response:
         """The current certificate, as `sidecar identity` prints it."""
         creds = self.store.current
         if creds is None:
@@ -152,13 +132,13 @@ class Admin:
         doc["manager"] = self.manager.status.__dict__
         return _json(doc)
 
-    async def policy_status(self, request: web.Request) -> web.Response:
+    async def policy_status(self, request: Request) -> Response:
         """The loaded policy: source, rules, last reload and the last reload error."""
         if self.policy is None:
             return _json({"error": "no_inbound", "detail": "no inbound listener, no policy"}, 404)
         return _json(self.policy.status())
 
-    async def status(self, request: web.Request) -> web.Response:
+    async def status(self, request: Request) -> Response:
         """The certificate manager's state, and the trust bundle's (sequence, revocations)."""
         doc: dict[str, object] = dict(self.manager.status.__dict__)
         bundle = self.store.trust.current.describe()
@@ -175,19 +155,19 @@ class Admin:
             doc["inbound_tls_sessions"] = self.inbound_tls()
         return _json(doc)
 
-    async def endpoints(self, request: web.Request) -> web.Response:
+    async def endpoints(self, request: Request) -> Response:
         """Each outbound service's endpoints: labels, weight, health, ejection, requests."""
         if self.endpoints_doc is None:
             return _json({"error": "no_outbound", "detail": "no outbound listener"}, 404)
         return _json({"services": self.endpoints_doc()})
 
-    async def stats(self, request: web.Request) -> web.Response:
+    async def stats(self, request: Request) -> Response:
         """The last minute per peer and direction, as `sidecar stats` shows it."""
         if self.window is None:
             return _json({"error": "not_ready", "detail": "no listener yet"}, 503)
         return _json(self.window.snapshot())
 
-    async def rotate(self, request: web.Request) -> web.Response:
+    async def rotate(self, request: Request) -> Response:
         """Renew now; answers with the new serial, or 502 with why the CA did not."""
         try:
             serial = await self.manager.rotate_now()
@@ -197,7 +177,7 @@ class Admin:
         assert creds is not None
         return _json({"serial": serial, "spiffe_id": str(creds.spiffe_id)})
 
-    async def check(self, request: web.Request) -> web.Response:
+    async def check(self, request: Request) -> Response:
         """Connect to `target` with the pod's certificate and describe the peer it finds."""
         target = request.query.get("target", "")
         expect = request.query.get("expect") or None
@@ -212,22 +192,22 @@ class Admin:
         )
         return _json(doc)
 
-    def admin_app(self) -> web.Application:
-        """The loopback admin application."""
-        app = web.Application(middlewares=[json_errors])
-        app.router.add_get("/healthz", self.healthz)
-        app.router.add_get("/ready", self.ready)
-        app.router.add_get("/identity", self.identity)
-        app.router.add_get("/status", self.status)
-        app.router.add_post("/rotate", self.rotate)
-        app.router.add_post("/check", self.check)
-        app.router.add_get("/policy", self.policy_status)
-        app.router.add_get("/endpoints", self.endpoints)
-        app.router.add_get("/stats", self.stats)
-        return app
+    def admin_routes(self) -> Routes:
+        """The loopback admin endpoint."""
+        routes = Routes()
+        routes.add("GET", "/healthz", self.healthz)
+        routes.add("GET", "/ready", self.ready)
+        routes.add("GET", "/identity", self.identity)
+        routes.add("GET", "/status", self.status)
+        routes.add("POST", "/rotate", self.rotate)
+        routes.add("POST", "/check", self.check)
+        routes.add("GET", "/policy", self.policy_status)
+        routes.add("GET", "/endpoints", self.endpoints)
+        routes.add("GET", "/stats", self.stats)
+        return routes
 
-    def health_app(self) -> web.Application:
+    def health_routes(self) -> Routes:
         """The kubelet's probe port: readiness only, nothing else exposed."""
-        app = web.Application(middlewares=[json_errors])
-        app.router.add_get("/healthz/ready", self.ready)
-        return app
+        routes = Routes()
+        routes.add("GET", "/healthz/ready", self.ready)
+        return routes

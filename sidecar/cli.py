@@ -15,9 +15,6 @@ import os
 import signal
 import sys
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,6 +26,7 @@ from sidecar.config import ConfigError, SidecarConfig, load_config
 
 if TYPE_CHECKING:
     from sidecar.engines.base import ConnGroup
+    from sidecar.localhttp import LocalServer, Routes
 
 log = logging.getLogger("sidecar")
 DEFAULT_ADMIN = f"127.0.0.1:{defaults.ADMIN_PORT}"
@@ -36,18 +34,11 @@ BACKLOG = 1024  # connections the kernel queues while a listener is at its limit
 FD_RESERVE = 256  # descriptors for everything but proxied connections
 
 
-async def _start_site(app: Any, host: str, port: int) -> tuple[Any, str]:
-    from aiohttp import web
+async def _start_site(routes: Routes, host: str, port: int) -> tuple[LocalServer, str]:
+    from sidecar.localhttp import LocalServer
 
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
-    await runner.setup()
-    site = web.TCPSite(runner, host, port)
-    await site.start()
-    server = site._server
-    sockets = getattr(server, "sockets", None)  # an asyncio.Server once started
-    sock = sockets[0] if sockets else None
-    bound = sock.getsockname()[1] if sock else port
-    return runner, f"http://{host}:{bound}"
+    server = LocalServer(routes)
+    return server, await server.start(host, port)
 
 
 def _bound(lst: Listener, scheme: str) -> str:
@@ -64,6 +55,7 @@ async def run(config: SidecarConfig) -> None:
     from sidecar.engines.base import ConnGroup, Limits
     from sidecar.engines.h2.downstream import H2Downstream
     from sidecar.engines.http1.downstream import DownstreamConn
+    from sidecar.heap import HeapKeeper
     from sidecar.identity.bundlewatch import BundleWatcher
     from sidecar.identity.certmanager import CertManager
     from sidecar.identity.creds import CredentialStore
@@ -111,7 +103,7 @@ async def run(config: SidecarConfig) -> None:
             raise ConfigError([f"jwt: {e}"]) from None
     admin = Admin(store, manager, policy, watcher)
     background = [asyncio.create_task(watcher.run())]
-    runners: list[Any] = []
+    runners: list[LocalServer] = []
     listeners: list[Listener] = []
     groups: list[ConnGroup] = []
     stoppers: list[Callable[[], Awaitable[None]]] = []
@@ -170,6 +162,7 @@ async def run(config: SidecarConfig) -> None:
         return lambda reason: telemetry.refused(direction, reason)
 
     raise_fd_limit(config)
+    heap = HeapKeeper()  # counts the listeners' connections; trims the heap when they stop
     try:
         if config.inbound is not None:
             ib = config.inbound
@@ -193,7 +186,9 @@ async def run(config: SidecarConfig) -> None:
             refused_in = handshake_failed("inbound")
             lst = Listener(
                 bind(ib.listen.host, ib.listen.port, BACKLOG),
-                lambda: InboundDispatch(engines, ib.app_protocol, in_group, refused_in),
+                heap.counting(
+                    lambda: InboundDispatch(engines, ib.app_protocol, in_group, refused_in)
+                ),
                 ssl_context=store.server_context,
                 max_connections=ib.max_connections,
                 handshake_timeout=ib.header_timeout,
@@ -230,7 +225,7 @@ async def run(config: SidecarConfig) -> None:
             out_group = ConnGroup()
             lst = Listener(
                 bind(ob.listen.host, ob.listen.port, BACKLOG),
-                lambda: out_router.engines(out_limits, telemetry, out_group),
+                heap.counting(lambda: out_router.engines(out_limits, telemetry, out_group)),
                 max_connections=ob.max_connections,
                 name="outbound",
             )
@@ -245,8 +240,10 @@ async def run(config: SidecarConfig) -> None:
                 tcp_group = ConnGroup()
                 lst = Listener(
                     bind(svc.listen.host, svc.listen.port, BACKLOG),
-                    lambda name=name, g=tcp_group: out_router.tcp_conn(  # type: ignore[misc]
-                        name, out_limits, telemetry, g
+                    heap.counting(
+                        lambda name=name, g=tcp_group: out_router.tcp_conn(  # type: ignore[misc]
+                            name, out_limits, telemetry, g
+                        )
                     ),
                     max_connections=ob.max_connections,
                     name=f"outbound {name}",
@@ -257,23 +254,23 @@ async def run(config: SidecarConfig) -> None:
                 groups.append(tcp_group)
                 print(f"sidecar: {name} listening on {_bound(lst, 'tcp')}", flush=True)
         admin_runner, admin_url = await _start_site(
-            admin.admin_app(), config.admin.host, config.admin.port
+            admin.admin_routes(), config.admin.host, config.admin.port
         )
         runners.append(admin_runner)
         health_runner, health_url = await _start_site(
-            admin.health_app(), config.health.host, config.health.port
+            admin.health_routes(), config.health.host, config.health.port
         )
         runners.append(health_runner)
         if metrics is not None:
             from prometheus_client import CollectorRegistry
 
-            from sidecar.telemetry.endpoint import metrics_app
+            from sidecar.telemetry.metrics import scrape_routes
 
             assert config.metrics is not None
             registry = CollectorRegistry()
             registry.register(metrics)
             metrics_runner, metrics_url = await _start_site(
-                metrics_app(registry), config.metrics.listen.host, config.metrics.listen.port
+                scrape_routes(registry), config.metrics.listen.host, config.metrics.listen.port
             )
             runners.append(metrics_runner)
             print(f"sidecar: metrics listening on {metrics_url}", flush=True)
@@ -287,6 +284,7 @@ async def run(config: SidecarConfig) -> None:
             exporter.start()
             stoppers.append(exporter.stop)
         task = asyncio.create_task(manager.run())
+        heap.start()
         try:
             await stop.wait()
             runners.remove(health_runner)  # drain closes it first
@@ -297,12 +295,13 @@ async def run(config: SidecarConfig) -> None:
                 with contextlib.suppress(asyncio.CancelledError):
                     await t
     finally:
+        heap.stop()
         for lst in listeners:
             lst.close()
         for stop_it in stoppers:
             await stop_it()
         for r in runners:
-            await r.cleanup()
+            await r.close()
         sys.stdout.flush()
 
 
@@ -313,7 +312,7 @@ async def drain(
     `timeout` seconds; their responses say `Connection: close`), close idle connections."""
     for lst in listeners:
         lst.close()
-    await health.cleanup()  # the readiness probe fails from now on: no new traffic is sent here
+    await health.close()  # the readiness probe fails from now on: no new traffic is sent here
     for g in groups:
         g.drain()
     open_now = sum(len(g.conns) for g in groups)
@@ -395,6 +394,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _admin_call(admin: str, method: str, path: str, timeout: float = 30) -> tuple[int, dict]:
+    import urllib.error  # (the admin commands only: not loaded by `sidecar run`)
+    import urllib.request
+
     req = urllib.request.Request(
         f"http://{admin}{path}", method=method, data=b"" if method == "POST" else None
     )
@@ -529,6 +531,8 @@ def cmd_rotate(args: argparse.Namespace) -> int:
 
 def cmd_check(args: argparse.Namespace) -> int:
     """sidecar check HOST:PORT: the running sidecar handshakes with the peer and reports it."""
+    import urllib.parse
+
     query = urllib.parse.urlencode(
         {"target": args.target, **({"expect": args.expect_id} if args.expect_id else {})}
     )

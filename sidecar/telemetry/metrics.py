@@ -48,6 +48,7 @@ from prometheus_client.core import (
     Metric,
 )
 
+from sidecar.localhttp import Request, Response, Routes
 from sidecar.telemetry.record import ExchangeRecord
 
 # Istio's buckets (milliseconds) for istio_request_duration_milliseconds.
@@ -418,3 +419,19 @@ class SidecarMetrics:
             c.add_metric(["exported"], spans[0])
             c.add_metric(["dropped"], spans[1])
             yield c
+
+
+def scrape_routes(registry: Any) -> Routes:
+    """The metrics listener: `/metrics` and `/stats/prometheus` (where Istio's Envoy serves
+    them), in Prometheus text or OpenMetrics as the scraper's Accept header asks. Nothing
+    else is served on it: it is meant to be reachable by the scraper, unlike the admin port."""
+    from prometheus_client.exposition import choose_encoder
+
+    async def scrape(request: Request) -> Response:
+        encoder, content_type = choose_encoder(request.headers.get("accept", ""))
+        return Response(200, encoder(registry), content_type)
+
+    routes = Routes()
+    routes.add("GET", "/metrics", scrape)
+    routes.add("GET", "/stats/prometheus", scrape)
+    return routes

@@ -20,6 +20,8 @@ LAYERS = {
     "upstream": 2,
     "telemetry": 2,
     "initnet": 2,
+    "heap": 2,
+    "localhttp": 1,
     "engines": 3,
     "routing": 4,
     "admin": 5,
