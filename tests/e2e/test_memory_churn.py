@@ -26,14 +26,20 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 from e2e.protocol_rig import rss_kib
 from helpers import tail
-from mesh import hostport
+from mesh import admin_get, hostport
 from tlsclient import client_context, connect, get, read_response, start_backend
 
 CONNECTIONS = int(os.environ.get("CHURN_CONNECTIONS", "1500"))
+# From repeat clients: each a new mTLS connection (its own TLS object, read buffer, app
+# exchange) on a resumed session, at about half a full handshake's CPU here. The issue's
+# 20,000 took 54 s of churn (80 s with start-up) on this 2-core machine, over its minute:
+# `make test` runs 10,000 (about 30 s); CHURN_RESUMED_CONNECTIONS=20000 runs the figure.
+RESUMED_CONNECTIONS = int(os.environ.get("CHURN_RESUMED_CONNECTIONS", "10000"))
 WARM_UP = 300  # connections before the start figure: pools, caches, first-use allocations
-PROCESSES, THREADS = 2, 16  # 32 connections at a time, on both cores
+PROCESSES, THREADS = 2, 32  # 64 connections at a time, on both cores
 BOUND_MIB = 5.0  # idle after the churn vs idle before it (measured: +0.5 MiB)
 CLIENT = Path(__file__).resolve().parents[1] / "churnclient.py"
 
@@ -42,12 +48,16 @@ def mib(pid: int) -> float:
     return rss_kib(pid) / 1024
 
 
-def churn(where: str, pem: Path, ca: Path, count: int, timeout: float) -> None:
-    """`count` connections from PROCESSES client processes; every one must get its 200."""
+def churn(
+    where: str, pem: Path, ca: Path, count: int, timeout: float, resume: bool = False
+) -> None:
+    """`count` connections from PROCESSES client processes; every one must get its 200.
+    `resume`: each client thread offers its last session (a repeat client)."""
     shares = [count // PROCESSES + (1 if i < count % PROCESSES else 0) for i in range(PROCESSES)]
+    mode = ["resume"] if resume else []
     procs = [
         subprocess.Popen(
-            [sys.executable, str(CLIENT), where, str(pem), str(ca), str(n), str(THREADS)],
+            [sys.executable, str(CLIENT), where, str(pem), str(ca), str(n), str(THREADS), *mode],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -89,7 +99,12 @@ def settled(pid: int, timeout: float = 10) -> float:
     return last
 
 
-def test_rss_returns_after_connection_churn(ca, tmp_path):
+@pytest.mark.parametrize(
+    "count,resume",
+    [(CONNECTIONS, False), (RESUMED_CONNECTIONS, True)],
+    ids=["full-handshakes", "resumed-sessions"],
+)
+def test_rss_returns_after_connection_churn(ca, tmp_path, count, resume):
     ctx = client_context(ca, tmp_path)  # also writes tmp_path/client.pem (chain and key)
     pem = tmp_path / "client.pem"
     app, sidecar = start_backend(tmp_path, ca, drain=1)
@@ -109,17 +124,25 @@ def test_rss_returns_after_connection_churn(ca, tmp_path):
         sampler.start()
         t0 = time.monotonic()
         try:
-            churn(where, pem, ca.bundle, CONNECTIONS, timeout=max(60, CONNECTIONS / 20))
+            before = admin_get(sidecar, "/status")[1]["inbound_tls_sessions"]
+            churn(where, pem, ca.bundle, count, timeout=max(60, count / 20), resume=resume)
+            after = admin_get(sidecar, "/status")[1]["inbound_tls_sessions"]
         finally:
             done.set()
             sampler.join()
         took = time.monotonic() - t0
         end = settled(pid)
         figures = (
-            f"RSS start {start:.1f} MiB, peak {peak[0]:.1f} MiB, idle after {CONNECTIONS} "
-            f"connections {end:.1f} MiB ({took:.1f} s, {CONNECTIONS / took:.0f}/s)"
+            f"RSS start {start:.1f} MiB, peak {peak[0]:.1f} MiB, idle after {count} "
+            f"connections {end:.1f} MiB ({took:.1f} s, {count / took:.0f}/s; handshakes "
+            f"{after['full'] - before['full']} full, {after['resumed'] - before['resumed']} "
+            "resumed)"
         )
         print(figures)
+        full, resumed = after["full"] - before["full"], after["resumed"] - before["resumed"]
+        assert full + resumed == count, figures  # every one a new TLS connection
+        if resume:  # a repeat client's connections: all but each thread's first resumed
+            assert resumed >= count - PROCESSES * THREADS, figures
         assert end <= start + BOUND_MIB, (
             f"{figures}: more than {BOUND_MIB:g} MiB above the start\n"
             f"--- last lines of the sidecar's stderr:\n{tail(sidecar.err)}"
