@@ -17,9 +17,12 @@ import ssl
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import aiohttp
 import jwt
+
+if TYPE_CHECKING:  # imported where a JWKS is fetched over HTTPS (10 MiB the sidecar
+    import aiohttp  # need not hold when its keys come from a file or there are none)
 
 log = logging.getLogger("meshca.jwks")
 
@@ -156,6 +159,8 @@ class UrlJwks(JwksSource):
         if self._bearer_file is not None:
             headers["Authorization"] = "Bearer " + self._bearer_file.read_text().strip()
         if self._session is None:
+            import aiohttp
+
             self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5))
         # A function gives the trust in force now (the sidecar's mesh bundle); a new
         # context object also means a new pooled connection, so new roots apply at once.
@@ -196,6 +201,8 @@ class UrlJwks(JwksSource):
 
         A fetch already under way (say, the background refresh) is waited for.
         """
+        import aiohttp
+
         if self._lock.locked():
             async with self._lock:
                 return True

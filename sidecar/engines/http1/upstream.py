@@ -88,6 +88,10 @@ class ResponseSink(Protocol):
         """Send what was collected."""
 
 
+# What a closed connection's parser is replaced with (it has no callbacks to call).
+_NO_PARSER = httptools.HttpResponseParser(object())
+
+
 class UpstreamConn(asyncio.Protocol):
     """A connection to the app (inbound) or to another sidecar (outbound)."""
 
@@ -330,7 +334,17 @@ class UpstreamConn(asyncio.Protocol):
         down.upgraded(ex, self._headers, transport, rest)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        """Retry, complete a close-delimited answer, or fail the exchange (502)."""
+        """Retry, complete a close-delimited answer, or fail the exchange (502); then let go
+        of the parser, whose callbacks are bound to this object: without that cycle the
+        connection (and its transport's buffers) is freed at once, not at the next full
+        garbage collection."""
+        try:
+            self._lost()
+        finally:
+            self.parser = _NO_PARSER
+            self._parser_clean = False
+
+    def _lost(self) -> None:
         self._disarm()
         DEADLINES.discard(self)
         self.pool.discard(self)
