@@ -11,34 +11,17 @@ import time
 
 import jwt
 import pytest
+from routerfakes import Caller, Store
 
 from meshca.config import parse_listen
 from sidecar.config import InboundConfig
 from sidecar.engines.http1.exchange import Exchange
 from sidecar.errors import SidecarError
-from sidecar.identity.peer import Peer, Verdict
 from sidecar.policy.authn import Authenticator, IssuerRule
 from sidecar.routing.inbound import InboundRouter, owned_headers
 from sidecar.telemetry.record import ExchangeRecord
 
 SECRET = b"s" * 32
-
-
-class Store:
-    """The little of CredentialStore the router reads."""
-
-    class current:  # noqa: N801 (the attribute CredentialStore has)
-        spiffe_id = "spiffe://cluster.local/ns/b/sa/me"
-
-    revoked: frozenset[str] = frozenset()
-    trust_domain = "cluster.local"
-
-    def on_revoked(self, fn):
-        pass
-
-
-class Conn:
-    peer = Peer("spiffe://cluster.local/ns/a/sa/caller", Verdict.VERIFIED, "01", "feed")
 
 
 def router(mode: str | None = None) -> InboundRouter:
@@ -67,7 +50,7 @@ def forwarded(r: InboundRouter, headers) -> list[tuple[str, str]]:
     ex = Exchange(
         b"GET", b"/x", [(k.lower(), v) for k, v in headers], "1.1", True, ExchangeRecord("inbound")
     )
-    _, head = r.route(Conn(), ex)
+    _, head = r.route(Caller(), ex)
     lines = head.decode().split("\r\n")[1:]
     return [tuple(line.split(": ", 1)) for line in lines if line]
 

@@ -8,12 +8,13 @@ import gc
 import tracemalloc
 
 import pytest
+from routerfakes import Caller, Store
 
 from meshca.config import parse_listen
 from sidecar.config import InboundConfig, parse_config
 from sidecar.engines.http1.exchange import Exchange
 from sidecar.errors import SidecarError
-from sidecar.identity.peer import LOCAL_APP, Peer, Verdict
+from sidecar.identity.peer import LOCAL_APP
 from sidecar.policy.authz import parse_policy
 from sidecar.policy.holder import PolicyHolder
 from sidecar.routing.inbound import InboundRouter
@@ -21,21 +22,6 @@ from sidecar.routing.outbound import OutboundRouter
 from sidecar.telemetry.record import ExchangeRecord
 
 N, SIZE = 200, 20_000  # 4 MB of distinct targets in all
-
-
-class Store:
-    """The little of CredentialStore the routers read."""
-
-    current = None
-    revoked: frozenset[str] = frozenset()
-    trust_domain = "cluster.local"
-
-    def on_revoked(self, fn):
-        pass
-
-
-class Conn:
-    peer = Peer("spiffe://cluster.local/ns/a/sa/caller", Verdict.VERIFIED, "01", "feed")
 
 
 def held_after(route) -> int:
@@ -63,7 +49,7 @@ def test_long_targets_refused_by_policy_pin_nothing():
 
     def route(value: bytes) -> None:
         ex = Exchange(b"GET", b"/" + value, [(b"host", b"x")], "1.1", True, ExchangeRecord("in"))
-        router.route(Conn(), ex)  # type: ignore[arg-type]
+        router.route(Caller(), ex)  # type: ignore[arg-type]
 
     assert held_after(route) < 1_000_000
 

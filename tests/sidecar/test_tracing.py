@@ -9,12 +9,13 @@ import math
 import uuid
 
 import pytest
+from routerfakes import Caller, Store
 
 from meshca.config import parse_listen
 from sidecar.config import InboundConfig, TracingConfig, parse_config
 from sidecar.engines.http1.exchange import Exchange
 from sidecar.errors import SidecarError
-from sidecar.identity.peer import LOCAL_APP, Peer, Verdict
+from sidecar.identity.peer import LOCAL_APP
 from sidecar.routing.inbound import InboundRouter
 from sidecar.routing.outbound import OutboundRouter
 from sidecar.telemetry import tracing
@@ -338,23 +339,6 @@ def test_generated_trace_ids_are_distinct():
 
 
 # -- the routers' heads ------------------------------------------------------------
-
-
-class Store:
-    """The little of CredentialStore the routers read."""
-
-    class current:  # noqa: N801 (the attribute CredentialStore has)
-        spiffe_id = "spiffe://cluster.local/ns/b/sa/me"
-
-    revoked: frozenset[str] = frozenset()
-    trust_domain = "cluster.local"
-
-    def on_revoked(self, fn):
-        pass
-
-
-class Caller:
-    peer = Peer("spiffe://cluster.local/ns/a/sa/caller", Verdict.VERIFIED, "01", "feed")
 
 
 class App:
