@@ -98,6 +98,10 @@ class Wire:
 
 
 class PeerCert:
+    """The client certificate of a full (not resumed) handshake, as ssl.SSLObject shows it."""
+
+    session_reused = False
+
     def __init__(self, der: bytes) -> None:
         self.der = der
 
