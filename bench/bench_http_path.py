@@ -9,6 +9,10 @@ as soon as the request head has gone out. The figures are what the HTTP work
 costs on top of a byte pipe, and move with the code rather than with the
 machine's load (process CPU time, medians of rounds).
 
+The JWT paths put a bearer ES256 token on each request to an inbound with one issuer
+and a policy that allows its request principals: one token reused (the verified-token
+cache hits) or a new token on every request (each verified in full).
+
     python bench/bench_http_path.py [--requests N] [--rounds R] [--profile]
 """
 
@@ -16,7 +20,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import datetime as dt
+import json
 import statistics
 import sys
 import tempfile
@@ -25,7 +31,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
 from meshca import pki
 from meshca.spiffe import SpiffeId
@@ -35,6 +43,8 @@ from sidecar.engines.http1.downstream import DownstreamConn
 from sidecar.engines.http1.upstream import UpstreamConn
 from sidecar.identity.creds import Credentials, CredentialStore
 from sidecar.identity.trust import TrustBundle, TrustStore
+from sidecar.policy.authn import from_config as authn_from_config
+from sidecar.policy.holder import PolicyHolder
 from sidecar.routing.inbound import InboundRouter
 from sidecar.routing.outbound import OutboundRouter
 from sidecar.telemetry.sink import Telemetry
@@ -50,6 +60,40 @@ INBOUND_REQUEST = (
     b"GET / HTTP/1.1\r\nHost: api.default\r\nUser-Agent: curl/7.88.1\r\nAccept: */*\r\n"
 )
 OUTBOUND_REQUEST = INBOUND_REQUEST
+ISSUER = "https://idp.bench.local"
+API_ID = "spiffe://cluster.local/ns/default/sa/api"
+KID = "bench-es256"
+
+
+def b64url(raw: bytes) -> bytes:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=")
+
+
+class Tokens:
+    """ES256 tokens of one key (a new `sub` and `jti` each), and its JWKS."""
+
+    def __init__(self) -> None:
+        self.key = ec.generate_private_key(ec.SECP256R1())
+        self.now = int(time.time())
+        self.head = b64url(json.dumps({"alg": "ES256", "typ": "JWT", "kid": KID}).encode())
+
+    def token(self, n: int) -> bytes:
+        claims = {
+            "iss": ISSUER,
+            "aud": API_ID,
+            "sub": f"user-{n}",
+            "iat": self.now,
+            "exp": self.now + 3600,
+            "jti": f"bench-{n:08d}",
+        }
+        signing_input = self.head + b"." + b64url(json.dumps(claims).encode())
+        r, s = decode_dss_signature(self.key.sign(signing_input, ec.ECDSA(hashes.SHA256())))
+        return signing_input + b"." + b64url(r.to_bytes(32, "big") + s.to_bytes(32, "big"))
+
+    def jwks(self) -> dict:
+        nums = self.key.public_key().public_numbers()
+        x, y = (b64url(v.to_bytes(32, "big")).decode() for v in (nums.x, nums.y))
+        return {"keys": [{"kty": "EC", "crv": "P-256", "kid": KID, "x": x, "y": y}]}
 
 
 class Wire:
@@ -128,7 +172,9 @@ def app_connect(loop: asyncio.AbstractEventLoop) -> Callable[..., Any]:
     return connect
 
 
-def setup(folder: Path) -> tuple[InboundRouter, OutboundRouter, bytes]:
+def setup(
+    folder: Path, tokens: Tokens
+) -> tuple[InboundRouter, InboundRouter, OutboundRouter, bytes]:
     now = dt.datetime.now(dt.UTC)
     root_key = pki.new_key()
     root = pki.build_root(root_key, now)
@@ -149,7 +195,10 @@ def setup(folder: Path) -> tuple[InboundRouter, OutboundRouter, bytes]:
 
     (folder / "ca-root.pem").write_text(pki.pem_join([root]))
     (folder / "token").write_text("x")
-    api = "spiffe://cluster.local/ns/default/sa/api"
+    api = API_ID
+    (folder / "jwks.json").write_text(json.dumps(tokens.jwks()))
+    rule = {"name": "bench-jwt", "action": "ALLOW", "from": {"request_principals": [f"{ISSUER}/*"]}}
+    (folder / "policy.json").write_text(json.dumps({"rules": [rule]}))
     doc = {
         "ca": {"url": "https://ca:8443", "bundle": "ca-root.pem", "token_file": "token"},
         "inbound": {"listen": "127.0.0.1:0", "app": "127.0.0.1:8080"},
@@ -160,6 +209,22 @@ def setup(folder: Path) -> tuple[InboundRouter, OutboundRouter, bytes]:
         "access_log": {"mode": "off"},
     }
     cfg = parse_config(doc, folder / "sidecar.yaml")
+    jwt_doc = {
+        **doc,
+        "jwt": {
+            "issuers": [
+                {
+                    "issuer": ISSUER,
+                    "audiences": [api],
+                    "jwks_file": str(folder / "jwks.json"),
+                    "algorithms": ["ES256"],
+                }
+            ]
+        },
+        "policy": {"file": str(folder / "policy.json")},
+    }
+    jwt_cfg = parse_config(jwt_doc, folder / "sidecar.yaml")
+    assert jwt_cfg.jwt is not None
     trust = TrustStore(
         TrustBundle.check((folder / "ca-root.pem").read_text(), now, "bench"), "cluster.local"
     )
@@ -171,14 +236,23 @@ def setup(folder: Path) -> tuple[InboundRouter, OutboundRouter, bytes]:
     out_store.publish(web_creds)
     assert cfg.inbound is not None and cfg.outbound is not None
     inbound = InboundRouter(cfg.inbound, in_store)
+    authn = authn_from_config(jwt_cfg.jwt, lambda: None)  # type: ignore[arg-type,return-value]
+    policy = PolicyHolder(jwt_cfg.policy, (ISSUER,))
+    assert jwt_cfg.inbound is not None
+    inbound_jwt = InboundRouter(jwt_cfg.inbound, in_store, authn, policy)
     outbound = OutboundRouter(cfg.outbound, out_store)
-    return inbound, outbound, web_der
+    return inbound, inbound_jwt, outbound, web_der
 
 
 async def drive(
-    make_conn: Callable[[Wire], DownstreamConn], request: bytes, n: int, conns: int
+    make_conn: Callable[[Wire], DownstreamConn],
+    request: bytes | Callable[[], bytes],
+    n: int,
+    conns: int,
 ) -> float:
-    """`n` requests over `conns` keep-alive client connections; CPU seconds spent."""
+    """`n` requests over `conns` keep-alive client connections; CPU seconds spent.
+    `request`: the request's bytes, or what makes each request's."""
+    next_request = request if callable(request) else lambda: request
     loop = asyncio.get_running_loop()
     left = n
     done = loop.create_future()
@@ -193,7 +267,7 @@ async def drive(
                 raise SystemExit(f"unexpected answer: {data[:200]!r}")
             left -= 1
             if left > 0:
-                loop.call_soon(holder[0].data_received, request)
+                loop.call_soon(holder[0].data_received, next_request())
             else:
                 active -= 1
                 if active == 0 and not done.done():
@@ -201,7 +275,7 @@ async def drive(
 
         conn = make_conn(Wire(on_write))
         holder.append(conn)
-        loop.call_soon(conn.data_received, request)
+        loop.call_soon(conn.data_received, next_request())
 
     t0 = time.process_time()
     for _ in range(conns):
@@ -216,14 +290,26 @@ def main() -> None:
     ap.add_argument("--conns", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2000, help="requests per path before measuring")
-    ap.add_argument("--profile", action="store_true", help="cProfile one inbound round")
+    ap.add_argument("--profile", action="store_true", help="cProfile one round of each path")
     args = ap.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        inbound, outbound, web_der = setup(Path(tmp))
+    tmp = tempfile.TemporaryDirectory()  # the JWKS file is read while the bench runs
+    tokens = Tokens()
+    inbound, inbound_jwt, outbound, web_der = setup(Path(tmp.name), tokens)
+    drives = 1 + args.rounds + (1 if args.profile else 0)
+    count = args.warmup + args.requests * (drives - 1) + args.conns * drives
+    print(f"signing {count} tokens ...", file=sys.stderr, flush=True)
+    fresh = iter(
+        [
+            INBOUND_REQUEST + b"authorization: Bearer %s\r\n\r\n" % tokens.token(n)
+            for n in range(count)
+        ]
+    )
+    one = INBOUND_REQUEST + b"authorization: Bearer %s\r\n\r\n" % tokens.token(count)
 
     async def run() -> dict[str, list[float]]:
         loop = asyncio.get_running_loop()
         inbound.pool._connect = app_connect(loop)
+        inbound_jwt.pool._connect = app_connect(loop)
         for pool in outbound.pools.values():
             pool._connect = app_connect(loop)
         window = Window(time.monotonic)
@@ -237,6 +323,12 @@ def main() -> None:
             conn.connection_made(wire)  # type: ignore[arg-type]
             return conn
 
+        def make_in_jwt(wire: Wire) -> DownstreamConn:
+            wire.ssl_object = peer
+            conn = DownstreamConn(inbound_jwt, limits, sink)
+            conn.connection_made(wire)  # type: ignore[arg-type]
+            return conn
+
         def make_out(wire: Wire) -> DownstreamConn:
             conn = DownstreamConn(outbound, limits, sink)
             conn.connection_made(wire)  # type: ignore[arg-type]
@@ -245,6 +337,8 @@ def main() -> None:
         paths = {
             "inbound (mTLS peer -> app)": (make_in, INBOUND_REQUEST + b"\r\n"),
             "outbound (app -> service)": (make_out, OUTBOUND_REQUEST + b"\r\n"),
+            "inbound, JWT reused": (make_in_jwt, one),
+            "inbound, a new JWT each": (make_in_jwt, fresh.__next__),
         }
         got: dict[str, list[float]] = {k: [] for k in paths}
         for make, req in paths.values():  # warm-up
@@ -253,11 +347,13 @@ def main() -> None:
             import cProfile
             import pstats
 
-            prof = cProfile.Profile()
-            prof.enable()
-            await drive(make_in, INBOUND_REQUEST + b"\r\n", args.requests, args.conns)
-            prof.disable()
-            pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+            for name, (make, req) in paths.items():
+                prof = cProfile.Profile()
+                prof.enable()
+                await drive(make, req, args.requests, args.conns)
+                prof.disable()
+                print(f"\n{name}: {args.requests} requests")
+                pstats.Stats(prof).sort_stats("tottime").print_stats(60)
         for _ in range(args.rounds):
             for name, (make, req) in paths.items():
                 cpu = await drive(make, req, args.requests, args.conns)
@@ -265,11 +361,14 @@ def main() -> None:
         return got
 
     try:
-        import uvloop
+        try:
+            import uvloop
 
-        got = uvloop.run(run())
-    except ImportError:
-        got = asyncio.run(run())
+            got = uvloop.run(run())
+        except ImportError:
+            got = asyncio.run(run())
+    finally:
+        tmp.cleanup()
     print(f"{'path':32s} {'µs CPU/request (median)':>24s}  rounds")
     for name, vals in got.items():
         print(f"{name:32s} {statistics.median(vals):24.2f}  {' '.join(f'{v:.2f}' for v in vals)}")
