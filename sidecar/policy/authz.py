@@ -305,6 +305,9 @@ class Policy:
     _audit: tuple[Rule, ...] = field(default=(), repr=False)
     _dry: tuple[Rule, ...] = field(default=(), repr=False)
     _cache: dict = field(default_factory=dict, repr=False, compare=False)
+    # Whether any rule reads a JWT's claims (`when`): if none does, a decision depends on
+    # the token's principal only, not on the token itself.
+    reads_claims: bool = field(default=True, repr=False, compare=False)
 
     @classmethod
     def build(cls, rules: Sequence[Rule], default: str, source: str) -> Policy:
@@ -318,6 +321,7 @@ class Policy:
             tuple(r for r in live if r.action == "ALLOW"),
             tuple(r for r in live if r.action == "AUDIT"),
             tuple(r for r in rules if r.dry_run and r.action != "AUDIT"),
+            reads_claims=any(r.when for r in rules),
         )
 
     def decide_cached(self, key: tuple, make: Callable[[], Request]) -> Decision:

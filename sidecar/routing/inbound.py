@@ -69,6 +69,7 @@ NOT_FORWARDED = frozenset({b"expect"})
 ALLOW, REJECT_REQUEST, DROP_HEADER = "ALLOW", "REJECT_REQUEST", "DROP_HEADER"
 PATH_CACHE = 1024  # normalized request targets kept (cleared whole when full)
 PATH_CACHE_TARGET = 256  # longer targets are normalized every time, never kept
+_METHODS = {m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS")}
 DECISION_KEY_MAX = 4096  # path + token characters past which a decision is not memoized
 
 
@@ -123,7 +124,9 @@ class InboundRouter(Router):
         )
         self._default_host = f"{cfg.app.host}:{cfg.app.port}".encode()
         # Request targets seen lately, normalized (a service's paths are few; bounded).
-        self._paths: dict[bytes, tuple[bytes, bytes]] = {}
+        self._paths: dict[bytes, tuple[bytes, bytes, str]] = {}
+        # `skip` plus a token header that is not forwarded, per header name (an issuer's).
+        self._skip_token: dict[bytes, frozenset[bytes]] = {}
         # The XFCC line per peer certificate, for the credentials it was made with.
         self._xfcc_creds: object = None
         self._xfcc: dict[str, bytes] = {}
@@ -195,19 +198,21 @@ class InboundRouter(Router):
         target = ex.target
         seen = self._paths.get(target)
         if seen is not None:
-            path, query = seen
-        elif target == b"*" and ex.method == b"OPTIONS":
-            path, query = b"*", b""
+            path, query, path_text = seen
         else:
-            try:
-                path, query = normalize(target, self.reject_semicolons)
-            except PathError as e:
-                raise SidecarError("bad_path", str(e)) from None
-            if len(target) <= PATH_CACHE_TARGET:  # (a long target would pin its size here)
+            if target == b"*" and ex.method == b"OPTIONS":
+                path, query = b"*", b""
+            else:
+                try:
+                    path, query = normalize(target, self.reject_semicolons)
+                except PathError as e:
+                    raise SidecarError("bad_path", str(e)) from None
+            path_text = path.decode("latin-1")
+            if len(target) <= PATH_CACHE_TARGET and target != b"*":
+                # (a long target would pin its size here; "*" is only OPTIONS's)
                 if len(self._paths) >= PATH_CACHE:
                     self._paths.clear()
-                self._paths[target] = path, query
-        path_text = path.decode("latin-1")
+                self._paths[target] = path, query, path_text
         rec = ex.record
         rec.path = path_text
         ident = None
@@ -223,10 +228,10 @@ class InboundRouter(Router):
                     raise _unauthorized("token signing key is not in the issuer's JWKS") from None
                 raise RouteLater(e.source.refresh) from None
         peer = conn.peer.spiffe_id
-        method = ex.method.decode("latin-1")
+        method = _METHODS.get(ex.method) or ex.method.decode("latin-1")
 
-        # The decision depends only on these: memoize it (a token fixes its claims), unless
-        # the key is long (a peer sending ever new long paths would pin them all there).
+        # The decision depends only on these: memoize it, unless the key is long (a peer
+        # sending ever new long paths or tokens would pin them all there).
         def facts() -> Request:
             return Request(
                 peer,
@@ -236,10 +241,17 @@ class InboundRouter(Router):
                 ident.claims if ident else None,
             )
 
+        policy = self.policy.current
+        if ident is None:
+            key: tuple = (peer, path_text, method, None)
+        elif policy.reads_claims:  # a token fixes its claims
+            key = (peer, path_text, method, token)
+        else:  # no rule reads claims: tokens of one principal decide alike
+            key = (peer, path_text, method, ident.principal_parts)
         if len(path_text) + (len(token) if token else 0) <= DECISION_KEY_MAX:
-            decision = self.policy.current.decide_cached((peer, path_text, method, token), facts)
+            decision = policy.decide_cached(key, facts)
         else:
-            decision = self.policy.current.decide(facts())
+            decision = policy.decide(facts())
         rec.decision = "allow" if decision.allowed else "deny"
         if decision.rule:
             rec.rule = decision.rule
@@ -265,7 +277,10 @@ class InboundRouter(Router):
 
         skip = self.skip
         if ident is not None and not ident.issuer.forward:
-            skip = skip | {ident.issuer.from_header}
+            skip = self._skip_token.get(ident.issuer.from_header) or skip
+            if ident.issuer.from_header not in skip:
+                skip = skip | {ident.issuer.from_header}
+                self._skip_token[ident.issuer.from_header] = skip
         drop = ex.drop
         underscores = self.underscores
         lines = [b"%s %s%s HTTP/1.1\r\n" % (ex.method, path, query)]

@@ -11,9 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
-@dataclass(slots=True)
+@dataclass
 class ExchangeRecord:
-    """One request and its answer, as observed by a listener."""
+    """One request and its answer, as observed by a listener. (No slots: each default is
+    then a class attribute, so `new_record` sets only what a new request has.)"""
 
     direction: str  # "inbound" or "outbound"
     method: str = ""
@@ -40,3 +41,15 @@ class ExchangeRecord:
     request_id: str | None = None  # x-request-id (the client's, or one made here)
     protocol: str | None = None  # None: HTTP/1.1; "HTTP/2", "grpc", "websocket", "tcp"
     grpc_status: int | None = None  # a gRPC call the sidecar answered itself: the status it gave
+
+
+_new = object.__new__
+
+
+def new_record(direction: str, peer: str | None) -> ExchangeRecord:
+    """`ExchangeRecord(direction, peer=peer)`, without storing every default per request
+    (all of them are immutable: an unset field reads the class's default)."""
+    rec: ExchangeRecord = _new(ExchangeRecord)
+    rec.direction = direction
+    rec.peer = peer
+    return rec

@@ -23,6 +23,8 @@ class Telemetry:
         self.sinks = tuple(s for s in sinks if s is not None)
         self._counters = tuple(s for s in self.sinks if hasattr(s, "refused"))
         self._openers = tuple(s for s in self.sinks if hasattr(s, "opened"))
+        if len(self.sinks) == 1:  # (one sink, the common case: called directly)
+            self.write = self.sinks[0].write  # type: ignore[method-assign]
 
     def write(self, rec: ExchangeRecord) -> None:
         """Hand one record to each sink."""

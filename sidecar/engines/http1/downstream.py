@@ -55,7 +55,7 @@ from sidecar.engines.http1.upstream import UpstreamConn
 from sidecar.engines.tcp.pipe import Pipe, splice
 from sidecar.errors import SidecarError
 from sidecar.identity.peer import LOCAL_APP, Peer
-from sidecar.telemetry.record import ExchangeRecord
+from sidecar.telemetry.record import ExchangeRecord, new_record
 from sidecar.upstream.endpoint import Endpoint
 from sidecar.upstream.retry import CONNECT_FAILURE
 
@@ -272,7 +272,8 @@ class DownstreamConn(asyncio.Protocol):
         self._in_head = True
         self._begins += 1
         self._head_fed = 0
-        self._arm(self.limits.header_timeout, self._header_timeout)
+        self.deadline = self.loop.time() + self.limits.header_timeout  # (_arm, inlined)
+        self.on_deadline = self._header_timeout
         self._url.clear()
         self._headers = []
         self._head_bytes = 0
@@ -307,17 +308,17 @@ class DownstreamConn(asyncio.Protocol):
         # no body needs no go-ahead.
         expect_continue = bool(expect) and version == "1.1" and has_body
         method = p.get_method()
-        ex = Exchange(
-            method=method,
-            target=bytes(self._url),
-            headers=headers,
-            version=version,
-            keep_alive=p.should_keep_alive(),
-            record=ExchangeRecord(self.router.direction, peer=self.peer.spiffe_id),
-            framing=framing,
-            drop=listed,
-            body_done=not has_body,
-            continue_pending=expect_continue,
+        ex = Exchange.parsed(
+            method,
+            bytes(self._url),
+            headers,
+            version,
+            p.should_keep_alive(),
+            new_record(self.router.direction, self.peer.spiffe_id),
+            framing,
+            listed,
+            not has_body,
+            expect_continue,
         )
         if p.should_upgrade():
             if has_body:
@@ -682,8 +683,11 @@ class DownstreamConn(asyncio.Protocol):
         if ex.finished:
             return
         ex.finished = True
-        self._release(ex)
-        self._record(ex)
+        if ex.admitted:  # (_release and _record, inlined: once per request)
+            ex.admitted = False
+            ex.pool.done(ex.retrying)  # type: ignore[union-attr]
+        if self.access_log is not None:
+            self.access_log.write(ex.finished_record())
         if ex.upstream is not None:
             ex.upstream.detach(ex)
         if self.closed or self.transport is None:

@@ -10,16 +10,19 @@ from sidecar.engines.http1.framing import NO_BODY, Framing, Headers
 from sidecar.telemetry.record import ExchangeRecord
 from sidecar.upstream.retry import CONNECT_FAILURE, replayable
 
+_new = object.__new__
+
 if TYPE_CHECKING:
     from sidecar.engines.http1.upstream import UpstreamConn
     from sidecar.upstream.endpoint import Endpoint
     from sidecar.upstream.pool import UpstreamPool
 
 
-@dataclass(slots=True, eq=False)
+@dataclass(eq=False)
 class Exchange:
     """A request as parsed (method, target, headers, framing), its body until an upstream
-    connection takes it, and how far its answer has got."""
+    connection takes it, and how far its answer has got. (No slots: the immutable defaults
+    are class attributes, so `Exchange.parsed` stores only what a new request has.)"""
 
     method: bytes
     target: bytes
@@ -93,6 +96,38 @@ class Exchange:
             self.tried.append(ep)
             self.record.retries += (f"{ep} {cause}",)
         return True
+
+    @classmethod
+    def parsed(
+        cls,
+        method: bytes,
+        target: bytes,
+        headers: Headers,
+        version: str,
+        keep_alive: bool,
+        record: ExchangeRecord,
+        framing: Framing,
+        drop: frozenset[bytes],
+        body_done: bool,
+        continue_pending: bool,
+    ) -> Exchange:
+        """A new exchange from a parsed request head: the constructor's result, storing
+        only these fields and the mutable ones (the rest read the class's defaults)."""
+        ex: Exchange = _new(cls)
+        ex.method = method
+        ex.target = target
+        ex.headers = headers
+        ex.version = version
+        ex.keep_alive = keep_alive
+        ex.record = record
+        ex.framing = framing
+        ex.drop = drop
+        ex.body_done = body_done
+        ex.continue_pending = continue_pending
+        ex.start = time.perf_counter()
+        ex.body = []
+        ex.tried = []
+        return ex
 
     def finished_record(self) -> ExchangeRecord:
         """The record, completed with what the engine saw (method, status, time, bytes, and

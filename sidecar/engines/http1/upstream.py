@@ -99,6 +99,7 @@ class UpstreamConn(asyncio.Protocol):
         self.pool = pool
         self.endpoint: Endpoint | None = None  # set by the pool once connected
         self.transport: asyncio.Transport | None = None
+        self._time = asyncio.get_event_loop().time  # (looked up once, not per request)
         self.peer: Peer = LOCAL_APP  # outbound: the verified server
         # Called once, the first time the connection is fit for reuse (outbound: keep its
         # TLS session, whose ticket has arrived by then, for the next connection).
@@ -156,8 +157,11 @@ class UpstreamConn(asyncio.Protocol):
         self.request_complete = self.response_complete = False
         self._got_bytes = False
         self._response_timeout = response_timeout
-        upgrade = b"connection: upgrade\r\nupgrade: %s\r\n" % ex.upgrade if ex.upgrade else b""
-        self.transport.write(ex.head + framing_header(ex.framing) + upgrade + b"\r\n")
+        if ex.framing is NO_BODY and not ex.upgrade:  # (a GET: the common case)
+            self.transport.write(ex.head + b"\r\n")
+        else:
+            upgrade = b"connection: upgrade\r\nupgrade: %s\r\n" % ex.upgrade if ex.upgrade else b""
+            self.transport.write(ex.head + framing_header(ex.framing) + upgrade + b"\r\n")
         if ex.body:
             for piece in ex.body:
                 self.send_body(ex, piece)
@@ -180,7 +184,7 @@ class UpstreamConn(asyncio.Protocol):
             self.transport.write(LAST_CHUNK)
         self.request_complete = True
         if self.down is not None and not self._head_done:
-            self.deadline = asyncio.get_running_loop().time() + self._response_timeout
+            self.deadline = self._time() + self._response_timeout
             self.on_deadline = self._timeout
 
     def pause_reading(self) -> None:
@@ -195,10 +199,12 @@ class UpstreamConn(asyncio.Protocol):
 
     def detach(self, ex: Exchange) -> None:
         """The exchange is over: back to the pool if reusable."""
-        self._disarm()
+        self.on_deadline = None
         if self.ex is not ex:
             return
-        self._unbind()
+        if self.endpoint is not None:  # (_unbind, inlined: once per request)
+            self.endpoint.active -= 1
+        self.ex, self.down = None, None
         if self._paused_down is not None:
             self._paused_down.resume_reading()
             self._paused_down = None

@@ -1,0 +1,98 @@
+"""The inbound's memoized policy decisions for requests with a JWT (pure: no sockets).
+
+A decision is memoized per (peer, path, method) and, for a request with a token, per
+token when some rule reads the token's claims (`when`), else per principal (issuer,
+subject): a caller that gets a new token every few minutes reuses its decision, and
+the cache does not keep every token it has seen. What must hold either way: two
+tokens of one subject with different claims are decided apart under a policy that
+reads claims, and another subject is never decided as the first one was.
+"""
+
+from __future__ import annotations
+
+import time
+
+import jwt
+import pytest
+import yaml
+from routerfakes import Caller, Store
+
+from meshca.config import parse_listen
+from sidecar.config import InboundConfig, PolicyConfig
+from sidecar.engines.http1.exchange import Exchange
+from sidecar.errors import SidecarError
+from sidecar.policy.authn import Authenticator, IssuerRule
+from sidecar.policy.holder import PolicyHolder
+from sidecar.routing.inbound import InboundRouter
+from sidecar.telemetry.record import ExchangeRecord
+
+SECRET = b"k" * 32
+ISS = "https://idp.test"
+
+
+def router(tmp_path, rules: list[dict]) -> InboundRouter:
+    cfg = InboundConfig(parse_listen("127.0.0.1:0"), parse_listen("127.0.0.1:5000"))
+    authn = Authenticator([IssuerRule(ISS, (), None, algorithms=("HS256",), hmac_secret=SECRET)])
+    path = tmp_path / "policy.yaml"
+    path.write_text(yaml.safe_dump({"default": "deny", "rules": rules}))
+    holder = PolicyHolder(PolicyConfig(path), (ISS,))
+    return InboundRouter(cfg, Store(), authn, holder)
+
+
+def token(sub: str, **claims: object) -> bytes:
+    body = {"iss": ISS, "sub": sub, "exp": int(time.time()) + 300, **claims}
+    return jwt.encode(body, SECRET).encode()
+
+
+def status(r: InboundRouter, tok: bytes, path: bytes = b"/orders") -> int:
+    """200 if the request would go to the app, else the status the sidecar answers."""
+    headers = [(b"host", b"api"), (b"authorization", b"Bearer " + tok)]
+    ex = Exchange(b"GET", path, headers, "1.1", True, ExchangeRecord("inbound"))
+    try:
+        r.route(Caller(), ex)
+    except SidecarError as e:
+        return e.status
+    return 200
+
+
+def test_a_policy_that_reads_claims_decides_each_token_apart(tmp_path):
+    r = router(
+        tmp_path,
+        [{"name": "admins", "action": "ALLOW", "when": [{"claim": "role", "values": ["admin"]}]}],
+    )
+    admin, user = token("alice", role="admin"), token("alice", role="user")
+    # the same subject, in turns: each token gets its own decision, whatever was cached
+    assert [status(r, t) for t in (admin, user, admin, user)] == [200, 403, 200, 403]
+
+
+def test_a_policy_of_principals_only_decides_per_principal(tmp_path):
+    r = router(
+        tmp_path,
+        [{"name": "alice", "action": "ALLOW", "from": {"request_principals": [f"{ISS}/alice"]}}],
+    )
+    fresh = [token("alice", jti=f"t{n}", role=f"r{n}") for n in range(50)]
+    assert {status(r, t) for t in fresh} == {200}
+    # another subject is decided as itself, also after alice's decisions were memoized
+    assert status(r, token("mallory")) == 403
+    assert status(r, token("alice2")) == 403
+    # one decision per principal and path, not one per token
+    assert len(r.policy.current._cache) == 3
+    assert status(r, fresh[0], b"/other") == 200
+    assert len(r.policy.current._cache) == 4
+
+
+@pytest.mark.parametrize("rules_read_claims", [False, True])
+def test_no_token_and_a_token_are_decided_apart(tmp_path, rules_read_claims):
+    rule: dict = {"name": "jwt", "action": "ALLOW", "from": {"request_principals": [f"{ISS}/*"]}}
+    if rules_read_claims:
+        rule["when"] = [{"claim": "sub", "values": ["alice"]}]
+    r = router(tmp_path, [rule])
+    headers = [(b"host", b"api")]
+    ex = Exchange(b"GET", b"/orders", headers, "1.1", True, ExchangeRecord("inbound"))
+    with pytest.raises(SidecarError) as e:
+        r.route(Caller(), ex)
+    assert e.value.status == 401  # a token would let it through: 401, not 403
+    assert status(r, token("alice")) == 200
+    ex = Exchange(b"GET", b"/orders", headers, "1.1", True, ExchangeRecord("inbound"))
+    with pytest.raises(SidecarError):
+        r.route(Caller(), ex)
