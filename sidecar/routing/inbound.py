@@ -306,11 +306,7 @@ class InboundRouter(Router):
         if not has_host:
             lines.append(b"host: %s\r\n" % self._default_host)
         hop = next_hop(trace_headers, self.sample_below)
-        rec.trace_id, rec.request_id = hop.ids
-        rec.span_id = hop.span_id.decode("ascii")
-        rec.parent_span_id = hop.parent_id.decode("ascii") if hop.parent_id else None
-        rec.sampled = hop.sampled
-        lines.append(hop.header_lines())
+        lines.append(hop.stamp(rec))
         creds = self.store.current
         if creds is not self._xfcc_creds or len(self._xfcc) >= PATH_CACHE:
             self._xfcc_creds, self._xfcc = creds, {}

@@ -420,11 +420,7 @@ class OutboundRouter(Router):
                 has_authorization = True
             lines.append(b"%s: %s\r\n" % (lk, v))
         hop = next_hop(trace_headers, self.sample_below)
-        rec.trace_id, rec.request_id = hop.ids
-        rec.span_id = hop.span_id.decode("ascii")
-        rec.parent_span_id = hop.parent_id.decode("ascii") if hop.parent_id else None
-        rec.sampled = hop.sampled
-        lines.append(hop.header_lines())
+        lines.append(hop.stamp(rec))
         aud = svc.jwt_audience
         if aud is not None and self.jwts is not None:
             if not has_authorization:

@@ -29,6 +29,10 @@ import os
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from sidecar.telemetry.record import ExchangeRecord
 
 TRACEPARENT = b"traceparent"
 TRACESTATE = b"tracestate"
@@ -92,6 +96,16 @@ class Hop:
     def traceparent(self) -> bytes:
         """The outgoing `traceparent` value (always version 00)."""
         return b"00-" + self.trace_id + b"-" + self.span_id + b"-" + _FLAG_HEX[self.flags]
+
+    def stamp(self, rec: ExchangeRecord) -> bytes:
+        """Write this hop's ids into `rec` (as the access log shows them); its head lines."""
+        rec.trace_id = self.trace_id.decode("ascii")
+        rec.request_id = self.request_id.decode("ascii")
+        rec.span_id = self.span_id.decode("ascii")
+        if self.parent_id is not None:
+            rec.parent_span_id = self.parent_id.decode("ascii")
+        rec.sampled = bool(self.flags & SAMPLED)
+        return self.header_lines()
 
     def header_lines(self) -> bytes:
         """`traceparent`, `tracestate` (if kept) and `x-request-id` as head lines."""

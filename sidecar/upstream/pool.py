@@ -149,6 +149,8 @@ class UpstreamPool:
     def pick(self, subset: str | None, tried: Sequence[Endpoint] = ()) -> Endpoint | None:
         """An endpoint for the next try: in service, not tried yet if another is left."""
         cands = self.candidates(subset)
+        if len(cands) == 1:  # (one endpoint: it is the pick, ejected or not, tried or not)
+            return cands[0]
         if not cands:
             return None
         usable = self.outlier.usable(cands, self.clock())
