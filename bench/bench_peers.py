@@ -52,6 +52,13 @@ unpinned, both proxies spent less CPU per request at high rates (the two hops ru
 parallel, more requests per wake-up), and the ratios were no better for the sidecar.
 `--no-pin` runs everything unpinned.
 
+The floor: on the keep-alive paths (1 hop, 2 hops) a third "proxy" runs in each round,
+bench/peers/tlspipe.py, a bare TLS byte pipe on uvloop (the same mTLS and verification,
+one upstream connection per client connection, no HTTP work at all). What it costs is
+what any Python proxy on uvloop and the ssl module pays before doing anything; the
+sidecar minus the pipe is the sidecar's own HTTP work. It is printed as a reference, not
+a target.
+
 Rounds interleave paths and proxies (round 1: every path on both, the proxy order
 alternating per round, then round 2 ...); medians over rounds. Each path is warmed up
 first. Before measuring, every path is checked once: 200 and nginx's body through each
@@ -153,6 +160,8 @@ PATHS = (
 )
 LATENCY = PathSpec("hop2c1", "2 hops, mTLS only, c=1", "", 0, ("out", "in"), conns=1)
 DIRECT = "direct"  # wrk -c1 straight to nginx
+PIPE = "pipe"  # bench/peers/tlspipe.py: the transport alone, no HTTP work (a reference)
+PIPE_PATHS = ("hop1", "hop2")
 
 
 class BenchError(Exception):
@@ -413,7 +422,7 @@ class Bench:
         self.py = sys.executable
         self.certs = tmp / "certs"
         self.certs.mkdir()
-        self.pids: dict[str, dict[str, int]] = {"haproxy": {}, "sidecar": {}}
+        self.pids: dict[str, dict[str, int]] = {"haproxy": {}, "sidecar": {}, PIPE: {}}
         self.token_cursor = {p: 0 for p in PROXIES}
         self.errors: list[str] = []
 
@@ -672,14 +681,43 @@ http {{
         port = out_ports["outbound"]
         self.ports_out["sidecar"] = {SVC: port, SVC_JWT: port}
 
+    def start_pipes(self) -> None:
+        """The bare uvloop TLS pipe (tlspipe.py), inbound and outbound, on core 0."""
+        p_in, p_out = free_ports(2)
+        c = self.certs
+        for role, args in (
+            (
+                "in",
+                [
+                    "--listen", str(p_in), "--upstream", f"127.0.0.1:{self.port_app}",
+                    "--server-bundle", str(c / "server-bundle.pem"), "--ca", str(c / "ca.pem"),
+                ],
+            ),
+            (
+                "out",
+                [
+                    "--listen", str(p_out), "--upstream", f"127.0.0.1:{p_in}",
+                    "--client-bundle", str(c / "client-bundle.pem"), "--ca", str(c / "ca.pem"),
+                    "--sni", SVC,
+                ],
+            ),
+        ):  # fmt: skip
+            log = self.tmp / f"pipe-{role}.log"
+            p = self.procs.spawn([self.py, str(CONFIGS / "tlspipe.py"), *args], log, core=0)
+            wait_for(log, r"tlspipe (listening)", p)
+            self.pids[PIPE][role] = p.pid
+        self.ports_in[PIPE] = (p_in, p_in)
+        self.ports_out[PIPE] = {SVC: p_out}
+
     def start_shim(self) -> None:
         """The load generator's TLS shim (its client certificate), on core 1."""
-        ports = free_ports(4)
+        ports = free_ports(5)
         names = (
             "P_SHIM_HAPROXY_KA",
             "P_SHIM_HAPROXY_NEW",
             "P_SHIM_SIDECAR_KA",
             "P_SHIM_SIDECAR_NEW",
+            "P_SHIM_PIPE_KA",
         )
         env = dict(zip(names, map(str, ports), strict=True))
         env |= {
@@ -687,6 +725,7 @@ http {{
             "SVC": SVC,
             "P_HAPROXY_IN": str(self.ports_in["haproxy"][0]),
             "P_SIDECAR_IN": str(self.ports_in["sidecar"][0]),
+            "P_PIPE_IN": str(self.ports_in[PIPE][0]),
         }
         log = self.tmp / "shim.log"
         p = self.procs.spawn(
@@ -699,6 +738,7 @@ http {{
             ("haproxy", True): ports[1],
             ("sidecar", False): ports[2],
             ("sidecar", True): ports[3],
+            (PIPE, False): ports[4],
         }
 
     def target(self, proxy: str, spec: PathSpec) -> tuple[int, dict[str, str]]:
@@ -745,6 +785,10 @@ http {{
                     bad.append(
                         f"{proxy} inbound :{port} served a client without a certificate: {answer!r}"
                     )
+        for spec in PATHS:
+            if spec.key in PIPE_PATHS:
+                port, headers = self.target(PIPE, spec)
+                expect(f"tlspipe {spec.title}", http_get(port, "/", headers), 200, BODY)
         expect("nginx directly", http_get(self.port_app, "/", {}), 200, BODY)
         if bad:
             raise BenchError("checks failed:\n  " + "\n  ".join(bad))
@@ -841,6 +885,7 @@ http {{
             self.start_nginx()
             self.start_haproxies()
             self.start_sidecars()
+            self.start_pipes()
             self.start_shim()
             t0 = time.monotonic()
             with open(self.tmp / "tokens.txt", "wb") as f:
@@ -858,6 +903,11 @@ http {{
                 run = self.measure(proxy, spec, a.warmup)
                 if run.errors:
                     self.errors.append(f"warm-up {proxy} {spec.title}: {'; '.join(run.errors)}")
+        piped = [spec for spec in chosen if spec.key in PIPE_PATHS]
+        for spec in piped:
+            run = self.measure(PIPE, spec, a.warmup)
+            if run.errors:
+                self.errors.append(f"warm-up tlspipe {spec.title}: {'; '.join(run.errors)}")
         rss_before = self.rss()
         results: dict[tuple[str, str], list[Run]] = {}
         for rnd in range(a.rounds):
@@ -867,6 +917,10 @@ http {{
                     run = self.measure(proxy, spec, a.duration)
                     results.setdefault((proxy, spec.key), []).append(run)
                     self.report_run(rnd, proxy, spec.title, run)
+            for spec in piped:
+                run = self.measure(PIPE, spec, a.duration)
+                results.setdefault((PIPE, spec.key), []).append(run)
+                self.report_run(rnd, "tlspipe", spec.title, run)
             if LATENCY in chosen:
                 run = self.wrk(self.port_app, {}, 1, a.duration)
                 results.setdefault((DIRECT, DIRECT), []).append(run)
@@ -941,6 +995,24 @@ http {{
             f"{'yes' if worst <= 40 and flat else 'no'} |"
         )
 
+        floor = [spec for spec in measured if (PIPE, spec.key) in results]
+        if floor:
+            print(
+                "\nThe floor: a bare uvloop TLS byte pipe (bench/peers/tlspipe.py, the same "
+                "mTLS, no HTTP work), same run, same cores:\n"
+            )
+            print(
+                "| path | tlspipe µs CPU/req | ratio to HAProxy | sidecar µs CPU/req | "
+                "sidecar minus tlspipe (the HTTP work) |"
+            )
+            print("| --- | --- | --- | --- | --- |")
+            for spec in floor:
+                pipe, h = med(PIPE, spec.key, "cpu_us"), med("haproxy", spec.key, "cpu_us")
+                sc = med("sidecar", spec.key, "cpu_us")
+                print(
+                    f"| {spec.title} | {pipe:.1f} | {h / pipe:.2f} | {sc:.1f} | {sc - pipe:.1f} |"
+                )
+
         spread = []
         for spec in measured:
             pairs = zip(results[("haproxy", spec.key)], results[("sidecar", spec.key)], strict=True)
@@ -951,7 +1023,9 @@ http {{
         for spec in (*PATHS, LATENCY):
             if ("sidecar", spec.key) not in results:
                 continue
-            for proxy in PROXIES:
+            for proxy in (*PROXIES, PIPE):
+                if (proxy, spec.key) not in results:
+                    continue
                 print(
                     f"| {spec.title} | {proxy} | {med(proxy, spec.key, 'rps'):.0f} | "
                     f"{med(proxy, spec.key, 'p50_us'):.0f} | "
