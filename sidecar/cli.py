@@ -53,7 +53,7 @@ async def run(config: SidecarConfig) -> None:
     from meshca.trust import BundleError
     from sidecar.admin import Admin
     from sidecar.engines.base import ConnGroup, Limits
-    from sidecar.engines.h2.downstream import H2Downstream
+    from sidecar.engines.h2.lazy import H2Downstream
     from sidecar.engines.http1.downstream import DownstreamConn
     from sidecar.heap import HeapKeeper
     from sidecar.identity.bundlewatch import BundleWatcher

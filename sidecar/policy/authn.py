@@ -27,12 +27,14 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from meshca import jwtcore
-from meshca.jwks import FileJwks, JwksSource, UrlJwks
 from meshca.jwtcore import HMAC
 from sidecar.config import JwtConfig
+
+if TYPE_CHECKING:  # meshca.jwks (and pyjwt under it) is loaded by from_config, when an
+    from meshca.jwks import JwksSource  # issuer is configured: the inbound imports this module
 
 DEFAULT_ALGORITHMS = ("ES256", "RS256", "EdDSA")
 CACHE_SIZE = 10_000
@@ -209,6 +211,8 @@ def from_config(cfg: JwtConfig, mesh_trust: Callable[[], ssl.SSLContext]) -> Aut
     """Build the Authenticator. A `jwks_uri` without its own `jwks_ca` is the CA's (or
     another mesh service's): its fetches trust `mesh_trust()`, the current mesh bundle,
     read at each new connection."""
+    from meshca.jwks import FileJwks, UrlJwks
+
     rules = []
     for ic in cfg.issuers:
         source: JwksSource | None = None
