@@ -113,7 +113,7 @@ AUDIENCE = API_ID
 KID = "bench-es256"
 BODY = b"ok\n"
 PROXIES = ("haproxy", "sidecar")
-TOKEN_CACHE = 10_000  # sidecar/policy/authn.py CACHE_SIZE: the pool must be far larger
+TOKEN_CACHE = 4096  # sidecar/policy/authn.py CACHE_SIZE: the pool must be far larger
 
 
 @dataclass(frozen=True)

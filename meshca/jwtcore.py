@@ -33,8 +33,6 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
-from jwt.algorithms import HMACAlgorithm
-from jwt.exceptions import InvalidKeyError
 
 # Asymmetric algorithms and the JWK key type (`kty`) their key must have.
 ASYMMETRIC = {
@@ -192,7 +190,11 @@ def parse(token: str | bytes, malformed: str = "malformed token") -> Jws:
 @functools.lru_cache(maxsize=16)
 def _usable_hmac_secret(secret: bytes) -> bool:
     """Not empty and not an asymmetric key (PEM, SSH or DER): pyjwt's own test of a
-    secret, so a public key never becomes an HMAC secret. Once per secret."""
+    secret, so a public key never becomes an HMAC secret. Once per secret; pyjwt is imported
+    here, not with the module (the sidecar loads this one at start-up, HMAC issuers are rare)."""
+    from jwt.algorithms import HMACAlgorithm
+    from jwt.exceptions import InvalidKeyError
+
     try:
         HMACAlgorithm(hashlib.sha256).prepare_key(secret)
     except InvalidKeyError:

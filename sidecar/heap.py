@@ -88,6 +88,8 @@ class HeapKeeper:
             self._trim = _glibc_trim()
         gc.collect()
         gc.freeze()  # start-up objects live as long as the process: no collection walks them
+        if self._trim is not None:
+            self._trim(0)  # what start-up freed (enrollment, config parsing) goes back now
         self._last = self.clock()
         self._handle = asyncio.get_running_loop().call_later(TICK, self._tick)
 

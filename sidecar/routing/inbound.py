@@ -32,7 +32,7 @@ import logging
 
 from meshca.svid import SvidError
 from sidecar.config import InboundConfig, TracingConfig
-from sidecar.engines.h2.upstream import H2Upstream
+from sidecar.engines.h2.lazy import H2Upstream
 from sidecar.engines.http1.downstream import DownstreamConn
 from sidecar.engines.http1.exchange import Exchange
 from sidecar.engines.http1.framing import FRAMING_HEADERS, HOP_BY_HOP

@@ -33,8 +33,7 @@ from meshca.client import CAError, EnrollmentClient
 from meshca.svid import SvidError
 from sidecar.config import OutboundConfig, Service, TracingConfig
 from sidecar.engines.base import ConnGroup, Limits
-from sidecar.engines.h2.downstream import H2Downstream
-from sidecar.engines.h2.upstream import H2Upstream
+from sidecar.engines.h2.lazy import H2Downstream, H2Upstream
 from sidecar.engines.http1.downstream import DownstreamConn
 from sidecar.engines.http1.exchange import Exchange
 from sidecar.engines.http1.framing import (

@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
 )
 
 from meshca.jwks import FileJwks
+from sidecar.policy import authn
 from sidecar.policy.authn import Authenticator, InvalidToken, IssuerRule, NeedKeys
 
 ISS = "https://issuer.test"
@@ -390,3 +391,31 @@ def test_a_key_that_left_takes_its_tokens_and_only_those(keys):
         a.verify(t1)
     again = a.verify(t2)  # verified once more (a new key set), with the same result
     assert again.claims == ident2.claims and a.verify(t2) is again
+
+
+def test_the_cache_keeps_at_most_cache_size_tokens_the_oldest_go_first(keys, monkeypatch):
+    """Distinct tokens past the bound push the oldest out: it is verified again (a new
+    identity, the same claims); the newest are still hits."""
+    monkeypatch.setattr(authn, "CACHE_SIZE", 4)
+    a = make(keys)
+    tokens = [token(keys[0], jti=f"t{i}") for i in range(6)]
+    first = [a.verify(t) for t in tokens]
+    assert len(a._cache) == 4
+    assert all(a.verify(t) is ident for t, ident in zip(tokens[2:], first[2:], strict=True))
+    again = a.verify(tokens[0])
+    assert again is not first[0] and again.claims == first[0].claims
+    assert len(a._cache) == 4
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [{}, {"aud": ["api", "other"]}, {"aud": "api", "roles": ["a"], "nested": {"iss": "x"}}],
+)
+def test_a_cached_identity_has_the_tokens_claims(keys, extra):
+    """What policy and the claims header see, from a miss and from a hit: the token's
+    own claims, all of them, equal to what it carries."""
+    a = make(keys)
+    t = token(keys[0], **extra)
+    carried = json.loads(base64.urlsafe_b64decode(t.split(".")[1] + "=="))
+    assert a.verify(t).claims == carried
+    assert a.verify(t).claims == carried  # (a hit)

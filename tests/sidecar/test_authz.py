@@ -1,5 +1,7 @@
 """Policy decisions: every match kind, DENY over ALLOW, defaults, dry_run, audit, parse errors."""
 
+import sys
+
 import pytest
 
 from sidecar.policy.authz import Pattern, PolicyError, Request, parse_policy
@@ -220,3 +222,27 @@ def test_decisions_are_memoized_per_policy():
     assert first is again and len(calls) == 1
     reloaded = parse_policy({"default": "deny"})
     assert not reloaded.decide_cached((FRONT, "/p", "GET", None), make).allowed
+
+
+def test_memoized_decisions_cost_the_key_and_little_more():
+    """Each distinct request (a new token each, say) keeps a cache entry; what it adds
+    beyond its key is a slot in the table, not a decision and reason string of its own."""
+    import gc
+    import tracemalloc
+
+    from sidecar.policy import authz
+
+    policy = parse_policy({"rules": [{"name": "r", "action": "ALLOW"}]})
+    n = authz.DECISION_CACHE - 1
+    keys = [(FRONT, "/process", "GET", f"token-{i}") for i in range(n)]
+    tracemalloc.start()
+    try:
+        gc.collect()
+        base = tracemalloc.get_traced_memory()[0]
+        got = [policy.decide_cached(k, req) for k in keys]
+        gc.collect()
+        held = tracemalloc.get_traced_memory()[0] - base - sys.getsizeof(got)
+    finally:
+        tracemalloc.stop()
+    assert all(d.allowed and d.rule == "r" for d in got)
+    assert held / n < 100  # bytes per entry: 36 (with a decision of its own each: 210)

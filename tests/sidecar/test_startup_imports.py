@@ -1,0 +1,94 @@
+"""A sidecar with no HTTP/2 connection and no JWT issuer never loads the HTTP/2 engines
+(`h2`, `hpack`, `hyperframe`) or pyjwt: what an idle sidecar imports is most of its
+resident memory (docs/sidecar.md, "Memory"). The HTTP/2 engines load at the first
+HTTP/2 connection, and are the real ones.
+
+Checked in a fresh interpreter (this one has imported everything the other tests use):
+it imports what `sidecar run` imports before serving (`sidecar.cli` and the imports at
+the top of its `run()`) and builds an inbound and an outbound router, as `run()` does.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+OPTIONAL = ("h2", "hpack", "hyperframe", "jwt", "sidecar.engines.h2.upstream")
+
+
+def run_imports() -> list[str]:
+    """The modules `sidecar.cli.run()` imports unconditionally, at the top of its body."""
+    tree = ast.parse((ROOT / "sidecar" / "cli.py").read_text())
+    run = next(n for n in tree.body if isinstance(n, ast.AsyncFunctionDef) and n.name == "run")
+    found = []
+    for node in run.body:
+        if isinstance(node, ast.ImportFrom) and node.module:
+            found.append(node.module)
+        elif isinstance(node, ast.Import):
+            found += [a.name for a in node.names]
+    return found
+
+
+SCRIPT = """
+import importlib, json, sys
+sys.path.insert(0, {tests!r})
+for name in {modules!r}:
+    importlib.import_module(name)
+from routerfakes import Store
+from meshca.config import parse_listen
+from sidecar.config import InboundConfig, parse_config
+from sidecar.policy.holder import PolicyHolder
+from sidecar.routing.inbound import InboundRouter
+from sidecar.routing.outbound import OutboundRouter
+
+def loaded():
+    return sorted(m for m in sys.modules if m.split(".")[0] in {optional!r}
+                  or m in {optional!r})
+
+cfg = InboundConfig(parse_listen("127.0.0.1:0"), parse_listen("127.0.0.1:5000"))
+InboundRouter(cfg, Store(), policy=PolicyHolder(None))
+doc = {{
+    "ca": {{"url": "https://ca:8443", "bundle": "ca-root.pem", "token_file": "token"}},
+    "outbound": {{"listen": "127.0.0.1:0", "services": {{"api.default": {{
+        "endpoints": ["127.0.0.1:1"], "identity": "spiffe://cluster.local/ns/default/sa/api"}}}}}},
+}}
+from pathlib import Path
+OutboundRouter(parse_config(doc, Path({tmp!r})).outbound, Store())
+idle = loaded()
+
+from sidecar.engines.h2 import lazy, upstream
+conn = lazy.H2Upstream(None, b"http")  # what the first HTTP/2 connection to an app makes
+print(json.dumps({{"idle": idle, "real": type(conn) is upstream.H2Upstream,
+                  "after": loaded()}}))
+"""
+
+
+def test_no_http2_engine_or_pyjwt_until_used(tmp_path):
+    (tmp_path / "ca-root.pem").write_text("x")
+    (tmp_path / "token").write_text("x")
+    modules = ["sidecar.cli", *run_imports()]
+    assert "sidecar.routing.inbound" in modules  # (what run() builds is imported)
+    script = SCRIPT.format(
+        tests=str(ROOT / "tests"),
+        modules=modules,
+        optional=OPTIONAL,
+        tmp=str(tmp_path / "sidecar.yaml"),
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout)
+    assert got["idle"] == []
+    assert got["real"] is True
+    assert "h2" in got["after"] and "sidecar.engines.h2.upstream" in got["after"]
+    assert "jwt" not in got["after"]
