@@ -9,7 +9,9 @@ everything started is stopped by `Rig.stop`, also when a start fails.
 from __future__ import annotations
 
 import json
+import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import yaml
@@ -113,6 +115,25 @@ def access_log(p: Proc, direction: str | None = None) -> list[dict]:
             if direction is None or doc["direction"] == direction:
                 out.append(doc)
     return out
+
+
+def logged(
+    p: Proc, direction: str, match: Callable[[dict], bool], timeout: float = 5.0
+) -> list[dict]:
+    """The access-log lines of `direction` that `match`, once there is at least one: a line
+    is written when its exchange ends (after the client may already have its answer) and
+    the log is flushed at least every second. AssertionError with the log's tail if none
+    comes within `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = [r for r in access_log(p, direction) if match(r)]
+        if got or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert got, f"no matching {direction} access-log line in {timeout:g} s:\n" + "\n".join(
+        list(p.lines)[-30:]
+    )
+    return got
 
 
 def scrape(p: Proc) -> str:

@@ -27,8 +27,8 @@ from e2e.protocol_rig import (
     FRONTEND,
     INTRUDER,
     Rig,
-    access_log,
     inbound_of,
+    logged,
     outbound_of,
     rss_kib,
     sample,
@@ -113,8 +113,8 @@ def test_unary_with_trailers_and_identity_headers(env):
     assert f"URI={FRONTEND}" in xfcc and f"By={ORDERS}" in xfcc
     assert seen["x-custom"] == "kept" and seen.get("traceparent", "").startswith("00-")
     assert seen["authorization"].startswith("Bearer ")  # the JWT-SVID the frontend attached
-    line = [r for r in access_log(env["orders"], "inbound") if r["path"].endswith("/Whoami")]
-    assert line and line[-1]["protocol"] == "grpc" and line[-1]["status"] == 200
+    line = logged(env["orders"], "inbound", lambda r: r["path"].endswith("/Whoami"))
+    assert line[-1]["protocol"] == "grpc" and line[-1]["status"] == 200
 
 
 def test_server_stream_of_100_mb_keeps_both_sidecars_small(env):
@@ -194,8 +194,8 @@ def test_a_call_without_a_jwt_gets_unauthenticated(env):
     assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED, info.value
     assert "JWT is required" in info.value.details()
     assert app_calls(env) == before
-    refused = [r for r in access_log(env["orders"], "inbound") if r.get("error") == "jwt_required"]
-    assert refused and refused[-1]["grpc_status"] == 16
+    refused = logged(env["orders"], "inbound", lambda r: r.get("error") == "jwt_required")
+    assert refused[-1]["grpc_status"] == 16
 
 
 def test_a_deadline_shorter_than_the_app_gives_deadline_exceeded(env):
@@ -262,8 +262,8 @@ def test_app_down_gives_unavailable(env):
 
 
 def test_grpc_calls_are_counted_as_grpc(env):
-    lines = [r for r in access_log(env["front"], "outbound") if r.get("protocol") == "grpc"]
-    assert lines and all(r["service"] == AUTHORITY for r in lines)
+    lines = logged(env["front"], "outbound", lambda r: r.get("protocol") == "grpc")
+    assert all(r["service"] == AUTHORITY for r in lines)
     page = scrape(env["orders"])
     mine = {"reporter": "destination", "source_principal": FRONTEND, "request_protocol": "grpc"}
     assert sample(page, "istio_requests_total", **mine, grpc_response_status="0") >= 100

@@ -21,8 +21,8 @@ from e2e.protocol_rig import (
     FRONTEND,
     INTRUDER,
     Rig,
-    access_log,
     inbound_of,
+    logged,
     outbound_of,
     sample,
     scrape,
@@ -99,8 +99,8 @@ def test_redis_cli_through_both_sidecars(env, tmp_path):
     )
     assert done.stdout.strip() == b"OK", done
     assert env["redis"].cli("STRLEN", "big").stdout.strip() == str(4 << 20)
-    lines = [r for r in access_log(env["cache"], "inbound") if r.get("protocol") == "tcp"]
-    assert lines and lines[-1]["peer"] == FRONTEND and lines[-1]["decision"] == "allow"
+    lines = logged(env["cache"], "inbound", lambda r: r.get("protocol") == "tcp")
+    assert lines[-1]["peer"] == FRONTEND and lines[-1]["decision"] == "allow"
     assert lines[-1]["bytes_in"] > 4 << 20
 
 
@@ -132,8 +132,8 @@ def test_a_denied_principal_is_cut_off_before_redis_sees_a_connection(env):
     got = env["redis"].cli("PING", port=env["ports"]["intruder"])
     assert "PONG" not in got.stdout
     assert connections(env) == before + 1  # only our own INFO call above
-    refused = [r for r in access_log(env["cache"], "inbound") if r.get("peer") == INTRUDER]
-    assert refused and refused[-1]["decision"] == "deny" and refused[-1]["error"] == "forbidden"
+    refused = logged(env["cache"], "inbound", lambda r: r.get("peer") == INTRUDER)
+    assert refused[-1]["decision"] == "deny" and refused[-1]["error"] == "forbidden"
 
 
 def _tls_client(ctx: ssl.SSLContext, address: str) -> bytes:

@@ -15,7 +15,7 @@ import os
 
 import aiohttp
 import pytest
-from e2e.protocol_rig import FRONTEND, INTRUDER, Rig, access_log, inbound_of
+from e2e.protocol_rig import FRONTEND, INTRUDER, Rig, inbound_of, logged
 from ws_app import start_ws_app
 
 CHAT = "spiffe://cluster.local/ns/default/sa/chat"
@@ -79,8 +79,8 @@ def test_text_binary_and_a_10_mb_message_echo(env):
     headers = doc["last_upgrade_headers"]
     assert f"URI={FRONTEND}" in headers["x-forwarded-client-cert"]
     assert headers["upgrade"].lower() == "websocket"
-    lines = [r for r in access_log(env["chat"], "inbound") if r["path"] == "/ws"]
-    assert lines and lines[-1]["status"] == 101 and lines[-1]["protocol"] == "websocket"
+    lines = logged(env["chat"], "inbound", lambda r: r["path"] == "/ws")
+    assert lines[-1]["status"] == 101 and lines[-1]["protocol"] == "websocket"
 
 
 def test_close_codes_pass_both_ways(env):
