@@ -88,3 +88,23 @@ def test_host_values_naming_no_service_pin_nothing(outbound):
     ex = Exchange(b"GET", b"/", [(b"host", b"api.default")], "1.1", True, ExchangeRecord("out"))
     pool, head = outbound.route(App(), ex)
     assert pool.label == "api.default" and b"host: api.default" in head
+
+
+def test_a_cached_target_is_never_taken_for_one_it_was_not_checked_as():
+    """The normalized-target cache keeps only what `normalize` checked: `*` is OPTIONS's
+    alone, so `GET *` after `OPTIONS *` is still refused, and a dot-segment path is
+    forwarded as its normalized form from the cache too."""
+    cfg = InboundConfig(parse_listen("127.0.0.1:0"), parse_listen("127.0.0.1:5000"))
+    router = InboundRouter(cfg, Store())  # type: ignore[arg-type]
+
+    def request_line(method: bytes, target: bytes) -> bytes:
+        ex = Exchange(method, target, [(b"host", b"x")], "1.1", True, ExchangeRecord("in"))
+        _, head = router.route(Caller(), ex)  # type: ignore[arg-type]
+        return head.split(b"\r\n", 1)[0]
+
+    for _ in range(2):  # the second time from the cache
+        assert request_line(b"OPTIONS", b"*") == b"OPTIONS * HTTP/1.1"
+        with pytest.raises(SidecarError) as e:
+            request_line(b"GET", b"*")
+        assert e.value.code == "bad_path"
+        assert request_line(b"GET", b"/a/../b?q=1") == b"GET /b?q=1 HTTP/1.1"
