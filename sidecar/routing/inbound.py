@@ -33,10 +33,9 @@ import logging
 from meshca.svid import SvidError
 from sidecar.config import InboundConfig, TracingConfig
 from sidecar.engines.h2.lazy import H2Upstream
-from sidecar.engines.http1.downstream import DownstreamConn
 from sidecar.engines.http1.exchange import Exchange
 from sidecar.engines.http1.framing import FRAMING_HEADERS, HOP_BY_HOP
-from sidecar.engines.http1.router import RouteLater, Router
+from sidecar.engines.http1.router import Caller, RouteLater, Router
 from sidecar.engines.http1.upstream import UpstreamConn
 from sidecar.errors import SidecarError
 from sidecar.identity.creds import CredentialStore
@@ -110,7 +109,7 @@ class InboundRouter(Router):
         self.owned = owned_headers(authn)
         self.underscores = cfg.headers_with_underscores_action
         self.reject_semicolons = cfg.path_with_semicolons_action == REJECT_REQUEST
-        self.conns: set[DownstreamConn] = set()
+        self.conns: set[Caller] = set()
         self.tls_sessions = {"full": 0, "resumed": 0}  # accepted handshakes, all time
         store.on_revoked(self._close_revoked)
         h2 = cfg.app_protocol == HTTP2
@@ -143,7 +142,7 @@ class InboundRouter(Router):
             if conn.transport is not None:
                 conn.transport.abort()
 
-    def release(self, conn: DownstreamConn) -> None:
+    def release(self, conn: Caller) -> None:
         """Forget a closed connection."""
         self.conns.discard(conn)
 
@@ -157,7 +156,7 @@ class InboundRouter(Router):
         _, conn = await loop.create_connection(lambda: H2Upstream(pool, b"http"), host, port)
         return conn
 
-    def accept(self, conn: DownstreamConn) -> Peer:
+    def accept(self, conn: Caller) -> Peer:
         """Require a leaf with one SPIFFE ID in our trust domain (TLS verified the chain)."""
         assert conn.transport is not None
         sslobj = conn.transport.get_extra_info("ssl_object")
@@ -183,7 +182,7 @@ class InboundRouter(Router):
         self.conns.add(conn)
         return peer
 
-    def route(self, conn: DownstreamConn, ex: Exchange) -> tuple[UpstreamPool, bytes]:
+    def route(self, conn: Caller, ex: Exchange) -> tuple[UpstreamPool, bytes]:
         """Normalize, authenticate, authorize; then the request for the app."""
         try:
             return self._route(conn, ex)
@@ -192,7 +191,7 @@ class InboundRouter(Router):
                 ex.record.trace_id, ex.record.request_id = log_ids(ex.headers, self.sample_below)
             raise
 
-    def _route(self, conn: DownstreamConn, ex: Exchange) -> tuple[UpstreamPool, bytes]:
+    def _route(self, conn: Caller, ex: Exchange) -> tuple[UpstreamPool, bytes]:
         if ex.method == b"CONNECT":
             raise SidecarError("method_not_allowed", "CONNECT is not supported")
         target = ex.target

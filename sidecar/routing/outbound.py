@@ -42,7 +42,7 @@ from sidecar.engines.http1.framing import (
     error_response,
     header_value,
 )
-from sidecar.engines.http1.router import RouteLater, Router
+from sidecar.engines.http1.router import Caller, RouteLater, Router
 from sidecar.engines.http1.upstream import UpstreamConn
 from sidecar.errors import SidecarError
 from sidecar.identity.creds import CredentialStore, ResumingClientContext
@@ -215,7 +215,7 @@ class OutboundRouter(Router):
         # mTLS server); a tcp app's sidecar refuses meshca-http/1.1 by name.
         accepted = CLIENT_ALPN[proto]
 
-        async def connect(pool: UpstreamPool, host: str, port: int) -> UpstreamConn:
+        async def connect(pool: UpstreamPool, host: str, port: int) -> Any:  # (any protocol)
             creds = self.store.current
             if creds is None:
                 raise SidecarError("not_ready", "the sidecar has no certificate yet")
@@ -327,7 +327,7 @@ class OutboundRouter(Router):
             if n:
                 log.warning("closed %d connection(s) to %s: certificate revoked", n, pool.label)
 
-    def accept(self, conn: DownstreamConn) -> Peer:
+    def accept(self, conn: Caller) -> Peer:
         """The app is the only client; note where it meant to go if it was redirected here."""
         if self.by_address and conn.transport is not None:
             original = original_destination(conn.transport)
@@ -335,7 +335,7 @@ class OutboundRouter(Router):
                 return Peer(None, original_dst=original)
         return LOCAL_APP
 
-    def route(self, conn: DownstreamConn, ex: Exchange) -> tuple[UpstreamPool, bytes]:
+    def route(self, conn: Caller, ex: Exchange) -> tuple[UpstreamPool, bytes]:
         """Find the service from the absolute URL or the Host header."""
         try:
             return self._route(conn, ex)
@@ -344,7 +344,7 @@ class OutboundRouter(Router):
                 ex.record.trace_id, ex.record.request_id = log_ids(ex.headers, self.sample_below)
             raise
 
-    def _route(self, conn: DownstreamConn, ex: Exchange) -> tuple[UpstreamPool, bytes]:
+    def _route(self, conn: Caller, ex: Exchange) -> tuple[UpstreamPool, bytes]:
         target = ex.target
         authority = None
         original = conn.peer.original_dst

@@ -179,7 +179,7 @@ class TcpInbound(_TcpConn):
         super().connection_made(transport)
         transport.pause_reading()  # type: ignore[attr-defined]
         try:
-            self.peer = self.router.accept(self)  # type: ignore[arg-type]
+            self.peer = self.router.accept(self)
         except SidecarError as e:
             self._silent = True
             refused = getattr(self.access_log, "refused", None)
@@ -216,7 +216,7 @@ class TcpInbound(_TcpConn):
         self.splice_to(up, bytes(proto.early))
 
     def released(self) -> None:
-        self.router.release(self)  # type: ignore[arg-type]
+        self.router.release(self)
 
 
 class TcpOutbound(_TcpConn):

@@ -17,7 +17,7 @@ import collections
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from sidecar.errors import SidecarError
 from sidecar.trafficconfig import CircuitBreakerConfig, EndpointSpec, OutlierConfig
@@ -27,6 +27,7 @@ from sidecar.upstream.outlier import OutlierDetector
 from sidecar.upstream.retry import RetryBudget, RetryPolicy
 
 if TYPE_CHECKING:
+    from sidecar.engines.http1.exchange import Upstream
     from sidecar.engines.http1.upstream import UpstreamConn
 
 log = logging.getLogger("sidecar.upstream")
@@ -284,11 +285,12 @@ class UpstreamPool:
 
     # -- connections -------------------------------------------------------------
 
-    def release(self, conn: UpstreamConn) -> None:
+    def release(self, up: Upstream) -> None:
         """A healthy connection whose exchange is over: to a request waiting for its endpoint,
         else idle (closed instead when a request waits for another endpoint: its place)."""
         if self.multiplexed:
             return  # an HTTP/2 stream never used: its connection stays shared
+        conn = cast("UpstreamConn", up)
         ep = conn.endpoint
         if self.waiters:  # (none, the common case: no pass over them)
             for waiter in self.waiters:

@@ -145,7 +145,7 @@ class H2Downstream(asyncio.Protocol):
             self.group.add(self)
             self.draining = self.group.draining
         try:
-            self.peer = self.router.accept(self)  # type: ignore[arg-type]
+            self.peer = self.router.accept(self)
         except SidecarError as e:
             refuse_connection(self.router.direction, self.access_log, transport, e.code, e.detail)
             self.closed = True
@@ -174,7 +174,7 @@ class H2Downstream(asyncio.Protocol):
         DEADLINES.discard(self)
         if self.group is not None:
             self.group.discard(self)
-        self.router.release(self)  # type: ignore[arg-type]
+        self.router.release(self)
         for st in list(self.streams.values()):
             st.client_gone()
         self.streams.clear()
@@ -447,7 +447,7 @@ class H2Stream:
             if t is not None:
                 ex.deadline_at = self.loop.time() + t
         try:
-            ex.pool, ex.head = pool, _ = self.conn.router.route(self, ex)  # type: ignore[arg-type]
+            ex.pool, ex.head = pool, _ = self.conn.router.route(self, ex)
         except SidecarError as e:
             self.finish_with_error(e)
             return
@@ -625,7 +625,7 @@ class H2Stream:
             return
         ex.status = status
         ex.response_started = True
-        headers = self.conn.router.response_headers(self, ex, strip_hop_by_hop(headers))  # type: ignore[arg-type]
+        headers = self.conn.router.response_headers(self, ex, strip_hop_by_hop(headers))
         self._head = response_fields(status, headers)
         if self.grpc:
             ex.record.grpc_status = _status(headers)  # a trailers-only answer has it here

@@ -251,7 +251,7 @@ class H2UpstreamStream:
         """Open the stream with the request's head, and send what body has arrived."""
         conn = self.conn
         self.ex, self.down = ex, down
-        ex.upstream = self  # type: ignore[assignment]
+        ex.upstream = self
         if self.endpoint is not None:
             self.endpoint.active += 1
         self._timeout_s = response_timeout

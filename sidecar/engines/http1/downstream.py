@@ -34,7 +34,7 @@ from typing import Protocol
 import httptools
 
 from sidecar.engines.base import DEADLINES, ConnGroup, Limits, refuse_connection
-from sidecar.engines.http1.exchange import Exchange
+from sidecar.engines.http1.exchange import Exchange, Upstream
 from sidecar.engines.http1.framing import (
     LAST_CHUNK,
     Framing,
@@ -51,7 +51,6 @@ from sidecar.engines.http1.framing import (
     to_client,
 )
 from sidecar.engines.http1.router import RouteLater, Router
-from sidecar.engines.http1.upstream import UpstreamConn
 from sidecar.engines.tcp.pipe import Pipe, splice
 from sidecar.errors import SidecarError
 from sidecar.identity.peer import LOCAL_APP, Peer
@@ -114,7 +113,7 @@ class DownstreamConn(asyncio.Protocol):
         self._cork: list[bytes] | None = None
         self._reading_paused = False
         self._writing_paused = False
-        self._paused_upstream: UpstreamConn | None = None
+        self._paused_upstream: Upstream | None = None
         # CONNECT accepted by the router: the protocol that takes the connection over once
         # the bytes after the request head are known; an upgrade's early bytes until 101.
         self._tunnel: Callable[[], asyncio.Protocol] | None = None
@@ -481,7 +480,7 @@ class DownstreamConn(asyncio.Protocol):
             return
         self._send_on(ex, up)
 
-    def _send_on(self, ex: Exchange, up: UpstreamConn) -> None:
+    def _send_on(self, ex: Exchange, up: Upstream) -> None:
         pool = ex.pool
         assert pool is not None
         timeout = pool.per_try_timeout or self.limits.upstream_timeout

@@ -4,25 +4,55 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from sidecar.engines.http1.framing import NO_BODY, Framing, Headers
 from sidecar.telemetry.record import ExchangeRecord
 from sidecar.upstream.retry import CONNECT_FAILURE, replayable
 
-_new = object.__new__
-
 if TYPE_CHECKING:
-    from sidecar.engines.http1.upstream import UpstreamConn
+    from sidecar.engines.http1.upstream import ResponseSink
     from sidecar.upstream.endpoint import Endpoint
     from sidecar.upstream.pool import UpstreamPool
 
 
-@dataclass(eq=False)
+class Upstream(Protocol):
+    """What carries an exchange upstream: an HTTP/1.1 `UpstreamConn`, or an HTTP/2 stream
+    (`engines.h2.upstream.H2UpstreamStream`). A Protocol, not a class: compiled code checks
+    a class-typed value's class."""
+
+    endpoint: Endpoint | None
+    write_paused: bool  # the request's body is held until the upstream drains
+
+    def send_request(self, ex: Exchange, down: ResponseSink, response_timeout: float) -> None:
+        """Send the request's head and what body has arrived."""
+
+    def send_body(self, ex: Exchange, data: bytes) -> None:
+        """More of the request's body."""
+
+    def end_request(self, ex: Exchange) -> None:
+        """The request's body is complete."""
+
+    def pause_reading(self) -> None:
+        """Stop reading the answer (the client is slow)."""
+
+    def resume_reading(self) -> None:
+        """Read the answer again."""
+
+    def detach(self, ex: Exchange) -> None:
+        """`ex` is done with this upstream (kept alive or closed)."""
+
+    def cancel(self) -> None:
+        """The client went away: give up the exchange."""
+
+    def abort(self) -> None:
+        """Close at once."""
+
+
+@dataclass(eq=False, slots=True)
 class Exchange:
     """A request as parsed (method, target, headers, framing), its body until an upstream
-    connection takes it, and how far its answer has got. (No slots: the immutable defaults
-    are class attributes, so `Exchange.parsed` stores only what a new request has.)"""
+    connection takes it, and how far its answer has got."""
 
     method: bytes
     target: bytes
@@ -39,7 +69,7 @@ class Exchange:
     bytes_out: int = 0
     pool: UpstreamPool | None = None
     head: bytes = b""  # the request head the router built (no framing, no final CRLF)
-    upstream: UpstreamConn | None = None
+    upstream: Upstream | None = None
     status: int = 0
     response: Framing = NO_BODY  # how the answer is framed to the client
     response_started: bool = False
@@ -111,23 +141,19 @@ class Exchange:
         body_done: bool,
         continue_pending: bool,
     ) -> Exchange:
-        """A new exchange from a parsed request head: the constructor's result, storing
-        only these fields and the mutable ones (the rest read the class's defaults)."""
-        ex: Exchange = _new(cls)
-        ex.method = method
-        ex.target = target
-        ex.headers = headers
-        ex.version = version
-        ex.keep_alive = keep_alive
-        ex.record = record
-        ex.framing = framing
-        ex.drop = drop
-        ex.body_done = body_done
-        ex.continue_pending = continue_pending
-        ex.start = time.perf_counter()
-        ex.body = []
-        ex.tried = []
-        return ex
+        """A new exchange from a parsed request head."""
+        return cls(
+            method,
+            target,
+            headers,
+            version,
+            keep_alive,
+            record,
+            framing=framing,
+            drop=drop,
+            body_done=body_done,
+            continue_pending=continue_pending,
+        )
 
     def finished_record(self) -> ExchangeRecord:
         """The record, completed with what the engine saw (method, status, time, bytes, and

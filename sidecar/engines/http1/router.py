@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
+
+from mypy_extensions import mypyc_attr
 
 from sidecar.engines.http1.framing import Headers
 from sidecar.errors import SidecarError
@@ -29,20 +31,29 @@ class RouteLater(Exception):  # noqa: N818 (a signal, not an error)
         self.wait = wait
 
 
+class Caller(Protocol):
+    """The downstream side a router answers: an HTTP/1.1 connection, or an HTTP/2 stream
+    (a Protocol, not `DownstreamConn`: compiled code checks a class-typed argument's class)."""
+
+    peer: Peer
+    transport: asyncio.Transport | None
+
+
+@mypyc_attr(allow_interpreted_subclasses=True)
 class Router:
     """The base answers for a local client with nowhere to go; routers override."""
 
     direction = "?"
 
-    def accept(self, conn: DownstreamConn) -> Peer:
+    def accept(self, conn: Caller) -> Peer:
         """Called once the connection (and TLS handshake) is up: the peer, or SidecarError
         to refuse the connection."""
         return LOCAL_APP
 
-    def release(self, conn: DownstreamConn) -> None:
+    def release(self, conn: Caller) -> None:
         """Called when an accepted connection is gone."""
 
-    def route(self, conn: DownstreamConn, ex: Exchange) -> tuple[UpstreamPool, bytes]:
+    def route(self, conn: Caller, ex: Exchange) -> tuple[UpstreamPool, bytes]:
         """The pool to use and the request head (without framing or final CRLF); fills in
         `ex.record`. SidecarError answers the request; RouteLater holds it."""
         raise NotImplementedError
@@ -52,6 +63,6 @@ class Router:
         SidecarError. The base refuses."""
         raise SidecarError("method_not_allowed", "CONNECT is not supported here")
 
-    def response_headers(self, conn: DownstreamConn, ex: Exchange, headers: Headers) -> Headers:
+    def response_headers(self, conn: Caller, ex: Exchange, headers: Headers) -> Headers:
         """Headers sent back downstream (after hop-by-hop removal)."""
         return headers
