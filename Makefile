@@ -24,6 +24,10 @@ deps:
 	command -v ip >/dev/null || missing="$$missing iproute2"; \
 	command -v iptables >/dev/null || missing="$$missing iptables"; \
 	command -v setpriv >/dev/null || missing="$$missing util-linux"; \
+	command -v cc >/dev/null || missing="$$missing gcc libc6-dev"; \
+	$(PYTHON) -c 'import os, sys, sysconfig; \
+	  sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' \
+	  || missing="$$missing python3-dev"; \
 	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
 	command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 \
 	  || missing="$$missing postgresql"; \
@@ -41,7 +45,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[test]'
 	touch $(STAMP)
 
+# The request path compiled with mypyc (sidecar/compiled.py): rebuilt when a source of it
+# changed, skipped (the sidecar runs as plain Python) without a C compiler.
 venv: $(STAMP)
+	@$(BIN)/python -m sidecar.mypycbuild
 
 test: deps venv
 	$(BIN)/python -m pytest -q

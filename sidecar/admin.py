@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives import serialization
 
 from meshca.client import CAError
 from meshca.svid import SvidError, serial_hex, spiffe_id_of, verify_peer
+from sidecar.compiled import running
 from sidecar.identity.bundlewatch import BundleWatcher
 from sidecar.identity.certmanager import CertManager
 from sidecar.identity.creds import Credentials, CredentialStore
@@ -139,8 +140,10 @@ class Admin:
         return _json(self.policy.status())
 
     async def status(self, request: Request) -> Response:
-        """The certificate manager's state, and the trust bundle's (sequence, revocations)."""
+        """The certificate manager's state, the trust bundle's (sequence, revocations), and
+        whether the request path runs compiled (`sidecar.compiled`)."""
         doc: dict[str, object] = dict(self.manager.status.__dict__)
+        doc["request_path"] = running()
         bundle = self.store.trust.current.describe()
         bundle["last_refusal"] = self.store.trust.last_refusal
         if self.bundle is not None:

@@ -33,8 +33,11 @@ MODULES = (
     "sidecar.engines.http1.upstream",
     "sidecar.routing.inbound",
     "sidecar.routing.outbound",
+    "sidecar.telemetry.record",
     "sidecar.telemetry.tracing",
     "sidecar.telemetry.window",
+    "sidecar.upstream.outlier",
+    "sidecar.policy.authz",
 )
 GROUP = "sidecar._hot"  # the shared library's module: sidecar/_hot__mypyc.*.so
 PURE_ENV = "SIDECAR_PURE"
@@ -53,14 +56,10 @@ def _digest(path: Path) -> str:
 
 
 def _extensions() -> list[Path]:
-    found = []
-    for module in (*MODULES, GROUP + "__mypyc"):
-        base = _ROOT.joinpath(*module.split("."))
-        for suffix in importlib.machinery.EXTENSION_SUFFIXES:
-            p = base.with_name(base.name + suffix)
-            if p.exists():
-                found.append(p)
-    return found
+    """Every extension module in the package: only the build makes any."""
+    package = _ROOT / "sidecar"
+    sfx = tuple(importlib.machinery.EXTENSION_SUFFIXES)
+    return sorted(p for p in package.rglob("*.*") if p.name.endswith(sfx))
 
 
 def state() -> str:

@@ -11,10 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
-@dataclass
+@dataclass(slots=True)
 class ExchangeRecord:
-    """One request and its answer, as observed by a listener. (No slots: each default is
-    then a class attribute, so `new_record` sets only what a new request has.)"""
+    """One request and its answer, as observed by a listener."""
 
     direction: str  # "inbound" or "outbound"
     method: str = ""
@@ -43,13 +42,6 @@ class ExchangeRecord:
     grpc_status: int | None = None  # a gRPC call the sidecar answered itself: the status it gave
 
 
-_new = object.__new__
-
-
 def new_record(direction: str, peer: str | None) -> ExchangeRecord:
-    """`ExchangeRecord(direction, peer=peer)`, without storing every default per request
-    (all of them are immutable: an unset field reads the class's default)."""
-    rec: ExchangeRecord = _new(ExchangeRecord)
-    rec.direction = direction
-    rec.peer = peer
-    return rec
+    """`ExchangeRecord(direction, peer=peer)`: the record of a request just parsed."""
+    return ExchangeRecord(direction, peer=peer)
