@@ -356,7 +356,8 @@ class OutboundRouter(Router):
             return self._forward(ex, name, target, original.encode())
         if target[:7].lower() == b"http://":
             try:
-                url = httptools.parse_url(target)
+                # (Any: the stub types path and query as bytes; either may be None)
+                url: Any = httptools.parse_url(target)
             except httptools.HttpParserInvalidURLError:
                 raise SidecarError("bad_request_target", "request target is not a URL") from None
             authority = target[7:].split(b"/", 1)[0].split(b"?", 1)[0]
