@@ -33,11 +33,19 @@ MODULES = (
     "sidecar.engines.http1.upstream",
     "sidecar.routing.inbound",
     "sidecar.routing.outbound",
+    "sidecar.telemetry.accesslog",
+    "sidecar.telemetry.metrics",
     "sidecar.telemetry.record",
+    "sidecar.telemetry.sink",
     "sidecar.telemetry.tracing",
     "sidecar.telemetry.window",
+    "sidecar.upstream.balancer",
     "sidecar.upstream.outlier",
+    "sidecar.upstream.retry",
+    "sidecar.policy.authn",
     "sidecar.policy.authz",
+    "sidecar.policy.pathnorm",
+    "sidecar.identity.peer",
 )
 GROUP = "sidecar._hot"  # the shared library's module: sidecar/_hot__mypyc.*.so
 PURE_ENV = "SIDECAR_PURE"

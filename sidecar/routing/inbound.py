@@ -204,8 +204,8 @@ class InboundRouter(Router):
             else:
                 try:
                     path, query = normalize(target, self.reject_semicolons)
-                except PathError as e:
-                    raise SidecarError("bad_path", str(e)) from None
+                except PathError as bad_path:  # (one name per type: compiled code types each)
+                    raise SidecarError("bad_path", str(bad_path)) from None
             path_text = path.decode("latin-1")
             if len(target) <= PATH_CACHE_TARGET and target != b"*":
                 # (a long target would pin its size here; "*" is only OPTIONS's)
@@ -220,12 +220,12 @@ class InboundRouter(Router):
             try:
                 token = self.authn.find_token(ex.headers)
                 ident = self.authn.verify(token) if token is not None else None
-            except InvalidToken as e:
-                raise _unauthorized(str(e)) from None
-            except NeedKeys as e:
+            except InvalidToken as bad_token:
+                raise _unauthorized(str(bad_token)) from None
+            except NeedKeys as need:
                 if ex.rerouted:  # refreshed once already: the key is not there
                     raise _unauthorized("token signing key is not in the issuer's JWKS") from None
-                raise RouteLater(e.source.refresh) from None
+                raise RouteLater(need.source.refresh) from None
         peer = conn.peer.spiffe_id
         method = _METHODS.get(ex.method) or ex.method.decode("latin-1")
 
