@@ -1,14 +1,18 @@
-"""The request path compiled with mypyc: which modules, how they are built, and the guard
-that never lets a compiled module run in place of a newer source.
+"""The request path compiled with mypyc: which modules, and the guard that never lets a
+compiled module run in place of a newer source.
 
 The modules in `MODULES` are ordinary, type-checked Python. `make venv` (so `make demo`
 and `make test`) compiles them with mypyc into C extensions beside their sources
 (`python -m sidecar.mypycbuild`); Python imports an extension before a `.py` of the
-same name, so the sidecar then runs them compiled. The build writes `_compiled.json`, each
-module's source hash. At `import sidecar`, `guard()` compares it with the sources: if any
-source changed since the build, or `SIDECAR_PURE=1` is set, every module of the list is
-loaded from its source instead (all or none: compiled modules call each other directly).
-Without a C compiler the build reports why and the sidecar runs as plain Python.
+same name, so the sidecar then runs them compiled. The build writes `_compiled.json`:
+the interpreter's extension suffix, the modules, each extension file it made (size and
+time), and every source the compiled code's types come from (all of `sidecar/`,
+`meshca/` and pyproject.toml: size, time and hash). At `import sidecar`, `guard()` checks
+that manifest; if anything differs (a source edited, an extension missing or replaced,
+another interpreter's build), or `SIDECAR_PURE=1` is set, every module that has an
+extension here loads from its source instead (all or none: compiled modules call each
+other directly). Without a C compiler the build says why and the sidecar runs as plain
+Python.
 """
 
 from __future__ import annotations
@@ -50,71 +54,123 @@ MODULES = (
 GROUP = "sidecar._hot"  # the shared library's module: sidecar/_hot__mypyc.*.so
 PURE_ENV = "SIDECAR_PURE"
 
-_ROOT = Path(__file__).resolve().parent.parent  # the directory that holds `sidecar/`
+ROOT = Path(__file__).resolve().parent.parent  # the directory that holds `sidecar/`
 MANIFEST = Path(__file__).resolve().with_name("_compiled.json")
+SUFFIX = importlib.machinery.EXTENSION_SUFFIXES[0]  # what this interpreter's build names
 
 
 def source(module: str) -> Path:
-    """The `.py` file of one of `MODULES`."""
-    return _ROOT.joinpath(*module.split(".")).with_suffix(".py")
+    """The `.py` file of a module of the package."""
+    return ROOT.joinpath(*module.split(".")).with_suffix(".py")
 
 
-def _digest(path: Path) -> str:
+def digest(path: Path) -> str:
+    """The sha256 of a file's bytes."""
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _extensions() -> list[Path]:
-    """Every extension module in the package: only the build makes any."""
-    package = _ROOT / "sidecar"
-    sfx = tuple(importlib.machinery.EXTENSION_SUFFIXES)
-    return sorted(p for p in package.rglob("*.*") if p.name.endswith(sfx))
+def extensions() -> list[Path]:
+    """Every extension module in the package, for any interpreter: only the build makes any."""
+    sfx = tuple(importlib.machinery.EXTENSION_SUFFIXES) + (".so", ".pyd")
+    return sorted(p for p in (ROOT / "sidecar").rglob("*.*") if p.name.endswith(sfx))
+
+
+def inputs() -> list[Path]:
+    """The files compiled code depends on: its own sources and every type they read."""
+    return sorted([*(ROOT / "sidecar").rglob("*.py"), *(ROOT / "meshca").rglob("*.py")]) + [
+        ROOT / "pyproject.toml"
+    ]
+
+
+def _stamp(path: Path) -> list[int]:
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns]
+
+
+def _same_source(rel: str, recorded: list) -> bool:
+    path = ROOT / rel
+    try:
+        if _stamp(path) == recorded[:2]:
+            return True
+        return digest(path) == recorded[2]  # touched (a checkout): the bytes decide
+    except (OSError, IndexError, TypeError):
+        return False
 
 
 def state() -> str:
-    """`compiled` (every module's extension matches its source), `pure` (no build, or
-    SIDECAR_PURE set) or `stale` (a source changed since the build: run as `pure`)."""
+    """`compiled` (the build matches every input and its extensions are all there), `pure`
+    (no build, or SIDECAR_PURE set) or `stale` (a build that must not run: from source)."""
     if os.environ.get(PURE_ENV, "") not in ("", "0"):
         return "pure"
     try:
         built = json.loads(MANIFEST.read_text())
-    except (OSError, ValueError):
-        return "stale" if _extensions() else "pure"
-    try:
-        same = built == {m: _digest(source(m)) for m in MODULES}
-    except OSError:
-        same = False
-    return "compiled" if same else "stale"
+        ok = (
+            built["suffix"] == SUFFIX
+            and built["modules"] == list(MODULES)
+            and all(_stamp(ROOT / rel) == st for rel, st in built["extensions"].items())
+            and _module_names([ROOT / rel for rel in built["extensions"]])
+            >= {*MODULES, GROUP + "__mypyc"}
+            and all(_same_source(rel, rec) for rel, rec in built["sources"].items())
+        )
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return "stale" if extensions() else "pure"
+    return "compiled" if ok else "stale"
 
 
 class _FromSource(importlib.abc.MetaPathFinder):
-    """Loads each module of `MODULES` from its `.py`, never from an extension beside it."""
+    """Loads each named module from its `.py`, never from an extension beside it."""
+
+    def __init__(self, names: frozenset[str]) -> None:
+        self.names = names
 
     def find_spec(
         self, fullname: str, path: Sequence[str] | None, target: ModuleType | None = None
     ) -> importlib.machinery.ModuleSpec | None:
-        if fullname not in MODULES:
+        if fullname not in self.names or not source(fullname).exists():
             return None
         return importlib.util.spec_from_file_location(fullname, source(fullname))
 
 
+def _module_names(found: list[Path]) -> frozenset[str]:
+    names = set()
+    for p in found:
+        rel = p.relative_to(ROOT)
+        names.add(".".join((*rel.parts[:-1], rel.name.split(".", 1)[0])))
+    return frozenset(names)
+
+
 def guard() -> str:
-    """Called once by `import sidecar`: unless the build matches the sources, the modules
-    load from source. Returns `state()`."""
+    """Called once by `import sidecar`: unless `state()` is `compiled`, every module with an
+    extension in the package loads from its source. Returns `state()`."""
     st = state()
-    if (
-        st != "compiled"
-        and _extensions()
-        and not any(isinstance(f, _FromSource) for f in sys.meta_path)
-    ):
-        sys.meta_path.insert(0, _FromSource())
+    if st != "compiled" and not any(isinstance(f, _FromSource) for f in sys.meta_path):
+        found = extensions()
+        if found:
+            sys.meta_path.insert(0, _FromSource(_module_names(found)))
     return st
 
 
 def running() -> str:
     """What this process runs: `compiled` when the modules loaded are extensions, else
-    `pure` (or `stale` when a build exists but is older than the sources)."""
+    `pure` (or `stale` when a build exists but does not match)."""
     mod = sys.modules.get(MODULES[0])
     if mod is not None and str(getattr(mod, "__file__", "")).endswith(".py"):
-        st = state()
-        return "stale" if st == "stale" else "pure"
+        return "stale" if state() == "stale" else "pure"
     return state()
+
+
+def recorded_sources() -> dict[str, list]:
+    """Each input's size, time and hash, as the build records them (before it compiles:
+    a source edited during the build then no longer matches)."""
+    return {str(p.relative_to(ROOT)): [*_stamp(p), digest(p)] for p in inputs()}
+
+
+def manifest(sources: dict[str, list], built: list[Path], mypy: str) -> dict:
+    """What the build records (see the module's docstring)."""
+    return {
+        "suffix": SUFFIX,
+        "modules": list(MODULES),
+        "mypy": mypy,
+        "extensions": {str(p.relative_to(ROOT)): _stamp(p) for p in built},
+        "sources": sources,
+    }

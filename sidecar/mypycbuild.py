@@ -7,19 +7,43 @@ from __future__ import annotations
 import json
 import os
 import sys
+import tempfile
 from collections.abc import Sequence
 
-from sidecar.compiled import _ROOT, GROUP, MANIFEST, MODULES, _digest, _extensions, source
+from sidecar.compiled import (
+    GROUP,
+    MANIFEST,
+    MODULES,
+    ROOT,
+    extensions,
+    manifest,
+    recorded_sources,
+    source,
+    state,
+)
+
+
+def _up_to_date(mypy_version: str) -> bool:
+    try:
+        built = json.loads(MANIFEST.read_text())
+    except (OSError, ValueError):
+        return False
+    return state() == "compiled" and built.get("mypy") == mypy_version
+
+
+def _remove_build() -> None:
+    MANIFEST.unlink(missing_ok=True)
+    for old in extensions():
+        old.unlink()
 
 
 def build(*, force: bool = False) -> int:
-    """Compile `MODULES` in place (needs mypy, which brings mypyc, and a C compiler).
-    Nothing is done when the manifest already matches the sources."""
-    if not force and MANIFEST.exists() and _manifest_matches():
-        print("sidecar: the compiled request path is up to date")
-        return 0
+    """Compile `MODULES` in place; nothing to do when the build matches its inputs and this
+    mypy. A failure removes any partial build (the sidecar then runs as plain Python) and
+    is reported, not raised: `make venv` goes on."""
     try:
-        from mypyc.build import mypycify  # noqa: PLC0415 (build time only)
+        from mypy.version import __version__ as mypy_version  # noqa: PLC0415 (build only)
+        from mypyc.build import mypycify  # noqa: PLC0415
         from setuptools import Distribution  # type: ignore[import-untyped]  # noqa: PLC0415
     except ImportError as e:
         print(
@@ -27,45 +51,41 @@ def build(*, force: bool = False) -> int:
             "it runs as plain Python"
         )
         return 0
-    import tempfile  # noqa: PLC0415
-
-    for old in _extensions():
-        old.unlink()
-    MANIFEST.unlink(missing_ok=True)
-    digests = {m: _digest(source(m)) for m in MODULES}
+    if not force and _up_to_date(mypy_version):
+        print("sidecar: the compiled request path is up to date")
+        return 0
+    if os.environ.get("SIDECAR_PURE", "") not in ("", "0"):
+        print("sidecar: SIDECAR_PURE is set: not compiling the request path")
+        return 0
+    _remove_build()
+    sources = recorded_sources()
     cwd = os.getcwd()
     with tempfile.TemporaryDirectory(prefix="sidecar-mypyc-") as tmp:
         try:
-            os.chdir(_ROOT)  # mypyc names modules by their path from here
-            paths = [str(source(m).relative_to(_ROOT)) for m in MODULES]
+            os.chdir(ROOT)  # mypyc names modules by their path from here
+            paths = [str(source(m).relative_to(ROOT)) for m in MODULES]
             exts = mypycify(
                 [*paths, "--config-file", "pyproject.toml"],
                 group_name=GROUP,
                 target_dir=os.path.join(tmp, "c"),
             )
             dist = Distribution({"name": "sidecar-hot", "ext_modules": exts})
-            dist.script_name = "sidecar.compiled"
+            dist.script_name = "sidecar.mypycbuild"
             dist.script_args = ["-q", "build_ext", "--inplace", "--build-temp", tmp]
             dist.parse_command_line()
             dist.run_commands()
         except (Exception, SystemExit) as e:  # no compiler, or a module mypyc refuses
-            for old in _extensions():
-                old.unlink()
+            _remove_build()
             print(f"sidecar: compiling the request path failed ({e}); it runs as plain Python")
             return 0
         finally:
             os.chdir(cwd)
-    MANIFEST.write_text(json.dumps(digests, indent=1, sort_keys=True) + "\n")
+    MANIFEST.write_text(json.dumps(manifest(sources, extensions(), mypy_version), indent=1))
+    if state() != "compiled":  # a source changed while it compiled: not trusted
+        print("sidecar: a source changed during the build; run it again (plain Python now)")
+        return 0
     print(f"sidecar: compiled {len(MODULES)} modules of the request path")
     return 0
-
-
-def _manifest_matches() -> bool:
-    try:
-        built = json.loads(MANIFEST.read_text())
-        return built == {m: _digest(source(m)) for m in MODULES} and bool(_extensions())
-    except (OSError, ValueError):
-        return False
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -116,7 +116,7 @@ class InboundRouter(Router):
         self.pool = UpstreamPool(
             "app",
             [(cfg.app.host, cfg.app.port)],
-            self._connect_h2 if h2 else self._connect,  # type: ignore[arg-type]
+            self._connect_h2 if h2 else self._connect,
             cfg.connect_timeout,
             unavailable="app_unavailable",
             multiplexed=h2,

@@ -23,11 +23,14 @@ class Telemetry:
         self.sinks = tuple(s for s in sinks if s is not None)
         self._counters = tuple(s for s in self.sinks if hasattr(s, "refused"))
         self._openers = tuple(s for s in self.sinks if hasattr(s, "opened"))
-        if len(self.sinks) == 1:  # (one sink, the common case: called directly)
-            self.write = self.sinks[0].write  # type: ignore[method-assign]
+        self._one = self.sinks[0] if len(self.sinks) == 1 else None  # the common case
 
     def write(self, rec: ExchangeRecord) -> None:
         """Hand one record to each sink."""
+        one = self._one
+        if one is not None:
+            one.write(rec)
+            return
         for sink in self.sinks:
             sink.write(rec)
 

@@ -32,7 +32,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("sidecar.upstream")
 
-Connect = Callable[["UpstreamPool", str, int], Awaitable["UpstreamConn"]]
+# What a pool dials: an HTTP/1.1 `UpstreamConn`, an `H2Upstream`, a `TcpUpstream`.
+Connect = Callable[["UpstreamPool", str, int], Awaitable[Any]]
 
 UNLIMITED = CircuitBreakerConfig(1 << 30, 1 << 30, 1 << 30)
 
@@ -160,7 +161,7 @@ class UpstreamPool:
             usable = fresh or usable
         return self.balancer.pick(usable)
 
-    def take_idle(self, ep: Endpoint) -> UpstreamConn | None:
+    def take_idle(self, ep: Endpoint) -> Upstream | None:
         """A kept-alive connection to `ep`, if one is idle and open (HTTP/2: a new stream on
         a connection with room for one)."""
         idle = ep.idle
@@ -176,7 +177,7 @@ class UpstreamPool:
                 return conn
         return None
 
-    async def connect(self, ep: Endpoint) -> UpstreamConn:
+    async def connect(self, ep: Endpoint) -> Upstream:
         """A new connection to `ep` (or, at `max_connections`, an idle one to any endpoint, or
         the next one released).
 
@@ -225,7 +226,7 @@ class UpstreamPool:
         ep.conns.add(conn)
         return conn
 
-    async def _stream_to(self, ep: Endpoint) -> UpstreamConn:  # (an H2UpstreamStream)
+    async def _stream_to(self, ep: Endpoint) -> Upstream:  # (an H2UpstreamStream)
         """A stream on a connection to `ep`: one with room, the one being dialled (requests
         arriving together share one dial), or a new one (at most `max_connections`)."""
         shared: list[Any] = ep.idle  # HTTP/2 connections (engines.h2.upstream.H2Upstream)
@@ -339,8 +340,10 @@ class UpstreamPool:
                 return other.idle.pop(0)  # the oldest
         return None
 
-    def abort_where(self, predicate: Callable[[UpstreamConn], bool]) -> int:
-        """Abort every connection (idle or busy) for which `predicate` holds."""
+    def abort_where(self, predicate: Callable[[Any], bool]) -> int:
+        """Abort every connection (idle or busy) for which `predicate` holds. (`Any`: the
+        pool's connections are of any protocol, and a compiled caller's lambda checks the
+        type its parameter is given.)"""
         doomed = [c for c in self.conns if predicate(c)]
         for c in doomed:
             c.abort()

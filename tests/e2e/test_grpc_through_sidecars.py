@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import hashlib
+import socket
 import subprocess
 import threading
 import time
@@ -281,3 +282,29 @@ def test_a_grpc_client_with_a_proxy_tunnels_through_connect(env):
         seen = gc.whoami(ch)
     assert reply == b"through a tunnel"
     assert f"URI={FRONTEND}" in seen["x-forwarded-client-cert"]
+
+
+def test_an_http1_client_reaches_the_grpc_app_over_http2(env):
+    """An HTTP/1.1 request on the outbound to a `grpc` service rides an HTTP/2 stream of the
+    shared upstream connection (the HTTP/1.1 engine with an HTTP/2 upstream), to the app
+    as HTTP/2 (h2c): a unary call framed by hand gets its answer, twice on one connection.
+    (The HTTP/1.1 answer carries no trailers: grpc-status stays on the HTTP/2 side.)"""
+    message = b"ping-over-http1"
+    framed = b"\x00" + len(message).to_bytes(4, "big") + message
+    host, port = outbound_of(env["front"]).rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=20) as s:
+        for _ in range(2):  # twice: a new stream, then a stream of the kept connection
+            s.sendall(
+                b"POST http://orders.shop/meshtest.Echo/Unary HTTP/1.1\r\n"
+                b"Host: orders.shop\r\ncontent-type: application/grpc\r\nte: trailers\r\n"
+                b"content-length: %d\r\n\r\n%s" % (len(framed), framed)
+            )
+            got = b""
+            while b"\r\n0\r\n" not in got or not got.endswith(b"\r\n\r\n"):
+                chunk = s.recv(65536)
+                assert chunk, got
+                got += chunk
+            head, _, body = got.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200 "), got
+            assert b"content-type: application/grpc" in head.lower(), got
+            assert message in body, got

@@ -10,7 +10,6 @@ the manifest does not match, or SIDECAR_PURE is set.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.machinery
 import importlib.util
 import json
@@ -49,71 +48,57 @@ def probe(root: Path, **env: str) -> dict:
     return json.loads(out.stdout)
 
 
+FAKE_BUILD = (
+    "import json, sidecar.compiled as c\n"
+    "sources = c.recorded_sources()\n"
+    "made = []\n"
+    "for m in (*c.MODULES, c.GROUP + '__mypyc'):\n"
+    "    p = c.ROOT.joinpath(*m.split('.'))\n"
+    "    p = p.with_name(p.name + c.SUFFIX)\n"
+    "    p.write_bytes(b'')\n"
+    "    made.append(p)\n"
+    "c.MANIFEST.write_text(json.dumps(c.manifest(sources, made, 'test')))\n"
+)
+
+
 def copy_package(tmp: Path) -> Path:
-    """The package as plain sources (no build), under `tmp`."""
-    shutil.copytree(
-        ROOT / "sidecar",
-        tmp / "sidecar",
-        ignore=lambda d, names: [
-            n
-            for n in names
-            if n == "__pycache__"
-            or n == compiled.MANIFEST.name
-            or n.endswith(tuple(importlib.machinery.EXTENSION_SUFFIXES))
-        ],
-    )
+    """The packages as plain sources (no build), under `tmp`."""
+    skip = tuple(importlib.machinery.EXTENSION_SUFFIXES) + (".so",)
+    for package in ("sidecar", "meshca"):
+        shutil.copytree(
+            ROOT / package,
+            tmp / package,
+            ignore=lambda d, names: [
+                n
+                for n in names
+                if n == "__pycache__" or n == compiled.MANIFEST.name or n.endswith(skip)
+            ],
+        )
+    shutil.copy(ROOT / "pyproject.toml", tmp / "pyproject.toml")
     return tmp
 
 
-def fake_build(root: Path, digests: dict[str, str]) -> None:
-    """A stand-in build: an unloadable extension beside each listed module, and a manifest."""
-    for module in compiled.MODULES:
-        src = root.joinpath(*module.split(".")).with_suffix(".py")
-        src.with_name(src.stem + importlib.machinery.EXTENSION_SUFFIXES[0]).write_bytes(b"")
-    (root / "sidecar" / compiled.MANIFEST.name).write_text(json.dumps(digests))
+def fake_build(root: Path) -> None:
+    """A stand-in build: an empty (unloadable) extension beside each listed module and
+    the group's library, and the manifest the real build writes for them."""
+    out = subprocess.run(
+        [sys.executable, "-c", FAKE_BUILD],
+        env={**os.environ, "PYTHONPATH": str(root)},
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
 
 
-def digests_of(root: Path) -> dict[str, str]:
-    return {
-        m: hashlib.sha256(root.joinpath(*m.split(".")).with_suffix(".py").read_bytes()).hexdigest()
-        for m in compiled.MODULES
-    }
+def ext_of(root: Path, module: str) -> Path:
+    p = root.joinpath(*module.split("."))
+    return p.with_name(p.name + compiled.SUFFIX)
 
 
-def test_without_a_build_everything_runs_from_source(tmp_path):
-    root = copy_package(tmp_path)
-    got = probe(root)
-    assert got["running"] == "pure"
-    assert all(f.endswith(".py") and f.startswith(str(root)) for f in got["files"].values())
-
-
-def test_a_source_changed_after_the_build_runs_every_module_from_source(tmp_path):
-    root = copy_package(tmp_path)
-    digests = digests_of(root)
-    fake_build(root, digests)
-    # One module edited since the build: all of them load from source (compiled modules
-    # call each other directly, so a mix would still run the old code).
-    edited = root / "sidecar" / "engines" / "http1" / "framing.py"
-    edited.write_text(edited.read_text() + "\n# edited after the build\n")
-    got = probe(root)
-    assert got["running"] == "stale"
-    assert set(got["files"]) >= {"sidecar.engines.http1.downstream", "sidecar.routing.inbound"}
-    assert all(f.endswith(".py") for f in got["files"].values()), got
-
-
-def test_sidecar_pure_runs_from_source_even_when_the_build_matches(tmp_path):
-    root = copy_package(tmp_path)
-    fake_build(root, digests_of(root))
-    got = probe(root, SIDECAR_PURE="1")
-    assert got["running"] == "pure"
-    assert all(f.endswith(".py") for f in got["files"].values()), got
-
-
-def test_a_matching_build_is_what_loads(tmp_path):
-    """The other side of the guard: with a manifest that matches, the extension is imported
-    (here the stand-in, which cannot load: the import fails, naming it)."""
-    root = copy_package(tmp_path)
-    fake_build(root, digests_of(root))
+def loads_the_extension(root: Path) -> bool:
+    """Whether importing the engine picks the (stand-in) extension: it cannot load."""
     out = subprocess.run(
         [sys.executable, "-c", "import sidecar.engines.http1.downstream"],
         env={**os.environ, "PYTHONPATH": str(root), compiled.PURE_ENV: ""},
@@ -122,17 +107,99 @@ def test_a_matching_build_is_what_loads(tmp_path):
         text=True,
         timeout=60,
     )
-    assert out.returncode != 0
-    assert "downstream" in out.stderr and "ImportError" in out.stderr
+    return out.returncode != 0 and "ImportError" in out.stderr
+
+
+def all_from_source(got: dict) -> bool:
+    return bool(got["files"]) and all(f.endswith(".py") for f in got["files"].values())
+
+
+def test_without_a_build_everything_runs_from_source(tmp_path):
+    root = copy_package(tmp_path)
+    got = probe(root)
+    assert got["running"] == "pure"
+    assert all_from_source(got) and all(f.startswith(str(root)) for f in got["files"].values())
+
+
+def test_a_matching_build_is_what_loads_even_after_a_touch(tmp_path):
+    """The other side of the guard: with a manifest that matches, the extension is imported
+    (here the stand-in, which cannot load: the import fails). A source whose time changed
+    but whose bytes did not (a checkout) still matches."""
+    root = copy_package(tmp_path)
+    fake_build(root)
+    assert loads_the_extension(root)
+    os.utime(root / "sidecar" / "engines" / "http1" / "framing.py", (1, 1))
+    assert loads_the_extension(root)
+
+
+@pytest.mark.parametrize(
+    "edited",
+    [
+        "sidecar/engines/http1/framing.py",  # a compiled module
+        "sidecar/upstream/pool.py",  # not compiled, but compiled code checks its types
+        "meshca/svid.py",
+        "pyproject.toml",  # mypy's settings
+    ],
+)
+def test_an_input_changed_after_the_build_runs_every_module_from_source(tmp_path, edited):
+    root = copy_package(tmp_path)
+    fake_build(root)
+    path = root / edited
+    path.write_text(path.read_text() + "\n# edited after the build\n")
+    got = probe(root)
+    assert got["running"] == "stale"
+    assert set(got["files"]) >= {"sidecar.engines.http1.downstream", "sidecar.routing.inbound"}
+    assert all_from_source(got), got
+
+
+def test_sidecar_pure_runs_from_source_even_when_the_build_matches(tmp_path):
+    root = copy_package(tmp_path)
+    fake_build(root)
+    got = probe(root, SIDECAR_PURE="1")
+    assert got["running"] == "pure"
+    assert all_from_source(got), got
+
+
+def test_a_missing_or_replaced_extension_makes_the_build_stale(tmp_path):
+    root = copy_package(tmp_path)
+    fake_build(root)
+    ext_of(root, "sidecar.routing.inbound").unlink()
+    got = probe(root)
+    assert got["running"] == "stale" and all_from_source(got), got
+    fake_build(root)
+    ext_of(root, "sidecar.engines.http1.framing").write_bytes(b"another build")
+    got = probe(root)
+    assert got["running"] == "stale" and all_from_source(got), got
+
+
+def test_a_leftover_extension_of_a_module_no_longer_listed_is_not_loaded(tmp_path):
+    root = copy_package(tmp_path)
+    fake_build(root)
+    (root / "sidecar" / "engines" / "http1" / "framing.py").write_text(
+        (root / "sidecar" / "engines" / "http1" / "framing.py").read_text() + "\n# edited\n"
+    )
+    ext_of(root, "sidecar.upstream.pool").write_bytes(b"")  # from an older list
+    out = subprocess.run(
+        [sys.executable, "-c", "import sidecar.upstream.pool as p; print(p.__file__)"],
+        env={**os.environ, "PYTHONPATH": str(root), compiled.PURE_ENV: ""},
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().endswith("pool.py")
 
 
 def test_a_missing_or_unreadable_manifest_counts_as_stale(tmp_path):
     root = copy_package(tmp_path)
-    fake_build(root, digests_of(root))
+    fake_build(root)
     (root / "sidecar" / compiled.MANIFEST.name).write_text("{not json")
-    assert probe(root)["running"] == "stale"
+    got = probe(root)
+    assert got["running"] == "stale" and all_from_source(got)
     (root / "sidecar" / compiled.MANIFEST.name).unlink()
-    assert probe(root)["running"] == "stale"
+    got = probe(root)
+    assert got["running"] == "stale" and all_from_source(got)
 
 
 @pytest.mark.skipif(
@@ -141,7 +208,7 @@ def test_a_missing_or_unreadable_manifest_counts_as_stale(tmp_path):
 )
 def test_make_venv_compiled_the_request_path():
     """`make test` runs `make venv`, which builds the request path: this checkout's
-    sidecar runs it compiled (else run `make venv` after editing one of its modules)."""
+    sidecar runs it compiled (else run `make venv` after editing one of its inputs)."""
     got = probe(ROOT)
     assert got["running"] == "compiled", got
-    assert all(not f.endswith(".py") for f in got["files"].values()), got
+    assert got["files"] and all(not f.endswith(".py") for f in got["files"].values()), got

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from mypy_extensions import mypyc_attr
 
@@ -43,7 +43,7 @@ class Caller(Protocol):
 class Router:
     """The base answers for a local client with nowhere to go; routers override."""
 
-    direction = "?"
+    direction: ClassVar[str] = "?"  # (a class attribute: interpreted subclasses set theirs)
 
     def accept(self, conn: Caller) -> Peer:
         """Called once the connection (and TLS handshake) is up: the peer, or SidecarError
