@@ -36,7 +36,7 @@ from e2e.protocol_rig import (
     scrape,
 )
 from grpc_app import start_grpc_app, stream_message
-from helpers import curl_enroll, mint_token, openssl_csr
+from helpers import curl_enroll, mint_token, openssl_csr, run_meshca
 from mesh import admin_get
 from rotation_rig import free_port
 
@@ -76,7 +76,10 @@ def env(tmp_path_factory):
         )
         svc = {"endpoints": [inbound_of(orders)], "identity": ORDERS, "protocol": "grpc"}
         front = rig.sidecar(
-            "frontend", FRONTEND, services={AUTHORITY: {**svc, "jwt_audience": "orders"}}
+            "frontend",
+            FRONTEND,
+            services={AUTHORITY: {**svc, "jwt_audience": "orders"}},
+            ca_extra={"bundle_poll": 0.5},  # learns a revocation soon (the last test)
         )
         tokenless = rig.sidecar("tokenless", FRONTEND, services={AUTHORITY: svc})
         intruder = rig.sidecar(
@@ -308,3 +311,22 @@ def test_an_http1_client_reaches_the_grpc_app_over_http2(env):
             assert head.startswith(b"HTTP/1.1 200 "), got
             assert b"content-type: application/grpc" in head.lower(), got
             assert message in body, got
+
+
+def test_revoking_the_app_sidecar_closes_the_outbound_http2_connection(env):
+    """Last in this module: it revokes the `orders` sidecar's certificate. The frontend
+    closes its shared HTTP/2 connection to orders (a pool of another protocol than
+    HTTP/1.1), and a new call is refused: the revoked peer is not dialled again."""
+    with chan(env) as ch:  # a live HTTP/2 connection from the frontend's pool
+        assert gc.unary(ch, b"before")[0] == b"before"
+    status, ident = admin_get(env["orders"], "/identity")
+    assert status == 200
+    run_meshca("revoke", "--home", str(env["rig"].home), "--serial", ident["serial"])
+    front = env["front"]
+    deadline = time.monotonic() + 15  # the frontend polls the bundle every 0.5 s
+    while time.monotonic() < deadline and "certificate revoked" not in front.stderr:
+        time.sleep(0.1)
+    assert "connection(s) to orders.shop: certificate revoked" in front.stderr, front.stderr[-3000:]
+    with chan(env) as ch, pytest.raises(grpc.RpcError) as refused:
+        gc.unary(ch, b"after", timeout=10)
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE, refused.value
