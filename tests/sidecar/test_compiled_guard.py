@@ -97,16 +97,21 @@ def ext_of(root: Path, module: str) -> Path:
     return p.with_name(p.name + compiled.SUFFIX)
 
 
-def loads_the_extension(root: Path) -> bool:
-    """Whether importing the engine picks the (stand-in) extension: it cannot load."""
-    out = subprocess.run(
-        [sys.executable, "-c", "import sidecar.engines.http1.downstream"],
+def run_in(root: Path, code: str) -> subprocess.CompletedProcess:
+    """`code` in a fresh interpreter with `root` first on its path (SIDECAR_PURE unset)."""
+    return subprocess.run(
+        [sys.executable, "-c", code],
         env={**os.environ, "PYTHONPATH": str(root), compiled.PURE_ENV: ""},
         cwd=root,
         capture_output=True,
         text=True,
         timeout=60,
     )
+
+
+def loads_the_extension(root: Path) -> bool:
+    """Whether importing the engine picks the (stand-in) extension: it cannot load."""
+    out = run_in(root, "import sidecar.engines.http1.downstream")
     return out.returncode != 0 and "ImportError" in out.stderr
 
 
@@ -179,14 +184,7 @@ def test_a_leftover_extension_of_a_module_no_longer_listed_is_not_loaded(tmp_pat
         (root / "sidecar" / "engines" / "http1" / "framing.py").read_text() + "\n# edited\n"
     )
     ext_of(root, "sidecar.upstream.pool").write_bytes(b"")  # from an older list
-    out = subprocess.run(
-        [sys.executable, "-c", "import sidecar.upstream.pool as p; print(p.__file__)"],
-        env={**os.environ, "PYTHONPATH": str(root), compiled.PURE_ENV: ""},
-        cwd=root,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    out = run_in(root, "import sidecar.upstream.pool as p; print(p.__file__)")
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().endswith("pool.py")
 
