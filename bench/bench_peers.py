@@ -425,6 +425,7 @@ class Bench:
         self.pids: dict[str, dict[str, int]] = {"haproxy": {}, "sidecar": {}, PIPE: {}}
         self.token_cursor = {p: 0 for p in PROXIES}
         self.errors: list[str] = []
+        self.request_paths: set[str] = set()  # what the sidecars run (their /status)
 
     # ---- setup
 
@@ -612,6 +613,9 @@ http {{
             if time.monotonic() > deadline or p.poll() is not None:
                 raise BenchError(f"sidecar {name} never became ready; {log}:\n{tail(log)}")
             time.sleep(0.1)
+        status, body = http_get(ports["admin"], "/status", {})
+        mode = json.loads(body).get("request_path", "?") if status == 200 else "?"
+        self.request_paths.add(mode)  # compiled, or plain Python (sidecar/compiled.py)
         return p.pid, ports
 
     def start_sidecars(self) -> None:
@@ -961,7 +965,8 @@ http {{
             f"\n{a.rounds} rounds x {a.duration:g} s per path and proxy, medians; "
             f"wrk {a.threads} thread(s); "
             f"{'proxies on core 0, wrk/shim/nginx on core 1' if a.pin else 'unpinned'}; "
-            f"sidecar access log {a.sidecar_access_log}, HAProxy logging off\n"
+            f"sidecar access log {a.sidecar_access_log}, HAProxy logging off; "
+            f"sidecar request path {'/'.join(sorted(self.request_paths))}\n"
         )
         print("| path | HAProxy µs CPU/req | sidecar µs CPU/req | ratio | target | met |")
         print("| --- | --- | --- | --- | --- | --- |")
