@@ -370,6 +370,7 @@ class Run:
     p50_us: float
     p99_us: float
     cpu_us: float = float("nan")  # CPU of the counted proxies per request
+    role_us: dict[str, float] = field(default_factory=dict)  # the same, per process
     errors: list[str] = field(default_factory=list)
 
 
@@ -863,10 +864,12 @@ http {{
     def measure(self, proxy: str, spec: PathSpec, seconds: float) -> Run:
         """One wrk run of `spec` on `proxy`, with the CPU of its proxy processes per request."""
         port, headers = self.target(proxy, spec)
-        pids = [self.pids[proxy][r] for r in spec.roles]
-        cpu0 = cpu_seconds(pids)
+        roles = {r: self.pids[proxy][r] for r in spec.roles}
+        cpu0 = {r: cpu_seconds([pid]) for r, pid in roles.items()}
         run = self.wrk(port, headers, spec.conns, seconds, proxy, spec.jwt == "each")
-        run.cpu_us = (cpu_seconds(pids) - cpu0) * 1e6 / max(run.requests, 1)
+        n = max(run.requests, 1)
+        run.role_us = {r: (cpu_seconds([pid]) - cpu0[r]) * 1e6 / n for r, pid in roles.items()}
+        run.cpu_us = sum(run.role_us.values())
         return run
 
     def rss(self) -> dict[str, float]:
@@ -961,6 +964,13 @@ http {{
         def med(proxy: str, key: str, attr: str) -> float:
             return statistics.median(getattr(r, attr) for r in results[(proxy, key)])
 
+        def per_role(proxy: str, key: str) -> str:
+            runs = results[(proxy, key)]
+            return " + ".join(
+                f"{role} {statistics.median(r.role_us[role] for r in runs):.1f}"
+                for role in runs[0].role_us
+            )
+
         print(
             f"\n{a.rounds} rounds x {a.duration:g} s per path and proxy, medians; "
             f"wrk {a.threads} thread(s); "
@@ -1023,8 +1033,8 @@ http {{
             pairs = zip(results[("haproxy", spec.key)], results[("sidecar", spec.key)], strict=True)
             spread.append(f"{spec.key} " + " ".join(f"{h.cpu_us / s.cpu_us:.2f}" for h, s in pairs))
         print(f"\nCPU ratio of each round (the proxies back to back): {'; '.join(spread)}")
-        print("\n| path | proxy | req/s | p50 µs | p99 µs | µs CPU/req |")
-        print("| --- | --- | --- | --- | --- | --- |")
+        print("\n| path | proxy | req/s | p50 µs | p99 µs | µs CPU/req | per process |")
+        print("| --- | --- | --- | --- | --- | --- | --- |")
         for spec in (*PATHS, LATENCY):
             if ("sidecar", spec.key) not in results:
                 continue
@@ -1035,12 +1045,13 @@ http {{
                     f"| {spec.title} | {proxy} | {med(proxy, spec.key, 'rps'):.0f} | "
                     f"{med(proxy, spec.key, 'p50_us'):.0f} | "
                     f"{med(proxy, spec.key, 'p99_us'):.0f} | "
-                    f"{med(proxy, spec.key, 'cpu_us'):.1f} |"
+                    f"{med(proxy, spec.key, 'cpu_us'):.1f} | {per_role(proxy, spec.key)} |"
                 )
         if (DIRECT, DIRECT) in results:
             print(
                 f"| nginx directly, c=1 | - | {med(DIRECT, DIRECT, 'rps'):.0f} | "
-                f"{med(DIRECT, DIRECT, 'p50_us'):.0f} | {med(DIRECT, DIRECT, 'p99_us'):.0f} | - |"
+                f"{med(DIRECT, DIRECT, 'p50_us'):.0f} | {med(DIRECT, DIRECT, 'p99_us'):.0f} "
+                "| - | - |"
             )
 
         print("\n| process | RSS MiB at start | before the first round | after the last | change |")
