@@ -46,6 +46,8 @@ MODULES = (
     "sidecar.upstream.balancer",
     "sidecar.upstream.outlier",
     "sidecar.upstream.retry",
+    "sidecar.upstream.pool",
+    "sidecar.upstream.endpoint",
     "sidecar.policy.authn",
     "sidecar.policy.authz",
     "sidecar.policy.pathnorm",

@@ -11,9 +11,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, init=False)
 class ExchangeRecord:
-    """One request and its answer, as observed by a listener."""
+    """One request and its answer, as observed by a listener.
+
+    A dataclass for its fields, repr and equality, with an `__init__` of its own: one is
+    made per request, and the generated one is interpreted even in the compiled request
+    path (mypyc compiles a written `__init__`; tests/sidecar/test_record_init.py checks
+    that it sets every field to its declared default)."""
 
     direction: str  # "inbound" or "outbound"
     method: str = ""
@@ -40,6 +45,60 @@ class ExchangeRecord:
     request_id: str | None = None  # x-request-id (the client's, or one made here)
     protocol: str | None = None  # None: HTTP/1.1; "HTTP/2", "grpc", "websocket", "tcp"
     grpc_status: int | None = None  # a gRPC call the sidecar answered itself: the status it gave
+
+    def __init__(
+        self,
+        direction: str,
+        method: str = "",
+        path: str | None = None,
+        status: int = 0,
+        peer: str | None = None,
+        ms: float = 0.0,
+        bytes_in: int = 0,
+        bytes_out: int = 0,
+        service: str | None = None,
+        decision: str | None = None,
+        rule: str | None = None,
+        dry_run: tuple[str, ...] = (),
+        audit: tuple[str, ...] = (),
+        request_principal: str | None = None,
+        error: str | None = None,
+        upstream: str | None = None,
+        retries: tuple[str, ...] = (),
+        fault: str | None = None,
+        trace_id: str | None = None,
+        span_id: str | None = None,
+        parent_span_id: str | None = None,
+        sampled: bool = False,
+        request_id: str | None = None,
+        protocol: str | None = None,
+        grpc_status: int | None = None,
+    ) -> None:
+        self.direction = direction
+        self.method = method
+        self.path = path
+        self.status = status
+        self.peer = peer
+        self.ms = ms
+        self.bytes_in = bytes_in
+        self.bytes_out = bytes_out
+        self.service = service
+        self.decision = decision
+        self.rule = rule
+        self.dry_run = dry_run
+        self.audit = audit
+        self.request_principal = request_principal
+        self.error = error
+        self.upstream = upstream
+        self.retries = retries
+        self.fault = fault
+        self.trace_id = trace_id
+        self.span_id = span_id
+        self.parent_span_id = parent_span_id
+        self.sampled = sampled
+        self.request_id = request_id
+        self.protocol = protocol
+        self.grpc_status = grpc_status
 
 
 def new_record(direction: str, peer: str | None) -> ExchangeRecord:

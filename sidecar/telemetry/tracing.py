@@ -71,9 +71,10 @@ _MEMBER = re.compile(rb"(" + _KEY + rb")=" + _VALUE)
 TraceParent = tuple[bytes, bytes, int]
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, init=False)
 class Hop:
-    """What this hop sends on: the trace, this hop's span id, and the request id."""
+    """What this hop sends on: the trace, this hop's span id, and the request id.
+    (Its own `__init__`, as `ExchangeRecord`'s: one is made per request.)"""
 
     trace_id: bytes  # 32 lowercase hex digits
     span_id: bytes  # 16 lowercase hex digits: the parent id the next hop sees
@@ -81,6 +82,22 @@ class Hop:
     flags: int
     tracestate: bytes | None
     request_id: bytes
+
+    def __init__(
+        self,
+        trace_id: bytes,
+        span_id: bytes,
+        parent_id: bytes | None,
+        flags: int,
+        tracestate: bytes | None,
+        request_id: bytes,
+    ) -> None:
+        self.trace_id = trace_id
+        self.span_id = span_id
+        self.parent_id = parent_id
+        self.flags = flags
+        self.tracestate = tracestate
+        self.request_id = request_id
 
     @property
     def sampled(self) -> bool:

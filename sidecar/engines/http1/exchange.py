@@ -49,10 +49,11 @@ class Upstream(Protocol):
         """Close at once."""
 
 
-@dataclass(eq=False, slots=True)
+@dataclass(eq=False, slots=True, init=False)
 class Exchange:
     """A request as parsed (method, target, headers, framing), its body until an upstream
-    connection takes it, and how far its answer has got."""
+    connection takes it, and how far its answer has got. (Its own `__init__`, as
+    `ExchangeRecord`'s: one is made per request.)"""
 
     method: bytes
     target: bytes
@@ -91,6 +92,52 @@ class Exchange:
     # Header names the request's Connection header lists: hop-by-hop, never forwarded
     # (HTTP/2 has no Connection header).
     drop: frozenset[bytes] = frozenset()
+
+    def __init__(
+        self,
+        method: bytes,
+        target: bytes,
+        headers: Headers,
+        version: str,
+        keep_alive: bool,
+        record: ExchangeRecord,
+        framing: Framing = NO_BODY,
+        body_done: bool = False,
+        drop: frozenset[bytes] = frozenset(),
+        continue_pending: bool = False,
+    ) -> None:
+        self.method = method
+        self.target = target
+        self.headers = headers
+        self.version = version
+        self.keep_alive = keep_alive
+        self.record = record
+        self.framing = framing
+        self.start = time.perf_counter()
+        self.body = []
+        self.buffered = 0
+        self.body_done = body_done
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.pool = None
+        self.head = b""
+        self.upstream = None
+        self.status = 0
+        self.response = NO_BODY
+        self.response_started = False
+        self.finished = False
+        self.retried = False
+        self.continue_pending = continue_pending
+        self.subset = None
+        self.delay = 0.0
+        self.tried = []
+        self.retries = 0
+        self.admitted = False
+        self.retrying = False
+        self.deadline_at = 0.0
+        self.rerouted = False
+        self.upgrade = b""
+        self.drop = drop
 
     @property
     def has_body(self) -> bool:
