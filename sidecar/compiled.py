@@ -5,9 +5,10 @@ The modules in `MODULES` are ordinary, type-checked Python. `make venv` (so `mak
 and `make test`) compiles them with mypyc into C extensions beside their sources
 (`python -m sidecar.mypycbuild`); Python imports an extension before a `.py` of the
 same name, so the sidecar then runs them compiled. The build writes `_compiled.json`:
-the interpreter's extension suffix, the modules, each extension file it made (size and
-time), and every source the compiled code's types come from (all of `sidecar/`,
-`meshca/` and pyproject.toml: size, time and hash). At `import sidecar`, `guard()` checks
+the interpreter's extension suffix, the modules, each extension file it made, and every
+source the compiled code's types come from (all of `sidecar/`, `meshca/` and
+pyproject.toml), each with its size, time and hash (the hash decides when only the time
+changed: a checkout, a copy into an image). At `import sidecar`, `guard()` checks
 that manifest; if anything differs (a source edited, an extension missing or replaced,
 another interpreter's build), or `SIDECAR_PURE=1` is set, every module that has an
 extension here loads from its source instead (all or none: compiled modules call each
@@ -89,7 +90,9 @@ def _stamp(path: Path) -> list[int]:
     return [st.st_size, st.st_mtime_ns]
 
 
-def _same_source(rel: str, recorded: list) -> bool:
+def _same_file(rel: str, recorded: list) -> bool:
+    """`rel` is what was recorded: the same size and time, or (a checkout, a copy into an
+    image: a new time) the same bytes."""
     path = ROOT / rel
     try:
         if _stamp(path) == recorded[:2]:
@@ -109,10 +112,10 @@ def state() -> str:
         ok = (
             built["suffix"] == SUFFIX
             and built["modules"] == list(MODULES)
-            and all(_stamp(ROOT / rel) == st for rel, st in built["extensions"].items())
+            and all(_same_file(rel, st) for rel, st in built["extensions"].items())
             and _module_names([ROOT / rel for rel in built["extensions"]])
             >= {*MODULES, GROUP + "__mypyc"}
-            and all(_same_source(rel, rec) for rel, rec in built["sources"].items())
+            and all(_same_file(rel, rec) for rel, rec in built["sources"].items())
         )
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return "stale" if extensions() else "pure"
@@ -173,6 +176,6 @@ def manifest(sources: dict[str, list], built: list[Path], mypy: str) -> dict:
         "suffix": SUFFIX,
         "modules": list(MODULES),
         "mypy": mypy,
-        "extensions": {str(p.relative_to(ROOT)): _stamp(p) for p in built},
+        "extensions": {str(p.relative_to(ROOT)): [*_stamp(p), digest(p)] for p in built},
         "sources": sources,
     }

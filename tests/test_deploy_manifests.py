@@ -171,8 +171,13 @@ def test_dockerfile_is_slim_and_non_root():
     text = (ROOT / "Dockerfile").read_text()
     assert "FROM python:3.11-slim" in text
     assert "USER 10001" in text
-    final = text.split("FROM python:3.11-slim\n")[-1]
-    assert "gcc" not in final and "build-essential" not in final
+    build, final = text.split("FROM python:3.11-slim\n")
+    assert "gcc" not in final and "build-essential" not in final and "mypy" not in final
+    # the image runs the compiled request path: its build stage compiles it and fails
+    # unless the guard accepts the result (sidecar/compiled.py)
+    assert "python -m sidecar.mypycbuild" in build and "c.state() != 'compiled'" in build
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert {"**/*.so", "sidecar/_compiled.json", ".venv"} <= set(ignored)  # no local build
 
 
 @pytest.mark.parametrize("path", ["deploy/k8s/base", "deploy/k8s/ha"])

@@ -129,11 +129,15 @@ def test_without_a_build_everything_runs_from_source(tmp_path):
 def test_a_matching_build_is_what_loads_even_after_a_touch(tmp_path):
     """The other side of the guard: with a manifest that matches, the extension is imported
     (here the stand-in, which cannot load: the import fails). A source whose time changed
-    but whose bytes did not (a checkout) still matches."""
+    but whose bytes did not (a checkout) still matches, and so does an extension (a copy
+    into a container image that does not keep times)."""
     root = copy_package(tmp_path)
     fake_build(root)
     assert loads_the_extension(root)
     os.utime(root / "sidecar" / "engines" / "http1" / "framing.py", (1, 1))
+    assert loads_the_extension(root)
+    for module in (*compiled.MODULES, compiled.GROUP + "__mypyc"):
+        os.utime(ext_of(root, module), (2, 2))
     assert loads_the_extension(root)
 
 
@@ -141,7 +145,7 @@ def test_a_matching_build_is_what_loads_even_after_a_touch(tmp_path):
     "edited",
     [
         "sidecar/engines/http1/framing.py",  # a compiled module
-        "sidecar/upstream/pool.py",  # not compiled, but compiled code checks its types
+        "sidecar/upstream/discovery.py",  # not compiled, but compiled code may use its types
         "meshca/svid.py",
         "pyproject.toml",  # mypy's settings
     ],
@@ -183,10 +187,10 @@ def test_a_leftover_extension_of_a_module_no_longer_listed_is_not_loaded(tmp_pat
     (root / "sidecar" / "engines" / "http1" / "framing.py").write_text(
         (root / "sidecar" / "engines" / "http1" / "framing.py").read_text() + "\n# edited\n"
     )
-    ext_of(root, "sidecar.upstream.pool").write_bytes(b"")  # from an older list
-    out = run_in(root, "import sidecar.upstream.pool as p; print(p.__file__)")
+    ext_of(root, "sidecar.upstream.discovery").write_bytes(b"")  # from another list
+    out = run_in(root, "import sidecar.upstream.discovery as d; print(d.__file__)")
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.strip().endswith("pool.py")
+    assert out.stdout.strip().endswith("discovery.py")
 
 
 def test_a_missing_or_unreadable_manifest_counts_as_stale(tmp_path):
