@@ -6,13 +6,12 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import Lines, gave_up, tail
+from helpers import Lines, free_port, gave_up, tail
 
 NAME = "backend.test"
 
@@ -23,23 +22,6 @@ def dnsmasq_path() -> str | None:
     if found is None and os.access("/usr/sbin/dnsmasq", os.X_OK):
         found = "/usr/sbin/dnsmasq"
     return found
-
-
-def free_port() -> int:
-    """A loopback port free for both UDP and TCP (dnsmasq listens on both)."""
-    for _ in range(50):
-        with (
-            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp,
-            socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp,
-        ):
-            udp.bind(("127.0.0.1", 0))
-            port = udp.getsockname()[1]
-            try:
-                tcp.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise AssertionError("no loopback port free for both UDP and TCP")
 
 
 class DnsServer:
@@ -121,7 +103,7 @@ def dns_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[DnsS
         pytest.skip("dnsmasq is not installed (Debian package dnsmasq-base; `make deps`)")
     hosts = tmp_path / "hosts"
     hosts.write_text(f"127.0.0.1 {NAME}\n")
-    server = DnsServer(binary, hosts, free_port())
+    server = DnsServer(binary, hosts, free_port(udp=True))
     try:
         for attempt in range(3):  # the port may be taken between our look and its bind
             try:
@@ -130,7 +112,7 @@ def dns_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[DnsS
             except AssertionError as e:
                 if attempt == 2 or "Address already in use" not in str(e):
                     raise
-                server.port = free_port()
+                server.port = free_port(udp=True)
         monkeypatch.setenv("SIDECAR_DNS_SERVER", f"127.0.0.1:{server.port}")
         yield server
     finally:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import random
 import re
 import signal
+import socket
 import ssl
 import subprocess
 import sys
@@ -19,6 +21,32 @@ from typing import IO
 
 PEM_RE = re.compile(r"-----BEGIN CERTIFICATE-----.*?-----END CERTIFICATE-----\n?", re.S)
 TAIL_LINES = 30
+
+
+def free_port(udp: bool = False) -> int:
+    """A loopback port free now (for TCP, and for UDP too when `udp`), below the kernel's
+    ephemeral range: a port chosen here and bound later by a server the test starts cannot
+    be handed to another process's bind to port 0 in between (a sidecar of the same rig
+    once took, for one of its own listeners, the port kept for its peer's inbound)."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    rng = random.SystemRandom()
+    kinds = (socket.SOCK_STREAM, socket.SOCK_DGRAM) if udp else (socket.SOCK_STREAM,)
+    for _ in range(200):
+        port = rng.randrange(max(1024, low - 12000), low)
+        socks = [socket.socket(socket.AF_INET, kind) for kind in kinds]
+        try:
+            for sock in socks:
+                sock.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        finally:
+            for sock in socks:
+                sock.close()
+        return port
+    raise AssertionError(f"no free loopback port below {low} after 200 tries")
 
 
 def tail(lines: list[str] | str | bytes | None, n: int = TAIL_LINES) -> str:

@@ -19,7 +19,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -30,7 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
-from helpers import tail
+from helpers import free_port, tail
 
 if TYPE_CHECKING:
     import psycopg
@@ -69,12 +68,6 @@ def pg_binaries() -> PgBinaries | None:
     if initdb and pg_ctl and postgres:
         return PgBinaries(initdb, pg_ctl, postgres)
     return None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _run_as() -> pwd.struct_passwd | None:

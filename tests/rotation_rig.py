@@ -15,14 +15,21 @@ from __future__ import annotations
 import base64
 import http.client
 import json
-import random
 import socket
 import ssl
 import time
 from pathlib import Path
 
 import yaml
-from helpers import curl_enroll, mint_token, openssl_csr, run_meshca, start_ca, tail
+from helpers import (  # free_port: also imported from here by the rig's users
+    curl_enroll,
+    free_port,
+    mint_token,
+    openssl_csr,
+    run_meshca,
+    start_ca,
+    tail,
+)
 from mesh import Proc, admin_get, hostport, sidecar_config, start_echo, start_sidecar
 
 from meshca.authority import Authority
@@ -34,28 +41,6 @@ IDS = {
 AUDIENCES = [f"aud-{i}" for i in range(24)]
 ROTATOR = "spiffe://cluster.local/ns/mesh-system/sa/meshca-rotator"  # the CronJob's identity
 LEAF_TTL = "3600"  # an hour: longer than any test, so nothing renews unless asked
-
-
-def free_port() -> int:
-    """A loopback port free now, below the kernel's ephemeral range: a port reserved here and
-    bound later cannot be handed to another process's bind to port 0 in between (a sidecar
-    of the same rig started first once took the port kept for its peer's inbound)."""
-    try:
-        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        low = 32768
-    rng = random.SystemRandom()
-    for _ in range(200):
-        port = rng.randrange(max(1024, low - 12000), low)
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    with socket.socket() as s:  # (all taken: fall back to the kernel's choice)
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for(what: str, check, timeout: float, logs: list[Proc] | tuple = ()) -> None:

@@ -17,19 +17,11 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import BACKEND
-from helpers import Lines, gave_up, start_ca, stop_process, tail
+from helpers import Lines, free_port, gave_up, start_ca, stop_process, tail
 from mesh import admin_get, hostport, proxy_get, sidecar_config, start_echo, start_sidecar
 
 pytestmark = pytest.mark.e2e
 FRONT = "spiffe://cluster.local/ns/shop/sa/web"
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def with_metrics(cfg: Path) -> Path:
