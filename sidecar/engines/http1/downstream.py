@@ -307,7 +307,7 @@ class DownstreamConn(asyncio.Protocol):
         # no body needs no go-ahead.
         expect_continue = bool(expect) and version == "1.1" and has_body
         method = p.get_method()
-        ex = Exchange.parsed(
+        ex = Exchange(
             method,
             bytes(self._url),
             headers,
@@ -315,8 +315,8 @@ class DownstreamConn(asyncio.Protocol):
             p.should_keep_alive(),
             new_record(self.router.direction, self.peer.spiffe_id),
             framing,
-            listed,
             not has_body,
+            listed,
             expect_continue,
         )
         if p.should_upgrade():

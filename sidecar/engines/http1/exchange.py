@@ -174,34 +174,6 @@ class Exchange:
             self.record.retries += (f"{ep} {cause}",)
         return True
 
-    @classmethod
-    def parsed(
-        cls,
-        method: bytes,
-        target: bytes,
-        headers: Headers,
-        version: str,
-        keep_alive: bool,
-        record: ExchangeRecord,
-        framing: Framing,
-        drop: frozenset[bytes],
-        body_done: bool,
-        continue_pending: bool,
-    ) -> Exchange:
-        """A new exchange from a parsed request head."""
-        return cls(
-            method,
-            target,
-            headers,
-            version,
-            keep_alive,
-            record,
-            framing=framing,
-            drop=drop,
-            body_done=body_done,
-            continue_pending=continue_pending,
-        )
-
     def finished_record(self) -> ExchangeRecord:
         """The record, completed with what the engine saw (method, status, time, bytes, and
         the endpoint that answered when there was a choice)."""
