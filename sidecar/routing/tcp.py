@@ -62,7 +62,7 @@ class TcpUpstream(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
         if self.pool is not None:
-            self.pool.discard(self)  # type: ignore[arg-type]
+            self.pool.discard(self)
 
     def abort(self) -> None:
         """Drop the connection."""
@@ -298,5 +298,5 @@ class TcpOutbound(_TcpConn):
             self._admitted = False
             self.pool.done(False)
         if self.up is not None:
-            self.pool.discard(self.up)  # type: ignore[arg-type]
+            self.pool.discard(self.up)
             self.up = None

@@ -5,10 +5,19 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
-if TYPE_CHECKING:
-    from sidecar.engines.http1.upstream import UpstreamConn
+
+class Pooled(Protocol):
+    """A connection a pool holds: an HTTP/1.1 `UpstreamConn`, an HTTP/2 `H2Upstream` or a
+    TCP `TcpUpstream`. A Protocol, not a class: compiled code checks a class-typed value's
+    class, and one pool's connections are of its own protocol only."""
+
+    endpoint: Endpoint | None
+    transport: Any  # (an asyncio transport, None before connection_made)
+
+    def abort(self) -> None:
+        """Close at once."""
 
 
 class Endpoint:
@@ -39,8 +48,8 @@ class Endpoint:
         self.labels: Mapping[str, str] = labels or {}
         self.weight = weight
         self.active = 0  # requests in flight
-        self.idle: list[UpstreamConn] = []  # kept-alive connections, most recent last
-        self.conns: set[UpstreamConn] = set()
+        self.idle: list[Pooled] = []  # kept-alive connections, most recent last
+        self.conns: set[Pooled] = set()
         self.consecutive_errors = 0
         self.ejected_until = 0.0  # loop time; ejected while now < this
         self.ejections = 0  # how many times in a row (the ejection time grows with it)

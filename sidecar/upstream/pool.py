@@ -22,13 +22,12 @@ from typing import TYPE_CHECKING, Any, cast
 from sidecar.errors import SidecarError
 from sidecar.trafficconfig import CircuitBreakerConfig, EndpointSpec, OutlierConfig
 from sidecar.upstream import balancer
-from sidecar.upstream.endpoint import Endpoint
+from sidecar.upstream.endpoint import Endpoint, Pooled
 from sidecar.upstream.outlier import OutlierDetector
 from sidecar.upstream.retry import RetryBudget, RetryPolicy
 
 if TYPE_CHECKING:
     from sidecar.engines.http1.exchange import Upstream
-    from sidecar.engines.http1.upstream import UpstreamConn
 
 log = logging.getLogger("sidecar.upstream")
 
@@ -80,10 +79,10 @@ class UpstreamPool:
         self.per_try_timeout = per_try_timeout  # None: the listener's upstream_timeout
         self.endpoints: list[Endpoint] = []
         self._by_subset: dict[str | None, list[Endpoint]] = {}
-        self.conns: set[UpstreamConn] = set()  # every open connection, idle or busy
+        self.conns: set[Pooled] = set()  # every open connection, idle or busy
         self.connecting = 0
         # Requests waiting at max_connections: for a connection to their endpoint, or a place.
-        self.waiters: collections.deque[tuple[Endpoint, asyncio.Future[UpstreamConn | None]]] = (
+        self.waiters: collections.deque[tuple[Endpoint, asyncio.Future[Pooled | None]]] = (
             collections.deque()
         )
         self.active_requests = 0
@@ -174,7 +173,7 @@ class UpstreamPool:
         while idle:
             conn = idle.pop()
             if conn.transport is not None and not conn.transport.is_closing():
-                return conn
+                return cast("Upstream", conn)  # (HTTP/1.1: the connection carries the exchange)
         return None
 
     async def connect(self, ep: Endpoint) -> Upstream:
@@ -193,7 +192,7 @@ class UpstreamPool:
             if len(self.waiters) >= self.breaker.max_pending:
                 self.overloaded += 1
                 raise SidecarError("overloaded", f"{self.label}: too many requests waiting")
-            fut: asyncio.Future[UpstreamConn | None] = asyncio.get_running_loop().create_future()
+            fut: asyncio.Future[Pooled | None] = asyncio.get_running_loop().create_future()
             waiter = (ep, fut)
             self.waiters.append(waiter)
             try:
@@ -208,7 +207,7 @@ class UpstreamPool:
                     self.waiters.remove(waiter)
             if handed is not None:
                 if handed.transport is not None and not handed.transport.is_closing():
-                    return handed
+                    return cast("Upstream", handed)
                 self._drop(handed)
             # a place is free (or the handed connection closed on the way): look again
         self.connecting += 1
@@ -291,7 +290,7 @@ class UpstreamPool:
         else idle (closed instead when a request waits for another endpoint: its place)."""
         if self.multiplexed:
             return  # an HTTP/2 stream never used: its connection stays shared
-        conn = cast("UpstreamConn", up)
+        conn = cast(Pooled, up)  # (an HTTP/1.1 pool: the connection is its own upstream)
         ep = conn.endpoint
         if self.waiters:  # (none, the common case: no pass over them)
             for waiter in self.waiters:
@@ -308,7 +307,7 @@ class UpstreamPool:
         else:
             conn.abort()
 
-    def discard(self, conn: UpstreamConn) -> None:
+    def discard(self, conn: Pooled) -> None:
         """Forget a connection that closed; a request waiting for a place may dial."""
         if conn not in self.conns:
             return
@@ -330,11 +329,11 @@ class UpstreamPool:
                 fut.set_result(None)
                 break
 
-    def _drop(self, conn: UpstreamConn) -> None:
+    def _drop(self, conn: Pooled) -> None:
         self.discard(conn)
         conn.abort()
 
-    def _idle_elsewhere(self, ep: Endpoint) -> UpstreamConn | None:
+    def _idle_elsewhere(self, ep: Endpoint) -> Pooled | None:
         for other in self.endpoints:
             if other is not ep and other.idle:
                 return other.idle.pop(0)  # the oldest

@@ -191,7 +191,7 @@ class H2Upstream(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         """Every stream still open fails (a reset: it may be retried)."""
-        self.pool.discard(self)  # type: ignore[arg-type]
+        self.pool.discard(self)
         for st in list(self.streams.values()):
             st.on_lost()
         self.streams.clear()
