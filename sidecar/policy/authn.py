@@ -15,7 +15,9 @@ token until it expires, together with the key that verified them: a cache hit
 holds only while the issuer's key set still has that same key, so a key that
 left the JWKS (after a successful refresh) takes every token it signed with it,
 cached or not. While the JWKS endpoint is down, the last good key set stays, and
-so do the tokens it verified.
+so do the tokens it verified. A token enters the cache the second time it
+verifies, not the first (see `SEEN_SIZE`): tokens used once each neither fill
+the cache nor push out the ones callers reuse.
 """
 
 from __future__ import annotations
@@ -45,6 +47,15 @@ DEFAULT_ALGORITHMS = ("ES256", "RS256", "EdDSA")
 # per pod; past that, tokens are verified on every request, as HAProxy's `jwt_verify`
 # always does (it has no cache).
 CACHE_SIZE = 4096
+# Admission, a doorkeeper as in TinyLFU (Einziger et al.; Caffeine's cache): a verified token
+# is cached only if it verified before, within the last two generations of SEEN_SIZE
+# distinct tokens (kept as their hash(), about 100 bytes each). A caller that reuses its
+# token pays a second verification, once; a stream of tokens used once each (a new token
+# per request, JWT-SVIDs minted per call, a client population past CACHE_SIZE) costs no
+# cache insertion and eviction, does not grow the sidecar by the cache's 4 MiB, and does
+# not push out the tokens in use. A hash collision only admits a token that has just
+# verified; it never lets one skip verification.
+SEEN_SIZE = CACHE_SIZE
 
 
 class InvalidToken(Exception):
@@ -145,6 +156,8 @@ class Authenticator:
         self.sources = sorted({(r.from_header, r.prefix) for r in issuers})
         self.strip = frozenset(r.claims_header for r in issuers if r.claims_header)
         self._cache: OrderedDict[str, Identity] = OrderedDict()
+        self._seen: set[int] = set()  # hash() of tokens verified once, this generation
+        self._seen_before: set[int] = set()  # ... and the one before
 
     def find_token(self, headers: list[tuple[bytes, bytes]]) -> str | None:
         """The token from the configured header; InvalidToken if malformed or duplicated."""
@@ -175,18 +188,43 @@ class Authenticator:
             raise InvalidToken("malformed token (not ASCII)") from None
 
     def verify(self, token: str) -> Identity:
-        """Verify `token` fully, or from the cache; InvalidToken, or NeedKeys (refresh once)."""
+        """Verify `token` fully, or from the cache; InvalidToken, or NeedKeys (refresh once).
+
+        A token that verified is cached if it was cached already (its key set changed) or
+        verified before (`SEEN_SIZE`)."""
         now = self.clock()
-        hit = self._cache.get(token)
+        cache = self._cache
+        hit = cache.get(token)
         if hit is not None:
             if now < hit.exp + hit.issuer.leeway and self._key_still_there(hit):
                 return hit
-            del self._cache[token]
-        ident = self._verify(token, now)
-        self._cache[token] = ident
-        if len(self._cache) > CACHE_SIZE:
-            self._cache.popitem(last=False)
+            del cache[token]
+            ident = self._verify(token, now)
+        else:
+            ident = self._verify(token, now)
+            if not self._seen_again(token):
+                return ident
+        cache[token] = ident
+        if len(cache) > CACHE_SIZE:
+            cache.popitem(last=False)
         return ident
+
+    def _seen_again(self, token: str) -> bool:
+        """Has `token` verified before (within two generations of SEEN_SIZE tokens)? If not,
+        remember that it has now."""
+        h = hash(token)  # the cache lookup computed it: a str keeps its hash
+        seen = self._seen
+        if h in seen or h in self._seen_before:
+            return True
+        seen.add(h)
+        if len(seen) >= SEEN_SIZE:
+            self._seen_before = seen
+            self._seen = set()
+        return False
+
+    def is_cached(self, token: str) -> bool:
+        """Is `token` in the verified-token cache (in use, not a token seen once)?"""
+        return token in self._cache
 
     @staticmethod
     def _key_still_there(hit: Identity) -> bool:

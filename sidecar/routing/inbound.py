@@ -241,13 +241,22 @@ class InboundRouter(Router):
             )
 
         policy = self.policy.current
+        memo = len(path_text) + (len(token) if token else 0) <= DECISION_KEY_MAX
         if ident is None:
             key: tuple = (peer, path_text, method, None)
         elif policy.reads_claims:  # a token fixes its claims
             key = (peer, path_text, method, token)
+            # only for a token in use (the authenticator cached it): a token seen once
+            # would fill the memo with decisions never read again
+            memo = (
+                memo
+                and token is not None
+                and self.authn is not None
+                and (self.authn.is_cached(token))
+            )
         else:  # no rule reads claims: tokens of one principal decide alike
             key = (peer, path_text, method, ident.principal_parts)
-        if len(path_text) + (len(token) if token else 0) <= DECISION_KEY_MAX:
+        if memo:
             decision = policy.decide_cached(key, facts)
         else:
             decision = policy.decide(facts())

@@ -53,11 +53,20 @@ def test_find_token_sources(keys):
         a.find_token([(b"Authorization", b"Bearer a"), (b"Authorization", b"Bearer b")])
 
 
+def in_use(a: Authenticator, t: str):
+    """Verify `t` as a caller that reuses its token does: the second verification caches it."""
+    first = a.verify(t)
+    assert not a.is_cached(t)
+    ident = a.verify(t)
+    assert a.is_cached(t) and ident is not first and ident.claims == first.claims
+    return ident
+
+
 def test_verify_and_cache_until_expiry(keys):
     now = [time.time()]
     a = make(keys, clock=lambda: now[0], leeway=0)
     t = token(keys[0])
-    ident = a.verify(t)
+    ident = in_use(a, t)
     assert ident.request_principal == f"{ISS}/u1"
     assert a.verify(t) is ident  # cached
     now[0] += 120
@@ -94,7 +103,7 @@ def test_cached_token_goes_when_its_key_leaves_the_jwks(keys, tmp_path):
     key, source = keys
     a = make(keys)
     t = token(key)
-    a.verify(t)
+    in_use(a, t)
     other = ec.generate_private_key(ec.SECP256R1())
     jwk = json.loads(jwt.algorithms.ECAlgorithm.to_jwk(other.public_key()))
     jwk["kid"] = "k2"
@@ -107,7 +116,7 @@ def test_cached_token_stays_while_the_jwks_cannot_be_read(keys):
     key, source = keys
     a = make(keys)
     t = token(key)
-    ident = a.verify(t)
+    ident = in_use(a, t)
     source.path.write_text("not json")  # a bad document never replaces the last good one
     assert a.verify(t) is ident
     source.path.unlink()
@@ -369,7 +378,7 @@ def test_a_cached_token_is_verified_again_when_its_kid_names_another_key(keys):
     key, source = keys
     a = make(keys)
     t = token(key)
-    first = a.verify(t)
+    first = in_use(a, t)
     assert a.verify(t) is first  # a hit while the key set is the same
     other = ec.generate_private_key(ec.SECP256R1())
     write_jwks(source, jwk_of(other.public_key(), "k1"))
@@ -384,8 +393,8 @@ def test_a_key_that_left_takes_its_tokens_and_only_those(keys):
     write_jwks(source, jwk_of(key.public_key(), "k1"), jwk_of(other.public_key(), "k2"))
     a = make(keys)
     t1, t2 = token(key), token(other, kid="k2")
-    a.verify(t1)
-    ident2 = a.verify(t2)
+    in_use(a, t1)
+    ident2 = in_use(a, t2)
     write_jwks(source, jwk_of(other.public_key(), "k2"))  # k1 leaves
     with pytest.raises(NeedKeys):
         a.verify(t1)
@@ -399,7 +408,7 @@ def test_the_cache_keeps_at_most_cache_size_tokens_the_oldest_go_first(keys, mon
     monkeypatch.setattr(authn, "CACHE_SIZE", 4)
     a = make(keys)
     tokens = [token(keys[0], jti=f"t{i}") for i in range(6)]
-    first = [a.verify(t) for t in tokens]
+    first = [in_use(a, t) for t in tokens]
     assert len(a._cache) == 4
     assert all(a.verify(t) is ident for t, ident in zip(tokens[2:], first[2:], strict=True))
     again = a.verify(tokens[0])
@@ -418,4 +427,84 @@ def test_a_cached_identity_has_the_tokens_claims(keys, extra):
     t = token(keys[0], **extra)
     carried = json.loads(base64.urlsafe_b64decode(t.split(".")[1] + "=="))
     assert a.verify(t).claims == carried
-    assert a.verify(t).claims == carried  # (a hit)
+    assert a.verify(t).claims == carried  # (verified again, now cached)
+    assert a.is_cached(t) and a.verify(t).claims == carried  # (a hit)
+
+
+# -- admission: a token is cached the second time it verifies ---------------------------------
+
+
+def test_a_token_enters_the_cache_the_second_time_it_verifies(keys):
+    a = make(keys)
+    t = token(keys[0])
+    once = a.verify(t)
+    assert not a.is_cached(t) and len(a._cache) == 0
+    twice = a.verify(t)  # verified again (a new identity), and kept
+    assert twice is not once and twice.claims == once.claims and a.is_cached(t)
+    assert a.verify(t) is twice
+
+
+def test_tokens_used_once_do_not_push_out_the_tokens_in_use(keys, monkeypatch):
+    """A stream of distinct tokens, each used once (a new token per request), many times the
+    cache's size: the tokens callers reuse stay cached, and the cache does not grow."""
+    monkeypatch.setattr(authn, "CACHE_SIZE", 4)
+    monkeypatch.setattr(authn, "SEEN_SIZE", 8)
+    a = make(keys)
+    reused = [token(keys[0], jti=f"in-use-{i}") for i in range(4)]
+    kept = [in_use(a, t) for t in reused]
+    for i in range(40):
+        one_shot = token(keys[0], jti=f"once-{i}")
+        assert a.verify(one_shot).claims["jti"] == f"once-{i}"
+        assert not a.is_cached(one_shot)
+    assert list(a._cache) == reused
+    assert all(a.verify(t) is ident for t, ident in zip(reused, kept, strict=True))
+    assert len(a._seen) + len(a._seen_before) <= 2 * 8  # two generations, bounded
+
+
+def test_a_token_is_remembered_for_two_generations_of_tokens_seen_once(keys, monkeypatch):
+    """Seen once, then SEEN_SIZE other tokens: the second use still caches it (the previous
+    generation remembers it). Seen once, then two generations' worth: it is verified and
+    remembered anew, as a token seen for the first time."""
+    monkeypatch.setattr(authn, "SEEN_SIZE", 4)
+    a = make(keys)
+    others = iter(token(keys[0], jti=f"other-{i}") for i in range(100))
+    t = token(keys[0], jti="late")
+    a.verify(t)
+    for _ in range(4):
+        a.verify(next(others))
+    a.verify(t)
+    assert a.is_cached(t)
+
+    u = token(keys[0], jti="later")
+    a.verify(u)
+    for _ in range(8):
+        a.verify(next(others))
+    a.verify(u)
+    assert not a.is_cached(u)  # forgotten: this was its first verification again
+    a.verify(u)
+    assert a.is_cached(u)
+
+
+@pytest.mark.parametrize("failure", ["unknown kid", "expired"])
+def test_a_token_that_failed_to_verify_was_not_seen(keys, failure):
+    """Only a verification that succeeded counts towards admission: a token refused (its key
+    not yet in the JWKS, or expired and then the clock moved back: the test's clock) and
+    then verified is not cached by that verification."""
+    key, source = keys
+    now = [time.time()]
+    a = make(keys, clock=lambda: now[0], leeway=0)
+    if failure == "unknown kid":
+        t = token(key, kid="k2")
+        with pytest.raises(NeedKeys):
+            a.verify(t)
+        write_jwks(source, jwk_of(key.public_key(), "k1"), jwk_of(key.public_key(), "k2"))
+    else:
+        t = token(key)
+        now[0] += 120
+        with pytest.raises(InvalidToken, match="expired"):
+            a.verify(t)
+        now[0] -= 120
+    a.verify(t)
+    assert not a.is_cached(t)
+    a.verify(t)
+    assert a.is_cached(t)

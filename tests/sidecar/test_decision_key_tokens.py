@@ -96,3 +96,23 @@ def test_no_token_and_a_token_are_decided_apart(tmp_path, rules_read_claims):
     ex = Exchange(b"GET", b"/orders", headers, "1.1", True, ExchangeRecord("inbound"))
     with pytest.raises(SidecarError):
         r.route(Caller(), ex)
+
+
+def test_a_policy_that_reads_claims_memoizes_only_tokens_in_use(tmp_path):
+    """Under a policy that decides per token, a token used once (a new token on every
+    request) leaves no decision behind; a token in use (the authenticator cached it, at
+    its second verification) gets one, and it is the one read from then on."""
+    r = router(
+        tmp_path,
+        [{"name": "admins", "action": "ALLOW", "when": [{"claim": "role", "values": ["admin"]}]}],
+    )
+    memo = r.policy.current._cache
+    fresh = [token("alice", jti=f"t{n}", role="admin" if n % 2 else "user") for n in range(40)]
+    assert [status(r, t) for t in fresh] == [200 if n % 2 else 403 for n in range(40)]
+    assert len(memo) == 0
+    reused = token("bob", role="admin")
+    assert [status(r, reused) for _ in range(4)] == [200] * 4
+    assert len(memo) == 1 and next(iter(memo))[3] == reused.decode()
+    denied = token("carol", role="user")
+    assert [status(r, denied) for _ in range(3)] == [403] * 3
+    assert len(memo) == 2
