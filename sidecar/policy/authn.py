@@ -49,12 +49,14 @@ DEFAULT_ALGORITHMS = ("ES256", "RS256", "EdDSA")
 CACHE_SIZE = 4096
 # Admission, a doorkeeper as in TinyLFU (Einziger et al.; Caffeine's cache): a verified token
 # is cached only if it verified before, within the last two generations of SEEN_SIZE
-# distinct tokens (kept as their hash(), about 100 bytes each). A caller that reuses its
-# token pays a second verification, once; a stream of tokens used once each (a new token
-# per request, JWT-SVIDs minted per call, a client population past CACHE_SIZE) costs no
-# cache insertion and eviction, does not grow the sidecar by the cache's 4 MiB, and does
-# not push out the tokens in use. A hash collision only admits a token that has just
-# verified; it never lets one skip verification.
+# tokens verified for the first time (kept as their hash(), about 70 bytes each). A caller
+# that reuses its token pays a second verification, once; a stream of tokens used once each
+# (a new token per request, JWT-SVIDs minted per call) costs no cache insertion and
+# eviction, does not grow the sidecar by the cache's 4 MiB, and does not push out the
+# tokens in use. (It does not help callers that reuse their tokens but outnumber
+# CACHE_SIZE: each is admitted, and they push each other out, oldest first.) A hash
+# collision only admits a token that has just verified; it never lets one skip
+# verification.
 SEEN_SIZE = CACHE_SIZE
 
 

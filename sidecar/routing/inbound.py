@@ -248,12 +248,8 @@ class InboundRouter(Router):
             key = (peer, path_text, method, token)
             # only for a token in use (the authenticator cached it): a token seen once
             # would fill the memo with decisions never read again
-            memo = (
-                memo
-                and token is not None
-                and self.authn is not None
-                and (self.authn.is_cached(token))
-            )
+            authn = self.authn
+            memo = memo and token is not None and authn is not None and authn.is_cached(token)
         else:  # no rule reads claims: tokens of one principal decide alike
             key = (peer, path_text, method, ident.principal_parts)
         if memo:

@@ -462,9 +462,10 @@ def test_tokens_used_once_do_not_push_out_the_tokens_in_use(keys, monkeypatch):
 
 
 def test_a_token_is_remembered_for_two_generations_of_tokens_seen_once(keys, monkeypatch):
-    """Seen once, then SEEN_SIZE other tokens: the second use still caches it (the previous
-    generation remembers it). Seen once, then two generations' worth: it is verified and
-    remembered anew, as a token seen for the first time."""
+    """The first token of a generation, seen once, then SEEN_SIZE other tokens seen once:
+    the second use still caches it (the previous generation remembers it). Seen once,
+    then two generations' worth: it is verified and remembered anew, as a token seen for
+    the first time."""
     monkeypatch.setattr(authn, "SEEN_SIZE", 4)
     a = make(keys)
     others = iter(token(keys[0], jti=f"other-{i}") for i in range(100))
@@ -508,3 +509,21 @@ def test_a_token_that_failed_to_verify_was_not_seen(keys, failure):
     assert not a.is_cached(t)
     a.verify(t)
     assert a.is_cached(t)
+
+
+def test_a_cached_token_verified_again_for_a_new_key_set_stays_cached(keys, monkeypatch):
+    """A token in the cache whose issuer's key set was reloaded (new key objects, the same
+    key) is verified again and stays cached, however long ago it was first seen: it is in
+    use, the admission rule is not asked again."""
+    monkeypatch.setattr(authn, "SEEN_SIZE", 2)
+    key, source = keys
+    a = make(keys)
+    t = token(key)
+    ident = in_use(a, t)
+    for i in range(4):  # two generations: t's hash is forgotten
+        a.verify(token(key, jti=f"other-{i}"))
+    assert hash(t) not in a._seen and hash(t) not in a._seen_before
+    write_jwks(source, jwk_of(key.public_key(), "k1"))  # the same key, reloaded
+    again = a.verify(t)
+    assert again is not ident and again.claims == ident.claims
+    assert a.is_cached(t) and a.verify(t) is again
