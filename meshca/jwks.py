@@ -38,17 +38,22 @@ def parse_jwks(data: bytes, where: str) -> jwt.PyJWKSet:
         raise ValueError(f"{where} is not a usable JWKS: {e}") from None
 
 
-def pick(keyset: jwt.PyJWKSet | None, kid: str | None) -> jwt.PyJWK | None:
-    """The key with `kid`; with no kid, the only key (None if there are several)."""
-    if keyset is None:
-        return None
+def index(keyset: jwt.PyJWKSet) -> dict[str | None, jwt.PyJWK]:
+    """Each key by its `kid` (the first, if a document repeats one), and under None the
+    only key, if there is only one (a token without a kid may use it, and no other).
+
+    Built once per document, so a lookup per request is one dictionary access. A kid that
+    is not a string in the document is left out: a token's kid always is one, and never
+    matches it."""
     keys = keyset.keys
-    if kid is None:
-        return keys[0] if len(keys) == 1 else None
+    out: dict[str | None, jwt.PyJWK] = {}
     for k in keys:
-        if k.key_id == kid:
-            return k
-    return None
+        kid = k.key_id
+        if isinstance(kid, str):
+            out.setdefault(kid, k)
+    if len(keys) == 1:
+        out[None] = keys[0]
+    return out
 
 
 class JwksSource:
@@ -81,13 +86,13 @@ class FileJwks(JwksSource):
         self._mtime: int | None = None
         self._checked = 0.0
         self._check_every = check_every
-        self._set: jwt.PyJWKSet | None = None
+        self._keys: dict[str | None, jwt.PyJWK] = {}
         self._load()  # fail closed at start-up if the file is bad
 
     def _load(self) -> None:
         st = self.path.stat()
         if st.st_mtime_ns != self._mtime:
-            self._set = parse_jwks(self.path.read_bytes(), str(self.path))
+            self._keys = index(parse_jwks(self.path.read_bytes(), str(self.path)))
             self._mtime = st.st_mtime_ns
 
     def get(self, kid: str | None) -> jwt.PyJWK | None:
@@ -99,7 +104,7 @@ class FileJwks(JwksSource):
                 self._load()
             except (OSError, ValueError) as e:
                 log.warning("keeping the previous JWKS: %s", e)
-        return pick(self._set, kid)
+        return self._keys.get(kid)
 
     async def refresh(self) -> bool:
         """Look at the file again now."""
@@ -147,7 +152,7 @@ class UrlJwks(JwksSource):
         self._bearer_file = bearer_file
         self._refresh = refresh
         self._min_interval = min_interval
-        self._set: jwt.PyJWKSet | None = None
+        self._keys: dict[str | None, jwt.PyJWK] = {}
         self._fetched_at = -1e9
         self._tried_at = -1e9
         self._lock = asyncio.Lock()
@@ -182,7 +187,7 @@ class UrlJwks(JwksSource):
             if not isinstance(jwks_uri, str) or not jwks_uri.startswith("https://"):
                 raise ValueError(f"{where}: jwks_uri must be an https:// URL")
             self._jwks_uri = jwks_uri
-        self._set = parse_jwks(await self._get(self._jwks_uri), self._jwks_uri)
+        self._keys = index(parse_jwks(await self._get(self._jwks_uri), self._jwks_uri))
         self._fetched_at = time.monotonic()
 
     def get(self, kid: str | None) -> jwt.PyJWK | None:
@@ -194,7 +199,7 @@ class UrlJwks(JwksSource):
                 self._background = asyncio.get_running_loop().create_task(self.refresh())
             except RuntimeError:  # no running loop (a synchronous caller): skip
                 pass
-        return pick(self._set, kid)
+        return self._keys.get(kid)
 
     async def refresh(self) -> bool:
         """Fetch now unless one was tried within `min_interval`; True if tried.
