@@ -13,7 +13,16 @@ The JWT paths put a bearer ES256 token on each request to an inbound with one is
 and a policy that allows its request principals: one token reused (the verified-token
 cache hits) or a new token on every request (each verified in full).
 
-    python bench/bench_http_path.py [--requests N] [--rounds R] [--profile]
+Then each path one request at a time, twice: as is (warm: what the request path touches
+is still in the CPU's caches from the request before), and cold, with `--cold-mib` MiB of
+memory written between requests (64 by default: more than this machine's 32 MiB L3
+cache), so that the request finds its code and data in main memory, as a request that
+comes alone after other processes ran does (the c=1 row of bench-peers). The cold figure
+moves with how much memory one request touches, which the warm one hides. Wall time per
+request, around the request alone (`perf_counter_ns`; a CPU clock is a system call
+here), medians: on a quiet machine.
+
+    python bench/bench_http_path.py [--requests N] [--rounds R] [--cold-mib M] [--profile]
 """
 
 from __future__ import annotations
@@ -284,6 +293,43 @@ async def drive(
     return time.process_time() - t0
 
 
+async def drive_alone(
+    make_conn: Callable[[Wire], DownstreamConn],
+    request: bytes | Callable[[], bytes],
+    n: int,
+    evict: bytearray | None,
+) -> list[int]:
+    """`n` requests on one connection, one at a time, `evict` written over before each
+    (outside the timing); nanoseconds of each, from its bytes arriving to its answer."""
+    next_request = request if callable(request) else lambda: request
+    loop = asyncio.get_running_loop()
+    done = loop.create_future()
+    samples: list[int] = []
+    started = 0
+    ones = b"\x01" * (len(evict) // 64) if evict is not None else b""
+
+    def start() -> None:
+        nonlocal started
+        if evict is not None:
+            evict[::64] = ones  # one byte per 64-byte cache line
+        started = time.perf_counter_ns()
+        conn.data_received(next_request())
+
+    def on_write(data: bytes) -> None:
+        samples.append(time.perf_counter_ns() - started)
+        if not data.endswith(b"ok\n"):
+            raise SystemExit(f"unexpected answer: {data[:200]!r}")
+        if len(samples) < n:
+            loop.call_soon(start)
+        elif not done.done():
+            done.set_result(None)
+
+    conn = make_conn(Wire(on_write))
+    loop.call_soon(start)
+    await done
+    return samples
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--requests", type=int, default=20000)
@@ -291,12 +337,21 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2000, help="requests per path before measuring")
     ap.add_argument("--profile", action="store_true", help="cProfile one round of each path")
+    ap.add_argument(
+        "--cold-mib",
+        type=int,
+        default=64,
+        help="MiB written between requests for the cold figures (0: no cold figures)",
+    )
+    ap.add_argument("--alone", type=int, default=2000, help="requests per path, one at a time")
     args = ap.parse_args()
     tmp = tempfile.TemporaryDirectory()  # the JWKS file is read while the bench runs
     tokens = Tokens()
     inbound, inbound_jwt, outbound, web_der = setup(Path(tmp.name), tokens)
+    alone: dict[str, tuple[float, float]] = {}
     drives = 1 + args.rounds + (1 if args.profile else 0)
     count = args.warmup + args.requests * (drives - 1) + args.conns * drives
+    count += 2 * args.alone + 2 if args.cold_mib else 0
     print(f"signing {count} tokens ...", file=sys.stderr, flush=True)
     fresh = iter(
         [
@@ -358,6 +413,12 @@ def main() -> None:
             for name, (make, req) in paths.items():
                 cpu = await drive(make, req, args.requests, args.conns)
                 got[name].append(cpu * 1e6 / args.requests)
+        if args.cold_mib:
+            evict = bytearray(args.cold_mib << 20)
+            for name, (make, req) in paths.items():
+                warm = await drive_alone(make, req, args.alone, None)
+                cold = await drive_alone(make, req, args.alone, evict)
+                alone[name] = (statistics.median(warm) / 1e3, statistics.median(cold) / 1e3)
         return got
 
     try:
@@ -372,6 +433,13 @@ def main() -> None:
     print(f"{'path':32s} {'µs CPU/request (median)':>24s}  rounds")
     for name, vals in got.items():
         print(f"{name:32s} {statistics.median(vals):24.2f}  {' '.join(f'{v:.2f}' for v in vals)}")
+    if alone:
+        print(
+            f"\none request at a time, µs per request (median of {args.alone}): warm, and cold"
+            f" ({args.cold_mib} MiB written between requests)"
+        )
+        for name, (warm_us, cold_us) in alone.items():
+            print(f"{name:32s} {warm_us:10.2f} {cold_us:10.2f}  (x{cold_us / warm_us:.1f})")
     sys.stdout.flush()
 
 
