@@ -16,9 +16,10 @@ cache hits) or a new token on every request (each verified in full).
 Then each path one request at a time, twice: as is (warm: what the request path touches
 is still in the CPU's caches from the request before), and cold, with `--cold-mib` MiB of
 memory written between requests (64 by default: more than this machine's 32 MiB L3
-cache), so that the request finds its code and data in main memory, as a request that
-comes alone after other processes ran does (the c=1 row of bench-peers). The cold figure
-moves with how much memory one request touches, which the warm one hides. Wall time per
+cache), so that the request finds its code and data in main memory: harsher than what a
+request that comes alone after other processes ran meets (the c=1 row of bench-peers), an
+upper bound that moves with how much memory one request touches, which the warm figure
+hides. Wall time per
 request, around the request alone (`perf_counter_ns`; a CPU clock is a system call
 here), medians: on a quiet machine.
 
@@ -351,7 +352,7 @@ def main() -> None:
     alone: dict[str, tuple[float, float]] = {}
     drives = 1 + args.rounds + (1 if args.profile else 0)
     count = args.warmup + args.requests * (drives - 1) + args.conns * drives
-    count += 2 * args.alone + 2 if args.cold_mib else 0
+    count += (2 * args.alone + 2) if args.cold_mib else 0  # the warm and cold runs alone
     print(f"signing {count} tokens ...", file=sys.stderr, flush=True)
     fresh = iter(
         [
