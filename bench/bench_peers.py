@@ -41,7 +41,8 @@ wrk completed. The sidecar is one process per pod role (outbound; inbound; inbou
 JWT), HAProxy one process per role (outbound; inbound, both frontends); processes not on
 the path are not counted. Loopback TCP's kernel work is charged to whichever process
 sends, alike for both. Also printed: req/s, p50/p99 (wrk --latency), the resident memory
-(VmRSS) of every proxy before the first round and after the last.
+(VmRSS) of every proxy before the first round and after the last, and after the last
+how much of it is the process's own (RssAnon) and how much pages of mapped files (RssFile).
 
 Pinning: the proxies under test run on core 0 (`taskset -c 0`), wrk, the shim and nginx
 on core 1, so the load generator never takes CPU from the proxies, and both proxies of a
@@ -283,6 +284,16 @@ def rss_mib(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     raise BenchError(f"no VmRSS for process {pid}")
+
+
+def rss_split_mib(pid: int) -> tuple[float, float]:
+    """(RssAnon, RssFile) of a process in MiB: memory of its own, and pages of mapped files
+    (code, read-only data), which processes mapping the same files share."""
+    got = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(("RssAnon:", "RssFile:")):
+            got[line.split(":")[0]] = int(line.split()[1]) / 1024
+    return got.get("RssAnon", 0.0), got.get("RssFile", 0.0)
 
 
 # ---------------------------------------------------------------- certificates and tokens
@@ -881,6 +892,15 @@ http {{
             if not (proxy == "haproxy" and role == "in_jwt")  # the same process as "in"
         }
 
+    def rss_split(self) -> dict[str, tuple[float, float]]:
+        """(RssAnon, RssFile) MiB of every proxy process under test, keyed as `rss()`."""
+        return {
+            f"{proxy} {role}": rss_split_mib(pid)
+            for proxy in PROXIES
+            for role, pid in self.pids[proxy].items()
+            if not (proxy == "haproxy" and role == "in_jwt")
+        }
+
     def run(self) -> int:
         """Set up, check, warm up, measure the rounds, print; the exit status."""
         a = self.args
@@ -933,7 +953,8 @@ http {{
                 results.setdefault((DIRECT, DIRECT), []).append(run)
                 self.report_run(rnd, "nginx", "directly, c=1", run)
         rss_after = self.rss()
-        self.summary(results, rss_idle, rss_before, rss_after)
+        split = self.rss_split()
+        self.summary(results, rss_idle, rss_before, rss_after, split)
         if self.errors:
             print("\nERRORS:", *self.errors, sep="\n  ")
             return 1
@@ -957,6 +978,7 @@ http {{
         rss_idle: dict[str, float],
         rss_before: dict[str, float],
         rss_after: dict[str, float],
+        split: dict[str, tuple[float, float]],
     ) -> None:
         """The target table, per-round ratios, req/s and latency, resident memory."""
         a = self.args
@@ -1054,18 +1076,24 @@ http {{
                 "| - | - |"
             )
 
-        print("\n| process | RSS MiB at start | before the first round | after the last | change |")
-        print("| --- | --- | --- | --- | --- |")
+        print(
+            "\n| process | RSS MiB at start | before the first round | after the last | change "
+            "| after: anonymous + files |"
+        )
+        print("| --- | --- | --- | --- | --- | --- |")
         for k in rss_after:
+            anon, files = split[k]
             print(
                 f"| {k} | {rss_idle[k]:.1f} | {rss_before[k]:.1f} | {rss_after[k]:.1f} | "
-                f"{rss_after[k] - rss_before[k]:+.1f} |"
+                f"{rss_after[k] - rss_before[k]:+.1f} | {anon:.1f} + {files:.1f} |"
             )
         print(
             "\n(sidecar in = inbound, mTLS only; in_jwt = inbound with JWT; out = outbound; "
             "HAProxy in serves both inbound frontends. Ratio = HAProxy µs / sidecar µs = "
             "requests per CPU-second, sidecar / HAProxy. HAProxy checks the server's DNS SAN "
-            f"({SVC}), the sidecar its SPIFFE ID ({API_ID}); 'flat' = growth <= 2 MiB or 5 %.)"
+            f"({SVC}), the sidecar its SPIFFE ID ({API_ID}); 'flat' = growth <= 2 MiB or 5 %. "
+            "Anonymous memory is each process's own; file pages (code, read-only data) are "
+            "shared by the processes that map the same files.)"
         )
 
 

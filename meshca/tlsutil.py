@@ -1,9 +1,12 @@
 """TLS helpers shared by the CA and the sidecar: load an in-memory chain and key into an
 `ssl.SSLContext`, and turn session resumption off on a server context.
 
-Python's ssl module only loads keys from files. The key is written to a private
-directory on a memory-backed filesystem when there is one (/dev/shm), mode 0600,
-and removed as soon as OpenSSL has read it.
+Python's ssl module only loads keys from files. On Linux the chain and key go into
+anonymous memory files (memfd_create) that no directory names and that close as soon
+as OpenSSL has read them through /proc/self/fd: the key never has a path another
+process could open, and a crash leaves nothing behind. Where that is not available the
+key is written to a private directory on a memory-backed filesystem when there is one
+(/dev/shm), mode 0600, and removed as soon as OpenSSL has read it.
 """
 
 from __future__ import annotations
@@ -13,7 +16,6 @@ import ctypes
 import logging
 import os
 import ssl
-import tempfile
 from pathlib import Path
 
 log = logging.getLogger("meshca.tls")
@@ -23,8 +25,45 @@ _SHM = Path("/dev/shm")  # noqa: S108 (a private mkdtemp dir inside it, 0700)
 
 def load_chain(ctx: ssl.SSLContext, chain_pem: str | bytes, key_pem: bytes) -> None:
     """Load `chain_pem` (leaf first) and its private key into `ctx` for new handshakes."""
-    base = str(_SHM) if _SHM.is_dir() and os.access(_SHM, os.W_OK) else None
     chain = chain_pem.encode() if isinstance(chain_pem, str) else chain_pem
+    fds = _memory_files(chain, key_pem)
+    if fds is None:
+        _load_through_directory(ctx, chain, key_pem)
+        return
+    try:
+        ctx.load_cert_chain(f"/proc/self/fd/{fds[0]}", f"/proc/self/fd/{fds[1]}")
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def _memory_files(*contents: bytes) -> list[int] | None:
+    """One anonymous memory file (memfd) per item, holding it, readable through
+    /proc/self/fd; None where memfd or /proc is missing (not Linux, a seccomp profile that
+    refuses the call), with nothing left open."""
+    create = getattr(os, "memfd_create", None)
+    if create is None or not os.path.isdir("/proc/self/fd"):
+        return None
+    fds: list[int] = []
+    try:
+        for data in contents:
+            fds.append(create("meshca-tls", os.MFD_CLOEXEC))
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fds[-1], view) :]
+    except OSError:
+        for fd in fds:
+            os.close(fd)
+        return None
+    return fds
+
+
+def _load_through_directory(ctx: ssl.SSLContext, chain: bytes, key_pem: bytes) -> None:
+    """`load_chain` through files in a private directory (0700, the key 0600) on /dev/shm
+    when there is one, removed once OpenSSL has read them."""
+    import tempfile  # only here: it brings shutil, bz2 and lzma (0.6 MiB resident)
+
+    base = str(_SHM) if _SHM.is_dir() and os.access(_SHM, os.W_OK) else None
     with tempfile.TemporaryDirectory(prefix="meshca-tls-", dir=base) as tmp:
         cert_path, key_path = Path(tmp, "tls.crt"), Path(tmp, "tls.key")
         fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
