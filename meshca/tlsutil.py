@@ -3,16 +3,19 @@
 
 Python's ssl module only loads keys from files. On Linux the chain and key go into
 anonymous memory files (memfd_create) that no directory names and that close as soon
-as OpenSSL has read them through /proc/self/fd: the key never has a path another
-process could open, and a crash leaves nothing behind. Where that is not available the
-key is written to a private directory on a memory-backed filesystem when there is one
-(/dev/shm), mode 0600, and removed as soon as OpenSSL has read it.
+as OpenSSL has read them through /proc/self/fd: the key is never in a filesystem (while
+open, /proc/<pid>/fd reaches it only for those who may read this process's memory
+anyway: root, or its own user with ptrace rights), and a crash leaves nothing behind.
+Where that is not available the key is written to a private directory on a
+memory-backed filesystem when there is one (/dev/shm), mode 0600, and removed as soon
+as OpenSSL has read it.
 """
 
 from __future__ import annotations
 
 import _ssl
 import ctypes
+import errno
 import logging
 import os
 import ssl
@@ -32,6 +35,12 @@ def load_chain(ctx: ssl.SSLContext, chain_pem: str | bytes, key_pem: bytes) -> N
         return
     try:
         ctx.load_cert_chain(f"/proc/self/fd/{fds[0]}", f"/proc/self/fd/{fds[1]}")
+    except ssl.SSLError:
+        raise  # the chain or the key is bad: no other way of loading them changes that
+    except OSError as e:
+        if e.errno not in (errno.ENOENT, errno.EACCES, errno.EPERM):
+            raise
+        _load_through_directory(ctx, chain, key_pem)  # /proc/self/fd not to be opened here
     finally:
         for fd in fds:
             os.close(fd)

@@ -26,13 +26,14 @@ Where glibc is absent (musl, macOS) only the collection runs.
 
 Start-up also leaves code resident that the sidecar does not run again: the pages of
 the interpreter, `cryptography`'s own OpenSSL and the extension modules that imports,
-configuration and enrollment touched (about 18 MiB of mapped code and read-only data
+configuration and enrollment touched (about 17 MiB of mapped code and read-only data
 here, of a 45 MiB process). Those pages are clean copies of files, which the kernel may
-drop at any time and read back on the next use; `release_file_pages` drops them once,
-when start-up is done, so that only what the data path runs comes back (figures in
-docs/sidecar.md, "Memory"). It leaves alone every page a write has touched: writable
-mappings, and read-only ones with any copied-on-write page (relocated data), whose
-contents the file does not hold.
+drop at any time and map back on the next use; `release_file_pages` drops them from
+the process once, when start-up is done, so that only what the data path runs comes
+back into its VmRSS (figures in docs/sidecar.md, "Memory"). They stay in the page
+cache, shared with other processes mapping the same files. It leaves alone every page
+a write has touched: writable mappings, and read-only ones with any copied-on-write
+page (relocated data), in memory or swapped out, whose contents the file does not hold.
 """
 
 from __future__ import annotations
@@ -54,7 +55,10 @@ BUSY_INTERVAL = 3.0  # seconds: under sustained churn, trim at most this often
 T = TypeVar("T")
 MADV_DONTNEED = 4  # Linux: drop the range's pages; a file's clean pages are read back on use
 # A mapping's first line in /proc/<pid>/smaps: start-end perms offset dev inode [path]
-_MAPPING = re.compile(r"([0-9a-f]+)-([0-9a-f]+) (\S{4}) \S+ \S+ (\d+)")
+_MAPPING = re.compile(rb"([0-9a-f]+)-([0-9a-f]+) (\S{4}) \S+ \S+ (\d+)")
+_MAPPING_START = re.compile(rb"\n(?=[0-9a-f]+-[0-9a-f]+ )")
+# VmFlags of mappings never dropped: locked, huge pages, I/O or PFN memory, no dump
+_NOT_PLAIN = frozenset((b"lo", b"ht", b"io", b"pf", b"dd"))
 
 
 def _glibc_trim() -> Callable[[int], int] | None:
@@ -70,44 +74,53 @@ def _glibc_trim() -> Callable[[int], int] | None:
     return trim
 
 
-def clean_file_ranges(smaps: str) -> list[tuple[int, int]]:
-    """The (start, length) of every mapping in `smaps` (the text of /proc/<pid>/smaps)
+def clean_file_ranges(smaps: bytes) -> list[tuple[int, int]]:
+    """The (start, length) of every mapping in `smaps` (the bytes of /proc/<pid>/smaps)
     whose resident pages are all clean copies of a file: backed by a file (an inode), not
-    writable, with no anonymous (copied-on-write) page, and with some page resident."""
+    writable, with some page resident, and none copied on write, whether in memory
+    (`Anonymous:`) or swapped out (`Swap:`); neither locked, huge-page, nor I/O or PFN
+    memory (`VmFlags`). A mapping whose block lacks one of those lines is left alone."""
     ranges: list[tuple[int, int]] = []
-    current: tuple[int, int] | None = None
-    resident = 0
-    for line in smaps.splitlines():
-        m = _MAPPING.match(line)
-        if m is not None:
-            start, end, perms, inode = m.groups()
-            current = None
-            if inode != "0" and perms[1] != "w":
-                current = (int(start, 16), int(end, 16) - int(start, 16))
-            resident = 0
-        elif current is not None:
-            if line.startswith("Rss:"):
-                resident = int(line.split()[1])
-            elif line.startswith("Anonymous:"):
-                if int(line.split()[1]) == 0 and resident > 0:
-                    ranges.append(current)
-                current = None
+    for block in _MAPPING_START.split(b"\n" + smaps)[1:]:
+        m = _MAPPING.match(block)
+        if m is None:
+            continue
+        start, end, perms, inode = m.groups()
+        if inode == b"0" or perms[1:2] == b"w":
+            continue
+        fields = {}
+        for line in block.split(b"\n")[1:]:
+            name, _, value = line.partition(b":")
+            fields[name] = value.split()
+        try:
+            resident = int(fields[b"Rss"][0])
+            written = int(fields[b"Anonymous"][0]) + int(fields[b"Swap"][0])
+            flags = set(fields[b"VmFlags"])
+        except (KeyError, IndexError, ValueError):
+            continue
+        if resident > 0 and written == 0 and not flags & _NOT_PLAIN:
+            ranges.append((int(start, 16), int(end, 16) - int(start, 16)))
     return ranges
 
 
 def release_file_pages() -> int:
     """Drop this process's resident pages that are clean copies of files (code and
-    read-only data of the interpreter, libraries, extension modules); the KiB resident in
-    the ranges dropped, or 0 where that cannot be done (not Linux, no /proc).
+    read-only data of the interpreter, libraries, extension modules); the KiB of VmRSS
+    that went, or 0 where that cannot be done (not Linux, no /proc).
 
-    Nothing is lost: the kernel reads a dropped page back from the file (from the page
-    cache, usually) on the next use, as it does for the pages it reclaims itself under
-    memory pressure. Ranges with a page a write touched are never dropped.
+    The pages stay in the page cache: VmRSS goes down, the machine's free memory does
+    not go up. The kernel maps a dropped page back from the file on the next use, as it
+    does for the pages it reclaims itself under memory pressure. Ranges with a page a
+    write touched are never dropped. Call it when no other thread maps or unmaps files
+    (start-up, from the event loop): a range unmapped and mapped again as something
+    else between the read of smaps and the madvise would lose what it holds. Nothing in
+    the sidecar unmaps a library once loaded (Python never unloads an extension module;
+    glibc keeps the NSS modules getaddrinfo loads).
     """
     if not sys.platform.startswith("linux"):
         return 0
     try:
-        with open("/proc/self/smaps") as f:
+        with open("/proc/self/smaps", "rb") as f:  # paths are bytes, not always UTF-8
             smaps = f.read()
         libc = ctypes.CDLL(None, use_errno=True)
         madvise = libc.madvise
@@ -117,7 +130,7 @@ def release_file_pages() -> int:
     madvise.restype = ctypes.c_int
     before = _file_rss_kib()
     for start, length in clean_file_ranges(smaps):
-        madvise(start, length, MADV_DONTNEED)  # EINVAL (a locked range): left as it is
+        madvise(start, length, MADV_DONTNEED)  # an error (EINVAL, EAGAIN): left as it is
     return max(before - _file_rss_kib(), 0)
 
 
@@ -172,8 +185,12 @@ class HeapKeeper:
         if self._trim is not None:
             self._trim(0)  # what start-up freed (enrollment, config parsing) goes back now
         if self.release_files:
-            released = release_file_pages()
-            log.debug("start-up done: %.1f MiB of mapped file pages released", released / 1024)
+            try:
+                released = release_file_pages()
+            except Exception:  # memory it could not give back never stops the sidecar
+                log.exception("releasing start-up's file pages failed")
+            else:
+                log.debug("start-up done: %.1f MiB of file pages out of VmRSS", released / 1024)
         self._last = self.clock()
         self._handle = asyncio.get_running_loop().call_later(TICK, self._tick)
 

@@ -9,6 +9,7 @@ open or on disk, and a bad key is an `ssl.SSLError` that leaves nothing behind e
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import ssl
 import sys
@@ -88,7 +89,7 @@ def test_the_context_serves_the_chain_and_nothing_is_left(ca, mode):
     assert "api.default" in handshake(ctx, ca, "api.default")
 
 
-def test_the_key_has_no_path_in_any_filesystem(ca, monkeypatch):
+def test_the_key_has_no_path_in_any_filesystem(ca):
     """What OpenSSL is given to open is a memory file no directory names."""
     leaf = ca.issue_cert("api.default")
     seen: list[str] = []
@@ -145,6 +146,59 @@ def test_a_refused_second_memory_file_closes_the_first(ca, monkeypatch):
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     tlsutil.load_chain(ctx, leaf.cert_chain_pems[0].bytes(), leaf.private_key_pem.bytes())
     assert len(calls) == 2
+    assert open_fds() == before_fds
+    assert leftovers() == before_dirs
+    assert "api.default" in handshake(ctx, ca, "api.default")
+
+
+def test_short_writes_are_completed_and_the_files_close_on_exec(ca, monkeypatch):
+    leaf = ca.issue_cert("api.default")
+    real_write = os.write
+    flags = []
+
+    def one_byte(fd, data):
+        flags.append(fcntl.fcntl(fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC)
+        return real_write(fd, bytes(data[:1]))
+
+    monkeypatch.setattr(os, "write", one_byte)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tlsutil.load_chain(ctx, leaf.cert_chain_pems[0].bytes(), leaf.private_key_pem.bytes())
+    monkeypatch.undo()
+    assert len(flags) > 100 and all(flags)
+    assert "api.default" in handshake(ctx, ca, "api.default")
+
+
+def test_a_failed_write_or_open_falls_back_with_nothing_left(ca, monkeypatch):
+    """A memory file that cannot be written (a size limit) or opened again through
+    /proc/self/fd (a security module's rule): the private directory instead."""
+    leaf = ca.issue_cert("api.default")
+    before_fds, before_dirs = open_fds(), leftovers()
+
+    def refused(fd, data):
+        raise OSError(errno.EFBIG, "File too large")
+
+    monkeypatch.setattr(os, "write", refused)  # the fallback writes through file objects
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tlsutil.load_chain(ctx, leaf.cert_chain_pems[0].bytes(), leaf.private_key_pem.bytes())
+    monkeypatch.undo()
+    assert open_fds() == before_fds
+    assert leftovers() == before_dirs
+    assert "api.default" in handshake(ctx, ca, "api.default")
+
+    real = ssl.SSLContext.load_cert_chain
+    opened = []
+
+    class ProcDenied(ssl.SSLContext):
+        def load_cert_chain(self, certfile, keyfile=None, password=None):
+            opened.append(str(certfile))
+            if str(certfile).startswith("/proc/self/fd/"):
+                raise PermissionError(errno.EACCES, "Permission denied")
+            return real(self, certfile, keyfile, password)
+
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.__class__ = ProcDenied
+    tlsutil.load_chain(ctx, leaf.cert_chain_pems[0].bytes(), leaf.private_key_pem.bytes())
+    assert len(opened) == 2 and opened[1].endswith("tls.crt")
     assert open_fds() == before_fds
     assert leftovers() == before_dirs
     assert "api.default" in handshake(ctx, ca, "api.default")

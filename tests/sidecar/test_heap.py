@@ -55,53 +55,71 @@ def test_counting_passes_the_factorys_protocol_through():
     assert keeper.accepted == 2
 
 
-SMAPS = """\
-55d0a0000000-55d0a0200000 r-xp 00001000 fd:01 4242 /usr/lib/libpython3.11.so.1.0
-Size:               2048 kB
-Rss:                1500 kB
-Anonymous:             0 kB
-VmFlags: rd ex mr mw me
-55d0a0200000-55d0a0300000 r--p 00201000 fd:01 4242 /usr/lib/libpython3.11.so.1.0
-Size:               1024 kB
-Rss:                 300 kB
-Anonymous:             4 kB
-VmFlags: rd mr mw me
-55d0a0300000-55d0a0310000 rw-p 00301000 fd:01 4242 /usr/lib/libpython3.11.so.1.0
-Size:                 64 kB
-Rss:                  64 kB
-Anonymous:             0 kB
-VmFlags: rd wr mr mw me ac
-55d0a0400000-55d0a0500000 r--p 00000000 fd:01 777 /usr/lib/locale/C.utf8/LC_CTYPE
-Size:               1024 kB
-Rss:                 200 kB
-Anonymous:             0 kB
-VmFlags: rd mr mw me
-55d0a0600000-55d0a0700000 r-xp 00000000 fd:01 778 /opt/never-run.so
-Size:               1024 kB
-Rss:                   0 kB
-Anonymous:             0 kB
-VmFlags: rd ex mr mw me
-55d0a1000000-55d0a2000000 rw-p 00000000 00:00 0 [heap]
-Size:              16384 kB
-Rss:                8000 kB
-Anonymous:          8000 kB
-VmFlags: rd wr mr mw me ac
-7f0000000000-7f0000100000 r--p 00000000 00:00 0
-Size:               1024 kB
-Rss:                1024 kB
-Anonymous:          1024 kB
-VmFlags: rd mr mw me
-"""
+def block(
+    head: str, rss: int, anon: int, swap: int | None = 0, flags: str = "rd mr mw me"
+) -> bytes:
+    """One mapping of /proc/<pid>/smaps, as the kernel writes it (fields abridged)."""
+    lines = [head, "Size:               4096 kB", f"Rss:             {rss:6d} kB"]
+    lines += ["Pss:                  4 kB", f"Anonymous:       {anon:6d} kB"]
+    if swap is not None:
+        lines.append(f"Swap:            {swap:6d} kB")
+    lines += ["SwapPss:               0 kB", "Locked:                0 kB", f"VmFlags: {flags}"]
+    return ("\n".join(lines) + "\n").encode()
+
+
+LIB = "fd:01 4242                 /usr/lib/libpython3.11.so.1.0"
+SMAPS = b"".join(
+    [
+        # selected: code of a file, resident, untouched by writes
+        block(f"55d0a0000000-55d0a0200000 r-xp 00001000 {LIB}", 1500, 0, flags="rd ex mr mw me"),
+        # its relocated data: copied on write, in memory
+        block(f"55d0a0200000-55d0a0300000 r--p 00201000 {LIB}", 300, 84),
+        # the same, with the written pages swapped out (Anonymous 0, Swap 84)
+        block(f"55d0a0300000-55d0a0400000 r--p 00301000 {LIB}", 12, 0, swap=84),
+        # writable data
+        block(f"55d0a0400000-55d0a0410000 rw-p 00401000 {LIB}", 64, 0, flags="rd wr mr mw me ac"),
+        # selected: read-only data of a file whose name is not UTF-8 and has a space
+        block(
+            "55d0a0500000-55d0a0600000 r--p 00000000 fd:01 777   /data/cafe x.bin", 200, 0
+        ).replace(b"cafe", b"caf\xe9"),
+        # nothing resident
+        block("55d0a0600000-55d0a0700000 r-xp 00000000 fd:01 778   /opt/never-run.so", 0, 0),
+        # locked
+        block(
+            "55d0a0700000-55d0a0800000 r-xp 00000000 fd:01 779   /opt/locked.so",
+            64,
+            0,
+            flags="rd ex mr mw me lo",
+        ),
+        # no Swap line: not known to be clean
+        block(
+            "55d0a0800000-55d0a0900000 r--p 00000000 fd:01 780   /opt/old-kernel", 64, 0, swap=None
+        ),
+        # anonymous memory: the heap, and a read-only anonymous mapping with nothing written
+        block("55d0a1000000-55d0a2000000 rw-p 00000000 00:00 0      [heap]", 8000, 8000),
+        block("7f0000000000-7f0000100000 r--p 00000000 00:00 0 ", 1024, 0),
+    ]
+)
 
 
 def test_only_clean_read_only_file_pages_are_released():
     """Code and read-only data of files, untouched by writes, with something resident: the
-    libpython text and the locale file. Not its relocated (copied-on-write) data, not its
-    writable data, not anonymous memory, not a mapping with nothing resident."""
+    libpython text and the data file. Not its relocated (copied-on-write) data, in memory
+    or swapped out; not writable data, anonymous memory, a mapping with nothing resident,
+    a locked one, or one whose block does not say how much of it is swapped."""
     assert clean_file_ranges(SMAPS) == [
         (0x55D0A0000000, 0x200000),
-        (0x55D0A0400000, 0x100000),
+        (0x55D0A0500000, 0x100000),
     ]
+
+
+def test_the_real_smaps_of_this_process_parses():
+    if not sys.platform.startswith("linux"):
+        pytest.skip("/proc/self/smaps is Linux's")
+    with open("/proc/self/smaps", "rb") as f:
+        ranges = clean_file_ranges(f.read())
+    assert ranges  # this interpreter's own code, at least
+    assert all(length > 0 and length % 4096 == 0 for _, length in ranges)
 
 
 RELEASE = """
@@ -156,3 +174,23 @@ def test_the_keeper_releases_file_pages_at_start_unless_told_not_to(monkeypatch)
     asyncio.run(start(HeapKeeper(trim=lambda pad: 0)))
     asyncio.run(start(HeapKeeper(trim=lambda pad: 0, release_files=False)))
     assert calls == [1]
+
+
+def test_a_failed_release_never_stops_the_start(monkeypatch, caplog):
+    import sidecar.heap as heap
+
+    def broken() -> int:
+        raise UnicodeDecodeError("utf-8", b"\xe9", 0, 1, "invalid continuation byte")
+
+    monkeypatch.setattr(heap, "release_file_pages", broken)
+    monkeypatch.setattr(heap.gc, "freeze", lambda: None)
+
+    async def start() -> bool:
+        keeper = HeapKeeper(trim=lambda pad: 0)
+        keeper.start()
+        ticking = keeper._handle is not None
+        keeper.stop()
+        return ticking
+
+    assert asyncio.run(start()) is True
+    assert "releasing start-up's file pages failed" in caplog.text
