@@ -25,7 +25,7 @@ import hashlib
 import hmac
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any, NamedTuple
 
@@ -125,10 +125,17 @@ def _no_constant(name: str) -> Any:
 
 
 _JSON = json.JSONDecoder(parse_constant=_no_constant)
+_SCAN: Callable[[str, int], tuple[Any, int]] = _JSON.scan_once  # type: ignore[attr-defined]
 
 
 def _json_object(segment: bytes) -> dict[str, Any]:
-    value = _JSON.decode(b64url_decode(segment).decode("utf-8"))
+    text = b64url_decode(segment).decode("utf-8")
+    try:  # the C scanner alone: what decode() runs, without its two whitespace matches
+        value, end = _SCAN(text, 0)
+    except StopIteration:  # not a value where the text starts (whitespace, or not JSON)
+        end = -1
+    if end != len(text):
+        value = _JSON.decode(text)  # whitespace around the value, or an error: decode's own
     if not isinstance(value, dict):
         raise TypeError("not an object")
     return value

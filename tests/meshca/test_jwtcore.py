@@ -311,6 +311,11 @@ def test_padding_is_accepted_whole_and_refused_in_part():
         b64(b"{}") + "." + b64(b"{}") + ".",  # no alg
         b64(b'{"alg":7}') + "." + b64(b"{}") + ".",
         b64(b'{"alg":"ES256","kid":7}') + "." + b64(b"{}") + ".",
+        b64(b'{"alg":"ES256"}') + "." + b64(b'{"exp": 1} {"exp": 2}') + ".",  # two values
+        b64(b'{"alg":"ES256"}') + "." + b64(b'{"exp": 1}x') + ".",  # something after it
+        b64(b'{"alg":"ES256"}') + "." + b64(b"   ") + ".",  # whitespace only
+        b64(b'{"alg":"ES256"}') + "." + b64(b' {"exp": NaN} ') + ".",  # NaN, behind spaces
+        b64(b'{"alg":"ES256"} {}') + "." + b64(b"{}") + ".",  # the header: two values
     ],
 )
 def test_malformed_tokens(token):
@@ -451,3 +456,15 @@ def test_refusals_never_contain_the_token():
         with pytest.raises(TokenError) as e:
             decode(token)
         assert secretish not in str(e.value) and token not in str(e.value)
+
+
+@pytest.mark.parametrize("pad", [(" ", ""), ("", "\n"), ("\r\n\t ", " \n")])
+def test_json_with_whitespace_around_it_is_read_as_json_is(pad):
+    """RFC 8259 allows whitespace around a JSON text: header and claims padded with it
+    verify, and read the same, as with `json.loads`."""
+    before, after = pad
+    head = b64((before + '{"alg":"ES256","typ":"JWT"}' + after).encode())
+    body = b64((before + json.dumps(CLAIMS) + after).encode())
+    token = f"{head}.{body}." + b64(es_sign(f"{head}.{body}", P256, hashes.SHA256()))
+    assert decode(token) == CLAIMS
+    assert dict(jwtcore.parse(token).header) == {"alg": "ES256", "typ": "JWT"}
