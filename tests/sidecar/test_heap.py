@@ -113,9 +113,8 @@ def test_only_clean_read_only_file_pages_are_released():
     ]
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/self/smaps is Linux's")
 def test_the_real_smaps_of_this_process_parses():
-    if not sys.platform.startswith("linux"):
-        pytest.skip("/proc/self/smaps is Linux's")
     with open("/proc/self/smaps", "rb") as f:
         ranges = clean_file_ranges(f.read())
     assert ranges  # this interpreter's own code, at least
