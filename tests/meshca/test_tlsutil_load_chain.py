@@ -202,3 +202,34 @@ def test_a_failed_write_or_open_falls_back_with_nothing_left(ca, monkeypatch):
     assert open_fds() == before_fds
     assert leftovers() == before_dirs
     assert "api.default" in handshake(ctx, ca, "api.default")
+
+
+def test_a_bad_key_never_takes_the_fallback(ca, monkeypatch):
+    """A key OpenSSL refuses is an error of the key: it is never written to a directory to
+    be tried again."""
+    leaf = ca.issue_cert("api.default")
+    tried = []
+    monkeypatch.setattr(tlsutil, "_load_through_directory", lambda *a: tried.append(a))
+    for key in (b"not a key", ca.issue_cert("other").private_key_pem.bytes()):
+        with pytest.raises(ssl.SSLError):
+            tlsutil.load_chain(
+                ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER), leaf.cert_chain_pems[0].bytes(), key
+            )
+    assert tried == []
+
+
+def test_another_error_opening_the_memory_files_is_raised_not_hidden(ca):
+    leaf = ca.issue_cert("api.default")
+    before_fds, before_dirs = open_fds(), leftovers()
+
+    class Broken(ssl.SSLContext):
+        def load_cert_chain(self, certfile, keyfile=None, password=None):
+            raise OSError(errno.EIO, "Input/output error")
+
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.__class__ = Broken
+    with pytest.raises(OSError) as err:
+        tlsutil.load_chain(ctx, leaf.cert_chain_pems[0].bytes(), leaf.private_key_pem.bytes())
+    assert err.value.errno == errno.EIO
+    assert open_fds() == before_fds
+    assert leftovers() == before_dirs

@@ -102,6 +102,21 @@ SMAPS = b"".join(
 )
 
 
+@pytest.mark.parametrize("flag", ["lo", "ht", "io", "pf", "dd", None])
+def test_locked_huge_io_pfn_or_unflagged_mappings_are_left(flag):
+    head = "55d0a0000000-55d0a0200000 r-xp 00001000 fd:01 4242   /usr/lib/x.so"
+    if flag is None:  # a block without its VmFlags line
+        smaps = b"\n".join(
+            line for line in block(head, 64, 0).split(b"\n") if b"VmFlags" not in line
+        )
+    else:
+        smaps = block(head, 64, 0, flags=f"rd ex mr mw me {flag}")
+    assert clean_file_ranges(smaps) == []
+    assert clean_file_ranges(block(head, 64, 0, flags="rd ex mr mw me")) == [
+        (0x55D0A0000000, 0x200000)
+    ]
+
+
 def test_only_clean_read_only_file_pages_are_released():
     """Code and read-only data of files, untouched by writes, with something resident: the
     libpython text and the data file. Not its relocated (copied-on-write) data, in memory
