@@ -112,7 +112,7 @@ def b64url_decode(segment: bytes) -> bytes:
     ValueError (binascii.Error) if it is not that.
     """
     std = segment.translate(_TO_STD)
-    if b"=" not in segment:
+    if segment.find(b"=") < 0:  # not `in`: it tries b"=" as an int first and raises
         std += b"=" * (-len(std) % 4)
     raw = binascii.a2b_base64(std, strict_mode=True)
     if binascii.b2a_base64(raw, newline=False) != std:

@@ -120,7 +120,7 @@ class Admin:
         creds = self.store.current
         if creds is None:
             return _json({"ready": False, "reason": "no certificate yet"}, 503)
-        if self.manager.clock() >= creds.leaf.not_valid_after_utc:
+        if self.manager.clock() >= creds.not_after:
             return _json({"ready": False, "reason": "certificate expired"}, 503)
         return _json({"ready": True, "spiffe_id": str(creds.spiffe_id)})
 

@@ -128,7 +128,7 @@ async def run(config: SidecarConfig) -> None:
 
         def not_after() -> float | None:
             creds = store.current
-            return creds.leaf.not_valid_after_utc.timestamp() if creds is not None else None
+            return creds.not_after.timestamp() if creds is not None else None
 
         def last_poll() -> float | None:
             when = watcher.last_success
@@ -293,8 +293,9 @@ async def run(config: SidecarConfig) -> None:
         if exporter is not None:
             exporter.start()
             stoppers.append(exporter.stop)
-        task = asyncio.create_task(manager.run())
         heap.start()
+        manager.after_each(heap.settle)  # enrollment and renewals leave code resident
+        task = asyncio.create_task(manager.run())
         try:
             await stop.wait()
             runners.remove(health_runner)  # drain closes it first

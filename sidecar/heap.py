@@ -27,13 +27,16 @@ Where glibc is absent (musl, macOS) only the collection runs.
 Start-up also leaves code resident that the sidecar does not run again: the pages of
 the interpreter, `cryptography`'s own OpenSSL and the extension modules that imports,
 configuration and enrollment touched (about 17 MiB of mapped code and read-only data
-here, of a 45 MiB process). Those pages are clean copies of files, which the kernel may
-drop at any time and map back on the next use; `release_file_pages` drops them from
-the process once, when start-up is done, so that only what the data path runs comes
-back into its VmRSS (figures in docs/sidecar.md, "Memory"). They stay in the page
-cache, shared with other processes mapping the same files. It leaves alone every page
-a write has touched: writable mappings, and read-only ones with any copied-on-write
-page (relocated data), in memory or swapped out, whose contents the file does not hold.
+here, of a 45 MiB process; enrollment alone, run once the listeners are up, brings back
+5 MiB of `cryptography`'s Rust code: key generation, the CSR, parsing and validating the
+chain). Those pages are clean copies of files, which the kernel may drop at any time and
+map back on the next use; `release_file_pages` drops them from the process each time
+the certificate manager has obtained a certificate (`settle`: after the enrollment at
+start-up, then after each renewal), so that only what the data path runs comes back
+into its VmRSS (figures in docs/sidecar.md, "Memory"). They stay in the page cache,
+shared with other processes mapping the same files. It leaves alone every page a write
+has touched: writable mappings, and read-only ones with any copied-on-write page
+(relocated data), in memory or swapped out, whose contents the file does not hold.
 """
 
 from __future__ import annotations
@@ -160,7 +163,8 @@ class HeapKeeper:
         self.trims = 0
         self.clock = clock
         self._trim = trim
-        self.release_files = release_files  # drop start-up's file pages in start()
+        self.release_files = release_files  # drop file pages in settle()
+        self.releases = 0  # file-page releases done
         self._seen = 0  # the counter at the previous tick
         self._done = 0  # the counter at the last trim
         self._last = clock()
@@ -176,23 +180,30 @@ class HeapKeeper:
         return made
 
     def start(self) -> None:
-        """Freeze what start-up made, give back the memory it no longer needs (freed heap,
-        file pages), and look at the counter every TICK seconds from now."""
+        """Freeze what start-up made, give back the heap it no longer needs, and look at
+        the counter every TICK seconds from now."""
         if self._trim is None:
             self._trim = _glibc_trim()
         gc.collect()
         gc.freeze()  # start-up objects live as long as the process: no collection walks them
         if self._trim is not None:
-            self._trim(0)  # what start-up freed (enrollment, config parsing) goes back now
-        if self.release_files:
-            try:
-                released = release_file_pages()
-            except Exception:  # memory it could not give back never stops the sidecar
-                log.exception("releasing start-up's file pages failed")
-            else:
-                log.debug("start-up done: %.1f MiB of file pages out of VmRSS", released / 1024)
+            self._trim(0)  # what start-up freed (config parsing, the bundle) goes back now
         self._last = self.clock()
         self._handle = asyncio.get_running_loop().call_later(TICK, self._tick)
+
+    def settle(self) -> None:
+        """A certificate was obtained (enrollment, renewal): give back the heap that work
+        freed and, unless told not to, the file pages it touched (`release_file_pages`).
+        Never raises: memory it could not give back never stops the sidecar."""
+        try:
+            if self._trim is not None:
+                self._trim(0)
+            if self.release_files:
+                released = release_file_pages()
+                self.releases += 1
+                log.debug("settled: %.1f MiB of file pages out of VmRSS", released / 1024)
+        except Exception:
+            log.exception("releasing file pages failed")
 
     def stop(self) -> None:
         """No more ticks."""

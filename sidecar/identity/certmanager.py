@@ -100,6 +100,7 @@ class CertManager:
         self._received_at: dt.datetime | None = None
         self._wake = asyncio.Event()
         self._waiters: list[asyncio.Future[str]] = []
+        self._after: list[Callable[[], None]] = []
         store.on_stale(self._wake.set)  # the CA retired the root of our certificate
 
     def _token(self) -> str:
@@ -121,7 +122,7 @@ class CertManager:
         # roots we (and so the CA) trust. After a retirement that stranded it, use the token.
         usable = (
             current is not None
-            and now < current.leaf.not_valid_after_utc
+            and now < current.not_after
             and current.chains_now(now)
         )
         if usable and current is not None:
@@ -168,6 +169,11 @@ class CertManager:
         self._received_at = self.clock()
         return creds
 
+    def after_each(self, fn: Callable[[], None]) -> None:
+        """Call `fn()` each time a certificate was obtained, once the manager is done with
+        it (published, logged, waiters told); an error in `fn` is logged, not raised."""
+        self._after.append(fn)
+
     async def rotate_now(self) -> str:
         """Renew at once; the new serial, or CAError."""
         fut: asyncio.Future[str] = asyncio.get_running_loop().create_future()
@@ -185,8 +191,8 @@ class CertManager:
                 # The lifetime counts from when we got the certificate: notBefore is
                 # back-dated for clock skew, which would make short lifetimes look half gone.
                 delay = renew_delay(
-                    max(current.leaf.not_valid_before_utc, self._received_at or now),
-                    current.leaf.not_valid_after_utc,
+                    max(current.not_before, self._received_at or now),
+                    current.not_after,
                     now,
                     self.ca.renew_fraction,
                     rand=self.rng.random(),
@@ -234,23 +240,28 @@ class CertManager:
                 "certificate for %s serial=%s not_after=%s",
                 creds.spiffe_id,
                 creds.serial,
-                creds.leaf.not_valid_after_utc.strftime("%Y-%m-%dT%H:%M:%SZ"),
+                creds.not_after.strftime("%Y-%m-%dT%H:%M:%SZ"),
             )
             for w in waiters:
                 if not w.done():
                     w.set_result(creds.serial)
+            for fn in self._after:
+                try:
+                    fn()
+                except Exception:
+                    log.exception("after a new certificate: %r failed", fn)
 
     def _note_failure(self) -> None:
         current = self.store.current
         if current is None:
             self.status.state = "enrolling"
             log.warning("enrollment failed, retrying: %s", self.status.last_error)
-        elif self.clock() >= current.leaf.not_valid_after_utc:
+        elif self.clock() >= current.not_after:
             self.status.state = "expired"
             log.error("certificate EXPIRED and renewal failing: %s", self.status.last_error)
         else:
             self.status.state = "renewal_failing"
-            left = (current.leaf.not_valid_after_utc - self.clock()).total_seconds()
+            left = (current.not_after - self.clock()).total_seconds()
             log.warning(
                 "renewal failed, serving on the current certificate (%.0f s left): %s",
                 left,

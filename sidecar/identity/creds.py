@@ -111,6 +111,11 @@ class Credentials:
     # Outbound, by the protocol spoken to the other sidecar (the ALPN names offered differ).
     client_contexts: dict[str, ssl.SSLContext] = field(default_factory=dict, repr=False)
     server_alpn: tuple[str, ...] = accepted_alpn(HTTP)
+    # The leaf's validity and serial, read once: readiness probes, metrics scrapes and the
+    # renewal timer then run no X.509 code (which would map cryptography's pages back in)
+    not_before: dt.datetime = dt.datetime.min.replace(tzinfo=dt.UTC)
+    not_after: dt.datetime = dt.datetime.min.replace(tzinfo=dt.UTC)
+    serial: str = ""
 
     @classmethod
     def build(
@@ -183,6 +188,9 @@ class Credentials:
             clients[HTTP],
             clients,
             tuple(alpn),
+            leaf.not_valid_before_utc,
+            leaf.not_valid_after_utc,
+            serial_hex(leaf),
         )
 
     def with_bundle(self, bundle_pem: str, now: dt.datetime) -> Credentials:
@@ -201,14 +209,9 @@ class Credentials:
         """True if our certificate chains to the roots these contexts trust."""
         return chain_valid(self.leaf, list(self.intermediates), list(self.roots), now)
 
-    @property
-    def serial(self) -> str:
-        """Serial as lowercase hex of whole bytes."""
-        return serial_hex(self.leaf)
-
     def describe(self, now: dt.datetime) -> dict[str, object]:
         """What `GET /identity` and `sidecar identity` show."""
-        nb, na = self.leaf.not_valid_before_utc, self.leaf.not_valid_after_utc
+        nb, na = self.not_before, self.not_after
         return {
             "spiffe_id": str(self.spiffe_id),
             "serial": self.serial,

@@ -36,6 +36,17 @@ class TrustBundle:
     source: str  # "bootstrap" (the file in the config) or "ca"
     sequence: int | None = None  # the CA's bundle sequence, None for the bootstrap file
     revoked: frozenset[str] = frozenset()  # serials (lowercase hex) the CA revoked
+    # (subject, SHA-256) of each root, read once: `/status` then runs no X.509 code, which
+    # would map cryptography's pages back into the process after start-up released them
+    root_names: tuple[tuple[str, str], ...] = field(default=(), repr=False)
+
+    def __post_init__(self) -> None:
+        if not self.root_names and self.roots:
+            names = tuple(
+                (c.subject.rfc4514_string(), fp)
+                for c, fp in zip(self.roots, fingerprints(self.roots), strict=True)
+            )
+            object.__setattr__(self, "root_names", names)
 
     @classmethod
     def check(
@@ -66,10 +77,7 @@ class TrustBundle:
         return {
             "source": self.source,
             "sequence": self.sequence,
-            "roots": [
-                {"subject": c.subject.rfc4514_string(), "sha256": fp}
-                for c, fp in zip(self.roots, fingerprints(self.roots), strict=True)
-            ],
+            "roots": [{"subject": name, "sha256": fp} for name, fp in self.root_names],
             "revoked": sorted(self.revoked),
         }
 
@@ -154,6 +162,7 @@ class TrustStore:
             "ca",
             sequence if sequence is not None else held.sequence,
             held.revoked if revoked is None else revoked,
+            checked.root_names,
         )
         self.last_refusal = None
         return self.publish(candidate)

@@ -296,7 +296,7 @@ class InboundRouter(Router):
             if lk in TRACE_HEADERS:
                 trace_headers.append((lk, v))
                 continue
-            if b"_" in lk:
+            if lk.find(b"_") >= 0:  # not `in`: it tries b"_" as an int first and raises
                 if underscores == REJECT_REQUEST:
                     raise SidecarError(
                         "underscore_in_header_name",

@@ -174,23 +174,32 @@ def test_start_up_file_pages_go_back_and_the_code_still_runs():
     assert got["again"] > got["after"]  # what ran since came back from the files
 
 
-def test_the_keeper_releases_file_pages_at_start_unless_told_not_to(monkeypatch):
+def test_the_keeper_releases_file_pages_when_settled_not_at_start(monkeypatch):
     import sidecar.heap as heap
 
     calls = []
+    trims = []
     monkeypatch.setattr(heap, "release_file_pages", lambda: calls.append(1) or 0)
     monkeypatch.setattr(heap.gc, "freeze", lambda: None)  # not this test process's objects
 
-    async def start(keeper: HeapKeeper) -> None:
-        keeper.start()
+    async def run(keeper: HeapKeeper) -> None:
+        before = len(calls)
+        keeper.start()  # before enrollment: releasing now would be undone by it
+        assert len(calls) == before
+        keeper.settle()  # a certificate was obtained
+        keeper.settle()  # and renewed
         keeper.stop()
 
-    asyncio.run(start(HeapKeeper(trim=lambda pad: 0)))
-    asyncio.run(start(HeapKeeper(trim=lambda pad: 0, release_files=False)))
-    assert calls == [1]
+    releasing = HeapKeeper(trim=lambda pad: trims.append(pad) or 0)
+    asyncio.run(run(releasing))
+    assert calls == [1, 1]
+    assert releasing.releases == 2
+    assert trims == [0, 0, 0]  # start, then each settle, hands free heap back too
+    asyncio.run(run(HeapKeeper(trim=lambda pad: 0, release_files=False)))
+    assert calls == [1, 1]
 
 
-def test_a_failed_release_never_stops_the_start(monkeypatch, caplog):
+def test_a_failed_release_never_stops_the_keeper(monkeypatch, caplog):
     import sidecar.heap as heap
 
     def broken() -> int:
@@ -199,12 +208,13 @@ def test_a_failed_release_never_stops_the_start(monkeypatch, caplog):
     monkeypatch.setattr(heap, "release_file_pages", broken)
     monkeypatch.setattr(heap.gc, "freeze", lambda: None)
 
-    async def start() -> bool:
+    async def run() -> bool:
         keeper = HeapKeeper(trim=lambda pad: 0)
         keeper.start()
+        keeper.settle()
         ticking = keeper._handle is not None
         keeper.stop()
         return ticking
 
-    assert asyncio.run(start()) is True
-    assert "releasing start-up's file pages failed" in caplog.text
+    assert asyncio.run(run()) is True
+    assert "releasing file pages failed" in caplog.text

@@ -86,7 +86,7 @@ def check_request_line(method: bytes, target: bytes, authority: bytes | None) ->
     if target == b"*" and method != b"OPTIONS":
         raise SidecarError("bad_request", "'*' is a target only for OPTIONS")
     if authority is not None and (
-        not authority or not _TARGET.issuperset(authority) or b"@" in authority
+        not authority or not _TARGET.issuperset(authority) or authority.find(b"@") >= 0
     ):
         raise SidecarError("bad_request", "the authority is not a host and port")
 
