@@ -17,16 +17,18 @@ import ssl
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from urllib.parse import urljoin
 
 import jwt
 
-if TYPE_CHECKING:  # imported where a JWKS is fetched over HTTPS (10 MiB the sidecar
-    import aiohttp  # need not hold when its keys come from a file or there are none)
+from meshca import https
 
 log = logging.getLogger("meshca.jwks")
 
 MAX_JWKS_BYTES = 1 << 20
+FETCH_TIMEOUT = 5.0  # seconds for one fetch: connect, TLS, the answer
+MAX_REDIRECTS = 3
+REDIRECTS = frozenset((301, 302, 303, 307, 308))
 
 
 def parse_jwks(data: bytes, where: str) -> jwt.PyJWKSet:
@@ -112,16 +114,6 @@ class FileJwks(JwksSource):
         return True
 
 
-async def _read_capped(resp: aiohttp.ClientResponse, cap: int) -> bytes:
-    chunks, size = [], 0
-    async for chunk in resp.content.iter_any():
-        size += len(chunk)
-        if size > cap:
-            raise ValueError(f"{resp.url} answered more than {cap} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
 class UrlJwks(JwksSource):
     """A JWKS fetched over HTTPS, cached, refreshed periodically and on an unknown `kid`.
 
@@ -129,6 +121,10 @@ class UrlJwks(JwksSource):
     `/.well-known/openid-configuration` (OIDC discovery, as the API server serves).
     `ssl_context` (or `ca_file`) decides whom to trust for the fetch: a context, or a
     function returning the current one, called for every fetch.
+
+    Each fetch is one request on a connection of its own (`meshca.https`: no HTTP
+    client library, whose 10 MiB a sidecar would hold for a fetch every few minutes),
+    within FETCH_TIMEOUT seconds, with up to MAX_REDIRECTS redirects to https:// URLs.
     """
 
     def __init__(
@@ -156,24 +152,41 @@ class UrlJwks(JwksSource):
         self._fetched_at = -1e9
         self._tried_at = -1e9
         self._lock = asyncio.Lock()
-        self._session: aiohttp.ClientSession | None = None
         self._background: asyncio.Task[bool] | None = None
 
     async def _get(self, url: str) -> bytes:
         headers = {"Accept": "application/json"}
         if self._bearer_file is not None:
-            headers["Authorization"] = "Bearer " + self._bearer_file.read_text().strip()
-        if self._session is None:
-            import aiohttp
-
-            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5))
-        # A function gives the trust in force now (the sidecar's mesh bundle); a new
-        # context object also means a new pooled connection, so new roots apply at once.
+            bearer = self._bearer_file.read_text().strip()
+            if not bearer or not bearer.isascii() or not bearer.isprintable():
+                # (never quoted: the file holds a credential)
+                raise ValueError(f"{self._bearer_file} does not hold a usable bearer token")
+            headers["Authorization"] = "Bearer " + bearer
+        # A function gives the trust in force now (the sidecar's mesh bundle), per fetch.
         ctx = self._ssl() if callable(self._ssl) else self._ssl
-        async with self._session.get(url, headers=headers, ssl=ctx) as resp:
-            if resp.status != 200:
-                raise ValueError(f"{url} answered {resp.status}")
-            return await _read_capped(resp, MAX_JWKS_BYTES)
+        for _ in range(MAX_REDIRECTS + 1):
+            try:
+                answer = await https.fetch(
+                    "GET",
+                    url,
+                    ssl_context=ctx,
+                    headers=headers,
+                    timeout=FETCH_TIMEOUT,
+                    cap=MAX_JWKS_BYTES,
+                )
+            except https.BodyTooLarge:
+                raise ValueError(f"{url} answered more than {MAX_JWKS_BYTES} bytes") from None
+            location = answer.headers.get("location")
+            if answer.status in REDIRECTS and location:
+                target = urljoin(url, location)
+                if not target.startswith("https://"):
+                    raise ValueError(f"{url} redirects to a URL that is not https://")
+                url = target
+                continue
+            if answer.status != 200:
+                raise ValueError(f"{url} answered {answer.status}")
+            return answer.body
+        raise ValueError(f"{url}: more than {MAX_REDIRECTS} redirects")
 
     async def _fetch(self) -> None:
         self._tried_at = time.monotonic()
@@ -206,8 +219,6 @@ class UrlJwks(JwksSource):
 
         A fetch already under way (say, the background refresh) is waited for.
         """
-        import aiohttp
-
         if self._lock.locked():
             async with self._lock:
                 return True
@@ -218,13 +229,11 @@ class UrlJwks(JwksSource):
                 return True  # another caller just fetched
             try:
                 await self._fetch()
-            except (aiohttp.ClientError, OSError, ValueError, TimeoutError) as e:
+            except (OSError, ValueError, TimeoutError) as e:
                 log.warning("JWKS fetch from %s failed, using cached keys: %s", self.url, e)
         return True
 
     async def close(self) -> None:
-        """Close the HTTP session."""
+        """Stop a background refresh (each fetch closes its own connection)."""
         if self._background is not None:
             self._background.cancel()
-        if self._session is not None:
-            await self._session.close()
