@@ -120,11 +120,7 @@ class CertManager:
         now = self.clock()
         # Renewal needs a certificate the CA still accepts: unexpired, and chaining to the
         # roots we (and so the CA) trust. After a retirement that stranded it, use the token.
-        usable = (
-            current is not None
-            and now < current.not_after
-            and current.chains_now(now)
-        )
+        usable = current is not None and now < current.not_after and current.chains_now(now)
         if usable and current is not None:
             try:
                 got = await self.client.renew(csr, current.chain_pem, current.key_pem)
