@@ -236,15 +236,28 @@ class NotTheCA(Exception):
 
 
 def _uri_sans(der: bytes | None) -> list[str]:
+    """The URI SANs of a certificate (DER), read once per certificate: a bundle poll every
+    half minute then parses nothing (an X.509 parse maps some MiB of cryptography's code
+    back into a sidecar that released it after start-up; see sidecar/heap.py)."""
     if not der:
         return []
-    try:
-        san = x509.load_der_x509_certificate(der).extensions.get_extension_for_class(
-            x509.SubjectAlternativeName
-        )
-    except (ValueError, x509.ExtensionNotFound):
-        return []
-    return san.value.get_values_for_type(x509.UniformResourceIdentifier)
+    hit = _SANS.get(der)
+    if hit is None:
+        try:
+            san = x509.load_der_x509_certificate(der).extensions.get_extension_for_class(
+                x509.SubjectAlternativeName
+            )
+            hit = tuple(san.value.get_values_for_type(x509.UniformResourceIdentifier))
+        except (ValueError, x509.ExtensionNotFound):
+            hit = ()
+        if len(_SANS) >= _SANS_KEPT:
+            _SANS.clear()
+        _SANS[der] = hit
+    return list(hit)
+
+
+_SANS_KEPT = 16  # CA certificates whose URI SANs are kept (cleared whole when full)
+_SANS: dict[bytes, tuple[str, ...]] = {}
 
 
 def _ca_check(ca_id: str | None) -> Callable[[ssl.SSLObject], None] | None:

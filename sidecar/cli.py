@@ -294,7 +294,10 @@ async def run(config: SidecarConfig) -> None:
             exporter.start()
             stoppers.append(exporter.stop)
         heap.start()
-        manager.after_each(heap.settle)  # enrollment and renewals leave code resident
+        # Enrollment, renewals and bundle documents run code the data path does not: once
+        # each is done, its pages of cryptography and the rest go back (sidecar/heap.py).
+        manager.after_each(heap.settle)
+        watcher.after_each(heap.settle)
         task = asyncio.create_task(manager.run())
         try:
             await stop.wait()

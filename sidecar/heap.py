@@ -31,9 +31,9 @@ here, of a 45 MiB process; enrollment alone, run once the listeners are up, brin
 5 MiB of `cryptography`'s Rust code: key generation, the CSR, parsing and validating the
 chain). Those pages are clean copies of files, which the kernel may drop at any time and
 map back on the next use; `release_file_pages` drops them from the process each time
-the certificate manager has obtained a certificate (`settle`: after the enrollment at
-start-up, then after each renewal), so that only what the data path runs comes back
-into its VmRSS (figures in docs/sidecar.md, "Memory"). They stay in the page cache,
+such work is done (`settle`: after each certificate obtained, at start-up and at each
+renewal, and after each bundle document fetched), so that only what the data path
+runs comes back into its VmRSS (figures in docs/sidecar.md, "Memory"). They stay in the page cache,
 shared with other processes mapping the same files. It leaves alone every page a write
 has touched: writable mappings, and read-only ones with any copied-on-write page
 (relocated data), in memory or swapped out, whose contents the file does not hold.
@@ -192,9 +192,10 @@ class HeapKeeper:
         self._handle = asyncio.get_running_loop().call_later(TICK, self._tick)
 
     def settle(self) -> None:
-        """A certificate was obtained (enrollment, renewal): give back the heap that work
-        freed and, unless told not to, the file pages it touched (`release_file_pages`).
-        Never raises: memory it could not give back never stops the sidecar."""
+        """Work the data path does not do is over (a certificate obtained, a bundle
+        document fetched): give back the heap it freed and, unless told not to, the file
+        pages it touched (`release_file_pages`). Never raises: memory it could not give
+        back never stops the sidecar."""
         try:
             if self._trim is not None:
                 self._trim(0)

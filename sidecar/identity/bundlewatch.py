@@ -54,11 +54,17 @@ class BundleWatcher:
         self._lock = asyncio.Lock()
         self._older: tuple[int, int] | None = None  # (sequence, polls in a row) below ours
         self._last_catch_up = -1e9
+        self._after: list[Callable[[], None]] = []
 
     @property
     def sequence(self) -> int | None:
         """The sequence of the bundle in force (None while only the bootstrap file is)."""
         return self.trust.current.sequence
+
+    def after_each(self, fn: Callable[[], None]) -> None:
+        """Call `fn()` after each poll that brought a document (not a 304), once it was
+        taken in or refused; an error in `fn` is logged, not raised."""
+        self._after.append(fn)
 
     async def poll(self, use_etag: bool = True) -> bool:
         """One poll; True if the bundle or the revocations changed. CAError, BundleError."""
@@ -69,23 +75,34 @@ class BundleWatcher:
             self.last_success = now.strftime("%Y-%m-%dT%H:%M:%SZ")
             if doc is None:
                 return False
-            if discovered:
-                self.discoveries += 1
-                log.warning(
-                    "the CA's certificate did not verify against our bundle; accepted its "
-                    "roots (sequence %d) through endorsements from a root we trust",
-                    doc.sequence,
-                )
-            old = self.trust.current.revoked
-            changed = self.trust.offer(
-                doc.roots_pem, now, doc.sequence, doc.revoked, allow_older=self._insists(doc)
+            try:
+                return self._take(doc, etag, discovered, now)
+            finally:
+                for fn in self._after:
+                    try:
+                        fn()
+                    except Exception:
+                        log.exception("after a bundle poll: %r failed", fn)
+
+    def _take(self, doc: BundleDoc, etag: str | None, discovered: bool, now: dt.datetime) -> bool:
+        """Take in a fetched document; True if the bundle or the revocations changed."""
+        if discovered:
+            self.discoveries += 1
+            log.warning(
+                "the CA's certificate did not verify against our bundle; accepted its "
+                "roots (sequence %d) through endorsements from a root we trust",
+                doc.sequence,
             )
-            self._older = None
-            added = doc.revoked - old
-            if added:
-                log.warning("certificates revoked by the CA: %s", ", ".join(sorted(added)))
-            self.etag = etag
-            return changed
+        old = self.trust.current.revoked
+        changed = self.trust.offer(
+            doc.roots_pem, now, doc.sequence, doc.revoked, allow_older=self._insists(doc)
+        )
+        self._older = None
+        added = doc.revoked - old
+        if added:
+            log.warning("certificates revoked by the CA: %s", ", ".join(sorted(added)))
+        self.etag = etag
+        return changed
 
     async def _fetch(
         self, now: dt.datetime, use_etag: bool

@@ -221,3 +221,67 @@ def test_new_roots_or_a_new_certificate_start_a_new_session_context(world):
     assert second is not first
     store.publish(creds_under(old_root, oi, ok, trust.pem))
     assert store.server_context() is not second
+
+
+def test_the_watcher_calls_back_after_each_document_not_after_a_304(world, caplog):
+    """The sidecar gives back what a bundle document's checks touched (`HeapKeeper.settle`)
+    after each poll that brought one, taken in or refused; an unchanged answer (304) did
+    no such work. A failing callback is logged and the poll's answer stands."""
+    import asyncio
+
+    from meshca.trust import BundleDoc
+    from sidecar.identity.bundlewatch import BundleWatcher
+
+    (old_root, _, _), (new_root, _, _), trust = world
+    watcher = BundleWatcher("https://ca.example", trust)
+    both = (old_root, new_root)
+    answers = [
+        (BundleDoc("cluster.local", both, pki.pem_join(both), 3, frozenset()), "a"),
+        (None, "a"),  # 304
+        (BundleDoc("cluster.local", (), "not pem", 4, frozenset()), "b"),  # refused
+    ]
+
+    async def fetch(now, use_etag):
+        doc, etag = answers.pop(0)
+        return doc, etag, False
+
+    watcher._fetch = fetch  # type: ignore[method-assign]
+    calls = []
+    watcher.after_each(lambda: calls.append(1))
+    watcher.after_each(lambda: 1 / 0)
+
+    async def polls():
+        changed = await watcher.poll()
+        assert calls == [1]
+        assert await watcher.poll() is False
+        assert calls == [1]
+        with pytest.raises(BundleError):
+            await watcher.poll()
+        return changed
+
+    assert asyncio.run(polls()) is True
+    assert calls == [1, 1]
+    assert trust.current.sequence == 3
+    assert "after a bundle poll" in caplog.text
+
+
+def test_status_and_probes_read_values_kept_at_build_time(world):
+    """What `/status` shows of the roots, and a certificate's validity and serial (read by
+    the readiness probe, the metrics and the renewal timer), are read once when the bundle
+    or the credentials are built, and equal what the certificates say."""
+    from meshca.svid import serial_hex
+    from meshca.trust import fingerprints
+
+    (old_root, old_inter, old_key), (new_root, _, _), trust = world
+    trust.offer(pki.pem_join([old_root, new_root]), NOW, sequence=2)
+    roots = trust.current.describe()["roots"]
+    assert roots == [
+        {"subject": c.subject.rfc4514_string(), "sha256": fp}
+        for c, fp in zip((old_root, new_root), fingerprints((old_root, new_root)), strict=True)
+    ]
+    creds = creds_under(old_root, old_inter, old_key, pki.pem_join([old_root]))
+    assert creds.not_before == creds.leaf.not_valid_before_utc
+    assert creds.not_after == creds.leaf.not_valid_after_utc
+    assert creds.serial == serial_hex(creds.leaf)
+    rebuilt = creds.with_bundle(pki.pem_join([old_root, new_root]), NOW)
+    assert (rebuilt.not_after, rebuilt.serial) == (creds.not_after, creds.serial)
