@@ -108,10 +108,13 @@ def sidecar_config(
     return path
 
 
-def start_sidecar(config: Path, wait_ready: bool = True, ready_timeout: float = 20) -> Proc:
+def start_sidecar(
+    config: Path, wait_ready: bool = True, ready_timeout: float = 20, log_level: str = "INFO"
+) -> Proc:
     doc = yaml.safe_load(config.read_text())
     expect = ["admin", "health"] + [k for k in ("inbound", "outbound") if k in doc]
-    p = _spawn([sys.executable, "-m", "sidecar", "run", "--config", str(config)], expect)
+    cmd = [sys.executable, "-m", "sidecar", "--log-level", log_level, "run", "--config"]
+    p = _spawn([*cmd, str(config)], expect)
     if wait_ready:
         deadline = time.monotonic() + ready_timeout
         while p.proc.poll() is None and time.monotonic() < deadline:
