@@ -32,7 +32,6 @@ from typing import Any, NamedTuple
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, padding, rsa
-from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 # Asymmetric algorithms and the JWK key type (`kty`) their key must have.
 ASYMMETRIC = {
@@ -228,6 +227,27 @@ def _kty(key: object) -> str | None:
     return _KTY_OF_CLASS[cls]
 
 
+def _der_integer(raw: bytes) -> bytes:
+    """DER INTEGER of the unsigned big-endian `raw`: no leading zero byte unless the next
+    has its high bit set (the value would read as negative), one byte for zero."""
+    raw = raw.lstrip(b"\x00") or b"\x00"
+    if raw[0] & 0x80:
+        raw = b"\x00" + raw
+    return b"\x02" + bytes((len(raw),)) + raw
+
+
+def der_signature(r: bytes, s: bytes) -> bytes:
+    """The DER `ECDSA-Sig-Value` (SEQUENCE of INTEGER r, INTEGER s, RFC 3279 2.2.3) of a
+    signature's two halves, big-endian and unsigned, as OpenSSL reads it; what
+    `cryptography`'s `encode_dss_signature` makes from two ints, without its ASN.1 code
+    (about 1 MiB of its library's pages back in a sidecar that released them after
+    start-up, for each new token) and the two int conversions. Halves of up to 127 bytes
+    (P-521's are 66)."""
+    body = _der_integer(r) + _der_integer(s)
+    n = len(body)
+    return (b"\x30" + bytes((n,)) if n < 0x80 else b"\x30\x81" + bytes((n,))) + body
+
+
 def verify_signature(jws: Jws, alg: str, key: Any) -> None:
     """Check `jws`'s signature with `key` (a `cryptography` public key, or an HMAC
     secret as bytes) for `alg`; TokenError unless it verifies.
@@ -248,9 +268,7 @@ def verify_signature(jws: Jws, alg: str, key: Any) -> None:
             # JOSE writes r||s, each exactly `size` bytes (RFC 7518 3.4); OpenSSL wants DER.
             if len(sig) != 2 * size:
                 raise InvalidSignature
-            r = int.from_bytes(sig[:size], "big")
-            s = int.from_bytes(sig[size:], "big")
-            key.verify(encode_dss_signature(r, s), data, ecdsa)
+            key.verify(der_signature(sig[:size], sig[size:]), data, ecdsa)
         elif alg in _RSA:
             if _kty(key) != "RSA":
                 raise TokenError("token algorithm does not match its signing key")

@@ -17,6 +17,8 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
     decode_dss_signature,
     encode_dss_signature,
 )
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from meshca import jwtcore
 from meshca.jwtcore import TokenError
@@ -468,3 +470,24 @@ def test_json_with_whitespace_around_it_is_read_as_json_is(pad):
     token = f"{head}.{body}." + b64(es_sign(f"{head}.{body}", P256, hashes.SHA256()))
     assert decode(token) == CLAIMS
     assert dict(jwtcore.parse(token).header) == {"alg": "ES256", "typ": "JWT"}
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    size=st.sampled_from([32, 48, 66]),
+    r=st.binary(min_size=0, max_size=66),
+    s=st.binary(min_size=0, max_size=66),
+    zeros=st.integers(min_value=0, max_value=66),
+)
+def test_der_signature_is_what_cryptography_encodes(size, r, s, zeros):
+    """The DER the verifier hands OpenSSL for a JOSE r||s signature is, byte for byte, what
+    cryptography's encode_dss_signature makes of the two integers: leading zero bytes
+    dropped, a zero byte before a high bit, zero as one byte, P-521's long-form length."""
+    from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+
+    from meshca.jwtcore import der_signature
+
+    r = (b"\x00" * zeros + r)[-size:].rjust(size, b"\x00")
+    s = s[:size].rjust(size, b"\xff" if zeros % 2 else b"\x00")
+    want = encode_dss_signature(int.from_bytes(r, "big"), int.from_bytes(s, "big"))
+    assert der_signature(r, s) == want
