@@ -9,10 +9,12 @@ document it fetches (`HeapKeeper.settle`); what it does per request and per prob
 kept when the certificates were first parsed. So what stays is the library's
 relocated data and the code the data path runs (parsing a new peer's certificate).
 
-Measured here (the library's resident code, KiB; its relocated data is 684 more): with
-no release after enrollment, 7,728 after enrollment, five requests and the probes; now
-2,224 (a new peer's certificate parsed, the probes), 1,212 after a renewal, 508 after
-a new bundle document (a revocation).
+Measured here (the library's resident code, KiB, of 8,652 mapped; its relocated data is
+684 more): with no release after enrollment, 7,728 after enrollment, five requests and
+the probes; now 2,224 (a new peer's certificate parsed, the probes), 1,212 after a
+renewal, 508 after a new bundle document (a revocation); without the release after a
+bundle document, 5,232 after it. In a fresh clone's venv, whose pages sit in the page
+cache in larger folios, the first figure was 4,596.
 """
 
 from __future__ import annotations
@@ -27,29 +29,37 @@ from mesh import admin_get, hostport, sidecar_config, start_echo, start_sidecar
 from tlsclient import BACKEND, client_context, connect, get, read_response
 
 RUST_LIB = re.compile(r"/cryptography/hazmat/bindings/_rust[^/]*\.so$")
-# What the data path runs (a new peer's certificate parsed once) maps back about 2 MiB
-# of the library's code; enrollment left 7.5 MiB before.
-CODE_BOUND_KIB = 3 * 1024
-# Once that peer is known, a renewal or a bundle document leave less: 1.2 and 0.5 MiB
-# here; a bundle poll (every half minute) parsing the CA's certificate each time, 2.9.
-LATER_BOUND_KIB = 2 * 1024
+# How many pages one touch maps back depends on the kernel and on how the file's pages
+# sit in the page cache (fault-around; since Linux 6.18, whole large folios), so the
+# bounds are shares and differences, not sizes. What the data path runs (a new peer's
+# certificate parsed once) mapped back 2.2 MiB of the library's 8.6 here and 4.5 in a
+# fresh clone's venv; enrollment left 7.5 MiB before.
+SHARE_BOUND = 0.6
+# Once that peer is known, a renewal or a bundle document leave no more than there was
+# (1.2 and 0.5 MiB here); a bundle poll parsing the CA's certificate each time, +0.7.
+SLACK_KIB = 256
 
 
-def library_code_kib(pid: int) -> tuple[int, int]:
-    """(file-backed KiB, copied-on-write KiB) resident of cryptography's Rust library."""
+def library_kib(pid: int) -> tuple[int, int, int]:
+    """Of cryptography's Rust library in process `pid`: (file-backed KiB resident,
+    copied-on-write KiB resident, KiB mapped from the file read-only: its code and
+    read-only data)."""
     text = Path(f"/proc/{pid}/smaps").read_text()
-    clean = written = 0
+    clean = written = mapped = 0
     ours = False
     for line in text.splitlines():
         head = line.split()
         if head and re.fullmatch(r"[0-9a-f]+-[0-9a-f]+", head[0]):
             ours = len(head) >= 6 and bool(RUST_LIB.search(head[-1]))
+            read_only = len(head) >= 2 and "w" not in head[1]
+        elif ours and line.startswith("Size:") and read_only:
+            mapped += int(head[1])
         elif ours and line.startswith("Rss:"):
             clean += int(head[1])
         elif ours and line.startswith("Anonymous:"):
             written += int(head[1])
     assert clean > 0, "cryptography's Rust library is not mapped in the sidecar"
-    return clean - written, written
+    return clean - written, written, mapped
 
 
 def settles(sidecar) -> str:
@@ -93,9 +103,7 @@ def first_poll_done(sidecar, timeout: float = 10) -> None:
         time.sleep(0.1)
 
 
-def test_enrollment_renewal_and_bundle_documents_leave_no_cryptography_code_resident(
-    ca, tmp_path
-):
+def test_enrollment_renewal_and_bundle_documents_leave_no_cryptography_code_resident(ca, tmp_path):
     ctx = client_context(ca, tmp_path)
     app = start_echo(tmp_path / "app.log")
     cfg = sidecar_config(
@@ -115,10 +123,13 @@ def test_enrollment_renewal_and_bundle_documents_leave_no_cryptography_code_resi
         traffic(ctx, where)
         probes(sidecar)
         time.sleep(0.5)
-        code, relocated = library_code_kib(pid)
-        figures = f"after enrollment: {code} KiB of code, {relocated} KiB relocated"
+        first, relocated, mapped = library_kib(pid)
+        figures = (
+            f"after enrollment: {first} KiB of the library's {mapped} KiB resident "
+            f"(and {relocated} KiB relocated)"
+        )
         print(figures)
-        assert code <= CODE_BOUND_KIB, f"{figures}\n{settles(sidecar)}"
+        assert first <= SHARE_BOUND * mapped, f"{figures}\n{settles(sidecar)}"
 
         old_serial = admin_get(sidecar, "/identity")[1]["serial"]
         status, doc = admin_get(sidecar, "/rotate", method="POST")
@@ -126,10 +137,10 @@ def test_enrollment_renewal_and_bundle_documents_leave_no_cryptography_code_resi
         traffic(ctx, where)
         probes(sidecar)
         time.sleep(0.5)
-        code, relocated = library_code_kib(pid)
+        code = library_kib(pid)[0]
         figures += f"; after a renewal: {code} KiB"
         print(figures)
-        assert code <= LATER_BOUND_KIB, f"{figures}\n{settles(sidecar)}"
+        assert code <= first + SLACK_KIB, f"{figures}\n{settles(sidecar)}"
 
         # A new bundle document: the CA revokes the certificate the renewal replaced.
         run_meshca("revoke", "--home", str(ca.home), "--serial", old_serial)
@@ -139,10 +150,10 @@ def test_enrollment_renewal_and_bundle_documents_leave_no_cryptography_code_resi
             time.sleep(0.1)
         time.sleep(1)  # the polls after it answer 304
         traffic(ctx, where)
-        code, relocated = library_code_kib(pid)
+        code = library_kib(pid)[0]
         figures += f"; after a new bundle document: {code} KiB"
         print(figures)
-        assert code <= LATER_BOUND_KIB, f"{figures}\n{settles(sidecar)}"
+        assert code <= first + SLACK_KIB, f"{figures}\n{settles(sidecar)}"
     finally:
         sidecar.stop()
         app.stop()
