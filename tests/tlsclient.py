@@ -80,7 +80,14 @@ def start_post(s: ssl.SSLSocket, path: str, length: int) -> None:
     assert got == want
 
 
-def start_backend(tmp_path, ca, drain: float, inbound: dict | None = None):
+def start_backend(
+    tmp_path,
+    ca,
+    drain: float,
+    inbound: dict | None = None,
+    ca_extra: dict | None = None,
+    log_level: str = "INFO",
+):
     app = start_echo(tmp_path / "app.log")
     cfg = sidecar_config(
         tmp_path,
@@ -89,12 +96,13 @@ def start_backend(tmp_path, ca, drain: float, inbound: dict | None = None):
         BACKEND,
         app=hostport(app.urls["echo"]),
         inbound_extra=inbound,
+        ca_extra=ca_extra,
         token=mint_token(ca.home, BACKEND),
     )
     doc = yaml.safe_load(cfg.read_text())
     doc["drain_timeout"] = drain
     cfg.write_text(yaml.safe_dump(doc))
-    return app, start_sidecar(cfg)
+    return app, start_sidecar(cfg, log_level=log_level)
 
 
 def wait_for(predicate, what: str, timeout: float = 20) -> None:

@@ -24,9 +24,9 @@ import re
 import time
 from pathlib import Path
 
-from helpers import mint_token, run_meshca, tail
-from mesh import admin_get, hostport, sidecar_config, start_echo, start_sidecar
-from tlsclient import BACKEND, client_context, connect, get, read_response
+from helpers import run_meshca, tail
+from mesh import admin_get, hostport
+from tlsclient import client_context, connect, get, read_response, start_backend
 
 RUST_LIB = re.compile(r"/cryptography/hazmat/bindings/_rust[^/]*\.so$")
 # How many pages one touch maps back depends on the kernel and on how the file's pages
@@ -105,17 +105,10 @@ def first_poll_done(sidecar, timeout: float = 10) -> None:
 
 def test_enrollment_renewal_and_bundle_documents_leave_no_cryptography_code_resident(ca, tmp_path):
     ctx = client_context(ca, tmp_path)
-    app = start_echo(tmp_path / "app.log")
-    cfg = sidecar_config(
-        tmp_path,
-        "backend",
-        ca,
-        BACKEND,
-        app=hostport(app.urls["echo"]),
-        token=mint_token(ca.home, BACKEND),
-        ca_extra={"bundle_poll": 0.5},
+    # (DEBUG: a failure shows when the sidecar settled)
+    app, sidecar = start_backend(
+        tmp_path, ca, drain=1, ca_extra={"bundle_poll": 0.5}, log_level="DEBUG"
     )
-    sidecar = start_sidecar(cfg, log_level="DEBUG")  # a failure shows when it settled
     try:
         pid = sidecar.proc.pid
         where = hostport(sidecar.urls["inbound"])
