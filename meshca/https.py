@@ -134,6 +134,8 @@ async def fetch(
                     raise OSError("the connection closed before the answer was complete")
                 try:
                     parser.feed_data(data)
+                except httptools.HttpParserUpgrade:  # (not an HttpParserError)
+                    raise OSError("malformed answer: a protocol upgrade") from None
                 except httptools.HttpParserError as e:
                     if isinstance(e.__context__, BodyTooLarge):
                         raise BodyTooLarge from None

@@ -17,7 +17,7 @@ import ssl
 import time
 from collections.abc import Callable
 from pathlib import Path
-from urllib.parse import urljoin
+from urllib.parse import urljoin, urlsplit
 
 import jwt
 
@@ -114,6 +114,12 @@ class FileJwks(JwksSource):
         return True
 
 
+def _origin(url: str) -> tuple[str, str, int]:
+    """(scheme, host, port) of an https:// URL: a bearer token goes to one origin only."""
+    parts = urlsplit(url)
+    return parts.scheme, (parts.hostname or "").lower(), parts.port or 443
+
+
 class UrlJwks(JwksSource):
     """A JWKS fetched over HTTPS, cached, refreshed periodically and on an unknown `kid`.
 
@@ -123,8 +129,10 @@ class UrlJwks(JwksSource):
     function returning the current one, called for every fetch.
 
     Each fetch is one request on a connection of its own (`meshca.https`: no HTTP
-    client library, whose 10 MiB a sidecar would hold for a fetch every few minutes),
-    within FETCH_TIMEOUT seconds, with up to MAX_REDIRECTS redirects to https:// URLs.
+    client library, whose 10 MiB a sidecar would hold for a fetch every few minutes);
+    each document (the discovery document, the JWKS) within FETCH_TIMEOUT seconds,
+    following up to MAX_REDIRECTS redirects to https:// URLs. The bearer token goes
+    only to the origin (scheme, host, port) of the URL it was sent to first.
     """
 
     def __init__(
@@ -164,28 +172,32 @@ class UrlJwks(JwksSource):
             headers["Authorization"] = "Bearer " + bearer
         # A function gives the trust in force now (the sidecar's mesh bundle), per fetch.
         ctx = self._ssl() if callable(self._ssl) else self._ssl
-        for _ in range(MAX_REDIRECTS + 1):
-            try:
-                answer = await https.fetch(
-                    "GET",
-                    url,
-                    ssl_context=ctx,
-                    headers=headers,
-                    timeout=FETCH_TIMEOUT,
-                    cap=MAX_JWKS_BYTES,
-                )
-            except https.BodyTooLarge:
-                raise ValueError(f"{url} answered more than {MAX_JWKS_BYTES} bytes") from None
-            location = answer.headers.get("location")
-            if answer.status in REDIRECTS and location:
-                target = urljoin(url, location)
-                if not target.startswith("https://"):
-                    raise ValueError(f"{url} redirects to a URL that is not https://")
-                url = target
-                continue
-            if answer.status != 200:
-                raise ValueError(f"{url} answered {answer.status}")
-            return answer.body
+        async with asyncio.timeout(FETCH_TIMEOUT):  # the redirects included
+            for _ in range(MAX_REDIRECTS + 1):
+                try:
+                    answer = await https.fetch(
+                        "GET",
+                        url,
+                        ssl_context=ctx,
+                        headers=headers,
+                        timeout=FETCH_TIMEOUT,
+                        cap=MAX_JWKS_BYTES,
+                    )
+                except https.BodyTooLarge:
+                    raise ValueError(f"{url} answered more than {MAX_JWKS_BYTES} bytes") from None
+                location = answer.headers.get("location")
+                if answer.status in REDIRECTS and location:
+                    target = urljoin(url, location)
+                    if not target.startswith("https://"):
+                        raise ValueError(f"{url} redirects to a URL that is not https://")
+                    if _origin(target) != _origin(url):
+                        # the credential is for the issuer's server, not where it points
+                        headers.pop("Authorization", None)
+                    url = target
+                    continue
+                if answer.status != 200:
+                    raise ValueError(f"{url} answered {answer.status}")
+                return answer.body
         raise ValueError(f"{url}: more than {MAX_REDIRECTS} redirects")
 
     async def _fetch(self) -> None:
@@ -231,6 +243,8 @@ class UrlJwks(JwksSource):
                 await self._fetch()
             except (OSError, ValueError, TimeoutError) as e:
                 log.warning("JWKS fetch from %s failed, using cached keys: %s", self.url, e)
+            except Exception:  # a refresh (often a background one) never dies
+                log.exception("JWKS fetch from %s failed, using cached keys", self.url)
         return True
 
     async def close(self) -> None:

@@ -72,6 +72,11 @@ def settles(sidecar) -> str:
     return "\n".join(lines[-40:])
 
 
+def releases(sidecar) -> int:
+    """How many times the sidecar has released its file pages (its DEBUG log says)."""
+    return sidecar.stderr.count("sidecar.heap: settled:")
+
+
 def traffic(ctx, where: str, n: int = 5) -> None:
     for i in range(n):
         s = connect(ctx, where)
@@ -123,6 +128,9 @@ def test_enrollment_renewal_and_bundle_documents_leave_no_cryptography_code_resi
         )
         print(figures)
         assert first <= SHARE_BOUND * mapped, f"{figures}\n{settles(sidecar)}"
+        # once for the enrollment, and once for each bundle document polled
+        assert releases(sidecar) >= 2, settles(sidecar)
+        before = releases(sidecar)
 
         old_serial = admin_get(sidecar, "/identity")[1]["serial"]
         status, doc = admin_get(sidecar, "/rotate", method="POST")
@@ -134,6 +142,8 @@ def test_enrollment_renewal_and_bundle_documents_leave_no_cryptography_code_resi
         figures += f"; after a renewal: {code} KiB"
         print(figures)
         assert code <= first + SLACK_KIB, f"{figures}\n{settles(sidecar)}"
+        assert releases(sidecar) > before, settles(sidecar)  # after the renewal
+        before = releases(sidecar)
 
         # A new bundle document: the CA revokes the certificate the renewal replaced.
         run_meshca("revoke", "--home", str(ca.home), "--serial", old_serial)
@@ -147,6 +157,7 @@ def test_enrollment_renewal_and_bundle_documents_leave_no_cryptography_code_resi
         figures += f"; after a new bundle document: {code} KiB"
         print(figures)
         assert code <= first + SLACK_KIB, f"{figures}\n{settles(sidecar)}"
+        assert releases(sidecar) > before, settles(sidecar)  # after the document
     finally:
         sidecar.stop()
         app.stop()

@@ -42,11 +42,17 @@ def jwks_doc(kid: str) -> bytes:
 class Server:
     """An HTTPS server answering each path from `routes`: (status, headers, body)."""
 
-    def __init__(self, ca: trustme.CA, routes: dict[str, tuple[int, dict[str, str], bytes]]):
+    def __init__(
+        self,
+        ca: trustme.CA,
+        routes: dict[str, tuple[int, dict[str, str], bytes]],
+        delay: float = 0.0,
+    ):
         self.routes = routes
+        self.delay = delay
         self.seen: list[tuple[str, dict[str, str]]] = []
         self.ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        ca.issue_cert("127.0.0.1").configure_cert(self.ctx)
+        ca.issue_cert("127.0.0.1", "localhost").configure_cert(self.ctx)
         self.server: asyncio.Server | None = None
 
     async def __aenter__(self) -> str:
@@ -66,6 +72,7 @@ class Server:
             headers = dict(line.split(": ", 1) for line in head[1:] if line)
             self.seen.append((path, {k.lower(): v for k, v in headers.items()}))
             status, extra, body = self.routes.get(path, (404, {}, b"not here"))
+            await asyncio.sleep(self.delay)
             lines = [f"HTTP/1.1 {status} X", f"Content-Length: {len(body)}"]
             lines += [f"{k}: {v}" for k, v in extra.items()]
             writer.write(("\r\n".join(lines) + "\r\n\r\n").encode() + body)
@@ -107,12 +114,17 @@ def test_keys_arrive_with_the_bearer_token_sent(ca, tmp_path):
     assert server.seen[0][1]["connection"] == "close"
 
 
-@pytest.mark.parametrize("location", ["/moved", "https://127.0.0.1:{port}/moved", "moved"])
-def test_redirects_to_https_are_followed(ca, location):
-    doc = jwks_doc("k2")
-    routes = {"/keys/x": (302, {"Location": ""}, b""), "/moved": (200, {}, doc)}
-    routes["/keys/moved"] = (200, {}, doc)  # "moved" is relative to /keys/
-    server = Server(ca, routes)
+@pytest.mark.parametrize(
+    "location,lands",
+    [
+        ("/moved", "/moved"),
+        ("https://127.0.0.1:{port}/moved", "/moved"),
+        ("moved", "/keys/moved"),  # relative to /keys/x
+    ],
+)
+def test_redirects_to_https_are_followed(ca, location, lands):
+    routes = {"/keys/x": (302, {"Location": ""}, b""), lands: (200, {}, jwks_doc("k2"))}
+    server = Server(ca, routes)  # the other path answers 404
 
     async def go() -> object:
         async with server as base:
@@ -123,7 +135,63 @@ def test_redirects_to_https_are_followed(ca, location):
             return src.get("k2")
 
     assert asyncio.run(go()) is not None
-    assert [p for p, _ in server.seen][0] == "/keys/x" and len(server.seen) == 2
+    assert [p for p, _ in server.seen] == ["/keys/x", lands]
+
+
+def test_the_bearer_token_goes_to_its_origin_only(ca, tmp_path):
+    """A redirect to the same origin keeps the Authorization header; one to another host
+    (here `localhost` for `127.0.0.1`) drops it, as curl and browsers do: a service
+    account token must not follow an issuer's (or an open redirect's) Location."""
+    bearer = tmp_path / "token"
+    bearer.write_text("sa-token-value")
+    doc = jwks_doc("k1")
+    server = Server(ca, {"/a": (302, {}, b""), "/b": (302, {}, b""), "/c": (200, {}, doc)})
+
+    async def go() -> object:
+        async with server as base:
+            port = base.rsplit(":", 1)[1]
+            server.routes["/a"] = (302, {"Location": "/b"}, b"")
+            server.routes["/b"] = (302, {"Location": f"https://localhost:{port}/c"}, b"")
+            src = UrlJwks(f"{base}/a", bearer_file=bearer, ssl_context=client_ctx(ca))
+            await src.refresh()
+            return src.get("k1")
+
+    assert asyncio.run(go()) is not None
+    sent = {path: headers.get("authorization") for path, headers in server.seen}
+    assert sent == {"/a": "Bearer sa-token-value", "/b": "Bearer sa-token-value", "/c": None}
+
+
+def test_an_upgrade_answer_or_a_slow_redirect_chain_keeps_the_keys(ca, caplog, monkeypatch):
+    """A 101 answer (httptools raises an upgrade, not a parser error) and a chain of slow
+    redirects (one FETCH_TIMEOUT for the document, its redirects included) each fail the
+    fetch, log why, and keep the keys held; `refresh` never raises."""
+    import meshca.jwks as jwks
+
+    monkeypatch.setattr(jwks, "FETCH_TIMEOUT", 1.0)
+    upgrade = (101, {"Upgrade": "websocket", "Connection": "Upgrade"}, b"")
+    server = Server(ca, {"/keys": (200, {}, jwks_doc("k1"))})
+
+    async def go() -> object:
+        async with server as base:
+            src = UrlJwks(f"{base}/keys", ssl_context=client_ctx(ca), min_interval=0)
+            await src.refresh()
+            held = src.get("k1")
+            server.routes["/keys"] = upgrade
+            assert await src.refresh() is True
+            assert src.get("k1") is held
+            server.routes["/keys"] = (302, {"Location": "/keys2"}, b"")
+            server.routes["/keys2"] = (302, {"Location": "/keys3"}, b"")
+            server.routes["/keys3"] = (200, {}, jwks_doc("k9"))
+            # each answer within the second, the three of them not: the document is not
+            # taken (with a timeout per answer, it would be)
+            server.delay = 0.6
+            await src.refresh()
+            assert src.get("k9") is None and src.get("k1") is held
+            return held
+
+    assert asyncio.run(go()) is not None
+    assert "a protocol upgrade" in caplog.text
+    assert "TimeoutError" in caplog.text or "failed, using cached keys" in caplog.text
 
 
 @pytest.mark.parametrize(
