@@ -33,10 +33,11 @@ chain). Those pages are clean copies of files, which the kernel may drop at any 
 map back on the next use; `release_file_pages` drops them from the process each time
 such work is done (`settle`: after each certificate obtained, at start-up and at each
 renewal, and after each bundle document fetched), so that only what the data path
-runs comes back into its VmRSS (figures in docs/sidecar.md, "Memory"). They stay in the page cache,
-shared with other processes mapping the same files. It leaves alone every page a write
-has touched: writable mappings, and read-only ones with any copied-on-write page
-(relocated data), in memory or swapped out, whose contents the file does not hold.
+runs comes back into its VmRSS (figures in docs/sidecar.md, "Memory"). They stay in
+the page cache, shared with other processes mapping the same files. It leaves alone
+every page a write has touched: writable mappings, and read-only ones with any
+copied-on-write page (relocated data), in memory or swapped out, whose contents the
+file does not hold.
 """
 
 from __future__ import annotations
