@@ -6,6 +6,13 @@ is awaited only when a `kid` is unknown. A URL source whose keys are older than
 `refresh` seconds starts a background refresh the next time a key is asked for
 (the caller does not wait for it); when the endpoint is down the cached keys
 keep working. A bad new document never replaces the last good one.
+
+Documents are read here (`parse_jwks`), into `Jwk`s with `cryptography` key objects:
+RFC 7517/7518 EC (P-256, P-384, P-521), RSA (2048 bits and up) and RFC 8037 OKP
+(Ed25519, Ed448) public keys, the kinds `jwtcore` verifies. Not pyjwt's `PyJWKSet`:
+importing pyjwt brings its HTTP client's modules (`urllib.request`, `http.client`,
+`email`, `tempfile`, `bz2`, `lzma`), 1.2 MiB that a JWT sidecar held for a parse every
+few minutes; and it took a key with private members as a private key.
 """
 
 from __future__ import annotations
@@ -17,11 +24,12 @@ import ssl
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any, NamedTuple
 from urllib.parse import urljoin, urlsplit
 
-import jwt
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 
-from meshca import https
+from meshca import https, jwtcore
 
 log = logging.getLogger("meshca.jwks")
 
@@ -31,28 +39,151 @@ MAX_REDIRECTS = 3
 REDIRECTS = frozenset((301, 302, 303, 307, 308))
 
 
-def parse_jwks(data: bytes, where: str) -> jwt.PyJWKSet:
-    """Parse a JWKS document; ValueError naming `where` if it is not one."""
+# RFC 7518 6.2.1.1: the curves an EC key may name, and the size of each coordinate.
+_EC_CURVES = {"P-256": ("secp256r1", 32), "P-384": ("secp384r1", 48), "P-521": ("secp521r1", 66)}
+_ED_SIZES = {"Ed25519": 32, "Ed448": 57}  # RFC 8037 2: the public key's length
+# Members that only a private (or a symmetric) key has (RFC 7518 6.2.2, 6.3.2, 6.4.1;
+# RFC 8037 2). A key set is public: a key with any of them is refused, not trimmed to its
+# public part, since anyone who fetched the document could sign with it.
+_PRIVATE = ("d", "p", "q", "dp", "dq", "qi", "oth", "k")
+RSA_MIN_BITS = 2048  # RFC 7518 3.3
+
+
+class Jwk(NamedTuple):
+    """One usable public key of a JWKS document."""
+
+    kid: str | None  # the document's `kid`, if it is a string
+    key_type: str  # `kty`: "EC", "RSA" or "OKP"
+    alg: str | None  # the key's `alg`, if the document names one: then it is the only one
+    key: Any  # a `cryptography` public key
+
+    def fits(self, alg: str) -> bool:
+        """May a token signed with `alg` be verified with this key? Its type must be the
+        one `alg` needs (jwtcore.key_fits), and the algorithm the key's own, if it names one
+        (RFC 7517 4.4)."""
+        return jwtcore.key_fits(alg, self.key_type) and (self.alg is None or self.alg == alg)
+
+
+def _shown(value: object) -> str:
+    """A document's value in an error: its repr, cut short (a document may be 1 MiB)."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _b64(jwk: dict[str, Any], name: str) -> bytes:
+    value = jwk.get(name)
+    if not isinstance(value, str):
+        raise ValueError(f"its {name!r} is missing or not a string")
+    try:
+        return jwtcore.b64url_decode(value.encode("ascii"))
+    except ValueError:  # binascii.Error, UnicodeEncodeError
+        raise ValueError(f"its {name!r} is not base64url") from None
+
+
+def parse_jwk(jwk: object) -> Jwk:
+    """One JWK (a JSON object) as a public key; ValueError saying why it is not usable.
+
+    The message names members and their kind, never their values."""
+    if not isinstance(jwk, dict):
+        raise ValueError("it is not a JSON object")
+    kty = jwk.get("kty")
+    private = [m for m in _PRIVATE if m in jwk]
+    if private:
+        raise ValueError(f"it holds private or secret key members ({', '.join(private)})")
+    use = jwk.get("use")
+    if use is not None and use != "sig":
+        raise ValueError(f"its use is {_shown(use)}, not 'sig'")
+    kid = jwk.get("kid")
+    alg = jwk.get("alg")
+    if alg is not None and (not isinstance(alg, str) or not jwtcore.key_fits(alg, kty)):
+        raise ValueError(
+            f"its alg {_shown(alg)} is not one this verifier uses with a {_shown(kty)} key"
+        )
+    key: Any
+    if kty == "EC":
+        crv = jwk.get("crv")
+        if not isinstance(crv, str) or crv not in _EC_CURVES:
+            raise ValueError(f"its EC curve {_shown(crv)} is not P-256, P-384 or P-521")
+        curve, size = _EC_CURVES[crv]
+        if alg is not None and jwtcore.ec_curve(alg) != curve:
+            raise ValueError(f"its alg {alg} is not for curve {crv}")
+        x, y = _b64(jwk, "x"), _b64(jwk, "y")
+        if len(x) != size or len(y) != size:
+            raise ValueError(f"its coordinates are not {size} bytes each, as {crv} needs")
+        curve_obj = {"secp256r1": ec.SECP256R1, "secp384r1": ec.SECP384R1}.get(
+            curve, ec.SECP521R1
+        )()
+        numbers = ec.EllipticCurvePublicNumbers(
+            int.from_bytes(x, "big"), int.from_bytes(y, "big"), curve_obj
+        )
+        try:
+            key = numbers.public_key()
+        except ValueError:
+            raise ValueError(f"its point is not on {crv}") from None
+    elif kty == "RSA":
+        n, e = int.from_bytes(_b64(jwk, "n"), "big"), int.from_bytes(_b64(jwk, "e"), "big")
+        if n.bit_length() < RSA_MIN_BITS:
+            raise ValueError(f"its modulus has {n.bit_length()} bits, fewer than {RSA_MIN_BITS}")
+        try:
+            key = rsa.RSAPublicNumbers(e, n).public_key()
+        except ValueError:
+            raise ValueError("its modulus and exponent are not an RSA public key") from None
+    elif kty == "OKP":
+        crv = jwk.get("crv")
+        if not isinstance(crv, str) or crv not in _ED_SIZES:
+            raise ValueError(f"its OKP curve {_shown(crv)} is not Ed25519 or Ed448")
+        x = _b64(jwk, "x")
+        if len(x) != _ED_SIZES[crv]:
+            raise ValueError(f"its x is not {_ED_SIZES[crv]} bytes, as {crv} needs")
+        cls = ed25519.Ed25519PublicKey if crv == "Ed25519" else ed448.Ed448PublicKey
+        try:
+            key = cls.from_public_bytes(x)
+        except ValueError:
+            raise ValueError(f"its x is not an {crv} public key") from None
+    elif kty == "oct":
+        raise ValueError("it is a symmetric key (kty 'oct'): HMAC secrets come from a file")
+    else:
+        raise ValueError(f"its kty {_shown(kty)} is not EC, RSA or OKP")
+    return Jwk(kid if isinstance(kid, str) else None, kty, alg, key)
+
+
+def parse_jwks(data: bytes, where: str) -> list[Jwk]:
+    """The usable keys of a JWKS document, in its order; ValueError naming `where` if it is
+    not a JWKS or has no usable key.
+
+    Keys that are not usable (another kind, private members, a point off its curve, ...)
+    are left out, as a verifier must ignore what it does not understand (RFC 7517 5);
+    the error for a document without any usable key says why of the first few."""
     try:
         doc = json.loads(data)
-        return jwt.PyJWKSet.from_dict(doc)
-    except (ValueError, jwt.PyJWTError, TypeError, AttributeError, RecursionError) as e:
-        raise ValueError(f"{where} is not a usable JWKS: {e}") from None
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
+        raise ValueError(f"{where} is not a usable JWKS: not JSON ({type(e).__name__})") from None
+    members = doc.get("keys") if isinstance(doc, dict) else None
+    if not isinstance(members, list) or not members:
+        raise ValueError(f"{where} is not a usable JWKS: no 'keys' list, or an empty one")
+    keys, why = [], []
+    for i, member in enumerate(members):
+        try:
+            keys.append(parse_jwk(member))
+        except ValueError as e:
+            why.append(f"key {i}: {e}")
+    if not keys:
+        shown = "; ".join(why[:3]) + ("; ..." if len(why) > 3 else "")
+        raise ValueError(f"{where} is not a usable JWKS: no usable key ({shown})")
+    return keys
 
 
-def index(keyset: jwt.PyJWKSet) -> dict[str | None, jwt.PyJWK]:
+def index(keys: list[Jwk]) -> dict[str | None, Jwk]:
     """Each key by its `kid` (the first, if a document repeats one), and under None the
     only key, if there is only one (a token without a kid may use it, and no other).
 
-    Built once per document, so a lookup per request is one dictionary access. A kid that
-    is not a string in the document is left out: a token's kid always is one, and never
-    matches it."""
-    keys = keyset.keys
-    out: dict[str | None, jwt.PyJWK] = {}
+    Built once per document, so a lookup per request is one dictionary access. A key whose
+    kid is not a string in the document is under no kid: a token's kid always is one, and
+    never matches it."""
+    out: dict[str | None, Jwk] = {}
     for k in keys:
-        kid = k.key_id
-        if isinstance(kid, str):
-            out.setdefault(kid, k)
+        if k.kid is not None:
+            out.setdefault(k.kid, k)
     if len(keys) == 1:
         out[None] = keys[0]
     return out
@@ -61,7 +192,7 @@ def index(keyset: jwt.PyJWKSet) -> dict[str | None, jwt.PyJWK]:
 class JwksSource:
     """Where an issuer's public keys come from."""
 
-    def get(self, kid: str | None) -> jwt.PyJWK | None:
+    def get(self, kid: str | None) -> Jwk | None:
         """The cached key for `kid`, or None."""
         raise NotImplementedError
 
@@ -69,7 +200,7 @@ class JwksSource:
         """Fetch again if allowed now; True if a fetch was attempted."""
         return False
 
-    async def key(self, kid: str | None) -> jwt.PyJWK | None:
+    async def key(self, kid: str | None) -> Jwk | None:
         """The key for `kid`, refreshing once if it is unknown."""
         found = self.get(kid)
         if found is None and await self.refresh():
@@ -88,7 +219,7 @@ class FileJwks(JwksSource):
         self._mtime: int | None = None
         self._checked = 0.0
         self._check_every = check_every
-        self._keys: dict[str | None, jwt.PyJWK] = {}
+        self._keys: dict[str | None, Jwk] = {}
         self._load()  # fail closed at start-up if the file is bad
 
     def _load(self) -> None:
@@ -97,7 +228,7 @@ class FileJwks(JwksSource):
             self._keys = index(parse_jwks(self.path.read_bytes(), str(self.path)))
             self._mtime = st.st_mtime_ns
 
-    def get(self, kid: str | None) -> jwt.PyJWK | None:
+    def get(self, kid: str | None) -> Jwk | None:
         """The key for `kid`; the file is looked at no more than once a second."""
         now = time.monotonic()
         if now - self._checked >= self._check_every:
@@ -156,7 +287,7 @@ class UrlJwks(JwksSource):
         self._bearer_file = bearer_file
         self._refresh = refresh
         self._min_interval = min_interval
-        self._keys: dict[str | None, jwt.PyJWK] = {}
+        self._keys: dict[str | None, Jwk] = {}
         self._fetched_at = -1e9
         self._tried_at = -1e9
         self._lock = asyncio.Lock()
@@ -215,7 +346,7 @@ class UrlJwks(JwksSource):
         self._keys = index(parse_jwks(await self._get(self._jwks_uri), self._jwks_uri))
         self._fetched_at = time.monotonic()
 
-    def get(self, kid: str | None) -> jwt.PyJWK | None:
+    def get(self, kid: str | None) -> Jwk | None:
         """The cached key; a stale cache starts a background refresh (never waits for it)."""
         if time.monotonic() - self._fetched_at > self._refresh and (
             self._background is None or self._background.done()

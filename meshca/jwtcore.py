@@ -13,8 +13,8 @@ pyjwt 2.15 costs about 1.8 times one ES256 verification for it (its canonical-ba
 check walks each character in Python; options are merged and the algorithm object
 prepared per call), and the sidecar then parsed header and payload a second time.
 Here the same checks cost a small fraction of the signature (bench/bench_jwt_verify.py
-measures both). pyjwt still signs (join tokens, JWT-SVIDs) and builds the key objects
-from JWKS documents (meshca.jwks), once per document.
+measures both). pyjwt still signs (join tokens, JWT-SVIDs); the key objects come from
+JWKS documents through meshca.jwks, once per document.
 """
 
 from __future__ import annotations
@@ -100,6 +100,12 @@ class Jws(NamedTuple):
 def key_fits(alg: str, key_type: str | None) -> bool:
     """Does a JWK of `key_type` fit algorithm `alg` (an RSA key for RS256, ...)?"""
     return ASYMMETRIC.get(alg) == key_type
+
+
+def ec_curve(alg: str) -> str | None:
+    """The curve (cryptography's name) of ECDSA algorithm `alg`, or None for another."""
+    found = _EC.get(alg)
+    return found[0] if found else None
 
 
 def b64url_decode(segment: bytes) -> bytes:

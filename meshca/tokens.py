@@ -226,7 +226,7 @@ class K8sTokens:
         if jwk is None:
             raise _invalid("token signing key is not in the cluster's JWKS")
         alg = header["alg"]
-        if not jwtcore.key_fits(alg, jwk.key_type):
+        if not jwk.fits(alg):
             raise _invalid("token algorithm does not match its signing key")
         claims = _decode(token, jwk.key, alg, self.audiences, self.issuer, now, CLOCK_LEEWAY)
         k8s: Any = claims.get("kubernetes.io")

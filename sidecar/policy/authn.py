@@ -49,15 +49,67 @@ DEFAULT_ALGORITHMS = ("ES256", "RS256", "EdDSA")
 CACHE_SIZE = 4096
 # Admission, a doorkeeper as in TinyLFU (Einziger et al.; Caffeine's cache): a verified token
 # is cached only if it verified before, within the last two generations of SEEN_SIZE
-# tokens verified for the first time (kept as their hash(), about 70 bytes each). A caller
-# that reuses its token pays a second verification, once; a stream of tokens used once each
-# (a new token per request, JWT-SVIDs minted per call) costs no cache insertion and
-# eviction, does not grow the sidecar by the cache's 4 MiB, and does not push out the
-# tokens in use. (It does not help callers that reuse their tokens but outnumber
-# CACHE_SIZE: each is admitted, and they push each other out, oldest first.) A hash
-# collision only admits a token that has just verified; it never lets one skip
-# verification.
+# tokens verified for the first time (kept in a Bloom filter per generation, `Doorkeeper`:
+# 8 KiB each, where sets of their hash() held about 0.5 MiB). A caller that reuses its
+# token pays a second verification, once; a stream of tokens used once each (a new token
+# per request, JWT-SVIDs minted per call) costs no cache insertion and eviction, does not
+# grow the sidecar by the cache's 4 MiB, and does not push out the tokens in use. (It does
+# not help callers that reuse their tokens but outnumber CACHE_SIZE: each is admitted, and
+# they push each other out, oldest first.) A false positive of the filter (about 0.5 %
+# of tokens seen once, below) or a hash collision only admits a token that has just
+# verified; it never lets one skip verification.
 SEEN_SIZE = CACHE_SIZE
+
+
+class Doorkeeper:
+    """Which hashes were added lately: two generations of `per_generation` additions, each
+    in a Bloom filter of 16 bits per addition (at least 1,024) with 4 probes, so a hash
+    never added reads as added with a probability of about 0.24 % per generation (0.5 %
+    for the two). Memory is the two filters, whatever was added."""
+
+    PROBES = 4
+
+    def __init__(self, per_generation: int) -> None:
+        bits = 1024
+        while bits < 16 * per_generation:
+            bits *= 2
+        self.per_generation = per_generation
+        self.mask = bits - 1
+        self.nbytes = bits // 8
+        self._current = bytearray(self.nbytes)
+        self._previous = bytearray(self.nbytes)
+        self._added = 0
+
+    def _probes(self, h: int) -> list[int]:
+        h &= 0xFFFFFFFFFFFFFFFF
+        a, b, mask = h & 0xFFFFFFFF, (h >> 32) | 1, self.mask  # double hashing
+        return [(a + i * b) & mask for i in range(self.PROBES)]
+
+    @staticmethod
+    def _has(bits: bytearray, probes: list[int]) -> bool:
+        for p in probes:
+            if not bits[p >> 3] & (1 << (p & 7)):
+                return False
+        return True
+
+    def __contains__(self, h: int) -> bool:
+        probes = self._probes(h)
+        return self._has(self._current, probes) or self._has(self._previous, probes)
+
+    def seen_again(self, h: int) -> bool:
+        """Was `h` added within the last two generations? If not, add it now."""
+        probes = self._probes(h)
+        current = self._current
+        if self._has(current, probes) or self._has(self._previous, probes):
+            return True
+        for p in probes:
+            current[p >> 3] |= 1 << (p & 7)
+        self._added += 1
+        if self._added >= self.per_generation:
+            self._previous = current
+            self._current = bytearray(self.nbytes)
+            self._added = 0
+        return False
 
 
 class InvalidToken(Exception):
@@ -158,8 +210,7 @@ class Authenticator:
         self.sources = sorted({(r.from_header, r.prefix) for r in issuers})
         self.strip = frozenset(r.claims_header for r in issuers if r.claims_header)
         self._cache: OrderedDict[str, Identity] = OrderedDict()
-        self._seen: set[int] = set()  # hash() of tokens verified once, this generation
-        self._seen_before: set[int] = set()  # ... and the one before
+        self._seen = Doorkeeper(SEEN_SIZE)  # hash() of tokens verified once, lately
 
     def find_token(self, headers: list[tuple[bytes, bytes]]) -> str | None:
         """The token from the configured header; InvalidToken if malformed or duplicated."""
@@ -214,15 +265,7 @@ class Authenticator:
     def _seen_again(self, token: str) -> bool:
         """Has `token` verified before (within two generations of SEEN_SIZE tokens)? If not,
         remember that it has now."""
-        h = hash(token)  # the cache lookup computed it: a str keeps its hash
-        seen = self._seen
-        if h in seen or h in self._seen_before:
-            return True
-        seen.add(h)
-        if len(seen) >= SEEN_SIZE:
-            self._seen_before = seen
-            self._seen = set()
-        return False
+        return self._seen.seen_again(hash(token))  # the cache lookup computed it: kept
 
     def is_cached(self, token: str) -> bool:
         """Is `token` in the verified-token cache (in use, not a token seen once)?"""
@@ -269,7 +312,7 @@ class Authenticator:
             jwk = rule.jwks.get(kid)
             if jwk is None:
                 raise NeedKeys(rule.jwks)
-            if not jwtcore.key_fits(alg, jwk.key_type):
+            if not jwk.fits(alg):
                 raise InvalidToken("token algorithm does not match its signing key")
             key = jwk.key
         try:

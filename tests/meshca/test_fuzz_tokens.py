@@ -16,7 +16,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from meshca.errors import MeshcaError
-from meshca.jwks import JwksSource
+from meshca.jwks import JwksSource, parse_jwks
 from meshca.spiffe import SpiffeId
 from meshca.tokens import JoinTokens, K8sTokens, peek_issuer
 
@@ -33,10 +33,12 @@ class Jwks(JwksSource):
 
     def __init__(self) -> None:
         jwk = json.loads(jwt.algorithms.ECAlgorithm.to_jwk(K8S_KEY.public_key()))
-        self.set = jwt.PyJWKSet.from_dict({"keys": [{**jwk, "kid": "k1", "alg": "ES256"}]})
+        self.keys = parse_jwks(
+            json.dumps({"keys": [{**jwk, "kid": "k1", "alg": "ES256"}]}).encode(), "the JWKS"
+        )
 
     def get(self, kid):
-        return next((k for k in self.set.keys if k.key_id == kid), None)
+        return next((k for k in self.keys if k.kid == kid), None)
 
     async def refresh(self) -> bool:
         return False

@@ -16,7 +16,7 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from meshca.jwks import FileJwks
+from meshca.jwks import FileJwks, Jwk
 
 
 def jwk(kid: object = None) -> dict:
@@ -33,7 +33,7 @@ def source(tmp_path, *keys: dict) -> FileJwks:
     return FileJwks(path, check_every=0)
 
 
-def x_of(key: jwt.PyJWK | None) -> int | None:
+def x_of(key: Jwk | None) -> int | None:
     return None if key is None else key.key.public_numbers().x
 
 

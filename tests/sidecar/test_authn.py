@@ -5,6 +5,7 @@ import hashlib
 import hmac
 import json
 import os
+import random
 import time
 
 import jwt
@@ -16,7 +17,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
     encode_dss_signature,
 )
 
-from meshca.jwks import FileJwks
+from meshca.jwks import FileJwks, parse_jwks
 from sidecar.policy import authn
 from sidecar.policy.authn import Authenticator, InvalidToken, IssuerRule, NeedKeys
 
@@ -175,6 +176,20 @@ def test_an_rs256_token_against_an_ec_key_is_refused(keys):
     assert a.verify(token(rsa_key, alg="RS256", kid="r1")).claims["sub"] == "u1"
 
 
+def test_a_key_that_names_its_alg_verifies_tokens_of_that_alg_only(keys):
+    """RFC 7517 4.4: a JWKS key with `alg` RS256 is not used for a PS256 token (nor RS512),
+    though it is an RSA key; the same key without `alg` is."""
+    rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    a = make(keys, algorithms=("RS256", "PS256", "RS512"))
+    write_jwks(keys[1], jwk_of(rsa_key.public_key(), "r1") | {"alg": "RS256"})
+    assert a.verify(token(rsa_key, alg="RS256", kid="r1")).claims["sub"] == "u1"
+    for alg in ("PS256", "RS512"):
+        with pytest.raises(InvalidToken, match="does not match its signing key"):
+            a.verify(token(rsa_key, alg=alg, kid="r1"))
+    write_jwks(keys[1], jwk_of(rsa_key.public_key(), "r1"))
+    assert a.verify(token(rsa_key, alg="PS256", kid="r1")).claims["sub"] == "u1"
+
+
 def test_hs256_with_the_public_key_as_secret_is_refused(keys):
     """Even an issuer configured for HS256 whose 'secret' is a public key: pyjwt's test of
     a secret (PEM, SSH, DER keys are not secrets) still holds on the new path."""
@@ -202,24 +217,24 @@ def test_none_in_any_case_with_or_without_a_signature(keys, alg):
             a.verify(f"{head}.{b64(json.dumps(body()).encode())}.{sig}")
 
 
-@pytest.mark.parametrize(
-    ("curve", "digest", "size"),
-    [
-        (ec.SECP384R1(), hashes.SHA256(), 48),
-        (ec.SECP256K1(), hashes.SHA256(), 32),  # 256 bits too, another curve
-    ],
-)
-def test_an_es256_token_from_a_key_on_another_curve_is_refused(keys, curve, digest, size):
-    other = ec.generate_private_key(curve)
-    jwk = {**jwk_of(other.public_key(), "k1")}
-    if isinstance(curve, ec.SECP256K1):
-        jwk["alg"] = "ES256K"  # pyjwt reads it; the JWKS says so
-    write_jwks(keys[1], jwk)
-    t = signed_es(other, {"alg": "ES256", "kid": "k1"}, body(), digest, size)
+def test_an_es256_token_from_a_key_on_another_curve_is_refused(keys):
+    other = ec.generate_private_key(ec.SECP384R1())
+    write_jwks(keys[1], jwk_of(other.public_key(), "k1"))
+    t = signed_es(other, {"alg": "ES256", "kid": "k1"}, body(), hashes.SHA256(), 48)
     a = make(keys)
-    assert keys[1].get("k1").key.curve.name == curve.name  # the JWKS took the key
+    assert keys[1].get("k1").key.curve.name == "secp384r1"  # the JWKS took the key
     with pytest.raises(InvalidToken, match="does not match its signing key"):
         a.verify(t)
+
+
+@pytest.mark.parametrize("alg", [None, "ES256K", "ES256"])
+def test_a_secp256k1_key_is_not_taken_from_a_jwks(alg):
+    """256 bits too, another curve: no algorithm this verifier has uses it, so a document
+    with it is read without it, whatever `alg` it names."""
+    pub = ec.generate_private_key(ec.SECP256K1()).public_key()
+    jwk = jwk_of(pub, "k1") | ({"alg": alg} if alg else {})
+    with pytest.raises(ValueError, match="key 0: its (EC curve|alg)"):
+        parse_jwks(json.dumps({"keys": [jwk]}).encode(), "the JWKS")
 
 
 @pytest.mark.parametrize(
@@ -458,7 +473,7 @@ def test_tokens_used_once_do_not_push_out_the_tokens_in_use(keys, monkeypatch):
         assert not a.is_cached(one_shot)
     assert list(a._cache) == reused
     assert all(a.verify(t) is ident for t, ident in zip(reused, kept, strict=True))
-    assert len(a._seen) + len(a._seen_before) <= 2 * 8  # two generations, bounded
+    assert a._seen.nbytes == 128  # its filters' size: fixed, whatever was seen
 
 
 def test_a_token_is_remembered_for_two_generations_of_tokens_seen_once(keys, monkeypatch):
@@ -484,6 +499,27 @@ def test_a_token_is_remembered_for_two_generations_of_tokens_seen_once(keys, mon
     assert not a.is_cached(u)  # forgotten: this was its first verification again
     a.verify(u)
     assert a.is_cached(u)
+
+
+def test_the_doorkeeper_is_small_and_its_false_positives_few():
+    """A flood of hashes seen once: the two filters stay 8 KiB each, and of hashes never
+    added, about 0.5 % read as seen (the estimate for two generations, 16 bits and 4 probes
+    per addition). Seeded: the same hashes every run."""
+    rng = random.Random(16)
+    d = authn.Doorkeeper(4096)
+    assert d.nbytes == 8192
+    added = [rng.getrandbits(64) - (1 << 63) for _ in range(3 * 4096 + 100)]
+    first_false = sum(d.seen_again(h) for h in added[:4096])  # read as seen, wrongly
+    assert first_false < 0.01 * 4096, first_false
+    for h in added[4096:]:
+        d.seen_again(h)
+    # the last 4,096 are remembered, but for one whose addition was a false positive against
+    # a generation since dropped (no false negatives otherwise: a Bloom filter's)
+    assert sum(h in d for h in added[-4096:]) > 0.99 * 4096
+    never = [rng.getrandbits(64) - (1 << 63) for _ in range(20_000)]
+    false = sum(h in d for h in never)
+    assert 0 < false < 0.01 * len(never), false
+    assert d.nbytes == 8192 and len(d._current) == len(d._previous) == 8192
 
 
 @pytest.mark.parametrize("failure", ["unknown kid", "expired"])
@@ -522,7 +558,7 @@ def test_a_cached_token_verified_again_for_a_new_key_set_stays_cached(keys, monk
     ident = in_use(a, t)
     for i in range(4):  # two generations: t's hash is forgotten
         a.verify(token(key, jti=f"other-{i}"))
-    assert hash(t) not in a._seen and hash(t) not in a._seen_before
+    assert hash(t) not in a._seen
     write_jwks(source, jwk_of(key.public_key(), "k1"))  # the same key, reloaded
     again = a.verify(t)
     assert again is not ident and again.claims == ident.claims

@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from meshca.jwks import JwksSource
+from meshca.jwks import JwksSource, parse_jwks
 from sidecar.policy.authn import Authenticator, InvalidToken, IssuerRule, NeedKeys
 
 ISS = "https://issuer.test"
@@ -30,13 +30,13 @@ class Jwks(JwksSource):
 
     def __init__(self) -> None:
         jwk = json.loads(jwt.algorithms.ECAlgorithm.to_jwk(KEY.public_key()))
-        self.set = jwt.PyJWKSet.from_dict({"keys": [{**jwk, "kid": "k1"}]})
+        self.keys = parse_jwks(json.dumps({"keys": [{**jwk, "kid": "k1"}]}).encode(), "JWKS")
 
     def get(self, kid):
-        keys = self.set.keys
+        keys = self.keys
         if kid is None:
             return keys[0]
-        return next((k for k in keys if k.key_id == kid), None)
+        return next((k for k in keys if k.kid == kid), None)
 
 
 JWKS = Jwks()

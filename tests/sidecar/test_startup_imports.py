@@ -1,8 +1,9 @@
-"""A sidecar with no HTTP/2 connection and no JWT issuer never loads the HTTP/2 engines
-(`h2`, `hpack`, `hyperframe`) or pyjwt: what an idle sidecar imports is most of its
-resident memory (docs/sidecar.md, "Memory"). The HTTP/2 engines load at the first
-HTTP/2 connection, and are the real ones. Loading its certificate and key does not bring
-in tempfile (with shutil, bz2 and lzma: 0.6 MiB resident): they go through memory files.
+"""A sidecar with no HTTP/2 connection never loads the HTTP/2 engines (`h2`, `hpack`,
+`hyperframe`), and none loads pyjwt, not even to read a JWKS and verify a token: what an
+idle sidecar imports is most of its resident memory (docs/sidecar.md, "Memory"). The
+HTTP/2 engines load at the first HTTP/2 connection, and are the real ones. Loading its
+certificate and key does not bring in tempfile (with shutil, bz2 and lzma: 0.6 MiB
+resident): they go through memory files.
 
 Checked in a fresh interpreter (this one has imported everything the other tests use):
 it imports what `sidecar run` imports before serving (`sidecar.cli` and the imports at
@@ -23,6 +24,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 OPTIONAL = ("h2", "hpack", "hyperframe", "jwt", "sidecar.engines.h2.upstream")
 UNUSED = ("tempfile", "shutil", "bz2", "lzma")  # what the key files once needed
+# What importing pyjwt brought with it (its JWKS client): 1.2 MiB that a JWT sidecar held.
+HTTP_CLIENT = ("urllib.request", "http.client", "email.message", "email.parser")
 
 
 def run_imports() -> list[str]:
@@ -93,13 +96,34 @@ from sidecar.engines.h2 import lazy, upstream
 conn = lazy.H2Upstream(None, b"http")  # what the first HTTP/2 connection to an app makes
 from sidecar.heap import HeapKeeper
 HeapKeeper(trim=lambda pad: 0)
+
+# A JWT issuer with a JWKS file: its keys are read and a token verified, as the inbound does.
+import base64, time
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
+from meshca.jwks import FileJwks
+from sidecar.policy.authn import Authenticator, IssuerRule
+def b64(raw):
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+nums = key.public_key().public_numbers()
+jwks = Path({tmp!r}).parent / "jwks.json"
+jwks.write_text(json.dumps({{"keys": [{{"kty": "EC", "crv": "P-256", "kid": "k1",
+    "x": b64(nums.x.to_bytes(32, "big")), "y": b64(nums.y.to_bytes(32, "big"))}}]}}))
+head = b64(json.dumps({{"alg": "ES256", "kid": "k1"}}).encode())
+body = b64(json.dumps({{"iss": "https://issuer.test", "exp": time.time() + 60}}).encode())
+r, s = decode_dss_signature(key.sign((head + "." + body).encode(), ec.ECDSA(hashes.SHA256())))
+token = head + "." + body + "." + b64(r.to_bytes(32, "big") + s.to_bytes(32, "big"))
+auth = Authenticator([IssuerRule("https://issuer.test", (), FileJwks(jwks))])
+verified = auth.verify(token).claims["iss"] == "https://issuer.test"
+http_client = sorted(m for m in {http_client!r} if m in sys.modules)
+
 unused = sorted(m for m in {unused!r} if m in sys.modules)
 print(json.dumps({{"idle": idle, "real": type(conn) is upstream.H2Upstream,
-                  "after": loaded(), "unused": unused, "memfd": memfd}}))
+                  "after": loaded(), "unused": unused, "memfd": memfd,
+                  "verified": verified, "http_client": http_client}}))
 """
 
 
-def test_no_http2_engine_or_pyjwt_until_used(tmp_path):
+def test_no_http2_engine_until_used_and_no_pyjwt(tmp_path):
     (tmp_path / "ca-root.pem").write_text("x")
     (tmp_path / "token").write_text("x")
     modules = ["sidecar.cli", *run_imports()]
@@ -109,6 +133,7 @@ def test_no_http2_engine_or_pyjwt_until_used(tmp_path):
         modules=modules,
         optional=OPTIONAL,
         unused=UNUSED,
+        http_client=HTTP_CLIENT,
         tmp=str(tmp_path / "sidecar.yaml"),
     )
     out = subprocess.run(
@@ -123,7 +148,9 @@ def test_no_http2_engine_or_pyjwt_until_used(tmp_path):
     assert got["idle"] == []
     assert got["real"] is True
     assert "h2" in got["after"] and "sidecar.engines.h2.upstream" in got["after"]
-    assert "jwt" not in got["after"]
+    assert got["verified"] is True
+    assert "jwt" not in got["after"]  # not for reading the JWKS or verifying the token
+    assert got["http_client"] == []
     if not got["memfd"]:
         pytest.skip("memfd_create is refused here: loading a key falls back to tempfile")
     assert got["unused"] == []

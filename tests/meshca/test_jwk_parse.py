@@ -1,0 +1,260 @@
+"""Reading JWKS documents (meshca.jwks.parse_jwks, parse_jwk): which keys a verifier takes.
+
+Every key kind a token can be verified with is read to the same public key pyjwt reads
+(pyjwt as the oracle; the project no longer uses it for this), from documents shaped like
+those real issuers serve. A key that cannot verify a token of ours, or must not, is left
+out with its reason: private or secret members, an encryption key, an `alg` its key
+cannot do, a curve or a size this verifier does not use, a point off its curve, members
+that are not base64url. A document without any usable key is refused, naming why, and
+no reason quotes a key's material. A key that names its `alg` is used for that one only.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import jwt
+import pytest
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, padding, rsa
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from meshca.jwks import Jwk, index, parse_jwk, parse_jwks
+
+
+def b64(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+def doc(*keys: object) -> bytes:
+    return json.dumps({"keys": list(keys)}).encode()
+
+
+EC_CURVES = {"P-256": ec.SECP256R1, "P-384": ec.SECP384R1, "P-521": ec.SECP521R1}
+
+
+def private_keys() -> dict[str, object]:
+    keys: dict[str, object] = {crv: ec.generate_private_key(c()) for crv, c in EC_CURVES.items()}
+    keys["RSA-2048"] = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    keys["RSA-3072"] = rsa.generate_private_key(public_exponent=65537, key_size=3072)
+    keys["Ed25519"] = ed25519.Ed25519PrivateKey.generate()
+    keys["Ed448"] = ed448.Ed448PrivateKey.generate()
+    return keys
+
+
+KEYS = private_keys()
+
+
+def public_jwk(private: object) -> dict:
+    """The JWK pyjwt writes for the public half."""
+    public = private.public_key()  # type: ignore[attr-defined]
+    if isinstance(public, ec.EllipticCurvePublicKey):
+        return json.loads(jwt.algorithms.ECAlgorithm.to_jwk(public))
+    if isinstance(public, rsa.RSAPublicKey):
+        return json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(public))
+    return json.loads(jwt.algorithms.OKPAlgorithm.to_jwk(public))
+
+
+def raw_public(key: object) -> bytes:
+    return key.public_bytes(  # type: ignore[attr-defined]
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+@pytest.mark.parametrize("name", list(KEYS))
+def test_each_kind_reads_to_the_key_pyjwt_reads(name):
+    jwk = public_jwk(KEYS[name]) | {"kid": "k1"}
+    (got,) = parse_jwks(doc(jwk), "the JWKS")
+    theirs = jwt.PyJWK(jwk, "EdDSA" if name == "Ed448" else None).key
+    assert raw_public(got.key) == raw_public(theirs) == raw_public(KEYS[name].public_key())
+    assert (got.kid, got.key_type, got.alg) == ("k1", jwk["kty"], None)
+
+
+def test_a_document_shaped_like_the_kubernetes_api_servers():
+    """`use`, `alg` and `kid` as the API server's /openid/v1/jwks writes them."""
+    rsa_key, ec_key = KEYS["RSA-2048"], KEYS["P-256"]
+    served = [
+        public_jwk(rsa_key) | {"use": "sig", "alg": "RS256", "kid": "a" * 43},
+        public_jwk(ec_key) | {"use": "sig", "alg": "ES256", "kid": "b" * 43},
+    ]
+    keys = index(parse_jwks(doc(*served), "the JWKS"))
+    assert raw_public(keys["a" * 43].key) == raw_public(rsa_key.public_key())
+    assert keys["b" * 43].alg == "ES256" and None not in keys  # two keys: none without kid
+
+
+def test_a_key_verifies_what_its_private_half_signed():
+    data = b"header.claims"
+    rsa_key = KEYS["RSA-2048"]
+    (got,) = parse_jwks(doc(public_jwk(rsa_key)), "x")
+    got.key.verify(
+        rsa_key.sign(data, padding.PKCS1v15(), hashes.SHA256()),
+        data,
+        padding.PKCS1v15(),
+        hashes.SHA256(),
+    )  # raises if it is not the key
+    ed = KEYS["Ed25519"]
+    (got,) = parse_jwks(doc(public_jwk(ed)), "x")
+    got.key.verify(ed.sign(data), data)
+
+
+def _p256() -> dict:
+    return public_jwk(KEYS["P-256"])
+
+
+def _rsa() -> dict:
+    return public_jwk(KEYS["RSA-2048"])
+
+
+def _ed() -> dict:
+    return public_jwk(KEYS["Ed25519"])
+
+
+def _off_curve() -> dict:
+    jwk = _p256()
+    y = bytearray(base64.urlsafe_b64decode(jwk["y"] + "=="))
+    y[-1] ^= 1
+    return jwk | {"y": b64(bytes(y))}
+
+
+def _small_rsa() -> dict:
+    small = rsa.generate_private_key(public_exponent=65537, key_size=1024)
+    return public_jwk(small)
+
+
+# Keys that are left out, and the reason each gets (a part of it).
+REFUSED = {
+    "EC with its private d": (lambda: _p256() | {"d": b64(b"\1" * 32)}, "private or secret"),
+    "RSA with private members": (lambda: _rsa() | {"d": "AQ", "p": "AQ"}, "(d, p)"),
+    "OKP with its private d": (lambda: _ed() | {"d": b64(b"\2" * 32)}, "private or secret"),
+    "a symmetric key": (lambda: {"kty": "oct", "k": b64(b"s" * 32)}, "private or secret"),
+    "oct without k": (lambda: {"kty": "oct"}, "symmetric key"),
+    "an encryption key": (lambda: _rsa() | {"use": "enc"}, "use is 'enc'"),
+    "use not a string": (lambda: _rsa() | {"use": ["sig"]}, "not 'sig'"),
+    "RS256 on an EC key": (lambda: _p256() | {"alg": "RS256"}, "alg 'RS256'"),
+    "ES384 on a P-256 key": (lambda: _p256() | {"alg": "ES384"}, "not for curve P-256"),
+    "EdDSA on an RSA key": (lambda: _rsa() | {"alg": "EdDSA"}, "alg 'EdDSA'"),
+    "HS256 on an RSA key": (lambda: _rsa() | {"alg": "HS256"}, "alg 'HS256'"),
+    "alg none": (lambda: _p256() | {"alg": "none"}, "alg 'none'"),
+    "alg not a string": (lambda: _p256() | {"alg": 256}, "alg 256"),
+    "secp256k1": (lambda: _p256() | {"crv": "secp256k1"}, "curve 'secp256k1'"),
+    "no curve": (lambda: {k: v for k, v in _p256().items() if k != "crv"}, "curve None"),
+    "short coordinates": (lambda: _p256() | {"x": b64(b"\1" * 31)}, "not 32 bytes"),
+    "a point off its curve": (_off_curve, "not on P-256"),
+    "x missing": (lambda: {k: v for k, v in _p256().items() if k != "x"}, "'x' is missing"),
+    "x a number": (lambda: _p256() | {"x": 12}, "'x' is missing or not a string"),
+    "x not base64url": (lambda: _p256() | {"x": "a+b/" * 10 + "AAA"}, "'x' is not base64url"),
+    "x not ASCII": (lambda: _p256() | {"x": "é" * 43}, "'x' is not base64url"),
+    "x not canonical": (lambda: _p256() | {"x": _p256()["x"][:-1] + "B"}, "not base64url"),
+    "RSA of 1024 bits": (_small_rsa, "1024 bits, fewer than 2048"),
+    "RSA with an even exponent": (lambda: _rsa() | {"e": b64(b"\2")}, "not an RSA public"),
+    "RSA without n": (lambda: {k: v for k, v in _rsa().items() if k != "n"}, "'n' is missing"),
+    "OKP on X25519": (lambda: _ed() | {"crv": "X25519"}, "'X25519' is not Ed25519"),
+    "Ed25519 of 31 bytes": (lambda: _ed() | {"x": b64(b"\1" * 31)}, "not 32 bytes"),
+    "no kty": (lambda: {k: v for k, v in _p256().items() if k != "kty"}, "kty None"),
+    "kty a list": (lambda: _p256() | {"kty": ["EC"]}, "kty ['EC']"),
+    "not an object": (lambda: ["kty", "EC"], "not a JSON object"),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSED))
+def test_an_unusable_key_is_left_out_with_its_reason(case):
+    make, reason = REFUSED[case]
+    bad = make()
+    with pytest.raises(ValueError) as e:
+        parse_jwk(bad)
+    assert reason in str(e.value)
+    with pytest.raises(ValueError) as e:  # alone in a document: the document is refused
+        parse_jwks(doc(bad), "https://idp.test/jwks")
+    assert str(e.value).startswith("https://idp.test/jwks is not a usable JWKS: no usable key")
+    assert reason in str(e.value)
+    good = _p256() | {"kid": "good"}  # beside a usable key: that one is read, this left out
+    assert [k.kid for k in parse_jwks(doc(bad, good), "x")] == ["good"]
+
+
+def test_no_reason_quotes_a_keys_material():
+    secret = b64(b"super-secret-private-scalar-0123")
+    cases = [_p256() | {"d": secret}, {"kty": "oct", "k": secret}, _rsa() | {"d": secret}]
+    with pytest.raises(ValueError) as e:
+        parse_jwks(doc(*cases), "the JWKS")
+    assert secret not in str(e.value)
+    assert _p256()["x"] not in str(e.value) and _rsa()["n"][:20] not in str(e.value)
+
+
+def test_a_long_value_is_cut_short_in_the_reason():
+    with pytest.raises(ValueError) as e:
+        parse_jwks(doc(_p256() | {"crv": "C" * 100_000}), "the JWKS")
+    assert len(str(e.value)) < 200
+
+
+@pytest.mark.parametrize(
+    ("body", "why"),
+    [
+        (b"", "not JSON"),
+        (b"\xff\xfe", "not JSON"),
+        (b"[" * 100_000, "not JSON"),
+        (b"[]", "no 'keys' list"),
+        (b'{"keys": {}}', "no 'keys' list"),
+        (b'{"keys": []}', "an empty one"),
+        (b'{"keys": "EC"}', "no 'keys' list"),
+        (b'{"other": 1}', "no 'keys' list"),
+    ],
+)
+def test_what_is_not_a_jwks_is_refused_naming_where(body, why):
+    with pytest.raises(ValueError, match=f"^where is not a usable JWKS: .*{why}"):
+        parse_jwks(body, "where")
+
+
+def test_the_reason_names_the_first_few_keys():
+    with pytest.raises(ValueError) as e:
+        parse_jwks(doc(*[{"kty": "oct"}] * 5), "the JWKS")
+    assert "key 2:" in str(e.value) and "key 3:" not in str(e.value)
+    assert str(e.value).endswith("; ...)")
+
+
+def test_a_key_that_names_its_alg_fits_that_alg_only():
+    (rs256,) = parse_jwks(doc(_rsa() | {"alg": "RS256"}), "x")
+    (bare,) = parse_jwks(doc(_rsa()), "x")
+    assert rs256.fits("RS256") and not rs256.fits("PS256") and not rs256.fits("RS512")
+    assert bare.fits("RS256") and bare.fits("PS256") and bare.fits("RS512")
+    assert not bare.fits("ES256") and not bare.fits("HS256")
+
+
+def test_a_kid_that_is_not_a_string_is_no_kid():
+    (got,) = parse_jwks(doc(_p256() | {"kid": 7}), "x")
+    assert got.kid is None
+    assert isinstance(got, Jwk)
+
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=60),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+MEMBERS = st.sampled_from(["kty", "crv", "x", "y", "n", "e", "alg", "use", "kid", "d", "k"])
+
+
+VALUES = JSON | st.sampled_from(["EC", "RSA", "OKP", "P-256", "Ed25519", "AQAB", "ES256", "sig"])
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    st.sampled_from(["EC", "RSA", "OKP", "oct"]) | JSON,
+    st.dictionaries(MEMBERS, VALUES, max_size=8),
+)
+def test_any_json_member_values_give_a_key_or_a_value_error(kty, members):
+    try:
+        got = parse_jwk({**members, "kty": kty})
+    except ValueError:
+        return
+    assert got.key_type in ("EC", "RSA", "OKP")  # (only with base64url members)
+
+
+def test_members_of_any_json_type_are_refused_by_name():
+    """What the property found: an unhashable curve name, looked up in a table."""
+    for kty, crv in (("EC", [1]), ("OKP", {}), ("EC", 1.5)):
+        with pytest.raises(ValueError, match="curve"):
+            parse_jwk({"kty": kty, "crv": crv})
