@@ -244,14 +244,14 @@ class InboundRouter(Router):
         memo = len(path_text) + (len(token) if token else 0) <= DECISION_KEY_MAX
         if ident is None:
             key: tuple = (peer, path_text, method, None)
-        elif policy.reads_claims:  # a token fixes its claims
-            key = (peer, path_text, method, token)
-            # only for a token in use (the authenticator cached it): a token seen once
-            # would fill the memo with decisions never read again
+        else:
+            # a token fixes its claims; if no rule reads claims, tokens of one principal
+            # decide alike. Only for a token in use (the authenticator cached it): tokens
+            # seen once (a new token on each request, of ever new principals too) would
+            # fill the memo with decisions never read again (4,096 of them, about 1 MiB).
+            key = (peer, path_text, method, token if policy.reads_claims else ident.principal_parts)
             authn = self.authn
             memo = memo and token is not None and authn is not None and authn.is_cached(token)
-        else:  # no rule reads claims: tokens of one principal decide alike
-            key = (peer, path_text, method, ident.principal_parts)
         if memo:
             decision = policy.decide_cached(key, facts)
         else:

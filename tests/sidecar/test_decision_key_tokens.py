@@ -1,11 +1,11 @@
 """The inbound's memoized policy decisions for requests with a JWT (pure: no sockets).
 
-A decision is memoized per (peer, path, method) and, for a request with a token, per
-token when some rule reads the token's claims (`when`), else per principal (issuer,
-subject): a caller that gets a new token every few minutes reuses its decision, and
-the cache does not keep every token it has seen. What must hold either way: two
-tokens of one subject with different claims are decided apart under a policy that
-reads claims, and another subject is never decided as the first one was.
+A decision is memoized per (peer, path, method) and, for a request with a token in use
+(one the authenticator cached), per token when some rule reads the token's claims
+(`when`), else per principal (issuer, subject): a caller that gets a new token every few
+minutes reuses its decision, and the cache keeps nothing for tokens seen once. What must
+hold either way: two tokens of one subject with different claims are decided apart under
+a policy that reads claims, and another subject is never decided as the first one was.
 """
 
 from __future__ import annotations
@@ -70,15 +70,31 @@ def test_a_policy_of_principals_only_decides_per_principal(tmp_path):
         tmp_path,
         [{"name": "alice", "action": "ALLOW", "from": {"request_principals": [f"{ISS}/alice"]}}],
     )
+    memo = r.policy.current._cache
     fresh = [token("alice", jti=f"t{n}", role=f"r{n}") for n in range(50)]
     assert {status(r, t) for t in fresh} == {200}
-    # another subject is decided as itself, also after alice's decisions were memoized
-    assert status(r, token("mallory")) == 403
-    assert status(r, token("alice2")) == 403
+    assert len(memo) == 0  # tokens used once leave no decision behind
+    # tokens in use (cached at their second verification) share their principal's decision
+    first, second = token("alice", jti="first"), token("alice", jti="second")
+    assert [status(r, t) for t in (first, first, second, second, first)] == [200] * 5
+    assert len(memo) == 1
+    # another subject is decided as itself, also after alice's decision was memoized
+    for other in (token("mallory"), token("alice2")):
+        assert [status(r, other) for _ in range(3)] == [403] * 3
     # one decision per principal and path, not one per token
-    assert len(r.policy.current._cache) == 3
-    assert status(r, fresh[0], b"/other") == 200
-    assert len(r.policy.current._cache) == 4
+    assert len(memo) == 3
+    assert status(r, second, b"/other") == 200
+    assert len(memo) == 4
+
+
+def test_a_policy_of_principals_only_keeps_nothing_for_new_principals_seen_once(tmp_path):
+    """A new token on every request, each of a principal of its own (one-off tokens of many
+    users): no decision is kept for any of them."""
+    r = router(
+        tmp_path, [{"name": "any", "action": "ALLOW", "from": {"request_principals": ["*"]}}]
+    )
+    assert {status(r, token(f"user-{n}")) for n in range(200)} == {200}
+    assert len(r.policy.current._cache) == 0
 
 
 @pytest.mark.parametrize("rules_read_claims", [False, True])
