@@ -18,6 +18,7 @@ few minutes; and it took a key with private members as a private key.
 from __future__ import annotations
 
 import asyncio
+import binascii
 import json
 import logging
 import ssl
@@ -48,6 +49,27 @@ _ED_SIZES = {"Ed25519": 32, "Ed448": 57}  # RFC 8037 2: the public key's length
 _PRIVATE = ("d", "p", "q", "dp", "dq", "qi", "oth", "k")
 RSA_MIN_BITS = 2048  # RFC 7518 3.3
 
+# Edwards points of small order (in the 8- or 4-torsion), by their y coordinate: with such
+# a public key, a signature of R = the identity and S = 0 verifies for about one message
+# in four (in eight), so anyone could sign tokens (OpenSSL's verification does not refuse
+# them). Ed25519 (p = 2^255 - 19): y = 1 (order 1), p - 1 (order 2), 0 (order 4) and the
+# two of order 8, as libsodium's blocklist has them; Ed448 (p = 2^448 - 2^224 - 1): 1, p - 1
+# and 0. Both sign bits of each are refused, and any y of p or more (another spelling).
+_P25519 = 2**255 - 19
+_Y8 = int.from_bytes(
+    bytes.fromhex("26e8958fc2b227b045c3f489f2ef98f0d5dfac05d3c63339b13802886d53fc05"), "little"
+)
+_P448 = 2**448 - 2**224 - 1
+_SMALL_ORDER_Y = {
+    "Ed25519": (_P25519, frozenset((0, 1, _P25519 - 1, _Y8, _P25519 - _Y8))),
+    "Ed448": (_P448, frozenset((0, 1, _P448 - 1))),
+}
+
+# base64url, and base64's own `+` and `/` too in a key's members: a few issuers write those
+# (the document comes from the issuer's endpoint; its members are not a token's, where one
+# spelling per value matters).
+_JWK_B64 = bytes.maketrans(b"-_", b"+/")
+
 
 class Jwk(NamedTuple):
     """One usable public key of a JWKS document."""
@@ -75,9 +97,20 @@ def _b64(jwk: dict[str, Any], name: str) -> bytes:
     if not isinstance(value, str):
         raise ValueError(f"its {name!r} is missing or not a string")
     try:
-        return jwtcore.b64url_decode(value.encode("ascii"))
+        std = value.encode("ascii").translate(_JWK_B64).rstrip(b"=")
+        return binascii.a2b_base64(std + b"=" * (-len(std) % 4), strict_mode=True)
     except ValueError:  # binascii.Error, UnicodeEncodeError
         raise ValueError(f"its {name!r} is not base64url") from None
+
+
+def _edwards_point_is_usable(crv: str, x: bytes) -> bool:
+    """Is `x`, an RFC 8032 encoding of size `crv` needs, a y below p and not one of a point
+    of small order (see _SMALL_ORDER_Y)? Ed448's last byte holds only the sign bit."""
+    p, small = _SMALL_ORDER_Y[crv]
+    if crv == "Ed448" and x[-1] & 0x7F:
+        return False
+    y = int.from_bytes(x, "little") & ~(1 << (8 * len(x) - 1))
+    return y < p and y not in small
 
 
 def parse_jwk(jwk: object) -> Jwk:
@@ -93,6 +126,9 @@ def parse_jwk(jwk: object) -> Jwk:
     use = jwk.get("use")
     if use is not None and use != "sig":
         raise ValueError(f"its use is {_shown(use)}, not 'sig'")
+    ops = jwk.get("key_ops")
+    if ops is not None and (not isinstance(ops, list) or "verify" not in ops):
+        raise ValueError(f"its key_ops {_shown(ops)} do not include 'verify'")
     kid = jwk.get("kid")
     alg = jwk.get("alg")
     if alg is not None and (not isinstance(alg, str) or not jwtcore.key_fits(alg, kty)):
@@ -135,6 +171,8 @@ def parse_jwk(jwk: object) -> Jwk:
         x = _b64(jwk, "x")
         if len(x) != _ED_SIZES[crv]:
             raise ValueError(f"its x is not {_ED_SIZES[crv]} bytes, as {crv} needs")
+        if not _edwards_point_is_usable(crv, x):
+            raise ValueError(f"its x is a point of small order or not canonical ({crv})")
         cls = ed25519.Ed25519PublicKey if crv == "Ed25519" else ed448.Ed448PublicKey
         try:
             key = cls.from_public_bytes(x)
@@ -153,7 +191,9 @@ def parse_jwks(data: bytes, where: str) -> list[Jwk]:
 
     Keys that are not usable (another kind, private members, a point off its curve, ...)
     are left out, as a verifier must ignore what it does not understand (RFC 7517 5);
-    the error for a document without any usable key says why of the first few."""
+    the error for a document without any usable key says why of the first few. When some
+    are usable, why the others were left out is logged (a warning; information only if
+    each was marked for another use, as an encryption key beside the signing keys)."""
     try:
         doc = json.loads(data)
     except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
@@ -161,15 +201,26 @@ def parse_jwks(data: bytes, where: str) -> list[Jwk]:
     members = doc.get("keys") if isinstance(doc, dict) else None
     if not isinstance(members, list) or not members:
         raise ValueError(f"{where} is not a usable JWKS: no 'keys' list, or an empty one")
-    keys, why = [], []
+    keys, why, left_out = [], [], []
     for i, member in enumerate(members):
         try:
             keys.append(parse_jwk(member))
         except ValueError as e:
             why.append(f"key {i}: {e}")
+            left_out.append(member)
+    shown = "; ".join(why[:3]) + ("; ..." if len(why) > 3 else "")
     if not keys:
-        shown = "; ".join(why[:3]) + ("; ..." if len(why) > 3 else "")
         raise ValueError(f"{where} is not a usable JWKS: no usable key ({shown})")
+    if why:
+        other_use = all(isinstance(m, dict) and m.get("use", "sig") != "sig" for m in left_out)
+        log.log(
+            logging.INFO if other_use else logging.WARNING,
+            "%s: %d of its %d keys left out (%s)",
+            where,
+            len(why),
+            len(members),
+            shown,
+        )
     return keys
 
 

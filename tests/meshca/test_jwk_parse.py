@@ -144,9 +144,15 @@ REFUSED = {
     "a point off its curve": (_off_curve, "not on P-256"),
     "x missing": (lambda: {k: v for k, v in _p256().items() if k != "x"}, "'x' is missing"),
     "x a number": (lambda: _p256() | {"x": 12}, "'x' is missing or not a string"),
-    "x not base64url": (lambda: _p256() | {"x": "a+b/" * 10 + "AAA"}, "'x' is not base64url"),
+    "x with a space": (
+        lambda: _p256() | {"x": _p256()["x"][:20] + " " + _p256()["x"][20:]},
+        "'x' is not base64url",
+    ),
+    "x with junk": (lambda: _p256() | {"x": "!" + _p256()["x"][1:]}, "'x' is not base64url"),
     "x not ASCII": (lambda: _p256() | {"x": "é" * 43}, "'x' is not base64url"),
-    "x not canonical": (lambda: _p256() | {"x": _p256()["x"][:-1] + "B"}, "not base64url"),
+    "x with a padding inside": (lambda: _p256() | {"x": "AA=A" + _p256()["x"][4:]}, "base64url"),
+    "key_ops without verify": (lambda: _rsa() | {"key_ops": ["encrypt"]}, "key_ops ['encrypt']"),
+    "key_ops not a list": (lambda: _rsa() | {"key_ops": "verify"}, "do not include 'verify'"),
     "RSA of 1024 bits": (_small_rsa, "1024 bits, fewer than 2048"),
     "RSA with an even exponent": (lambda: _rsa() | {"e": b64(b"\2")}, "not an RSA public"),
     "RSA without n": (lambda: {k: v for k, v in _rsa().items() if k != "n"}, "'n' is missing"),
@@ -258,3 +264,137 @@ def test_members_of_any_json_type_are_refused_by_name():
     for kty, crv in (("EC", [1]), ("OKP", {}), ("EC", 1.5)):
         with pytest.raises(ValueError, match="curve"):
             parse_jwk({"kty": kty, "crv": crv})
+
+
+# -- Edwards keys of small order: with one, anyone can sign -----------------------------------
+
+P25519 = 2**255 - 19
+D25519 = -121665 * pow(121666, -1, P25519) % P25519
+
+
+def _ed_point(enc: bytes) -> tuple[int, int]:
+    """RFC 8032 5.1.3 decoding (the test's own), of a point on the curve."""
+    y = int.from_bytes(enc, "little") & ((1 << 255) - 1)
+    u, v = (y * y - 1) % P25519, (D25519 * y * y + 1) % P25519
+    x = u * pow(v, 3, P25519) * pow(u * pow(v, 7, P25519), (P25519 - 5) // 8, P25519) % P25519
+    if v * x * x % P25519 == (-u) % P25519:
+        x = x * pow(2, (P25519 - 1) // 4, P25519) % P25519
+    assert v * x * x % P25519 == u % P25519, "not on the curve"
+    if x & 1 != enc[31] >> 7:
+        x = (-x) % P25519
+    return x, y
+
+
+def _ed_add(a: tuple[int, int], b: tuple[int, int]) -> tuple[int, int]:
+    (x1, y1), (x2, y2) = a, b
+    t = D25519 * x1 * x2 * y1 * y2 % P25519
+    x3 = (x1 * y2 + x2 * y1) * pow(1 + t, -1, P25519) % P25519
+    y3 = (y1 * y2 + x1 * x2) * pow(1 - t, -1, P25519) % P25519
+    return x3, y3
+
+
+SMALL_Y = [
+    0,
+    1,
+    P25519 - 1,
+    int.from_bytes(
+        bytes.fromhex("26e8958fc2b227b045c3f489f2ef98f0d5dfac05d3c63339b13802886d53fc05"), "little"
+    ),
+]
+SMALL_Y.append(P25519 - SMALL_Y[3])
+
+
+def _enc(y: int, sign: int) -> bytes:
+    return (y | sign << 255).to_bytes(32, "little")
+
+
+@pytest.mark.parametrize("y", SMALL_Y)
+@pytest.mark.parametrize("sign", [0, 1])
+def test_an_ed25519_key_of_small_order_is_refused(y, sign):
+    """Each such point has order 1, 2, 4 or 8 (checked here by adding it to itself), a
+    signature of R = the identity and S = 0 verifies with it for some message (the
+    forgery), and the JWKS does not take it."""
+    enc = _enc(y, sign)
+    point = _ed_point(enc)
+    if not (point[0] == 0 and sign == 1):  # x = 0 with the sign bit: "-0", no spelling
+        acc, order = point, 1
+        while acc != (0, 1):
+            acc, order = _ed_add(acc, point), order + 1
+        assert order in (1, 2, 4, 8)
+        public = ed25519.Ed25519PublicKey.from_public_bytes(enc)
+        forged = _enc(1, 0) + bytes(32)  # R = (0, 1), S = 0
+        assert any(_verifies(public, forged, b"claims-%d" % i) for i in range(64))
+    with pytest.raises(ValueError, match="small order or not canonical"):
+        parse_jwk({"kty": "OKP", "crv": "Ed25519", "x": b64(enc)})
+
+
+def _verifies(public: ed25519.Ed25519PublicKey, sig: bytes, data: bytes) -> bool:
+    try:
+        public.verify(sig, data)
+    except Exception:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("y", [P25519, P25519 + 1, 2**255 - 1])
+def test_an_ed25519_key_spelled_with_y_of_p_or_more_is_refused(y):
+    with pytest.raises(ValueError, match="small order or not canonical"):
+        parse_jwk({"kty": "OKP", "crv": "Ed25519", "x": b64(_enc(y, 0))})
+
+
+def test_ed448_keys_of_small_order_or_not_canonical_are_refused():
+    p448 = 2**448 - 2**224 - 1
+    for y in (0, 1, p448 - 1, p448):
+        for last in (0x00, 0x80):
+            enc = y.to_bytes(56, "little") + bytes((last,))
+            with pytest.raises(ValueError, match="small order or not canonical"):
+                parse_jwk({"kty": "OKP", "crv": "Ed448", "x": b64(enc)})
+    good = public_jwk(KEYS["Ed448"])
+    raw = bytearray(base64.urlsafe_b64decode(good["x"] + "=="))
+    raw[-1] |= 0x01  # a bit the last octet must not have
+    with pytest.raises(ValueError, match="small order or not canonical"):
+        parse_jwk(good | {"x": b64(bytes(raw))})
+
+
+def test_real_edwards_keys_are_all_taken():
+    for _ in range(200):
+        parse_jwk(public_jwk(ed25519.Ed25519PrivateKey.generate()))
+    for _ in range(20):
+        parse_jwk(public_jwk(ed448.Ed448PrivateKey.generate()) | {"alg": "EdDSA"})
+
+
+# -- what a few issuers write, read as pyjwt read it ------------------------------------------
+
+
+def _std_b64(raw: bytes) -> str:
+    return base64.b64encode(raw).decode().rstrip("=")
+
+
+def test_members_in_base64s_own_alphabet_or_with_unused_bits_are_read():
+    """`+` and `/` (base64's, not base64url's) and non-zero unused bits in the last
+    character: a few issuers write them; pyjwt read them; the key is the same."""
+    rsa_key = KEYS["RSA-2048"]
+    numbers = rsa_key.public_key().public_numbers()
+    n = numbers.n.to_bytes(256, "big")
+    for spelled in (_std_b64(n), _std_b64(n) + "=", b64(b"\0" + n)):
+        (got,) = parse_jwks(doc({"kty": "RSA", "n": spelled, "e": "AQAB"}), "x")
+        assert got.key.public_numbers() == numbers
+    jwk = _p256()
+    last = jwk["x"][-1]
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+    noisy = jwk["x"][:-1] + alphabet[alphabet.index(last) | 1]  # an unused bit set
+    assert noisy != jwk["x"]
+    (got,) = parse_jwks(doc(jwk | {"x": noisy}), "x")
+    assert raw_public(got.key) == raw_public(KEYS["P-256"].public_key())
+
+
+def test_why_keys_were_left_out_is_logged_beside_the_usable_ones(caplog):
+    small = _small_rsa() | {"kid": "old"}
+    enc = _rsa() | {"use": "enc", "kid": "e"}
+    with caplog.at_level("INFO", logger="meshca.jwks"):
+        parse_jwks(doc(_p256() | {"kid": "k"}, small), "https://idp.test/jwks")
+        parse_jwks(doc(_p256() | {"kid": "k"}, enc), "https://idp.test/jwks")
+    warning, info = caplog.records
+    assert warning.levelname == "WARNING" and "1 of its 2 keys left out" in warning.message
+    assert "key 1: its modulus has 1024 bits" in warning.message
+    assert info.levelname == "INFO" and "use is 'enc'" in info.message
