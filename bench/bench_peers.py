@@ -51,7 +51,9 @@ HAProxy's 2-hop CPU per request varied 117-130 us over 4 runs against 71-122 us 
 (the sidecar's spread was alike either way), and the sidecar's c=1 latency was steadier;
 unpinned, both proxies spent less CPU per request at high rates (the two hops run in
 parallel, more requests per wake-up), and the ratios were no better for the sidecar.
-`--no-pin` runs everything unpinned.
+`--no-pin` runs everything unpinned. `--sched-batch` runs every proxy under test, of
+both kinds, under SCHED_BATCH, where a woken process does not preempt the one running
+(an experiment on what the shared core's wake-ups cost: docs/sidecar.md, ninth run).
 
 The floor: on the keep-alive paths (1 hop, 2 hops) a third "proxy" runs in each round,
 bench/peers/tlspipe.py, a bare TLS byte pipe on uvloop (the same mTLS and verification,
@@ -175,14 +177,18 @@ class BenchError(Exception):
 class Procs:
     """Every process the bench starts; all are stopped on exit, killed if they linger."""
 
-    def __init__(self, pin: bool) -> None:
+    def __init__(self, pin: bool, sched_batch: bool = False) -> None:
         self.pin = pin
+        self.sched_batch = sched_batch
         self.started: list[subprocess.Popen] = []
 
     def spawn(
         self, args: list[str], log: Path, env: dict[str, str] | None = None, core: int | None = None
     ) -> subprocess.Popen:
-        """Start `args` with stdout and stderr to `log`, on `core` when pinning."""
+        """Start `args` with stdout and stderr to `log`, on `core` when pinning; the proxies
+        (core 0) under SCHED_BATCH with `--sched-batch`."""
+        if self.sched_batch and core == 0:
+            args = ["chrt", "--batch", "0", *args]  # chrt execs too, and threads inherit it
         if self.pin and core is not None:
             args = ["taskset", "-c", str(core), *args]  # taskset execs: the PID is the program's
         with open(log, "wb") as out:
@@ -430,7 +436,7 @@ class Bench:
     def __init__(self, args: argparse.Namespace, tmp: Path) -> None:
         self.args = args
         self.tmp = tmp
-        self.procs = Procs(args.pin)
+        self.procs = Procs(args.pin, args.sched_batch)
         self.py = sys.executable
         self.certs = tmp / "certs"
         self.certs.mkdir()
@@ -997,6 +1003,7 @@ http {{
             f"\n{a.rounds} rounds x {a.duration:g} s per path and proxy, medians; "
             f"wrk {a.threads} thread(s); "
             f"{'proxies on core 0, wrk/shim/nginx on core 1' if a.pin else 'unpinned'}; "
+            f"{'proxies under SCHED_BATCH; ' if a.sched_batch else ''}"
             f"sidecar access log {a.sidecar_access_log}, HAProxy logging off; "
             f"sidecar request path {'/'.join(sorted(self.request_paths))}\n"
         )
@@ -1177,6 +1184,12 @@ def main() -> int:
         help="do not pin the proxies to core 0 and the load to core 1",
     )
     ap.add_argument(
+        "--sched-batch",
+        action="store_true",
+        help="run every proxy under test (both kinds alike) under SCHED_BATCH: a woken proxy "
+        "does not preempt the other on its core (an experiment, not the default)",
+    )
+    ap.add_argument(
         "--sidecar-access-log",
         choices=("off", "all"),
         default="off",
@@ -1193,7 +1206,8 @@ def main() -> int:
         ap.error(f"--paths: unknown {given}; known: {', '.join(keys)}")
     if args.tokens < 2 * TOKEN_CACHE:
         ap.error(f"--tokens must be at least {2 * TOKEN_CACHE} (the sidecar caches {TOKEN_CACHE})")
-    for tool in ("haproxy", "nginx", "wrk", *(["taskset"] if args.pin else [])):
+    tools = [*(["taskset"] if args.pin else []), *(["chrt"] if args.sched_batch else [])]
+    for tool in ("haproxy", "nginx", "wrk", *tools):
         if not shutil.which(tool) and not Path(f"/usr/sbin/{tool}").exists():
             raise SystemExit(f"{tool} not found: `make bench-peers-deps` installs it")
     os.environ["PATH"] = os.environ.get("PATH", "") + ":/usr/sbin:/sbin"
