@@ -64,6 +64,12 @@ _SMALL_ORDER_Y = {
     "Ed25519": (_P25519, frozenset((0, 1, _P25519 - 1, _Y8, _P25519 - _Y8))),
     "Ed448": (_P448, frozenset((0, 1, _P448 - 1))),
 }
+# The curves' a and d (RFC 8032 5.1, 5.2): a point's x^2 = (y^2 - 1) / (d y^2 - a), which
+# must be a square mod p for the point to be on the curve.
+_EDWARDS = {
+    "Ed25519": (-1, -121665 * pow(121666, -1, _P25519) % _P25519),
+    "Ed448": (1, -39081 % _P448),
+}
 
 # base64url, and base64's own `+` and `/` too in a key's members: a few issuers write those
 # (the document comes from the issuer's endpoint; its members are not a token's, where one
@@ -104,13 +110,19 @@ def _b64(jwk: dict[str, Any], name: str) -> bytes:
 
 
 def _edwards_point_is_usable(crv: str, x: bytes) -> bool:
-    """Is `x`, an RFC 8032 encoding of size `crv` needs, a y below p and not one of a point
-    of small order (see _SMALL_ORDER_Y)? Ed448's last byte holds only the sign bit."""
+    """Is `x`, an RFC 8032 encoding of the size `crv` needs, a point on the curve (a y below
+    p that has an x), and not one of small order (see _SMALL_ORDER_Y)? Ed448's last byte
+    holds only the sign bit. (OpenSSL takes a key off the curve too; nothing verifies
+    with it, but it is no key.)"""
     p, small = _SMALL_ORDER_Y[crv]
     if crv == "Ed448" and x[-1] & 0x7F:
         return False
     y = int.from_bytes(x, "little") & ~(1 << (8 * len(x) - 1))
-    return y < p and y not in small
+    if y >= p or y in small:
+        return False
+    a, d = _EDWARDS[crv]
+    xx = (y * y - 1) * pow(d * y * y - a, -1, p) % p  # d y^2 - a is never 0 for these curves
+    return pow(xx, (p - 1) // 2, p) in (0, 1)  # Euler's criterion: a square (or 0)
 
 
 def parse_jwk(jwk: object) -> Jwk:
@@ -172,7 +184,9 @@ def parse_jwk(jwk: object) -> Jwk:
         if len(x) != _ED_SIZES[crv]:
             raise ValueError(f"its x is not {_ED_SIZES[crv]} bytes, as {crv} needs")
         if not _edwards_point_is_usable(crv, x):
-            raise ValueError(f"its x is a point of small order or not canonical ({crv})")
+            raise ValueError(
+                f"its x is not a point on {crv}, or one of small order, or not canonical"
+            )
         cls = ed25519.Ed25519PublicKey if crv == "Ed25519" else ed448.Ed448PublicKey
         try:
             key = cls.from_public_bytes(x)
@@ -212,7 +226,7 @@ def parse_jwks(data: bytes, where: str) -> list[Jwk]:
     if not keys:
         raise ValueError(f"{where} is not a usable JWKS: no usable key ({shown})")
     if why:
-        other_use = all(isinstance(m, dict) and m.get("use", "sig") != "sig" for m in left_out)
+        other_use = all(isinstance(m, dict) and m.get("use") not in (None, "sig") for m in left_out)
         log.log(
             logging.INFO if other_use else logging.WARNING,
             "%s: %d of its %d keys left out (%s)",

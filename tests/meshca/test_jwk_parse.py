@@ -324,7 +324,7 @@ def test_an_ed25519_key_of_small_order_is_refused(y, sign):
         public = ed25519.Ed25519PublicKey.from_public_bytes(enc)
         forged = _enc(1, 0) + bytes(32)  # R = (0, 1), S = 0
         assert any(_verifies(public, forged, b"claims-%d" % i) for i in range(64))
-    with pytest.raises(ValueError, match="small order or not canonical"):
+    with pytest.raises(ValueError, match="of small order, or not canonical"):
         parse_jwk({"kty": "OKP", "crv": "Ed25519", "x": b64(enc)})
 
 
@@ -338,7 +338,7 @@ def _verifies(public: ed25519.Ed25519PublicKey, sig: bytes, data: bytes) -> bool
 
 @pytest.mark.parametrize("y", [P25519, P25519 + 1, 2**255 - 1])
 def test_an_ed25519_key_spelled_with_y_of_p_or_more_is_refused(y):
-    with pytest.raises(ValueError, match="small order or not canonical"):
+    with pytest.raises(ValueError, match="of small order, or not canonical"):
         parse_jwk({"kty": "OKP", "crv": "Ed25519", "x": b64(_enc(y, 0))})
 
 
@@ -347,12 +347,12 @@ def test_ed448_keys_of_small_order_or_not_canonical_are_refused():
     for y in (0, 1, p448 - 1, p448):
         for last in (0x00, 0x80):
             enc = y.to_bytes(56, "little") + bytes((last,))
-            with pytest.raises(ValueError, match="small order or not canonical"):
+            with pytest.raises(ValueError, match="of small order, or not canonical"):
                 parse_jwk({"kty": "OKP", "crv": "Ed448", "x": b64(enc)})
     good = public_jwk(KEYS["Ed448"])
     raw = bytearray(base64.urlsafe_b64decode(good["x"] + "=="))
     raw[-1] |= 0x01  # a bit the last octet must not have
-    with pytest.raises(ValueError, match="small order or not canonical"):
+    with pytest.raises(ValueError, match="of small order, or not canonical"):
         parse_jwk(good | {"x": b64(bytes(raw))})
 
 
@@ -398,3 +398,45 @@ def test_why_keys_were_left_out_is_logged_beside_the_usable_ones(caplog):
     assert warning.levelname == "WARNING" and "1 of its 2 keys left out" in warning.message
     assert "key 1: its modulus has 1024 bits" in warning.message
     assert info.levelname == "INFO" and "use is 'enc'" in info.message
+
+
+def _off_curve_ys(count: int) -> list[int]:
+    found = []
+    for y in range(2, 1000):
+        try:
+            _ed_point(_enc(y, 0))
+        except AssertionError:
+            found.append(y)
+        if len(found) == count:
+            return found
+    raise AssertionError("no y off the curve below 1000")
+
+
+@pytest.mark.parametrize("y", _off_curve_ys(3))
+def test_an_ed25519_key_off_the_curve_is_refused(y):
+    """A y with no x on the curve (the test's own decoding finds none): OpenSSL takes it as
+    a key, nothing verifies with it; the JWKS does not take it."""
+    enc = _enc(y, 0)
+    with pytest.raises(AssertionError, match="not on the curve"):
+        _ed_point(enc)
+    with pytest.raises(ValueError, match="is not a point on Ed25519"):
+        parse_jwk({"kty": "OKP", "crv": "Ed25519", "x": b64(enc)})
+
+
+def test_an_ed448_key_off_the_curve_is_refused():
+    p448, d = 2**448 - 2**224 - 1, -39081
+    y = next(  # the first y whose x^2 is no square mod p
+        y
+        for y in range(2, 100)
+        if pow((y * y - 1) * pow(d * y * y - 1, -1, p448) % p448, (p448 - 1) // 2, p448) > 1
+    )
+    with pytest.raises(ValueError, match="is not a point on Ed448"):
+        parse_jwk({"kty": "OKP", "crv": "Ed448", "x": b64(y.to_bytes(57, "little"))})
+
+
+def test_a_null_use_is_no_use_also_in_the_log(caplog):
+    bad = {"kty": "OKP", "crv": "Ed25519", "x": b64(bytes(32)), "use": None}
+    with caplog.at_level("INFO", logger="meshca.jwks"):
+        parse_jwks(doc(_p256(), bad), "the JWKS")
+    (record,) = caplog.records
+    assert record.levelname == "WARNING"
