@@ -42,6 +42,14 @@ REDIRECTS = frozenset((301, 302, 303, 307, 308))
 
 # RFC 7518 6.2.1.1: the curves an EC key may name, and the size of each coordinate.
 _EC_CURVES = {"P-256": ("secp256r1", 32), "P-384": ("secp384r1", 48), "P-521": ("secp521r1", 66)}
+# ... and each curve's field prime (FIPS 186-4 D.1.2): a coordinate is below it. (OpenSSL
+# reduces one that is not: another spelling of the same point, which RFC 7518 does not
+# allow; P-521's 66 bytes leave room for many.)
+_EC_PRIMES = {
+    "P-256": 2**256 - 2**224 + 2**192 + 2**96 - 1,
+    "P-384": 2**384 - 2**128 - 2**96 + 2**32 - 1,
+    "P-521": 2**521 - 1,
+}
 _ED_SIZES = {"Ed25519": 32, "Ed448": 57}  # RFC 8037 2: the public key's length
 # Members that only a private (or a symmetric) key has (RFC 7518 6.2.2, 6.3.2, 6.4.1;
 # RFC 8037 2). A key set is public: a key with any of them is refused, not trimmed to its
@@ -158,12 +166,13 @@ def parse_jwk(jwk: object) -> Jwk:
         x, y = _b64(jwk, "x"), _b64(jwk, "y")
         if len(x) != size or len(y) != size:
             raise ValueError(f"its coordinates are not {size} bytes each, as {crv} needs")
+        xi, yi = int.from_bytes(x, "big"), int.from_bytes(y, "big")
+        if xi >= _EC_PRIMES[crv] or yi >= _EC_PRIMES[crv]:
+            raise ValueError(f"its coordinates are not below {crv}'s field prime")
         curve_obj = {"secp256r1": ec.SECP256R1, "secp384r1": ec.SECP384R1}.get(
             curve, ec.SECP521R1
         )()
-        numbers = ec.EllipticCurvePublicNumbers(
-            int.from_bytes(x, "big"), int.from_bytes(y, "big"), curve_obj
-        )
+        numbers = ec.EllipticCurvePublicNumbers(xi, yi, curve_obj)
         try:
             key = numbers.public_key()
         except ValueError:

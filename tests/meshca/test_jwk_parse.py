@@ -440,3 +440,42 @@ def test_a_null_use_is_no_use_also_in_the_log(caplog):
         parse_jwks(doc(_p256(), bad), "the JWKS")
     (record,) = caplog.records
     assert record.levelname == "WARNING"
+
+
+@pytest.mark.parametrize("crv", list(EC_CURVES))
+def test_an_ec_coordinate_of_the_field_prime_or_more_is_refused(crv):
+    """x + p names the same point to OpenSSL, which reduces it; P-521's 66 bytes hold it
+    (P-256's and P-384's primes are so close to their sizes that it almost never fits).
+    The primes are checked here against the curve equation y^2 = x^3 - 3x + b."""
+    jwk = public_jwk(KEYS[crv])
+    size = {"P-256": 32, "P-384": 48, "P-521": 66}[crv]
+    x = int.from_bytes(base64.urlsafe_b64decode(jwk["x"] + "=="), "big")
+    y = int.from_bytes(base64.urlsafe_b64decode(jwk["y"] + "=="), "big")
+    p = {
+        "P-256": 2**256 - 2**224 + 2**192 + 2**96 - 1,
+        "P-384": 2**384 - 2**128 - 2**96 + 2**32 - 1,
+        "P-521": 2**521 - 1,
+    }[crv]
+    b = {
+        "P-256": 0x5AC635D8AA3A93E7B3EBBD55769886BC651D06B0CC53B0F63BCE3C3E27D2604B,
+        "P-384": int(
+            "b3312fa7e23ee7e4988e056be3f82d19181d9c6efe8141120314088f5013875a"
+            "c656398d8a2ed19d2a85c8edd3ec2aef",
+            16,
+        ),
+        "P-521": int(
+            "0051953eb9618e1c9a1f929a21a0b68540eea2da725b99b315f3b8b489918ef1"
+            "09e156193951ec7e937b1652c0bd3bb1bf073573df883d2c34f1ef451fd46b50"
+            "3f00",
+            16,
+        ),
+    }[crv]
+    assert (y * y - (x**3 - 3 * x + b)) % p == 0  # the prime is the curve's
+    for bx, by in ((x + p, y), (x, y + p)):
+        if max(bx, by) >= 1 << (8 * size):
+            continue  # does not fit the coordinate's size: refused for its size anyway
+        with pytest.raises(ValueError, match="not below"):
+            parse_jwk(
+                jwk | {"x": b64(bx.to_bytes(size, "big")), "y": b64(by.to_bytes(size, "big"))}
+            )
+    assert crv != "P-521" or x + p < 1 << (8 * size)  # (P-521: the case is real)
