@@ -41,7 +41,11 @@ REDIRECTS = frozenset((301, 302, 303, 307, 308))
 
 
 # RFC 7518 6.2.1.1: the curves an EC key may name, and the size of each coordinate.
-_EC_CURVES = {"P-256": ("secp256r1", 32), "P-384": ("secp384r1", 48), "P-521": ("secp521r1", 66)}
+_EC_CURVES: dict[str, tuple[type[ec.EllipticCurve], int]] = {
+    "P-256": (ec.SECP256R1, 32),
+    "P-384": (ec.SECP384R1, 48),
+    "P-521": (ec.SECP521R1, 66),
+}
 # ... and each curve's field prime (FIPS 186-4 D.1.2): a coordinate is below it. (OpenSSL
 # reduces one that is not: another spelling of the same point, which RFC 7518 does not
 # allow; P-521's 66 bytes leave room for many.)
@@ -136,7 +140,8 @@ def _edwards_point_is_usable(crv: str, x: bytes) -> bool:
 def parse_jwk(jwk: object) -> Jwk:
     """One JWK (a JSON object) as a public key; ValueError saying why it is not usable.
 
-    The message names members and their kind, never their values."""
+    The message never holds key material (coordinates, modulus, private members); the
+    other members it names (`kty`, `crv`, `alg`, `use`, `key_ops`) are shown cut short."""
     if not isinstance(jwk, dict):
         raise ValueError("it is not a JSON object")
     kty = jwk.get("kty")
@@ -161,7 +166,7 @@ def parse_jwk(jwk: object) -> Jwk:
         if not isinstance(crv, str) or crv not in _EC_CURVES:
             raise ValueError(f"its EC curve {_shown(crv)} is not P-256, P-384 or P-521")
         curve, size = _EC_CURVES[crv]
-        if alg is not None and jwtcore.ec_curve(alg) != curve:
+        if alg is not None and jwtcore.ec_curve(alg) != curve.name:
             raise ValueError(f"its alg {alg} is not for curve {crv}")
         x, y = _b64(jwk, "x"), _b64(jwk, "y")
         if len(x) != size or len(y) != size:
@@ -169,10 +174,7 @@ def parse_jwk(jwk: object) -> Jwk:
         xi, yi = int.from_bytes(x, "big"), int.from_bytes(y, "big")
         if xi >= _EC_PRIMES[crv] or yi >= _EC_PRIMES[crv]:
             raise ValueError(f"its coordinates are not below {crv}'s field prime")
-        curve_obj = {"secp256r1": ec.SECP256R1, "secp384r1": ec.SECP384R1}.get(
-            curve, ec.SECP521R1
-        )()
-        numbers = ec.EllipticCurvePublicNumbers(xi, yi, curve_obj)
+        numbers = ec.EllipticCurvePublicNumbers(xi, yi, curve())
         try:
             key = numbers.public_key()
         except ValueError:
