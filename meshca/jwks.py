@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import binascii
+import hashlib
 import json
 import logging
 import ssl
@@ -268,6 +269,19 @@ def index(keys: list[Jwk]) -> dict[str | None, Jwk]:
 class JwksSource:
     """Where an issuer's public keys come from."""
 
+    _keys: dict[str | None, Jwk]
+    _digest: bytes | None = None  # sha256 of the document `_keys` came from
+
+    def _take(self, data: bytes, where: str) -> None:
+        """Hold the keys of the JWKS document `data` (ValueError if it has none), unless it
+        is the document held already: then the key objects stay the same ones (a verified
+        token stays cached while its key is that same object, `authn`), and nothing is
+        parsed or logged again."""
+        digest = hashlib.sha256(data).digest()
+        if digest != self._digest:
+            self._keys = index(parse_jwks(data, where))
+            self._digest = digest
+
     def get(self, kid: str | None) -> Jwk | None:
         """The cached key for `kid`, or None."""
         raise NotImplementedError
@@ -301,7 +315,7 @@ class FileJwks(JwksSource):
     def _load(self) -> None:
         st = self.path.stat()
         if st.st_mtime_ns != self._mtime:
-            self._keys = index(parse_jwks(self.path.read_bytes(), str(self.path)))
+            self._take(self.path.read_bytes(), str(self.path))
             self._mtime = st.st_mtime_ns
 
     def get(self, kid: str | None) -> Jwk | None:
@@ -419,7 +433,7 @@ class UrlJwks(JwksSource):
             if not isinstance(jwks_uri, str) or not jwks_uri.startswith("https://"):
                 raise ValueError(f"{where}: jwks_uri must be an https:// URL")
             self._jwks_uri = jwks_uri
-        self._keys = index(parse_jwks(await self._get(self._jwks_uri), self._jwks_uri))
+        self._take(await self._get(self._jwks_uri), self._jwks_uri)
         self._fetched_at = time.monotonic()
 
     def get(self, kid: str | None) -> Jwk | None:

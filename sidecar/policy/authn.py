@@ -275,10 +275,12 @@ class Authenticator:
     def _key_still_there(hit: Identity) -> bool:
         """The key that verified `hit` is still the one its issuer's JWKS has for that kid.
 
-        Identity, not equality: a refresh builds new key objects, so the first use of a
-        cached token after each refresh verifies it once more (with the key now served,
-        which may be a different key under the same kid). Looking the key up also lets a
-        stale key set start its background refresh, as an uncached token would.
+        Identity, not equality: a new key set document builds new key objects, so the
+        first use of a cached token after it verifies it once more (with the key now
+        served, which may be a different key under the same kid). A refresh that brings
+        the same document keeps the same objects (`JwksSource._take`): nothing to verify.
+        Looking the key up also lets a stale key set start its background refresh, as an
+        uncached token would.
         """
         if hit.key is None or hit.issuer.jwks is None:  # HMAC: the secret is fixed
             return True

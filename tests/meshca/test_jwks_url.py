@@ -275,3 +275,34 @@ def test_a_sidecar_fetching_a_jwks_never_loads_aiohttp():
     )
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout) == {"key": True, "aiohttp": False}
+
+
+def test_a_refresh_to_the_same_document_keeps_its_keys_and_says_nothing_again(ca, caplog):
+    """The same document fetched again (every refresh, as an unchanged issuer serves it):
+    the same key objects (a verified token cached with its key stays cached), and the
+    left-out key's warning once; a changed document: new objects."""
+    good = json.loads(jwks_doc("k1"))["keys"][0]
+    small = {"kty": "RSA", "n": "AQAB" * 30, "e": "AQAB", "kid": "old"}
+    same = json.dumps({"keys": [good, small]}).encode()
+    routes = {"/keys": (200, {}, same)}
+    server = Server(ca, routes)
+
+    async def go() -> tuple[object, ...]:
+        async with server as base:
+            src = UrlJwks(f"{base}/keys", ssl_context=client_ctx(ca), min_interval=0)
+            await src.refresh()
+            first = src.get("k1")
+            await src.refresh()
+            await src.refresh()
+            kept = src.get("k1")
+            routes["/keys"] = (200, {}, json.dumps({"keys": [good]}).encode())
+            await src.refresh()
+            changed = src.get("k1")
+            return first, kept, changed
+
+    with caplog.at_level("INFO", logger="meshca.jwks"):
+        first, kept, changed = asyncio.run(go())
+    assert len(server.seen) == 4  # each refresh fetched
+    assert first is not None and kept is first
+    assert changed is not None and changed is not first and changed.key_type == "EC"
+    assert caplog.text.count("keys left out") == 1

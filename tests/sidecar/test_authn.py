@@ -559,7 +559,35 @@ def test_a_cached_token_verified_again_for_a_new_key_set_stays_cached(keys, monk
     for i in range(4):  # two generations: t's hash is forgotten
         a.verify(token(key, jti=f"other-{i}"))
     assert hash(t) not in a._seen
-    write_jwks(source, jwk_of(key.public_key(), "k1"))  # the same key, reloaded
+    # the same key in a new document (a member more): new key objects
+    write_jwks(source, jwk_of(key.public_key(), "k1") | {"use": "sig"})
     again = a.verify(t)
     assert again is not ident and again.claims == ident.claims
     assert a.is_cached(t) and a.verify(t) is again
+
+
+def test_a_cached_token_stays_verified_when_the_same_document_is_read_again(keys, monkeypatch):
+    """A JWKS file rewritten with the same bytes (a new mtime; a URL source refreshing to the
+    same document is alike): the key objects stay, and a cached token is not verified again."""
+    key, source = keys
+    a = make(keys)
+    t = token(key)
+    first = in_use(a, t)
+    before = source.get("k1")
+    write_jwks(source, jwk_of(key.public_key(), "k1") | {"use": "sig"})
+    ident = a.verify(t)  # a new document: new key objects, the token verified again
+    held = source.get("k1")
+    assert held is not before and ident is not first and a.is_cached(t)
+    calls = []
+    real = authn.jwtcore.verify_signature
+    monkeypatch.setattr(
+        authn.jwtcore, "verify_signature", lambda *args: calls.append(1) or real(*args)
+    )
+    body = source.path.read_bytes()
+    for _ in range(3):
+        source.path.write_bytes(body)
+        mtime = source.path.stat().st_mtime_ns + 1_000_000
+        os.utime(source.path, ns=(mtime, mtime))
+        assert source.get("k1") is held
+        assert a.verify(t) is ident
+    assert calls == []
