@@ -1,6 +1,10 @@
 """CPU per JWT on the sidecar's inbound path: a new token each time (the cold path) against
 one bare ES256 verification, pyjwt's `decode`, and a cached token.
 
+The cold path verifies ES256 from a table of the key (meshca.p256) once the table is
+built (this bench waits for it); "table alone" is that verification by itself, and the
+cold path with the tables off (`MESHCA_P256_TABLES=0`) is measured too.
+
 The cold path is what a request with a token the sidecar has not seen costs: find the
 token in the headers, parse it, pick the issuer and key, verify, check the claims, build
 the identity, insert it in the cache. Each of the N tokens is distinct (its own `jti`,
@@ -19,9 +23,11 @@ from __future__ import annotations
 import argparse
 import base64
 import cProfile
+import hashlib
 import json
 import pstats
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -29,10 +35,11 @@ from pathlib import Path
 from typing import Any
 
 import jwt
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
+from meshca import p256
 from meshca.jwks import FileJwks
 from sidecar.policy.authn import Authenticator, IssuerRule
 
@@ -87,6 +94,32 @@ def bare_verify(public: ec.EllipticCurvePublicKey, token: str) -> None:
     public.verify(der, signing_input.encode(), ECDSA_SHA256)
 
 
+def wait_for_table(key: ec.EllipticCurvePublicKey) -> p256.Verifier | None:
+    """The key's table as the sidecar builds it (a background thread); None where the
+    system's libcrypto cannot build one (said on stderr)."""
+    try:  # is it possible here at all? (a table of its own, freed at once)
+        p256.Verifier(
+            key.public_bytes(
+                serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint
+            )
+        ).close()
+    except p256.Unavailable as e:
+        print(f"(no P-256 tables here: {e})", file=sys.stderr)
+        return None
+    deadline = time.monotonic() + 10
+    while (table := p256._TABLES.get(key)) is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return table
+
+
+def table_verify(table: p256.Verifier, token: str) -> None:
+    """One ES256 verification from the key's table: r||s from base64url, the digest."""
+    signing_input, _, sig = token.rpartition(".")
+    raw = base64.urlsafe_b64decode(sig + "=" * (-len(sig) % 4))
+    if not table.verify(hashlib.sha256(signing_input.encode()).digest(), raw[:32], raw[32:]):
+        raise SystemExit("a token did not verify from the table")
+
+
 def per_item(fn: Callable[[Any], object], items: Sequence[Any]) -> float:
     """CPU microseconds per call of fn over items."""
     t0 = time.process_time()
@@ -109,11 +142,30 @@ def cases(s: Setup, cls: type[Authenticator] = Authenticator, tag: str = "") -> 
     for h in s.heads:
         warm.verify(warm.find_token(h))
 
+    def cold_without_tables(
+        tokens: Sequence[str], heads: Sequence[list[tuple[bytes, bytes]]]
+    ) -> float:
+        p256.ENABLED = False
+        try:
+            return cold(tokens, heads)
+        finally:
+            p256.ENABLED = True
+
     pyjwt_key = s.jwks.get("k1").key  # type: ignore[union-attr]
+    table = wait_for_table(pyjwt_key)
+    extra: dict[str, Case] = {}
+    if table is not None:
+        extra = {
+            "ES256 from the key's table alone": lambda tokens, _h: per_item(
+                lambda t: table_verify(table, t), tokens
+            ),
+            f"cold, tables off{tag}": cold_without_tables,
+        }
     return {
         "bare ES256 verify (cryptography)": lambda tokens, _h: per_item(
             lambda t: bare_verify(s.public, t), tokens
         ),
+        **extra,
         "pyjwt.decode ES256": lambda tokens, _h: per_item(
             lambda t: jwt.decode(t, pyjwt_key, algorithms=["ES256"], audience=AUD, issuer=ISS),
             tokens,

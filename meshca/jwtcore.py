@@ -2,7 +2,8 @@
 
 One table of accepted algorithms and the key type each needs; `parse()` (strict
 base64url, header and payload decoded once), `verify_signature()` (with
-`cryptography`, on key objects loaded once per JWKS document), `check_claims()`
+`cryptography`, on key objects loaded once per JWKS document; ES256 from a table of
+the key, meshca.p256, where it can), `check_claims()`
 (issuer, audience, and the times against an injected clock), and `decode()`, the
 three in that order. Every failure is a `TokenError` whose message is safe to show
 (it never contains the token). Callers wrap it in their own error type (the CA's
@@ -32,6 +33,8 @@ from typing import Any, NamedTuple
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, padding, rsa
+
+from meshca import p256
 
 # Asymmetric algorithms and the JWK key type (`kty`) their key must have.
 ASYMMETRIC = {
@@ -274,6 +277,12 @@ def verify_signature(jws: Jws, alg: str, key: Any) -> None:
             # JOSE writes r||s, each exactly `size` bytes (RFC 7518 3.4); OpenSSL wants DER.
             if len(sig) != 2 * size:
                 raise InvalidSignature
+            if size == 32:  # ES256: from the key's own table once it is built (meshca.p256)
+                verified = p256.verify_es256(key, data, sig[:32], sig[32:])
+                if verified is not None:
+                    if not verified:
+                        raise InvalidSignature
+                    return
             key.verify(der_signature(sig[:size], sig[size:]), data, ecdsa)
         elif alg in _RSA:
             if _kty(key) != "RSA":

@@ -1,0 +1,406 @@
+"""meshca.p256: ES256 verified from a table of the key answers exactly as OpenSSL's ECDSA
+(through `cryptography`) does, for valid signatures, tampered ones, out-of-range r and s,
+and the cases that trip implementations: u1 = 0, u1·G = u2·Q (the sum doubles), R at
+infinity, and x(R) of n or more. Signatures are made here from the private key's
+numbers, so the digest can be any value (0, n, more than n)."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import (
+    Prehashed,
+    decode_dss_signature,
+    encode_dss_signature,
+)
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from meshca import jwtcore, p256
+
+N = p256.N
+P = 2**256 - 2**224 + 2**192 + 2**96 - 1
+B = 0x5AC635D8AA3A93E7B3EBBD55769886BC651D06B0CC53B0F63BCE3C3E27D2604B
+_G = ec.derive_private_key(1, ec.SECP256R1()).public_key().public_numbers()
+GX, GY = _G.x, _G.y
+
+
+def _point(key: ec.EllipticCurvePublicKey) -> bytes:
+    return key.public_bytes(
+        serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint
+    )
+
+
+def _verifier(key: ec.EllipticCurvePublicKey) -> p256.Verifier:
+    try:
+        return p256.Verifier(_point(key))
+    except p256.Unavailable as e:  # another platform's Python, without libcrypto 3
+        pytest.skip(f"the system's libcrypto cannot build P-256 tables here: {e}")
+
+
+def _oracle(key: ec.EllipticCurvePublicKey, e: int, r: int, s: int) -> bool:
+    """OpenSSL's own ECDSA verification (cryptography, prehashed digest)."""
+    try:
+        key.verify(
+            encode_dss_signature(r, s), e.to_bytes(32, "big"), ec.ECDSA(Prehashed(hashes.SHA256()))
+        )
+    except InvalidSignature:
+        return False
+    return True
+
+
+def _fast(v: p256.Verifier, e: int, r: int, s: int) -> bool | None:
+    return v.verify(e.to_bytes(32, "big"), r.to_bytes(32, "big"), s.to_bytes(32, "big"))
+
+
+def _k_times_g(k: int) -> int:
+    """x of k·G, from cryptography."""
+    return ec.derive_private_key(k, ec.SECP256R1()).public_key().public_numbers().x
+
+
+def _sign(d: int, e: int, k: int | None = None) -> tuple[int, int]:
+    """An ECDSA signature of the digest value `e` (any 256-bit number) with private d."""
+    while True:
+        k = k or secrets.randbelow(N - 1) + 1
+        r = _k_times_g(k) % N
+        s = pow(k, -1, N) * (e + r * d) % N
+        if r and s:
+            return r, s
+        k = None
+
+
+@pytest.fixture(scope="module")
+def pair() -> tuple[int, ec.EllipticCurvePublicKey, p256.Verifier]:
+    private = ec.generate_private_key(ec.SECP256R1())
+    d = private.private_numbers().private_value
+    return d, private.public_key(), _verifier(private.public_key())
+
+
+def test_signatures_of_cryptography_verify(pair: Any) -> None:
+    d, key, v = pair
+    private = ec.derive_private_key(d, ec.SECP256R1())
+    for _ in range(50):
+        data = secrets.token_bytes(secrets.randbelow(400))
+        r, s = decode_dss_signature(private.sign(data, ec.ECDSA(hashes.SHA256())))
+        digest = hashlib.sha256(data).digest()
+        assert v.verify(digest, r.to_bytes(32, "big"), s.to_bytes(32, "big")) is True
+        other = hashlib.sha256(data + b"x").digest()
+        assert v.verify(other, r.to_bytes(32, "big"), s.to_bytes(32, "big")) is False
+
+
+def test_tampered_signatures_and_digests_are_refused(pair: Any) -> None:
+    d, key, v = pair
+    e = secrets.randbits(256)
+    r, s = _sign(d, e)
+    assert _fast(v, e, r, s) is True and _oracle(key, e, r, s)
+    for bit in (0, 1, 7, 64, 128, 200, 255):
+        for e2, r2, s2 in ((e ^ 1 << bit, r, s), (e, r ^ 1 << bit, s), (e, r, s ^ 1 << bit)):
+            if max(r2, s2) >= 2**256:
+                continue
+            assert _fast(v, e2, r2, s2) is _oracle(key, e2, r2, s2) is False
+
+
+@pytest.mark.parametrize("bad", [0, N, N + 1, 2**256 - 1])
+def test_r_and_s_out_of_range_are_refused(pair: Any, bad: int) -> None:
+    d, key, v = pair
+    e = secrets.randbits(256)
+    r, s = _sign(d, e)
+    for r2, s2 in ((bad, s), (r, bad)):
+        assert _fast(v, e, r2, s2) is False
+        assert _oracle(key, e, r2, s2) is False
+    # r + n and s + n are the same values mod n: still out of range, refused
+    if r + N < 2**256:
+        assert _fast(v, e, r + N, s) is _oracle(key, e, r + N, s) is False
+    if s + N < 2**256:
+        assert _fast(v, e, r, s + N) is _oracle(key, e, r, s + N) is False
+
+
+def test_high_s_verifies_as_openssl_does(pair: Any) -> None:
+    """ECDSA's (r, n - s) is valid too; JOSE does not forbid it, nor does OpenSSL."""
+    d, key, v = pair
+    e = secrets.randbits(256)
+    r, s = _sign(d, e)
+    assert _fast(v, e, r, N - s) is _oracle(key, e, r, N - s) is True
+
+
+@pytest.mark.parametrize("e", [0, N, N + 5, 2**256 - 1, 1])
+def test_digests_of_any_value(pair: Any, e: int) -> None:
+    """e = 0 and e = n make u1 = 0 (u1·G at infinity); e >= n is reduced, as OpenSSL does."""
+    d, key, v = pair
+    r, s = _sign(d, e % N)
+    assert _fast(v, e, r, s) is _oracle(key, e, r, s) is True
+
+
+def test_u1_g_equal_to_u2_q_doubles(pair: Any) -> None:
+    """e = r·d makes u1·G = u2·Q: the sum is a doubling, a special case of point addition."""
+    d, key, v = pair
+    k = secrets.randbelow(N - 1) + 1
+    r = _k_times_g(k) % N
+    e = r * d % N
+    s = pow(k, -1, N) * (e + r * d) % N
+    assert _fast(v, e, r, s) is _oracle(key, e, r, s) is True
+    assert _fast(v, e, r, s + 1) is _oracle(key, e, r, s + 1) is False
+    assert _fast(v, e + 1, r, s) is _oracle(key, e + 1, r, s) is False
+
+
+def test_r_at_infinity_is_refused(pair: Any) -> None:
+    """e = -r·d makes u1·G + u2·Q the point at infinity, whatever s."""
+    d, key, v = pair
+    r = secrets.randbelow(N - 1) + 1
+    e = -r * d % N
+    for s in (1, 2, secrets.randbelow(N - 1) + 1):
+        assert _fast(v, e, r, s) is _oracle(key, e, r, s) is False
+
+
+# -- affine P-256 arithmetic, for a key made to fit a chosen R -------------------------
+
+
+def _add(a: tuple[int, int] | None, b: tuple[int, int] | None) -> tuple[int, int] | None:
+    if a is None:
+        return b
+    if b is None:
+        return a
+    if a[0] == b[0] and (a[1] + b[1]) % P == 0:
+        return None
+    if a == b:
+        lam = (3 * a[0] * a[0] - 3) * pow(2 * a[1], -1, P) % P
+    else:
+        lam = (b[1] - a[1]) * pow(b[0] - a[0], -1, P) % P
+    x = (lam * lam - a[0] - b[0]) % P
+    return x, (lam * (a[0] - x) - a[1]) % P
+
+
+def _mul(k: int, pt: tuple[int, int] | None) -> tuple[int, int] | None:
+    out = None
+    while k:
+        if k & 1:
+            out = _add(out, pt)
+        pt = _add(pt, pt)
+        k >>= 1
+    return out
+
+
+def test_arithmetic_helper_agrees_with_cryptography() -> None:
+    k = secrets.randbelow(N - 1) + 1
+    assert _mul(k, (GX, GY)) == (lambda n: (n.x, n.y))(
+        ec.derive_private_key(k, ec.SECP256R1()).public_key().public_numbers()
+    )
+
+
+def test_x_of_r_past_the_order() -> None:
+    """x(R) in [n, p): r is x - n, and x itself (>= n) is out of range. A key is made
+    for a chosen such R: Q = r⁻¹(s·R - e·G)."""
+    t = 1
+    while True:
+        x = N + t
+        c = (x**3 - 3 * x + B) % P
+        y = pow(c, (P + 1) // 4, P)
+        if y * y % P == c:
+            break
+        t += 1
+    r, e, s = x - N, secrets.randbits(256), secrets.randbelow(N - 1) + 1
+    q = _mul(pow(r, -1, N), _add(_mul(s, (x, y)), _mul(N - e % N, (GX, GY))))
+    assert q is not None
+    key = ec.EllipticCurvePublicNumbers(q[0], q[1], ec.SECP256R1()).public_key()
+    v = _verifier(key)
+    try:
+        assert _fast(v, e, r, s) is _oracle(key, e, r, s) is True
+        assert _fast(v, e, x, s) is _oracle(key, e, x, s) is False
+    finally:
+        v.close()
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    e=st.one_of(st.integers(0, 2**256 - 1), st.sampled_from([0, 1, N - 1, N, N + 1])),
+    r=st.one_of(st.integers(0, 2**256 - 1), st.sampled_from([0, 1, N - 1, N, 2**256 - 1])),
+    s=st.one_of(st.integers(0, 2**256 - 1), st.sampled_from([0, 1, N - 1, N, 2**256 - 1])),
+    valid=st.booleans(),
+    flip=st.integers(-1, 767),
+)
+def test_any_input_answers_as_openssl(
+    pair: Any, e: int, r: int, s: int, valid: bool, flip: int
+) -> None:
+    """Random (e, r, s), or a valid signature with one bit of e, r or s flipped (or none)."""
+    d, key, v = pair
+    if valid:
+        r, s = _sign(d, e % N)
+        if flip >= 0:
+            which, bit = divmod(flip, 256)
+            e, r, s = [(val ^ (1 << bit)) if i == which else val for i, val in enumerate((e, r, s))]
+    assert _fast(v, e, r, s) is _oracle(key, e, r, s)
+
+
+def test_wrong_lengths_are_refused(pair: Any) -> None:
+    d, key, v = pair
+    assert v.verify(b"\x00" * 31, b"\x01" * 32, b"\x01" * 32) is False
+    assert v.verify(b"\x00" * 32, b"\x01" * 33, b"\x01" * 32) is False
+    assert v.verify(b"\x00" * 32, b"\x01" * 32, b"") is False
+
+
+@pytest.mark.parametrize(
+    "point",
+    [
+        b"\x04" + (GX).to_bytes(32, "big") + (GY + 1).to_bytes(32, "big"),  # off the curve
+        b"\x00",  # the point at infinity
+        b"\x04" + b"\xff" * 64,  # coordinates past p
+        b"",
+    ],
+    ids=["off-curve", "infinity", "past-p", "empty"],
+)
+def test_points_that_are_not_keys_are_refused(pair: Any, point: bytes) -> None:
+    with pytest.raises(p256.Unavailable):
+        p256.Verifier(point)
+
+
+def test_a_closed_verifier_answers_none(pair: Any) -> None:
+    d, key, _ = pair
+    v = _verifier(key)
+    e = secrets.randbits(256)
+    r, s = _sign(d, e)
+    assert _fast(v, e, r, s) is True
+    v.close()
+    v.close()  # twice is fine
+    assert _fast(v, e, r, s) is None
+
+
+# -- the table of tables -----------------------------------------------------------
+
+
+def _now(work: Callable[[], None]) -> None:
+    work()
+
+
+def test_tables_build_once_per_key_and_keep_a_bounded_number(pair: Any) -> None:
+    spawned: list[int] = []
+
+    def spawn(work: Callable[[], None]) -> None:
+        spawned.append(1)
+        work()
+
+    tables = p256.Tables(limit=2, spawn=spawn, min_interval=0)
+    keys = [ec.generate_private_key(ec.SECP256R1()).public_key() for _ in range(3)]
+    assert tables.get(keys[0]) is None  # the first ask starts the build
+    first = tables.get(keys[0])
+    assert isinstance(first, p256.Verifier)
+    assert tables.get(keys[0]) is first and len(spawned) == 1
+    tables.get(keys[1])
+    tables.get(keys[2])  # the oldest (keys[0]) goes, and its table is freed
+    assert len(tables) == 2
+    assert first.verify(b"\x00" * 32, b"\x01" * 32, b"\x01" * 32) is None
+    assert isinstance(tables.get(keys[2]), p256.Verifier)
+
+
+def test_a_key_whose_table_fails_is_not_retried() -> None:
+    class NotAKey:
+        def public_bytes(self, *args: Any) -> bytes:
+            raise ValueError("no")
+
+    spawned: list[int] = []
+    tables = p256.Tables(spawn=lambda work: (spawned.append(1), work()), min_interval=0)  # type: ignore[func-returns-value]
+    key = NotAKey()
+    assert tables.get(key) is None
+    assert tables.get(key) is None and tables.get(key) is None
+    assert spawned == [1]
+
+
+def test_builds_start_at_most_once_per_interval() -> None:
+    """More keys in use than tables kept: one build a second, not one per token."""
+    now = [100.0]
+    spawned: list[int] = []
+    tables = p256.Tables(
+        limit=1, spawn=lambda work: (spawned.append(1), work()), clock=lambda: now[0]
+    )  # type: ignore[func-returns-value]
+    keys = [ec.generate_private_key(ec.SECP256R1()).public_key() for _ in range(3)]
+    for _ in range(50):
+        for key in keys:
+            tables.get(key)
+    assert spawned == [1]  # the first key's; the others wait for the interval
+    assert isinstance(tables.get(keys[0]), p256.Verifier)
+    now[0] += 1.0
+    assert tables.get(keys[1]) is None  # its build starts, and pushes out keys[0]'s
+    assert isinstance(tables.get(keys[1]), p256.Verifier) and len(spawned) == 2
+    assert tables.get(keys[2]) is None and len(spawned) == 2
+
+
+def test_the_default_builds_in_a_background_thread(pair: Any) -> None:
+    """The first ask does not wait for the table (about 15 ms): a thread builds it."""
+    _, key, _ = pair
+    tables = p256.Tables()
+    before = threading.active_count()
+    assert tables.get(key) is None
+    deadline = time.monotonic() + 10
+    while (v := tables.get(key)) is None:
+        assert time.monotonic() < deadline, "the table was not built within 10 s"
+        time.sleep(0.01)
+    assert isinstance(v, p256.Verifier)
+    deadline = time.monotonic() + 5
+    while threading.active_count() > before and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert threading.active_count() <= before
+
+
+# -- in jwtcore --------------------------------------------------------------------
+
+
+def _b64(raw: bytes) -> bytes:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=")
+
+
+def _token(private: ec.EllipticCurvePrivateKey, claims: bytes = b'{"sub":"a"}') -> jwtcore.Jws:
+    b64 = _b64
+    head = b64(b'{"alg":"ES256"}')
+    signing_input = head + b"." + b64(claims)
+    r, s = decode_dss_signature(private.sign(signing_input, ec.ECDSA(hashes.SHA256())))
+    token = signing_input + b"." + b64(r.to_bytes(32, "big") + s.to_bytes(32, "big"))
+    return jwtcore.parse(token.decode())
+
+
+def test_verify_signature_uses_the_table_and_answers_the_same(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    private = ec.generate_private_key(ec.SECP256R1())
+    key = private.public_key()
+    tables = p256.Tables(spawn=_now, min_interval=0)
+    monkeypatch.setattr(p256, "_TABLES", tables)
+    monkeypatch.setattr(p256, "ENABLED", True)
+    good = _token(private)
+    forged = good._replace(signature=good.signature[:-1] + bytes([good.signature[-1] ^ 1]))
+    jwtcore.verify_signature(good, "ES256", key)  # the first builds the table
+    v = tables.get(key)
+    if v is None:
+        pytest.skip("the system's libcrypto cannot build P-256 tables here")
+    calls: list[bool | None] = []
+    real = p256.Verifier.verify
+
+    def counting(self: p256.Verifier, *args: bytes) -> bool | None:
+        calls.append(real(self, *args))
+        return calls[-1]
+
+    monkeypatch.setattr(p256.Verifier, "verify", counting)
+    jwtcore.verify_signature(good, "ES256", key)
+    with pytest.raises(jwtcore.TokenError, match="does not verify"):
+        jwtcore.verify_signature(forged, "ES256", key)
+    assert calls == [True, False]
+    # off (MESHCA_P256_TABLES=0), or a verifier that cannot answer: cryptography decides
+    for patch in ("off", "none"):
+        calls.clear()
+        if patch == "off":
+            monkeypatch.setattr(p256, "ENABLED", False)
+        else:
+            monkeypatch.setattr(p256, "ENABLED", True)
+            monkeypatch.setattr(p256.Verifier, "verify", lambda self, *a: calls.append(None))
+        jwtcore.verify_signature(good, "ES256", key)
+        with pytest.raises(jwtcore.TokenError, match="does not verify"):
+            jwtcore.verify_signature(forged, "ES256", key)
+        assert calls == ([] if patch == "off" else [None, None])
