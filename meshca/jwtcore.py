@@ -284,6 +284,8 @@ def verify_signature(jws: Jws, alg: str, key: Any) -> None:
                         raise InvalidSignature
                     return
             key.verify(der_signature(sig[:size], sig[size:]), data, ecdsa)
+            if size == 32:
+                p256.verified_with(key)  # a key its issuer signs with: a table is worth it
         elif alg in _RSA:
             if _kty(key) != "RSA":
                 raise TokenError("token algorithm does not match its signing key")

@@ -11,15 +11,16 @@ The arithmetic stays OpenSSL's. The system's libcrypto (the one Python's `ssl` m
 has loaded already) is called through ctypes: a P-256 group whose generator is set to
 Q gets OpenSSL's own precomputation (`EC_GROUP_precompute_mult`, 150 KiB and about
 15 ms per key, built in a background thread), and `EC_POINT_mul` on it uses that
-table. Only the verification equation of ECDSA (SEC 1 4.1.4; FIPS 186-5 6.4.2) is
-written here: the range of r and s, w = s⁻¹, u1 = e·w and u2 = r·w mod n, R not at
-infinity, x(R) mod n = r, the steps OpenSSL's own `ossl_ecdsa_simple_verify_sig`
-takes. tests/meshca/test_p256.py checks each against `cryptography`'s verification,
-with the cases that trip implementations (u1 = 0, u1·G = u2·Q, R at infinity, x(R) of
-n or more).
+table. A key gets one once it has verified a signature through `cryptography` (never a
+key a token merely names). Only the verification equation of ECDSA (SEC 1 4.1.4;
+FIPS 186-5 6.4.2) is written here: the range of r and s, w = s⁻¹, u1 = e·w and
+u2 = r·w mod n, R not at infinity, x(R) mod n = r, the steps OpenSSL's own
+`ossl_ecdsa_simple_verify_sig` takes. tests/meshca/test_p256.py checks each against
+`cryptography`'s verification, with the cases that trip implementations (u1 = 0,
+u1·G = u2·Q, R at infinity, x(R) of n or more).
 
 Where the calls are not there (no libcrypto 3 loaded, a build without them) or
-`MESHCA_P256_TABLES=0` is set, `verifier()` answers None and the caller verifies with
+`MESHCA_P256_TABLES=0` is set, `verify_es256` answers None and the caller verifies with
 `cryptography` as before. Nothing secret goes through here: signatures, digests and
 public keys only.
 """
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import math
 import os
 import threading
@@ -41,6 +43,7 @@ N = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
 _NID_P256 = 415  # NID_X9_62_prime256v1
 _COMPRESSED = 2  # POINT_CONVERSION_COMPRESSED
 ENV = "MESHCA_P256_TABLES"
+log = logging.getLogger(__name__)
 MAX_KEYS = 8  # tables kept (150 KiB each); a JWKS names a few keys at a time
 
 
@@ -80,6 +83,7 @@ def _bind() -> Any:
     p, i, sz = ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t
     signatures: dict[str, tuple[Any, list[Any]]] = {
         "OpenSSL_version_num": (ctypes.c_ulong, []),
+        "ERR_clear_error": (None, []),
         "BN_CTX_new": (p, []),
         "BN_CTX_free": (None, [p]),
         "BN_new": (p, []),
@@ -150,6 +154,7 @@ class Verifier:
         try:
             self._build(lib, point)
         except BaseException:
+            lib.ERR_clear_error()  # this thread's OpenSSL errors: not left for `ssl` to read
             self.close()
             raise
 
@@ -216,6 +221,7 @@ class Verifier:
                 and lib.EC_POINT_add(g, r1, r1, r2, ctx) == 1
             )
             if not ok:
+                lib.ERR_clear_error()
                 return None
             # R compressed: 0x02/0x03 and x, 33 bytes; the point at infinity is one 0x00
             size = lib.EC_POINT_point2oct(g, r1, _COMPRESSED, out, 33, ctx)
@@ -223,15 +229,17 @@ class Verifier:
         if encoded == b"\x00":
             return False  # step 5: R at infinity
         if size != 33:
+            lib.ERR_clear_error()
             return None
         return int.from_bytes(encoded[1:], "big") % N == r_int  # steps 6-8: x(R) mod n = r
 
-    def close(self) -> None:
-        """Free what OpenSSL holds for this key (the table); `verify` then answers None."""
+    def close(self, *, wait: bool = True) -> None:
+        """Free what OpenSSL holds for this key (the table); `verify` then answers None.
+        Without `wait`, only if no verification holds it now (else the OS frees it)."""
         lib = getattr(self, "_lib", None)
-        if lib is None:
+        if lib is None or not self._lock.acquire(blocking=wait):
             return
-        with self._lock:
+        try:
             for bn in self._bns:
                 lib.BN_free(bn)
             for pt in self._points:
@@ -243,10 +251,12 @@ class Verifier:
             if self._ctx is not None:
                 lib.BN_CTX_free(self._ctx)
             self._ctx = self._g = self._q_group = None
+        finally:
+            self._lock.release()
 
     def __del__(self) -> None:
         with contextlib.suppress(Exception):  # at exit ctypes may be gone; the OS frees it
-            self.close()
+            self.close(wait=False)
 
 
 def _checked(value: Any, what: str) -> Any:
@@ -260,12 +270,15 @@ def _start_thread(work: Callable[[], None]) -> None:
 
 
 class Tables:
-    """Verifiers by key object, at most `limit` (the oldest closed first). The first ask
-    for a key starts building its table (with `spawn`: a background thread) and answers
-    None; once built, the verifier. A key whose table cannot be built is remembered as
-    such (None from then on): the caller's own verification serves it. At most one build
-    starts per `min_interval` seconds, so more keys in use than `limit` (tables built,
-    pushed out, built again) cost at most 15 ms of CPU a second, not a build per token."""
+    """Verifiers by key object, at most `limit` (the least recently used closed first).
+
+    `get` only looks up. `learn` is for a key that has just verified a signature the
+    other way: it starts building the key's table (with `spawn`: a background thread),
+    so only keys the issuer signs with get one, never a key a token merely names. A key
+    whose table cannot be built is remembered as such (None from then on): the caller's
+    own verification serves it. At most one build starts per `min_interval` seconds, so
+    more keys in use than `limit` (tables built, pushed out, built again) cost at most
+    15 ms of CPU a second, not a build per token."""
 
     def __init__(
         self,
@@ -287,20 +300,37 @@ class Tables:
     def get(self, key: Any) -> Verifier | None:
         """The verifier of `key` (a cryptography P-256 public key) if its table is built."""
         entry = self._entries.get(id(key))
+        if entry is None or entry[0] is not key:
+            return None
+        if entry[1] is not None:
+            with contextlib.suppress(KeyError):  # pushed out meanwhile by another thread
+                self._entries.move_to_end(id(key))
+        return entry[1]
+
+    def learn(self, key: Any) -> None:
+        """`key` verified a signature: build its table, unless it has one (or is being
+        given one, or could not be) or a build started less than `min_interval` ago."""
+        entry = self._entries.get(id(key))
         if entry is not None and entry[0] is key:
-            return entry[1]
+            return
         with self._lock:
             entry = self._entries.get(id(key))
             if entry is not None and entry[0] is key:
-                return entry[1]
+                return
             now = self.clock()
             if now - self._last_build < self.min_interval:
-                return None  # asked again at a later token
+                return  # a later verification asks again
             self._last_build = now
             self._entries[id(key)] = (key, None)
             self._evict()
-        self.spawn(lambda: self._build(key))
-        return None
+        try:
+            self.spawn(lambda: self._build(key))
+        except Exception:  # no thread (a process limit): verify the other way, retry later
+            log.warning("no thread to build a P-256 table in", exc_info=True)
+            with self._lock:
+                entry = self._entries.get(id(key))
+                if entry is not None and entry[0] is key:
+                    del self._entries[id(key)]
 
     def _build(self, key: Any) -> None:
         from cryptography.hazmat.primitives import serialization  # noqa: PLC0415
@@ -314,11 +344,21 @@ class Tables:
             verifier = None
         with self._lock:
             entry = self._entries.get(id(key))
-            if entry is not None and entry[0] is key:
+            # kept only in the entry it was built for, and only once (a key pushed out
+            # and learnt again while this build ran has a build of its own)
+            kept = entry is not None and entry[0] is key and entry[1] is None
+            if kept:
                 self._entries[id(key)] = (key, verifier)
-                return
-        if verifier is not None:  # evicted while building
-            verifier.close()
+        if not kept:
+            if verifier is not None:
+                verifier.close()
+            return
+        if verifier is not None:
+            for hook in list(_AFTER_BUILD):
+                try:
+                    hook()
+                except Exception:  # a hook's failure never loses the table
+                    log.exception("after a P-256 table was built")
 
     def _evict(self) -> None:
         while len(self._entries) > self.limit:
@@ -331,14 +371,29 @@ class Tables:
 
 
 _TABLES = Tables()
+_AFTER_BUILD: list[Callable[[], None]] = []
+
+
+def after_build(hook: Callable[[], None]) -> Callable[[], None]:
+    """Call `hook` after each table is built, from the thread that built it (the sidecar
+    gives back then the pages the build and the verifications before it touched); what
+    this returns stops that."""
+    _AFTER_BUILD.append(hook)
+    return lambda: _AFTER_BUILD.remove(hook) if hook in _AFTER_BUILD else None
 
 
 def verify_es256(key: Any, signing_input: bytes, r: bytes, s: bytes) -> bool | None:
     """True or False from `key`'s table; None when there is none (yet, or here): the
-    caller verifies with `cryptography`."""
+    caller verifies with `cryptography`, and then calls `verified_with`."""
     if not ENABLED:
         return None
     verifier = _TABLES.get(key)
     if verifier is None:
         return None
     return verifier.verify(hashlib.sha256(signing_input).digest(), r, s)
+
+
+def verified_with(key: Any) -> None:
+    """`key` (P-256) has verified an ES256 signature without a table: give it one."""
+    if ENABLED:
+        _TABLES.learn(key)

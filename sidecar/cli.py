@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from meshca import defaults
+from meshca import defaults, p256
 from meshca.listener import Listener, bind
 from sidecar import __version__
 from sidecar.config import ConfigError, SidecarConfig, load_config
@@ -117,6 +117,7 @@ async def run(config: SidecarConfig) -> None:
     listeners: list[Listener] = []
     groups: list[ConnGroup] = []
     stoppers: list[Callable[[], Awaitable[None]]] = []
+    unhook: Callable[[], None] | None = None
     log_cfg = config.access_log
     access_log = None
     if log_cfg.mode != "off":
@@ -298,6 +299,15 @@ async def run(config: SidecarConfig) -> None:
         # each is done, its pages of cryptography and the rest go back (sidecar/heap.py).
         manager.after_each(heap.settle)
         watcher.after_each(heap.settle)
+        # So does an ES256 key's table (built in a thread): the verifications before it
+        # went through cryptography's ECDSA, which the table's leave unused from then on.
+        if config.jwt is not None:
+
+            def settle_soon() -> None:
+                with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                    loop.call_soon_threadsafe(heap.settle)
+
+            unhook = p256.after_build(settle_soon)
         task = asyncio.create_task(manager.run())
         try:
             await stop.wait()
@@ -310,6 +320,8 @@ async def run(config: SidecarConfig) -> None:
                     await t
     finally:
         heap.stop()
+        if unhook is not None:
+            unhook()
         for lst in listeners:
             lst.close()
         for stop_it in stoppers:

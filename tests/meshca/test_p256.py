@@ -281,24 +281,45 @@ def _now(work: Callable[[], None]) -> None:
     work()
 
 
-def test_tables_build_once_per_key_and_keep_a_bounded_number(pair: Any) -> None:
-    spawned: list[int] = []
-
+def _counting(spawned: list[int]) -> Callable[[Callable[[], None]], None]:
     def spawn(work: Callable[[], None]) -> None:
         spawned.append(1)
         work()
 
-    tables = p256.Tables(limit=2, spawn=spawn, min_interval=0)
+    return spawn
+
+
+def test_tables_are_built_for_keys_that_verified_and_kept_by_use(pair: Any) -> None:
+    """`get` never builds; `learn` (the key verified a signature) does, once; the least
+    recently used table goes first, and is freed."""
+    spawned: list[int] = []
+    tables = p256.Tables(limit=2, spawn=_counting(spawned), min_interval=0)
     keys = [ec.generate_private_key(ec.SECP256R1()).public_key() for _ in range(3)]
-    assert tables.get(keys[0]) is None  # the first ask starts the build
+    assert tables.get(keys[0]) is None and spawned == []  # a key a token names: no build
+    tables.learn(keys[0])
     first = tables.get(keys[0])
     assert isinstance(first, p256.Verifier)
+    tables.learn(keys[0])
     assert tables.get(keys[0]) is first and len(spawned) == 1
-    tables.get(keys[1])
-    tables.get(keys[2])  # the oldest (keys[0]) goes, and its table is freed
-    assert len(tables) == 2
-    assert first.verify(b"\x00" * 32, b"\x01" * 32, b"\x01" * 32) is None
+    tables.learn(keys[1])
+    assert tables.get(keys[0]) is first  # in use: now the most recent
+    tables.learn(keys[2])  # pushes out keys[1]'s, not the busy keys[0]'s
+    assert len(tables) == 2 and tables.get(keys[1]) is None
     assert isinstance(tables.get(keys[2]), p256.Verifier)
+    assert tables.get(keys[0]) is first  # used last
+    tables.learn(keys[1])  # back, and keys[2]'s goes
+    assert tables.get(keys[2]) is None and tables.get(keys[0]) is first
+    assert first.verify(b"\x00" * 32, b"\x01" * 32, b"\x01" * 32) is not None  # still open
+
+
+def test_a_pushed_out_table_is_freed(pair: Any) -> None:
+    tables = p256.Tables(limit=1, spawn=_now, min_interval=0)
+    keys = [ec.generate_private_key(ec.SECP256R1()).public_key() for _ in range(2)]
+    tables.learn(keys[0])
+    first = tables.get(keys[0])
+    assert first is not None
+    tables.learn(keys[1])
+    assert first.verify(b"\x00" * 32, b"\x01" * 32, b"\x01" * 32) is None  # closed
 
 
 def test_a_key_whose_table_fails_is_not_retried() -> None:
@@ -307,38 +328,63 @@ def test_a_key_whose_table_fails_is_not_retried() -> None:
             raise ValueError("no")
 
     spawned: list[int] = []
-    tables = p256.Tables(spawn=lambda work: (spawned.append(1), work()), min_interval=0)  # type: ignore[func-returns-value]
+    tables = p256.Tables(spawn=_counting(spawned), min_interval=0)
     key = NotAKey()
-    assert tables.get(key) is None
-    assert tables.get(key) is None and tables.get(key) is None
+    for _ in range(3):
+        tables.learn(key)
+        assert tables.get(key) is None
     assert spawned == [1]
+
+
+def test_no_thread_to_build_in_is_retried_later(caplog: pytest.LogCaptureFixture) -> None:
+    """Thread.start() can fail (a container's process limit): the verification goes on
+    without a table, and a later one tries again."""
+    now = [0.0]
+    attempts: list[int] = []
+
+    def spawn(work: Callable[[], None]) -> None:
+        attempts.append(1)
+        if len(attempts) == 1:
+            raise RuntimeError("can't start new thread")
+        work()
+
+    tables = p256.Tables(spawn=spawn, clock=lambda: now[0])
+    key = ec.generate_private_key(ec.SECP256R1()).public_key()
+    tables.learn(key)
+    assert tables.get(key) is None and len(tables) == 0
+    assert "no thread to build a P-256 table in" in caplog.text
+    tables.learn(key)  # within the interval: not yet
+    assert attempts == [1]
+    now[0] += 1.0
+    tables.learn(key)
+    assert attempts == [1, 1] and isinstance(tables.get(key), p256.Verifier)
 
 
 def test_builds_start_at_most_once_per_interval() -> None:
     """More keys in use than tables kept: one build a second, not one per token."""
     now = [100.0]
     spawned: list[int] = []
-    tables = p256.Tables(
-        limit=1, spawn=lambda work: (spawned.append(1), work()), clock=lambda: now[0]
-    )  # type: ignore[func-returns-value]
+    tables = p256.Tables(limit=1, spawn=_counting(spawned), clock=lambda: now[0])
     keys = [ec.generate_private_key(ec.SECP256R1()).public_key() for _ in range(3)]
     for _ in range(50):
         for key in keys:
-            tables.get(key)
+            tables.learn(key)
     assert spawned == [1]  # the first key's; the others wait for the interval
     assert isinstance(tables.get(keys[0]), p256.Verifier)
     now[0] += 1.0
-    assert tables.get(keys[1]) is None  # its build starts, and pushes out keys[0]'s
+    tables.learn(keys[1])  # its build starts, and pushes out keys[0]'s
     assert isinstance(tables.get(keys[1]), p256.Verifier) and len(spawned) == 2
+    assert tables.get(keys[0]) is None
+    tables.learn(keys[2])
     assert tables.get(keys[2]) is None and len(spawned) == 2
 
 
 def test_the_default_builds_in_a_background_thread(pair: Any) -> None:
-    """The first ask does not wait for the table (about 15 ms): a thread builds it."""
+    """`learn` does not wait for the table (about 15 ms): a thread builds it."""
     _, key, _ = pair
     tables = p256.Tables()
     before = threading.active_count()
-    assert tables.get(key) is None
+    tables.learn(key)
     deadline = time.monotonic() + 10
     while (v := tables.get(key)) is None:
         assert time.monotonic() < deadline, "the table was not built within 10 s"
@@ -376,7 +422,11 @@ def test_verify_signature_uses_the_table_and_answers_the_same(
     monkeypatch.setattr(p256, "ENABLED", True)
     good = _token(private)
     forged = good._replace(signature=good.signature[:-1] + bytes([good.signature[-1] ^ 1]))
-    jwtcore.verify_signature(good, "ES256", key)  # the first builds the table
+    for _ in range(3):  # a key that only ever meets forgeries gets no table
+        with pytest.raises(jwtcore.TokenError, match="does not verify"):
+            jwtcore.verify_signature(forged, "ES256", key)
+    assert tables.get(key) is None and len(tables) == 0
+    jwtcore.verify_signature(good, "ES256", key)  # verified: the table is built
     v = tables.get(key)
     if v is None:
         pytest.skip("the system's libcrypto cannot build P-256 tables here")
@@ -404,3 +454,31 @@ def test_verify_signature_uses_the_table_and_answers_the_same(
         with pytest.raises(jwtcore.TokenError, match="does not verify"):
             jwtcore.verify_signature(forged, "ES256", key)
         assert calls == ([] if patch == "off" else [None, None])
+
+
+def test_hooks_run_after_each_table_built_and_never_lose_it(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The sidecar gives memory back after a build (`after_build`); a failing hook is
+    logged and the table kept; a key whose table fails calls no hook; unhooked, no call."""
+    monkeypatch.setattr(p256, "_AFTER_BUILD", [])
+    ran: list[str] = []
+
+    def broken() -> None:
+        raise RuntimeError("the loop is closed")
+
+    unhook = p256.after_build(lambda: ran.append("settle"))
+    p256.after_build(broken)
+    tables = p256.Tables(spawn=_now, min_interval=0)
+    key = ec.generate_private_key(ec.SECP256R1()).public_key()
+    tables.learn(key)
+    if tables.get(key) is None:
+        pytest.skip("the system's libcrypto cannot build P-256 tables here")
+    assert ran == ["settle"]
+    assert "after a P-256 table was built" in caplog.text
+    tables.learn(ec.generate_private_key(ec.SECP384R1()).public_key())  # not P-256: no table
+    assert ran == ["settle"]
+    unhook()
+    unhook()  # twice is fine
+    tables.learn(ec.generate_private_key(ec.SECP256R1()).public_key())
+    assert ran == ["settle"]
