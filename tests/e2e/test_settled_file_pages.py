@@ -20,15 +20,13 @@ cache in larger folios, the first figure was 4,596.
 from __future__ import annotations
 
 import json
-import re
 import time
-from pathlib import Path
 
+from filepages import library_kib, releases, settles
 from helpers import run_meshca, tail
 from mesh import admin_get, hostport
 from tlsclient import client_context, connect, get, read_response, start_backend
 
-RUST_LIB = re.compile(r"/cryptography/hazmat/bindings/_rust[^/]*\.so$")
 # How many pages one touch maps back depends on the kernel and on how the file's pages
 # sit in the page cache (fault-around; since Linux 6.18, whole large folios), so the
 # bounds are shares and differences, not sizes. What the data path runs (a new peer's
@@ -38,43 +36,6 @@ SHARE_BOUND = 0.6
 # Once that peer is known, a renewal or a bundle document leave no more than there was
 # (1.2 and 0.5 MiB here); a bundle poll parsing the CA's certificate each time, +0.7.
 SLACK_KIB = 256
-
-
-def library_kib(pid: int) -> tuple[int, int, int]:
-    """Of cryptography's Rust library in process `pid`: (file-backed KiB resident,
-    copied-on-write KiB resident, KiB mapped from the file read-only: its code and
-    read-only data)."""
-    text = Path(f"/proc/{pid}/smaps").read_text()
-    clean = written = mapped = 0
-    ours = False
-    for line in text.splitlines():
-        head = line.split()
-        if head and re.fullmatch(r"[0-9a-f]+-[0-9a-f]+", head[0]):
-            ours = len(head) >= 6 and bool(RUST_LIB.search(head[-1]))
-            read_only = len(head) >= 2 and "w" not in head[1]
-        elif ours and line.startswith("Size:") and read_only:
-            mapped += int(head[1])
-        elif ours and line.startswith("Rss:"):
-            clean += int(head[1])
-        elif ours and line.startswith("Anonymous:"):
-            written += int(head[1])
-    assert clean > 0, "cryptography's Rust library is not mapped in the sidecar"
-    return clean - written, written, mapped
-
-
-def settles(sidecar) -> str:
-    """The sidecar's log lines about what it obtained, polled and released."""
-    lines = [
-        line
-        for line in sidecar.stderr.splitlines()
-        if any(w in line for w in ("settled", "certificate", "bundle", "WARNING", "ERROR"))
-    ]
-    return "\n".join(lines[-40:])
-
-
-def releases(sidecar) -> int:
-    """How many times the sidecar has released its file pages (its DEBUG log says)."""
-    return sidecar.stderr.count("sidecar.heap: settled:")
 
 
 def traffic(ctx, where: str, n: int = 5) -> None:
