@@ -87,7 +87,9 @@ def start_backend(
     inbound: dict | None = None,
     ca_extra: dict | None = None,
     log_level: str = "INFO",
+    extra: dict | None = None,
 ):
+    """backend's app and sidecar; `extra`: more of the sidecar's config (its keys)."""
     app = start_echo(tmp_path / "app.log")
     cfg = sidecar_config(
         tmp_path,
@@ -101,6 +103,7 @@ def start_backend(
     )
     doc = yaml.safe_load(cfg.read_text())
     doc["drain_timeout"] = drain
+    doc.update(extra or {})
     cfg.write_text(yaml.safe_dump(doc))
     return app, start_sidecar(cfg, log_level=log_level)
 

@@ -13,14 +13,13 @@ import time
 
 import pytest
 import yaml
-from conftest import BACKEND
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from filepages import library_kib, releases, settles
-from helpers import mint_token, tail
-from mesh import admin_get, hostport, sidecar_config, start_echo, start_sidecar
-from tlsclient import CLIENT, client_context, connect, read_response
+from helpers import tail
+from mesh import admin_get, hostport
+from tlsclient import CLIENT, client_context, connect, read_response, start_backend
 
 ISSUER = "https://issuer.test"
 # cryptography's ECDSA verification maps back about 2.3 MiB of its library here (the
@@ -61,44 +60,23 @@ class Issuer:
 
 
 def start_jwt_backend(tmp_path, ca, issuer: Issuer):
-    app = start_echo(tmp_path / "app.log")
-    cfg = sidecar_config(
-        tmp_path,
-        "backend",
-        ca,
-        BACKEND,
-        app=hostport(app.urls["echo"]),
-        token=mint_token(ca.home, BACKEND),
-    )
-    (tmp_path / "backend" / "jwks.json").write_text(json.dumps(issuer.jwks()))
-    policy = {
-        "rules": [
-            {"name": "t", "action": "ALLOW", "from": {"request_principals": [f"{ISSUER}/*"]}},
-            # the client's own calls to /warm need no token: what forwarding a request runs
-            {
-                "name": "w",
-                "action": "ALLOW",
-                "from": {"principals": [CLIENT]},
-                "to": {"paths": ["/warm"]},
-            },
-        ]
-    }
-    (tmp_path / "backend" / "policy.yaml").write_text(yaml.safe_dump(policy))
-    doc = yaml.safe_load(cfg.read_text())
-    doc["jwt"] = {
-        "issuers": [
-            {
-                "issuer": ISSUER,
-                "audiences": ["backend"],
-                "jwks_file": "jwks.json",
-                "algorithms": ["ES256"],
-            }
-        ]
-    }
-    doc["policy"] = {"file": "policy.yaml"}
-    doc["drain_timeout"] = 1
-    cfg.write_text(yaml.safe_dump(doc))
-    return app, start_sidecar(cfg, log_level="DEBUG")
+    folder = tmp_path / "backend"
+    folder.mkdir(exist_ok=True)
+    (folder / "jwks.json").write_text(json.dumps(issuer.jwks()))
+    rules = [
+        {"name": "t", "action": "ALLOW", "from": {"request_principals": [f"{ISSUER}/*"]}},
+        # the client's own calls to /warm need no token: what forwarding a request runs
+        {
+            "name": "w",
+            "action": "ALLOW",
+            "from": {"principals": [CLIENT]},
+            "to": {"paths": ["/warm"]},
+        },
+    ]
+    (folder / "policy.yaml").write_text(yaml.safe_dump({"rules": rules}))
+    one = dict(issuer=ISSUER, audiences=["backend"], jwks_file="jwks.json", algorithms=["ES256"])
+    jwt = {"jwt": {"issuers": [one]}, "policy": {"file": "policy.yaml"}}
+    return start_backend(tmp_path, ca, drain=1, log_level="DEBUG", extra=jwt)
 
 
 def ask(s, token: str, i: int) -> int:
