@@ -272,21 +272,17 @@ def verify_signature(jws: Jws, alg: str, key: Any) -> None:
     try:
         if alg in _EC:
             curve, size, ecdsa = _EC[alg]
-            if size == 32:
-                # ES256 from the key's own table (meshca.p256). A key has one only after it
-                # passed the checks below and verified a signature: an EC key on P-256.
-                # (Its curve is not asked again: that alone would map a large folio of
-                # cryptography's library back, which the sidecar released.)
-                verified = p256.verify_es256(key, data, sig[:32], sig[32:])
-                if verified is not None:
-                    if not verified or len(sig) != 64:
-                        raise InvalidSignature
-                    return
             if _kty(key) != "EC" or key.curve.name != curve:
                 raise TokenError("token algorithm does not match its signing key")
             # JOSE writes r||s, each exactly `size` bytes (RFC 7518 3.4); OpenSSL wants DER.
             if len(sig) != 2 * size:
                 raise InvalidSignature
+            if size == 32:  # ES256: from the key's own table once it has one (meshca.p256)
+                verified = p256.verify_es256(key, data, sig[:32], sig[32:])
+                if verified is not None:
+                    if not verified:
+                        raise InvalidSignature
+                    return
             key.verify(der_signature(sig[:size], sig[size:]), data, ecdsa)
             if size == 32:
                 p256.verified_with(key)  # a key its issuer signs with: a table is worth it

@@ -354,6 +354,7 @@ class Tables:
                 verifier.close()
             return
         if verifier is not None:
+            log.debug("a P-256 table is built (%d kept)", len(self._entries))
             for hook in list(_AFTER_BUILD):
                 try:
                     hook()
@@ -391,6 +392,16 @@ def verify_es256(key: Any, signing_input: bytes, r: bytes, s: bytes) -> bool | N
     if verifier is None:
         return None
     return verifier.verify(hashlib.sha256(signing_input).digest(), r, s)
+
+
+def prepare() -> bool:
+    """Bind the system's libcrypto now (from the thread that calls this: the sidecar's
+    event loop at start-up), so that no build thread loads a library later; is it usable?"""
+    try:
+        _libcrypto()
+    except Unavailable:
+        return False
+    return True
 
 
 def verified_with(key: Any) -> None:

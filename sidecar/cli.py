@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -32,6 +33,7 @@ log = logging.getLogger("sidecar")
 DEFAULT_ADMIN = f"127.0.0.1:{defaults.ADMIN_PORT}"
 BACKLOG = 1024  # connections the kernel queues while a listener is at its limit
 FD_RESERVE = 256  # descriptors for everything but proxied connections
+TABLE_SETTLE_INTERVAL = 60.0  # s between releases of file pages after ES256 tables
 
 
 async def _start_site(routes: Routes, host: str, port: int) -> tuple[LocalServer, str]:
@@ -301,9 +303,15 @@ async def run(config: SidecarConfig) -> None:
         watcher.after_each(heap.settle)
         # So does an ES256 key's table (built in a thread): the verifications before it
         # went through cryptography's ECDSA, which the table's leave unused from then on.
-        if config.jwt is not None:
+        # At most once a minute (more keys in use than tables kept rebuild every second),
+        # and libcrypto is bound here, on the loop, so that no build thread maps a library.
+        if config.jwt is not None and p256.prepare():
+            settled_at = [-math.inf]
 
             def settle_soon() -> None:
+                if time.monotonic() - settled_at[0] < TABLE_SETTLE_INTERVAL:
+                    return
+                settled_at[0] = time.monotonic()
                 with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
                     loop.call_soon_threadsafe(heap.settle)
 

@@ -42,5 +42,7 @@ def settles(sidecar) -> str:
 
 
 def releases(sidecar) -> int:
-    """How many times the sidecar has released its file pages (its DEBUG log says)."""
-    return sidecar.stderr.count("sidecar.heap: settled:")
+    """How many times the sidecar has released its file pages (its DEBUG log says); or
+    in a part of that log, given as text."""
+    text = sidecar if isinstance(sidecar, str) else sidecar.stderr
+    return text.count("sidecar.heap: settled:")

@@ -482,3 +482,41 @@ def test_hooks_run_after_each_table_built_and_never_lose_it(
     unhook()  # twice is fine
     tables.learn(ec.generate_private_key(ec.SECP256R1()).public_key())
     assert ran == ["settle"]
+
+
+def test_a_key_with_a_table_still_meets_every_check(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a table built for one P-256 key, ES256 with any other kind of key, a signature
+    of another length, or a header naming another algorithm are refused as before."""
+    from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+
+    private = ec.generate_private_key(ec.SECP256R1())
+    key = private.public_key()
+    tables = p256.Tables(spawn=_now, min_interval=0)
+    monkeypatch.setattr(p256, "_TABLES", tables)
+    monkeypatch.setattr(p256, "ENABLED", True)
+    good = _token(private)
+    jwtcore.verify_signature(good, "ES256", key)
+    if tables.get(key) is None:
+        pytest.skip("the system's libcrypto cannot build P-256 tables here")
+    others = [
+        ec.generate_private_key(ec.SECP384R1()).public_key(),
+        rsa.generate_private_key(public_exponent=65537, key_size=2048).public_key(),
+        ed25519.Ed25519PrivateKey.generate().public_key(),
+        b"a shared secret of more than enough bytes",
+    ]
+    for other in others:
+        with pytest.raises(jwtcore.TokenError, match="does not match"):
+            jwtcore.verify_signature(good, "ES256", other)
+    for sig in (
+        b"",
+        good.signature[:31],
+        good.signature[:63],
+        good.signature + b"\x00",
+        good.signature * 2,
+        b"\x00" * 64,
+    ):
+        with pytest.raises(jwtcore.TokenError, match="does not verify"):
+            jwtcore.verify_signature(good._replace(signature=sig), "ES256", key)
+    with pytest.raises(jwtcore.TokenError, match="not accepted"):
+        jwtcore.verify_signature(good, "ES384", key)  # the header says ES256
+    jwtcore.verify_signature(good, "ES256", key)  # and the table still answers
