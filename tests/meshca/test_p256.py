@@ -412,15 +412,22 @@ def _token(private: ec.EllipticCurvePrivateKey, claims: bytes = b'{"sub":"a"}') 
     return jwtcore.parse(token.decode())
 
 
-def test_verify_signature_uses_the_table_and_answers_the_same(
+@pytest.fixture
+def signed(
     monkeypatch: pytest.MonkeyPatch,
-) -> None:
+) -> tuple[ec.EllipticCurvePublicKey, p256.Tables, jwtcore.Jws]:
+    """A P-256 key, tables of our own (built at once) in jwtcore's use, a token it signed."""
     private = ec.generate_private_key(ec.SECP256R1())
-    key = private.public_key()
     tables = p256.Tables(spawn=_now, min_interval=0)
     monkeypatch.setattr(p256, "_TABLES", tables)
     monkeypatch.setattr(p256, "ENABLED", True)
-    good = _token(private)
+    return private.public_key(), tables, _token(private)
+
+
+def test_verify_signature_uses_the_table_and_answers_the_same(
+    monkeypatch: pytest.MonkeyPatch, signed: Any
+) -> None:
+    key, tables, good = signed
     forged = good._replace(signature=good.signature[:-1] + bytes([good.signature[-1] ^ 1]))
     for _ in range(3):  # a key that only ever meets forgeries gets no table
         with pytest.raises(jwtcore.TokenError, match="does not verify"):
@@ -484,17 +491,12 @@ def test_hooks_run_after_each_table_built_and_never_lose_it(
     assert ran == ["settle"]
 
 
-def test_a_key_with_a_table_still_meets_every_check(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_key_with_a_table_still_meets_every_check(signed: Any) -> None:
     """With a table built for one P-256 key, ES256 with any other kind of key, a signature
     of another length, or a header naming another algorithm are refused as before."""
     from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
-    private = ec.generate_private_key(ec.SECP256R1())
-    key = private.public_key()
-    tables = p256.Tables(spawn=_now, min_interval=0)
-    monkeypatch.setattr(p256, "_TABLES", tables)
-    monkeypatch.setattr(p256, "ENABLED", True)
-    good = _token(private)
+    key, tables, good = signed
     jwtcore.verify_signature(good, "ES256", key)
     if tables.get(key) is None:
         pytest.skip("the system's libcrypto cannot build P-256 tables here")
