@@ -162,7 +162,7 @@ class Verifier:
         self._ctx = _checked(lib.BN_CTX_new(), "BN_CTX_new")
         self._g = _checked(lib.EC_GROUP_new_by_curve_name(_NID_P256), "EC_GROUP_new")
         self._q_group = _checked(lib.EC_GROUP_new_by_curve_name(_NID_P256), "EC_GROUP_new")
-        self._order = lib.EC_GROUP_get0_order(self._g)
+        self._n = lib.EC_GROUP_get0_order(self._g)  # the group's own BIGNUM: not freed here
         q = _checked(lib.EC_POINT_new(self._q_group), "EC_POINT_new")
         one = _checked(lib.BN_new(), "BN_new")
         try:
@@ -171,7 +171,7 @@ class Verifier:
             if lib.EC_POINT_is_at_infinity(self._q_group, q):
                 raise Unavailable("the key is the point at infinity")
             if lib.BN_set_word(one, 1) != 1 or (
-                lib.EC_GROUP_set_generator(self._q_group, q, self._order, one) != 1
+                lib.EC_GROUP_set_generator(self._q_group, q, self._n, one) != 1
             ):
                 raise Unavailable("EC_GROUP_set_generator failed")
         finally:
@@ -179,16 +179,10 @@ class Verifier:
             lib.BN_free(one)
         if lib.EC_GROUP_precompute_mult(self._q_group, self._ctx) != 1:
             raise Unavailable("EC_GROUP_precompute_mult failed")
-        for _ in range(7):
+        for _ in range(6):
             self._bns.append(_checked(lib.BN_new(), "BN_new"))
         for _ in range(2):
             self._points.append(_checked(lib.EC_POINT_new(self._g), "EC_POINT_new"))
-        # n as a BIGNUM of its own for the scalar arithmetic: BN_mod_inverse modulo the
-        # group's order (flagged for constant time inside the group) takes the slower
-        # path, about 1.6 times as long; nothing here is secret.
-        self._n = self._bns[6]
-        if not lib.BN_bin2bn(N.to_bytes(32, "big"), 32, self._n):
-            raise Unavailable("BN_bin2bn failed")
         import ctypes  # noqa: PLC0415 (loaded by _bind already)
 
         self._encoded = ctypes.create_string_buffer(33)
@@ -207,7 +201,7 @@ class Verifier:
             if self._ctx is None:
                 return None
             ctx, n, g, qg, out = self._ctx, self._n, self._g, self._q_group, self._encoded
-            bs, bw, be, br, u1, u2, _ = self._bns
+            bs, bw, be, br, u1, u2 = self._bns
             r1, r2 = self._points
             ok = (
                 lib.BN_bin2bn(s, 32, bs)
