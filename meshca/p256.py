@@ -40,8 +40,9 @@ from typing import Any
 
 # The order of P-256's group (FIPS 186-5, SP 800-186 3.2.1.3).
 N = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
+# The prime of its field (the same documents, 3.2.1.3).
+P = 0xFFFFFFFF00000001000000000000000000000000FFFFFFFFFFFFFFFFFFFFFFFF
 _NID_P256 = 415  # NID_X9_62_prime256v1
-_COMPRESSED = 2  # POINT_CONVERSION_COMPRESSED
 ENV = "MESHCA_P256_TABLES"
 log = logging.getLogger(__name__)
 MAX_KEYS = 8  # tables kept (150 KiB each); a JWKS names a few keys at a time
@@ -77,6 +78,10 @@ def _bind() -> Any:
     import ctypes  # noqa: PLC0415 (only where a P-256 key is used)
 
     try:
+        import gmpy2  # type: ignore[import-untyped]  # noqa: F401, PLC0415 (the inverse mod n)
+    except ImportError:
+        raise Unavailable("gmpy2 is not installed") from None
+    try:
         lib = ctypes.CDLL(_find_libcrypto())
     except OSError as e:
         raise Unavailable(f"no libcrypto: {e}") from None
@@ -91,8 +96,6 @@ def _bind() -> Any:
         "BN_set_word": (i, [p, ctypes.c_ulong]),
         "BN_bin2bn": (p, [ctypes.c_char_p, i, p]),
         "BN_bn2binpad": (i, [p, ctypes.c_char_p, i]),
-        "BN_mod_inverse": (p, [p, p, p, p]),
-        "BN_mod_mul": (i, [p, p, p, p, p]),
         "EC_GROUP_new_by_curve_name": (p, [i]),
         "EC_GROUP_free": (None, [p]),
         "EC_GROUP_get0_order": (p, [p]),
@@ -104,7 +107,7 @@ def _bind() -> Any:
         "EC_POINT_mul": (i, [p, p, p, p, p, p]),
         "EC_POINT_add": (i, [p, p, p, p, p]),
         "EC_POINT_is_at_infinity": (i, [p, p]),
-        "EC_POINT_point2oct": (sz, [p, p, i, ctypes.c_char_p, sz, p]),
+        "EC_POINT_get_Jprojective_coordinates_GFp": (i, [p, p, p, p, p, p]),
     }
     for name, (restype, argtypes) in signatures.items():
         try:
@@ -162,7 +165,7 @@ class Verifier:
         self._ctx = _checked(lib.BN_CTX_new(), "BN_CTX_new")
         self._g = _checked(lib.EC_GROUP_new_by_curve_name(_NID_P256), "EC_GROUP_new")
         self._q_group = _checked(lib.EC_GROUP_new_by_curve_name(_NID_P256), "EC_GROUP_new")
-        self._n = lib.EC_GROUP_get0_order(self._g)  # the group's own BIGNUM: not freed here
+        order = lib.EC_GROUP_get0_order(self._g)  # the group's own BIGNUM: not freed here
         q = _checked(lib.EC_POINT_new(self._q_group), "EC_POINT_new")
         one = _checked(lib.BN_new(), "BN_new")
         try:
@@ -171,7 +174,7 @@ class Verifier:
             if lib.EC_POINT_is_at_infinity(self._q_group, q):
                 raise Unavailable("the key is the point at infinity")
             if lib.BN_set_word(one, 1) != 1 or (
-                lib.EC_GROUP_set_generator(self._q_group, q, self._n, one) != 1
+                lib.EC_GROUP_set_generator(self._q_group, q, order, one) != 1
             ):
                 raise Unavailable("EC_GROUP_set_generator failed")
         finally:
@@ -179,13 +182,17 @@ class Verifier:
             lib.BN_free(one)
         if lib.EC_GROUP_precompute_mult(self._q_group, self._ctx) != 1:
             raise Unavailable("EC_GROUP_precompute_mult failed")
-        for _ in range(6):
+        for _ in range(4):  # u1, u2, and R's X and Z
             self._bns.append(_checked(lib.BN_new(), "BN_new"))
         for _ in range(2):
             self._points.append(_checked(lib.EC_POINT_new(self._g), "EC_POINT_new"))
         import ctypes  # noqa: PLC0415 (loaded by _bind already)
 
-        self._encoded = ctypes.create_string_buffer(33)
+        import gmpy2  # noqa: PLC0415 (checked by _bind)
+
+        self._x_out = ctypes.create_string_buffer(32)
+        self._z_out = ctypes.create_string_buffer(32)
+        self._invert, self._n_mpz = gmpy2.invert, gmpy2.mpz(N)
 
     def verify(self, digest: bytes, r: bytes, s: bytes) -> bool | None:
         """Does (r, s) (32 bytes each, big-endian) sign the SHA-256 `digest` for this key?
@@ -193,39 +200,44 @@ class Verifier:
         verifies another way. Never True for a signature OpenSSL's ECDSA would refuse."""
         if len(digest) != 32 or len(r) != 32 or len(s) != 32:
             return False
-        r_int = int.from_bytes(r, "big")
-        if not 0 < r_int < N or not 0 < int.from_bytes(s, "big") < N:
+        r_int, s_int = int.from_bytes(r, "big"), int.from_bytes(s, "big")
+        if not 0 < r_int < N or not 0 < s_int < N:
             return False  # SEC 1 4.1.4 step 1
+        # steps 4-5, modulo n (prime, so s has an inverse); e is the whole digest (n has
+        # 256 bits). GMP's inverse: 1.5 µs, against 7.7 for BN_mod_inverse.
+        n = self._n_mpz
+        w = self._invert(s_int, n)
+        u1 = (int.from_bytes(digest, "big") * w % n).to_bytes(32, "big")
+        u2 = (r_int * w % n).to_bytes(32, "big")
         lib = self._lib
         with self._lock:
             if self._ctx is None:
                 return None
-            ctx, n, g, qg, out = self._ctx, self._n, self._g, self._q_group, self._encoded
-            bs, bw, be, br, u1, u2 = self._bns
+            ctx, g, qg, b1, b2, bx, bz = self._ctx, self._g, self._q_group, *self._bns
             r1, r2 = self._points
             ok = (
-                lib.BN_bin2bn(s, 32, bs)
-                and lib.BN_mod_inverse(bw, bs, n, ctx)  # w = s⁻¹ mod n
-                and lib.BN_bin2bn(digest, 32, be)  # e: the whole digest (n has 256 bits)
-                and lib.BN_bin2bn(r, 32, br)
-                and lib.BN_mod_mul(u1, be, bw, n, ctx) == 1  # u1 = e·w mod n
-                and lib.BN_mod_mul(u2, br, bw, n, ctx) == 1  # u2 = r·w mod n
-                and lib.EC_POINT_mul(g, r1, u1, None, None, ctx) == 1  # u1·G (G's table)
-                and lib.EC_POINT_mul(qg, r2, u2, None, None, ctx) == 1  # u2·Q (Q's table)
-                and lib.EC_POINT_add(g, r1, r1, r2, ctx) == 1
+                lib.BN_bin2bn(u1, 32, b1)
+                and lib.BN_bin2bn(u2, 32, b2)
+                and lib.EC_POINT_mul(g, r1, b1, None, None, ctx) == 1  # u1·G (G's table)
+                and lib.EC_POINT_mul(qg, r2, b2, None, None, ctx) == 1  # u2·Q (Q's table)
+                and lib.EC_POINT_add(g, r1, r1, r2, ctx) == 1  # R
+                # R's Jacobian X and Z (x = X/Z²): no inversion modulo p to compare
+                and lib.EC_POINT_get_Jprojective_coordinates_GFp(g, r1, bx, None, bz, ctx) == 1
+                and lib.BN_bn2binpad(bx, self._x_out, 32) == 32
+                and lib.BN_bn2binpad(bz, self._z_out, 32) == 32
             )
             if not ok:
                 lib.ERR_clear_error()
                 return None
-            # R compressed: 0x02/0x03 and x, 33 bytes; the point at infinity is one 0x00
-            size = lib.EC_POINT_point2oct(g, r1, _COMPRESSED, out, 33, ctx)
-            encoded = out.raw[:size]
-        if encoded == b"\x00":
+            x, z = int.from_bytes(self._x_out.raw, "big"), int.from_bytes(self._z_out.raw, "big")
+        if z == 0:
             return False  # step 5: R at infinity
-        if size != 33:
-            lib.ERR_clear_error()
-            return None
-        return int.from_bytes(encoded[1:], "big") % N == r_int  # steps 6-8: x(R) mod n = r
+        # steps 6-8: x(R) mod n = r. x(R) < p < 2n, so x(R) is r, or r + n where that is
+        # below p; x(R) = v exactly when X = v·Z² mod p.
+        zz = z * z % P
+        if (x - r_int * zz) % P == 0:
+            return True
+        return r_int + N < P and (x - (r_int + N) * zz) % P == 0
 
     def close(self, *, wait: bool = True) -> None:
         """Free what OpenSSL holds for this key (the table); `verify` then answers None.

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import gmpy2  # noqa: F401 (a dependency: without it the tables are off, which fails here)
 import pytest
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
@@ -173,6 +174,31 @@ def test_r_at_infinity_is_refused(pair: Any) -> None:
     e = -r * d % N
     for s in (1, 2, secrets.randbelow(N - 1) + 1):
         assert _fast(v, e, r, s) is _oracle(key, e, r, s) is False
+
+
+def test_r_at_infinity_is_refused_whatever_x_the_addition_left(pair: Any) -> None:
+    """At infinity Z is 0 and X is whatever the addition left there. Were it 0, X = r·Z²
+    would hold for any r: Z = 0 alone must refuse (the case above cannot make X 0)."""
+    d, key, v = pair
+    real = v._lib
+
+    class ZeroXAtInfinity:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(real, name)
+
+        def EC_POINT_get_Jprojective_coordinates_GFp(self, *args: Any) -> int:  # noqa: N802
+            _, _, x, _, z, _ = args
+            assert real.BN_set_word(x, 0) == 1 and real.BN_set_word(z, 0) == 1
+            return 1
+
+    e = secrets.randbits(256)
+    r, s = _sign(d, e)
+    v._lib = ZeroXAtInfinity()
+    try:
+        assert _fast(v, e, r, s) is False
+    finally:
+        v._lib = real
+    assert _fast(v, e, r, s) is True
 
 
 # -- affine P-256 arithmetic, for a key made to fit a chosen R -------------------------
