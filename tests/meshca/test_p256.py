@@ -14,7 +14,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import gmpy2  # noqa: F401 (a dependency: without it the tables are off, which fails here)
 import pytest
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
@@ -93,11 +92,46 @@ def _sign(d: int, e: int, k: int | None = None) -> tuple[int, int]:
         k = None
 
 
-@pytest.fixture(scope="module")
-def pair() -> tuple[int, ec.EllipticCurvePublicKey, p256.Verifier]:
+def _verifier_with_openssl_inverse(key: ec.EllipticCurvePublicKey) -> p256.Verifier:
+    """A verifier that takes s⁻¹ from OpenSSL (`BN_mod_inverse`), as where GMP is not
+    there."""
+    real = p256._libgmp
+    p256._libgmp = lambda: None
+    try:
+        return _verifier(key)
+    finally:
+        p256._libgmp = real
+
+
+@pytest.fixture(scope="module", params=["gmp-inverse", "openssl-inverse"])
+def pair(request: pytest.FixtureRequest) -> tuple[int, ec.EllipticCurvePublicKey, p256.Verifier]:
+    """(d, Q, a verifier of Q): each test runs with either inverse modulo n."""
     private = ec.generate_private_key(ec.SECP256R1())
     d = private.private_numbers().private_value
-    return d, private.public_key(), _verifier(private.public_key())
+    if request.param == "openssl-inverse":
+        v = _verifier_with_openssl_inverse(private.public_key())
+        assert v._gmp_inverse is None
+    else:
+        if p256._libgmp() is None:
+            pytest.skip("no libgmp.so.10 with 64-bit limbs here: OpenSSL's inverse serves")
+        v = _verifier(private.public_key())
+        assert v._gmp_inverse is not None
+    return d, private.public_key(), v
+
+
+def test_gmp_is_used_where_it_loads() -> None:
+    """Where libgmp.so.10 loads (Debian's coreutils needs it), verifiers take s⁻¹ from it."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libgmp.so.10")
+    except OSError:
+        pytest.skip("no libgmp.so.10 here")
+    v = _verifier(ec.generate_private_key(ec.SECP256R1()).public_key())
+    try:
+        assert v._gmp_inverse is not None
+    finally:
+        v.close()
 
 
 def test_signatures_of_cryptography_verify(pair: Any) -> None:
@@ -137,6 +171,30 @@ def test_r_and_s_out_of_range_are_refused(pair: Any, bad: int) -> None:
         assert _fast(v, e, r + N, s) is _oracle(key, e, r + N, s) is False
     if s + N < 2**256:
         assert _fast(v, e, r, s + N) is _oracle(key, e, r, s + N) is False
+
+
+def _sign_with_s(d: int, s: int) -> tuple[int, int]:
+    """(e, r) such that (r, s) is a valid signature of e: e = s·k - r·d for a random k."""
+    k = secrets.randbelow(N - 1) + 1
+    r = _k_times_g(k) % N
+    return (s * k - r * d) % N, r
+
+
+_FEW_LIMBS = [1, 2, 3, 2**64 - 1, 2**64, 2**64 + 1, 2**128, 2**192 - 1, 2**192, N - 1]
+
+
+@pytest.mark.parametrize("value", _FEW_LIMBS)
+def test_s_and_its_inverse_of_any_size(pair: Any, value: int) -> None:
+    """s, or s⁻¹, of one to four 64-bit limbs (GMP keeps numbers in limbs, and a number
+    that needs fewer than the last one did must not read that one's top limbs), each
+    right after a signature whose numbers fill all four."""
+    d, key, v = pair
+    for s in (value, pow(value, -1, N)):
+        e0 = secrets.randbits(256)
+        assert _fast(v, e0, *_sign(d, e0)) is True
+        e, r = _sign_with_s(d, s)
+        assert _fast(v, e, r, s) is _oracle(key, e, r, s) is True
+        assert _fast(v, e, r, s + 1 if s + 1 < N else s - 1) is False  # not n - s: valid too
 
 
 def test_high_s_verifies_as_openssl_does(pair: Any) -> None:
@@ -236,25 +294,51 @@ def test_arithmetic_helper_agrees_with_cryptography() -> None:
     )
 
 
-def test_x_of_r_past_the_order() -> None:
-    """x(R) in [n, p): r is x - n, and x itself (>= n) is out of range. A key is made
-    for a chosen such R: Q = r⁻¹(s·R - e·G)."""
-    t = 1
+def _point_with_x_from(x: int) -> tuple[int, int]:
+    """The first point of P-256 whose x is x or more."""
     while True:
-        x = N + t
         c = (x**3 - 3 * x + B) % P
         y = pow(c, (P + 1) // 4, P)
         if y * y % P == c:
-            break
-        t += 1
-    r, e, s = x - N, secrets.randbits(256), secrets.randbelow(N - 1) + 1
-    q = _mul(pow(r, -1, N), _add(_mul(s, (x, y)), _mul(N - e % N, (GX, GY))))
+            return x, y
+        x += 1
+
+
+def _key_for(point: tuple[int, int], e: int, r: int, s: int) -> ec.EllipticCurvePublicKey:
+    """The key Q for which (e, r, s) makes R = s⁻¹(e·G + r·Q) the chosen point:
+    Q = r⁻¹(s·R - e·G)."""
+    q = _mul(pow(r, -1, N), _add(_mul(s, point), _mul(N - e % N, (GX, GY))))
     assert q is not None
-    key = ec.EllipticCurvePublicNumbers(q[0], q[1], ec.SECP256R1()).public_key()
-    v = _verifier(key)
+    return ec.EllipticCurvePublicNumbers(q[0], q[1], ec.SECP256R1()).public_key()
+
+
+@pytest.mark.parametrize("inverse", ["gmp", "openssl"])
+def test_x_of_r_past_the_order(inverse: str) -> None:
+    """x(R) in [n, p): r is x - n, and x itself (>= n) is out of range. A key is made
+    for a chosen such R."""
+    x, y = _point_with_x_from(N + 1)
+    r, e, s = x - N, secrets.randbits(256), secrets.randbelow(N - 1) + 1
+    key = _key_for((x, y), e, r, s)
+    v = _verifier(key) if inverse == "gmp" else _verifier_with_openssl_inverse(key)
     try:
         assert _fast(v, e, r, s) is _oracle(key, e, r, s) is True
         assert _fast(v, e, x, s) is _oracle(key, e, x, s) is False
+    finally:
+        v.close()
+
+
+@pytest.mark.parametrize("inverse", ["gmp", "openssl"])
+def test_r_whose_r_plus_n_wraps_past_p(inverse: str) -> None:
+    """x(R) below p - n, and r = x(R) + (p - n), which is below n: r + n is x(R) + p, so
+    X = (r + n)·Z² holds modulo p, yet x(R) mod n is not r. r + n must be below p for
+    that comparison to count."""
+    x, y = _point_with_x_from(1)
+    assert x < P - N
+    r, e, s = x + (P - N), secrets.randbits(256), secrets.randbelow(N - 1) + 1
+    key = _key_for((x, y), e, r, s)
+    v = _verifier(key) if inverse == "gmp" else _verifier_with_openssl_inverse(key)
+    try:
+        assert _fast(v, e, r, s) is _oracle(key, e, r, s) is False
     finally:
         v.close()
 
