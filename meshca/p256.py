@@ -35,6 +35,7 @@ import hashlib
 import logging
 import math
 import os
+import sys
 import threading
 import time
 import types
@@ -142,10 +143,17 @@ _gmp_tried = False
 def _bind_gmp() -> Any:
     """GMP (libgmp.so.10, which Debian's coreutils needs, so nearly every Debian-based
     image has it), for s⁻¹ mod n: its `mpz_invert` costs about 2.4 µs with the calls,
-    against 8.4 for OpenSSL's `BN_mod_inverse`. None where it is not there or its limbs
-    are not 64 bits; OpenSSL's inverse then serves."""
+    against 8.4 for OpenSSL's `BN_mod_inverse`. None where it is not there, or its limbs
+    are not 64-bit little-endian words (numbers are written into them and read from them
+    as little-endian bytes here); OpenSSL's inverse then serves.
+
+    GMP frees the inverse's limbs with its memory functions of the time: another library
+    in this process that set its own (`mp_set_memory_functions`) on this libgmp after
+    GMP's first use would break GMP's own rule; none of the sidecar's does."""
     import ctypes  # noqa: PLC0415
 
+    if sys.byteorder != "little":
+        return None
     try:
         lib = ctypes.CDLL("libgmp.so.10")
         if ctypes.c_int.in_dll(lib, "__gmp_bits_per_limb").value != 64:
@@ -185,12 +193,16 @@ class _GmpInverse:
     """s⁻¹ mod n with GMP, for one verifier (under its lock: the numbers are scratch).
 
     s is written straight into the limbs GMP allocated for it (room for 5, s has at most
-    4), n once; the inverse is read from the limbs GMP gives it."""
+    4), n once; the inverse is read from the limbs GMP gives it. GMP's `mpz_invert`
+    writes its result through `mpz_add`, `mpz_sub` or `mpz_set`, which need at most 5
+    limbs here: it never reallocates s or n (inputs), and w's limbs are looked up on each
+    call."""
 
     def __init__(self, gmp: Any) -> None:
         import ctypes  # noqa: PLC0415
 
         self._gmp = gmp
+        self._addressof, self._string_at = ctypes.addressof, ctypes.string_at
         mpz = _mpz_type()
         self._s, self._w, self._n = mpz(), mpz(), mpz()
         self._live: list[Any] = []  # initialized, to clear
@@ -200,7 +212,6 @@ class _GmpInverse:
         self._s_limbs = memoryview((ctypes.c_char * 32).from_address(self._s.d)).cast("B")
         self._put(self._n, N, memoryview((ctypes.c_char * 32).from_address(self._n.d)).cast("B"))
         self._args = tuple(ctypes.addressof(z) for z in (self._w, self._s, self._n))
-        self._string_at = ctypes.string_at
 
     @staticmethod
     def _put(z: Any, value: int, limbs: memoryview) -> None:
@@ -208,7 +219,10 @@ class _GmpInverse:
         z.size = (value.bit_length() + 63) >> 6  # normalized: no zero limb on top
 
     def __call__(self, s: int) -> int | None:
-        """s⁻¹ mod n for s in [1, n-1]; None if GMP finds none (n is prime: never)."""
+        """s⁻¹ mod n for s in [1, n-1]; None once closed, or if GMP finds none (n is
+        prime: never)."""
+        if len(self._live) != 3:
+            return None
         self._put(self._s, s, self._s_limbs)
         if not self._gmp.invert(*self._args):
             return None
@@ -216,11 +230,9 @@ class _GmpInverse:
         return int.from_bytes(self._string_at(w.d, w.size * 8), "little")
 
     def close(self) -> None:
-        """Give GMP back its limbs."""
-        import ctypes  # noqa: PLC0415
-
+        """Give GMP back its limbs (once; the numbers are never used after)."""
         while self._live:
-            self._gmp.clear(ctypes.addressof(self._live.pop()))
+            self._gmp.clear(self._addressof(self._live.pop()))
 
 
 # Tables are in use unless MESHCA_P256_TABLES=0 (read once, at import).
@@ -350,9 +362,9 @@ class Verifier:
         if lib is None or not self._lock.acquire(blocking=wait):
             return
         try:
-            if self._gmp_inverse is not None:
-                self._gmp_inverse.close()
-                self._gmp_inverse = None
+            gmp_inverse, self._gmp_inverse = self._gmp_inverse, None
+            if gmp_inverse is not None:
+                gmp_inverse.close()
             for bn in self._bns:
                 lib.BN_free(bn)
             for pt in self._points:

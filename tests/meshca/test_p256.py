@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import secrets
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -113,10 +114,28 @@ def pair(request: pytest.FixtureRequest) -> tuple[int, ec.EllipticCurvePublicKey
         assert v._gmp_inverse is None
     else:
         if p256._libgmp() is None:
-            pytest.skip("no libgmp.so.10 with 64-bit limbs here: OpenSSL's inverse serves")
+            pytest.skip("no libgmp.so.10 with 64-bit little-endian limbs here: OpenSSL's serves")
         v = _verifier(private.public_key())
         assert v._gmp_inverse is not None
     return d, private.public_key(), v
+
+
+def test_gmp_is_not_used_where_its_limbs_are_big_endian(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Numbers go into GMP's limbs as little-endian bytes: on a big-endian host (s390x)
+    that would be other numbers, so OpenSSL's inverse serves there."""
+    monkeypatch.setattr(sys, "byteorder", "big")
+    assert p256._bind_gmp() is None
+
+
+def test_a_closed_gmp_inverse_answers_none() -> None:
+    gmp = p256._libgmp()
+    if gmp is None:
+        pytest.skip("no libgmp.so.10 with 64-bit little-endian limbs here")
+    inverse = p256._GmpInverse(gmp)
+    assert inverse(2) == pow(2, -1, N)
+    inverse.close()
+    inverse.close()  # twice is fine
+    assert inverse(2) is None
 
 
 def test_gmp_is_used_where_it_loads() -> None:
