@@ -7,6 +7,7 @@ numbers, so the digest can be any value (0, n, more than n)."""
 from __future__ import annotations
 
 import base64
+import ctypes
 import hashlib
 import secrets
 import sys
@@ -104,7 +105,24 @@ def _verifier_with_openssl_inverse(key: ec.EllipticCurvePublicKey) -> p256.Verif
         p256._libgmp = real
 
 
-@pytest.fixture(scope="module", params=["gmp-inverse", "openssl-inverse"])
+def _gmp_here() -> bool:
+    """Is there a libgmp.so.10 with 64-bit little-endian limbs here (so p256 must use it)?
+    Asked of the library itself, not of p256, so that a broken binding fails, not skips."""
+    try:
+        lib = ctypes.CDLL("libgmp.so.10")
+    except OSError:
+        return False
+    return sys.byteorder == "little" and ctypes.c_int.in_dll(lib, "__gmp_bits_per_limb").value == 64
+
+
+NEEDS_GMP = pytest.mark.skipif(
+    not _gmp_here(), reason="no libgmp.so.10 with 64-bit little-endian limbs here"
+)
+
+
+@pytest.fixture(
+    scope="module", params=[pytest.param("gmp-inverse", marks=NEEDS_GMP), "openssl-inverse"]
+)
 def pair(request: pytest.FixtureRequest) -> tuple[int, ec.EllipticCurvePublicKey, p256.Verifier]:
     """(d, Q, a verifier of Q): each test runs with either inverse modulo n."""
     private = ec.generate_private_key(ec.SECP256R1())
@@ -113,8 +131,6 @@ def pair(request: pytest.FixtureRequest) -> tuple[int, ec.EllipticCurvePublicKey
         v = _verifier_with_openssl_inverse(private.public_key())
         assert v._gmp_inverse is None
     else:
-        if p256._libgmp() is None:
-            pytest.skip("no libgmp.so.10 with 64-bit little-endian limbs here: OpenSSL's serves")
         v = _verifier(private.public_key())
         assert v._gmp_inverse is not None
     return d, private.public_key(), v
@@ -127,10 +143,10 @@ def test_gmp_is_not_used_where_its_limbs_are_big_endian(monkeypatch: pytest.Monk
     assert p256._bind_gmp() is None
 
 
+@NEEDS_GMP
 def test_a_closed_gmp_inverse_answers_none() -> None:
     gmp = p256._libgmp()
-    if gmp is None:
-        pytest.skip("no libgmp.so.10 with 64-bit little-endian limbs here")
+    assert gmp is not None
     inverse = p256._GmpInverse(gmp)
     assert inverse(2) == pow(2, -1, N)
     inverse.close()
@@ -138,14 +154,9 @@ def test_a_closed_gmp_inverse_answers_none() -> None:
     assert inverse(2) is None
 
 
+@NEEDS_GMP
 def test_gmp_is_used_where_it_loads() -> None:
     """Where libgmp.so.10 loads (Debian's coreutils needs it), verifiers take s⁻¹ from it."""
-    import ctypes
-
-    try:
-        ctypes.CDLL("libgmp.so.10")
-    except OSError:
-        pytest.skip("no libgmp.so.10 here")
     v = _verifier(ec.generate_private_key(ec.SECP256R1()).public_key())
     try:
         assert v._gmp_inverse is not None
