@@ -31,6 +31,7 @@ public keys only.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import logging
 import math
@@ -178,9 +179,10 @@ def _libgmp() -> Any:
         return _gmp
 
 
+@functools.cache
 def _mpz_type() -> Any:
     """gmp.h's `__mpz_struct`: the limbs allocated, the limbs used (the sign is its sign),
-    and the limbs, least significant first."""
+    and the limbs, least significant first. One class for every verifier."""
     import ctypes  # noqa: PLC0415
 
     class Mpz(ctypes.Structure):
